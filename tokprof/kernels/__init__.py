@@ -1,0 +1,50 @@
+"""The decode-step kernels of an LLM, one op per file, each with torch (reference), Triton and CUDA backends.
+
+The public functions follow ARCHITECTURE.md ("The kernel API"); `OPS[name]` is the registry record that the
+profiler and the model plans use (inputs, cost formula, implementations per backend).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from tokprof.kernels._common import BACKENDS, DTYPES, Op, dtype_name, parse_dtype
+
+# Ops in decode-step order; each module defines the public function of the same name and an `OP` record.
+_OP_MODULES = ("rms_norm", "linear", "rope", "append_kv", "decode_attention", "prefill_attention", "swiglu")
+
+OPS: dict[str, Op] = {}
+for _name in _OP_MODULES:
+    try:  # INTEGRATION: explicit imports once every op file exists
+        _module = importlib.import_module(f"tokprof.kernels.{_name}")
+    except ModuleNotFoundError as _err:
+        if _err.name != f"tokprof.kernels.{_name}":
+            raise
+        continue
+    OPS[_name] = _module.OP
+    globals()[_name] = getattr(_module, _name)
+
+
+def available_backends(device: torch.device | str = "cpu") -> dict[str, dict[str, str | None]]:
+    """op -> backend -> None when usable on `device`, else the reason (no GPU, no CuPy, no driver, ...)."""
+    return {name: op.available_backends(device) for name, op in OPS.items()}
+
+
+__all__ = [
+    "BACKENDS",
+    "DTYPES",
+    "OPS",
+    "Op",
+    "append_kv",
+    "available_backends",
+    "decode_attention",
+    "dtype_name",
+    "linear",
+    "parse_dtype",
+    "prefill_attention",
+    "rms_norm",
+    "rope",
+    "swiglu",
+]

@@ -1,0 +1,263 @@
+"""Model configurations: a `ModelConfig` dataclass with derived sizes, named presets, and Hugging Face config.json.
+
+    cfg = ModelConfig.from_name("llama-3.1-8b")
+    cfg = ModelConfig.from_hf("path/to/config.json")   # or a directory holding it, or a dict
+
+Supported architectures: Llama (LlamaForCausalLM, incl. Llama 3.1 "llama3" rope scaling and tied embeddings) and
+Qwen3 dense (Qwen3ForCausalLM: per-head RMSNorm on q and k). Anything else is refused naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    # Llama 3.1 style: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}; None for plain RoPE.
+    rope_scaling: Mapping[str, Any] | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    max_position_embeddings: int = 8192
+    architecture: str = "llama"  # "llama" | "qwen3"
+    source: str = field(default="preset", compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {value!r} (model {self.name!r})")
+        if self.head_dim == 0:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"head_dim: not given and hidden_size {self.hidden_size} is not a multiple of "
+                                 f"num_heads {self.num_heads}; give head_dim")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise ValueError(f"head_dim: expected a positive even int, got {self.head_dim}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads: expected a divisor of num_heads {self.num_heads}, got {self.num_kv_heads}")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ValueError(f"rope_theta: expected a positive finite float, got {self.rope_theta!r}")
+        if self.architecture not in SUPPORTED_ARCHITECTURES.values():
+            raise ValueError(f"architecture: expected one of {sorted(SUPPORTED_ARCHITECTURES.values())}, "
+                             f"got {self.architecture!r}")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
+
+    # ---------------------------------------------------------------------------------------------- derived sizes
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def gqa_ratio(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def params_per_layer(self) -> int:
+        h, i = self.hidden_size, self.intermediate_size
+        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        mlp = 3 * h * i
+        norms = 2 * h + (2 * self.head_dim if self.qk_norm else 0)
+        return attn + mlp + norms
+
+    def num_params(self) -> int:
+        """All parameters; the LM head counted once when tied to the embedding."""
+        embed = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_word_embeddings else embed
+        return self.num_layers * self.params_per_layer() + embed + head + self.hidden_size
+
+    def weight_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of all weights stored in `dtype`."""
+        return self.num_params() * torch.empty((), dtype=dtype).element_size()
+
+    def decode_weight_bytes(self, dtype: torch.dtype) -> int:
+        """Weight bytes one decode step reads: every layer, the final norm and the LM head, but of the embedding
+        table only the rows of the tokens (counted with activations, not here)."""
+        return (self.num_layers * self.params_per_layer() + self.hidden_size
+                + self.vocab_size * self.hidden_size) * torch.empty((), dtype=dtype).element_size()
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """K and V of one token across all layers."""
+        return 2 * self.num_layers * self.kv_size * torch.empty((), dtype=dtype).element_size()
+
+    def inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies (head_dim/2,) float32, with Llama 3.1 scaling applied when configured."""
+        d = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        if self.rope_scaling is not None:
+            inv = _llama3_scale(inv, self.rope_scaling)
+        return inv.to(torch.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling is not None else None
+        return d
+
+    # ---------------------------------------------------------------------------------------------- constructors
+
+    @classmethod
+    def from_name(cls, name: str) -> ModelConfig:
+        key = name.lower()
+        if key not in PRESETS:
+            raise ValueError(f"model: expected one of {sorted(PRESETS)}, got {name!r}; "
+                             "or load a Hugging Face config.json with ModelConfig.from_hf(path)")
+        return PRESETS[key]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"model config: unknown fields {unknown}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, config: str | Path | Mapping[str, Any], name: str | None = None) -> ModelConfig:
+        """From a Hugging Face config.json: a path to the file, to its directory, or the parsed dict."""
+        source = "dict"
+        if not isinstance(config, Mapping):
+            path = Path(config)
+            if path.is_dir():
+                path = path / "config.json"
+            if not path.is_file():
+                raise ValueError(f"config: expected a config.json file or a directory holding one, got {str(config)!r}")
+            try:
+                config = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"config: {path} is not valid JSON: {err}") from err
+            source = str(path)
+            name = name or path.parent.name
+        return _from_hf_dict(config, name or "hf-model", source)
+
+
+def _check_rope_scaling(scaling: Mapping[str, Any]) -> None:
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling.rope_type: expected 'llama3' or 'default', got {kind!r}")
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if key not in scaling:
+            raise ValueError(f"rope_scaling.{key}: missing from the llama3 rope scaling {dict(scaling)}")
+
+
+def _llama3_scale(inv_freq: torch.Tensor, s: Mapping[str, Any]) -> torch.Tensor:
+    """Llama 3.1 frequency scaling, as in transformers' `_compute_llama3_parameters`."""
+    if s.get("rope_type", s.get("type")) == "default":
+        return inv_freq
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_len = float(s["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _from_hf_dict(hf: Mapping[str, Any], name: str, source: str) -> ModelConfig:
+    archs = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    arch = None
+    for a in archs:
+        arch = SUPPORTED_ARCHITECTURES.get(a)
+        if arch:
+            break
+    if arch is None and model_type in ("llama", "qwen3"):
+        arch = model_type
+    if arch is None:
+        raise ValueError(f"architectures: expected one of {sorted(SUPPORTED_ARCHITECTURES)} "
+                         f"(or model_type llama/qwen3), got architectures={archs!r}, model_type={model_type!r}")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in hf:
+            raise ValueError(f"{key}: missing from the Hugging Face config ({source})")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError("attention_bias/mlp_bias: biases are not supported (expected false)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act: expected 'silu', got {hf.get('hidden_act')!r}")
+    # Newer transformers spell RoPE settings as rope_parameters {"rope_theta", "rope_type", ...}.
+    params = hf.get("rope_parameters") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling")
+    if params and params.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = None
+    heads = int(hf["num_attention_heads"])
+    head_dim = hf.get("head_dim") or int(hf["hidden_size"]) // heads
+    return ModelConfig(
+        name=name,
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        rope_theta=float(theta),
+        rope_scaling=dict(scaling) if scaling else None,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qk_norm=arch == "qwen3",
+        max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
+        architecture=arch,
+        source=source,
+    )
+
+
+_LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}
+
+# Published config.json values (Hugging Face model cards of meta-llama and Qwen, read 2026-11).
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig("tiny", vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=64, rope_theta=10000.0, rms_norm_eps=1e-5,
+                        max_position_embeddings=4096),
+    "llama-3.2-1b": ModelConfig("llama-3.2-1b", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
+                                rope_scaling={**_LLAMA31_SCALING, "factor": 32.0}, rms_norm_eps=1e-5,
+                                tie_word_embeddings=True, max_position_embeddings=131072),
+    "llama-3.1-8b": ModelConfig("llama-3.1-8b", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                                rope_scaling=_LLAMA31_SCALING, rms_norm_eps=1e-5, max_position_embeddings=131072),
+    "llama-3.1-70b": ModelConfig("llama-3.1-70b", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                                 num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                                 rope_scaling=_LLAMA31_SCALING, rms_norm_eps=1e-5, max_position_embeddings=131072),
+    "qwen3-8b": ModelConfig("qwen3-8b", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
+                            num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                            qk_norm=True, max_position_embeddings=40960, architecture="qwen3"),
+    "qwen3-32b": ModelConfig("qwen3-32b", vocab_size=151936, hidden_size=5120, intermediate_size=25600,
+                             num_layers=64, num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
+                             rms_norm_eps=1e-6, qk_norm=True, max_position_embeddings=40960, architecture="qwen3"),
+}
+
+
+def with_overrides(cfg: ModelConfig, **changes: Any) -> ModelConfig:
+    return replace(cfg, **changes)
