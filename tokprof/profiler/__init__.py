@@ -1,0 +1,3 @@
+"""Timing, energy, device specs and measured ceilings, roofline, and the RunResult schema."""
+
+from __future__ import annotations
