@@ -13,7 +13,8 @@ import torch
 from tokprof.kernels._common import BACKENDS, DTYPES, Op, dtype_name, parse_dtype
 
 # Ops in decode-step order; each module defines the public function of the same name and an `OP` record.
-_OP_MODULES = ("rms_norm", "linear", "rope", "append_kv", "decode_attention", "prefill_attention", "swiglu")
+_OP_MODULES = ("embedding", "rms_norm", "linear", "rope", "append_kv", "decode_attention", "prefill_attention",
+               "swiglu", "greedy_sample")
 
 OPS: dict[str, Op] = {}
 for _name in _OP_MODULES:
@@ -41,6 +42,8 @@ __all__ = [
     "available_backends",
     "decode_attention",
     "dtype_name",
+    "embedding",
+    "greedy_sample",
     "linear",
     "parse_dtype",
     "prefill_attention",
