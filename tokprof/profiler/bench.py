@@ -1,0 +1,351 @@
+"""Kernel micro-benchmarks: one call measured (time, roofline, energy), and sweeps saved as they go.
+
+    m = bench_op("swiglu", {"T": 16, "I": 14336}, "bf16", "triton", "cuda")          # KernelMeasurement
+    run = new_run(sys.argv, "cuda")                                                 # RunResult with provenance
+    kernels, failures = bench_calls([("swiglu", {"T": 1}, "bf16", "cuda"), ...], "cuda", out="run.json", run=run)
+
+Each call gets fresh seeded random inputs from `OPS[op].make_inputs` (never zeros), is timed by `timing.measure`
+(events with cold L2, or graph replays; perf_counter on the CPU), and is placed on the roofline from `OPS[op].cost`
+against the datasheet row of the GPU and the ceilings measured in the run. On a GPU, a call faster than
+SHORT_KERNEL_US in events mode is also timed in graph mode (events include launch jitter at that scale); the
+event time stays the headline figure and `graph_timing` sits beside it. Energy per call comes from
+`energy.measure_kernel_energy` where NVML can measure it; otherwise `energy_reason` says why.
+
+`bench_calls` saves the RunResult atomically after every call, records a shape that fails (out of memory, a
+kernel error) as a `Failure` and goes on, and on Ctrl-C saves what was measured before re-raising.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import socket
+import sys
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from tokprof.kernels import OPS
+from tokprof.kernels._common import BACKENDS, Op, dtype_name, parse_dtype
+from tokprof.profiler import energy as energy_mod
+from tokprof.profiler import nvml, timing
+from tokprof.profiler.devices import GpuSpec, detect_device, git_sha, spec_for, versions
+from tokprof.profiler.roofline import roofline
+from tokprof.profiler.schema import (
+    Ceilings,
+    Failure,
+    KernelMeasurement,
+    Provenance,
+    RunResult,
+    save_run,
+)
+
+SHORT_KERNEL_US = timing.SHORT_KERNEL_US  # below this, event times carry launch jitter: graph time goes beside
+MODES = ("events", "graph")
+AUTO = "auto"  # spec=AUTO: the spec-table row of the device, None for a CPU or an unknown GPU
+
+Call = tuple[str, Mapping[str, int], Any, str]  # (op, shape, dtype, backend)
+
+
+def get_op(op: str) -> Op:
+    if op not in OPS:
+        raise ValueError(f"op: expected one of {sorted(OPS)}, got {op!r}")
+    return OPS[op]
+
+
+@functools.lru_cache(maxsize=16)
+def _device_name(device: str) -> str:
+    return detect_device(device).name
+
+
+def _resolve_spec(spec: GpuSpec | None | str, device: torch.device) -> GpuSpec | None:
+    if spec != AUTO:
+        return spec  # a GpuSpec, or None: no datasheet roofline
+    if device.type != "cuda":
+        return None
+    return spec_for(detect_device(device))
+
+
+def _free(device: torch.device) -> None:
+    """Give back what a failed call left allocated, so the next shape starts from a clean allocator."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _run_op(rec: Op, backend: str, inputs: dict[str, Any]) -> Any:
+    return rec.run(inputs, backend)
+
+
+def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backend: str,
+             device: str | torch.device, *, mode: str = "events", energy: bool = False, meter: Any = None,
+             idle_power_w: float | None = None, seed: int = 0, timing_kwargs: dict[str, Any] | None = None,
+             spec: GpuSpec | None | str = AUTO, ceilings: Ceilings | None = None,
+             energy_kwargs: dict[str, Any] | None = None) -> KernelMeasurement:
+    """Measure one kernel call: timing, roofline and (with `energy=True`) energy per call.
+
+    `shape` may be partial (the op's default fills the rest); `dtype` "fp32" | "fp16" | "bf16" or a torch dtype;
+    `spec` AUTO looks the device up in the spec table, None means no datasheet figures; `timing_kwargs` go to
+    `timing.measure` (min_samples, min_time_s, max_time_s, noise_target, warmup_ms, cold_l2); `energy_kwargs` to
+    `energy.measure_kernel_energy` (window_s, cooldown_s); a `meter` passed in is used whatever the device (a replay
+    meter drives the energy path on the CPU). Raises ValueError for bad arguments and RuntimeError
+    when the backend cannot run on `device` (saying which backends can).
+    """
+    rec = get_op(op)
+    full_shape = rec.full_shape(shape)
+    torch_dtype = parse_dtype(dtype)
+    dname = dtype_name(torch_dtype)
+    if torch_dtype not in rec.dtypes:
+        raise ValueError(f"dtype: {op} takes {[dtype_name(d) for d in rec.dtypes]}, got {dname!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
+    dev = torch.device(device)
+    why_not = rec.available_backends(dev)[backend]
+    if why_not is not None:
+        usable = [b for b, r in rec.available_backends(dev).items() if r is None]
+        raise RuntimeError(f"backend={backend!r} cannot run {op} on {dev}: {why_not}. "
+                           f"Backends that work here: {', '.join(usable)}")
+    datasheet = _resolve_spec(spec, dev)
+
+    inputs = rec.make_inputs(full_shape, torch_dtype, dev, seed)  # fresh seeded random tensors, never zeros
+    call: Callable[[dict[str, Any]], Any] = functools.partial(_run_op, rec, backend)
+    kwargs = dict(timing_kwargs or {})
+    measured = timing.measure(call, inputs, device=dev, mode=mode, **kwargs)
+    graph_timing = None
+    graph_failed = ""
+    if dev.type == "cuda" and mode == "events" and measured.median_us < SHORT_KERNEL_US:
+        try:
+            graph_timing = timing.measure(call, inputs, device=dev, mode="graph", **kwargs)
+        except RuntimeError as err:  # e.g. a call that syncs with the host cannot be captured: keep the event time
+            graph_failed = f"graph-mode timing failed ({type(err).__name__}: {err}); only the event time is known"
+            _free(dev)
+
+    flops, min_bytes = rec.cost(full_shape, torch_dtype)
+    point = roofline(int(flops), int(min_bytes), measured.median_us, spec=datasheet, ceilings=ceilings, dtype=dname)
+    if graph_timing is not None:
+        extra = (f"graph-mode median {graph_timing.median_us:.3f} us beside the events median "
+                 f"{measured.median_us:.3f} us; the roofline uses the events time")
+        point.note = f"{point.note}; {extra}" if point.note else extra
+
+    if graph_failed:
+        point.note = f"{point.note}; {graph_failed}" if point.note else graph_failed
+    if point.suspicious and dev.type == "cpu":
+        point.note += ("; on the CPU nothing is flushed between calls: a working set that fits in the CPU caches "
+                       "can run above the DRAM copy ceiling")
+
+    kernel_energy = None
+    energy_reason: str | None = "energy not requested (energy=True, or --energy on the command line)"
+    if energy:
+        # A meter handed in is used as is (e.g. a replayed NVML trace); otherwise NVML must be able to measure here.
+        energy_reason = None if meter is not None else energy_mod.energy_status(dev)
+        if energy_reason is None:
+            if meter is None:
+                meter = energy_mod.make_meter(dev)
+            if idle_power_w is None:  # an idle window as long as the kernel window (MEASUREMENT.md, energy 3)
+                idle_power_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0))
+            try:
+                kernel_energy = energy_mod.measure_kernel_energy(call, inputs, device=dev, meter=meter,
+                                                                 idle_power_w=idle_power_w, **(energy_kwargs or {}))
+            except RuntimeError as err:  # graph capture, a counter that never moved: the timing still stands
+                energy_reason = f"energy measurement failed ({type(err).__name__}: {err})"
+                _free(dev)
+    del inputs
+    return KernelMeasurement(op=op, shape=full_shape, dtype=dname, backend=backend, device=_device_name(str(dev)),
+                             timing=measured, roofline=point, energy=kernel_energy, energy_reason=energy_reason,
+                             graph_timing=graph_timing)
+
+
+# -------------------------------------------------------------------------------------------------------- runs
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def new_run(command: Sequence[str], device: str | torch.device) -> RunResult:
+    """An empty RunResult whose provenance (host, device, versions, git sha, time, command, clocks) is filled."""
+    dev = torch.device(device)
+    stamp = utc_now()
+    provenance = Provenance(host=socket.gethostname(), device=detect_device(dev), versions=versions(),
+                            git_sha=git_sha(), timestamp_utc=stamp, command=[str(c) for c in command],
+                            clocks=nvml.clocks(dev))
+    run_id = f"{stamp.replace('-', '').replace(':', '')}-{uuid.uuid4().hex[:8]}"
+    return RunResult(provenance=provenance, run_id=run_id)
+
+
+def call_key(op: str, shape: Mapping[str, int], dtype: str, backend: str, device: str,
+             mode: str) -> tuple[Any, ...]:
+    return (op, tuple(sorted(shape.items())), dtype, backend, device, mode)
+
+
+def _normalise(call: Any, index: int) -> tuple[str, dict[str, int], str, str]:
+    if not isinstance(call, (tuple, list)) or len(call) != 4:
+        raise ValueError(f"calls[{index}]: expected (op, shape, dtype, backend), got {call!r}")
+    op, shape, dtype, backend = call
+    rec = get_op(op)
+    return op, rec.full_shape(shape), dtype_name(parse_dtype(dtype)), backend
+
+
+def _describe(op: str, shape: Mapping[str, int], dtype: str, backend: str) -> str:
+    return f"{op} {','.join(f'{k}={v}' for k, v in shape.items())} {dtype} {backend}"
+
+
+def parse_shape(text: str) -> dict[str, int]:
+    """'T=16,I=14336' -> {'T': 16, 'I': 14336}; ValueError naming what is wrong."""
+    shape: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise ValueError(f"shape: expected k=v pairs separated by commas such as T=16,I=14336, got {text!r}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"shape: {key} expected a non-negative int, got {value!r} in {text!r}") from None
+        if number < 0:
+            raise ValueError(f"shape: {key} expected a non-negative int, got {number} in {text!r}")
+        if key in shape:
+            raise ValueError(f"shape: key {key!r} given twice in {text!r}")
+        shape[key] = number
+    if not shape:
+        raise ValueError(f"shape: expected k=v pairs such as T=16,I=14336, got {text!r}")
+    return shape
+
+
+def plan_calls(ops: Sequence[str], backends: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Mapping[str, int]],
+               device: str | torch.device) -> tuple[list[Call], list[str]]:
+    """The checked cross product of ops x shapes x dtypes x backends, and the combinations skipped (with why).
+
+    ValueError for an unknown op, backend or dtype, or a shape key that none of the ops takes. Each op takes the
+    keys it knows from each shape (its default shape fills the rest). A backend that cannot run an op here, or a
+    dtype the op does not take, is skipped with the reason; ValueError when nothing at all is left to run.
+    """
+    if not ops:
+        raise ValueError(f"op: expected at least one of {sorted(OPS)}, got none")
+    recs = [get_op(op) for op in ops]
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    dnames = [dtype_name(parse_dtype(d)) for d in dtypes]
+    known = {k for rec in recs for k in rec.shape_keys}
+    for shape in shapes:
+        unknown = sorted(set(shape) - known)
+        if unknown:
+            takes = "; ".join(f"{rec.name}: {', '.join(rec.shape_keys)}" for rec in recs)
+            raise ValueError(f"shape: unknown key(s) {unknown}; the ops take ({takes})")
+    dev = torch.device(device)
+    calls: list[Call] = []
+    skipped: list[str] = []
+    for rec in recs:
+        available = rec.available_backends(dev)
+        op_shapes = [{k: v for k, v in s.items() if k in rec.shape_keys} for s in shapes] or [{}]
+        for backend in backends:
+            if available[backend] is not None:
+                skipped.append(f"{rec.name} {backend}: {available[backend]}")
+                continue
+            for dname in dnames:
+                if parse_dtype(dname) not in rec.dtypes:
+                    skipped.append(f"{rec.name} {dname}: {rec.name} takes {[dtype_name(d) for d in rec.dtypes]}")
+                    continue
+                calls.extend((rec.name, rec.full_shape(s), dname, backend) for s in op_shapes)
+    skipped = list(dict.fromkeys(skipped))
+    if not calls:
+        raise ValueError(f"nothing to run on {dev}: " + "; ".join(skipped))
+    return calls, skipped
+
+
+def bench_calls(calls: Sequence[Call], device: str | torch.device = "cuda", *, mode: str = "events",
+                energy: bool = False, seed: int = 0, timing_kwargs: dict[str, Any] | None = None,
+                energy_kwargs: dict[str, Any] | None = None, spec: GpuSpec | None | str = AUTO,
+                ceilings: Ceilings | None = None, out: str | Path | None = None, run: RunResult | None = None,
+                cache: dict[tuple[Any, ...], KernelMeasurement | Failure] | None = None,
+                on_result: Callable[[KernelMeasurement | Failure], None] | None = None,
+                progress: bool = True) -> tuple[list[KernelMeasurement], list[Failure]]:
+    """Measure every (op, shape, dtype, backend) call, once each; return (measurements, failures).
+
+    With `out`, the RunResult (`run`, or a new one) is saved atomically after every call, so an interrupted or
+    crashed sweep leaves a valid file. A call that raises RuntimeError (out of memory included) or ValueError is
+    recorded as a Failure with its error text and the sweep goes on; KeyboardInterrupt saves, then re-raises.
+    `cache` (shared across sweeps of one run) maps a call's key to its result so nothing is measured twice.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    normalised = [_normalise(c, i) for i, c in enumerate(calls)]
+    if out is not None and run is None:
+        run = new_run(sys.argv, dev)
+    if run is not None and ceilings is not None and run.ceilings is None:
+        run.ceilings = ceilings
+    datasheet = _resolve_spec(spec, dev)
+    cache = {} if cache is None else cache
+
+    def save() -> None:
+        if out is not None and run is not None:
+            save_run(run, out)
+
+    meter = None
+    idle_power_w = None
+    if energy and energy_mod.energy_status(dev) is None:
+        meter = energy_mod.make_meter(dev)
+        # Once per run, a sleeping window as long as a kernel window (MEASUREMENT.md, kernel energy 3).
+        idle_power_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0))
+        if run is not None:
+            run.notes.append(f"idle power {idle_power_w:.1f} W (measured, once for this run); dynamic energy per "
+                             "call = total - idle power x time per call")
+
+    kernels: list[KernelMeasurement] = []
+    failures: list[Failure] = []
+    console = Console(stderr=True)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+        task = bar.add_task("bench", total=len(normalised))
+        for op, shape, dname, backend in normalised:
+            key = call_key(op, shape, dname, backend, str(dev), mode)
+            label = _describe(op, shape, dname, backend)
+            bar.update(task, description=label)
+            if key in cache:
+                bar.advance(task)
+                continue
+            result: KernelMeasurement | Failure
+            try:
+                result = bench_op(op, shape, dname, backend, dev, mode=mode, energy=energy, meter=meter,
+                                  idle_power_w=idle_power_w, seed=seed, timing_kwargs=timing_kwargs,
+                                  spec=datasheet, ceilings=ceilings, energy_kwargs=energy_kwargs)
+            except KeyboardInterrupt:
+                failure = Failure(op=op, shape=shape, dtype=dname, backend=backend,
+                                  error="interrupted (KeyboardInterrupt) before this call finished")
+                failures.append(failure)
+                if run is not None:
+                    run.failures.append(failure)
+                    run.notes.append(f"interrupted at {label}: the calls after it were not measured")
+                save()
+                raise
+            except (RuntimeError, ValueError) as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
+                result = Failure(op=op, shape=shape, dtype=dname, backend=backend,
+                                 error=f"{type(err).__name__}: {err}")
+                _free(dev)
+            cache[key] = result
+            if isinstance(result, Failure):
+                failures.append(result)
+                if run is not None:
+                    run.failures.append(result)
+            else:
+                kernels.append(result)
+                if run is not None:
+                    run.kernels.append(result)
+            save()
+            if on_result is not None:
+                on_result(result)
+            bar.advance(task)
+    return kernels, failures
