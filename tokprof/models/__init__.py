@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from tokprof.models.config import PRESETS, ModelConfig
+from tokprof.models.plan import KernelCall, decode_plan, plan_totals, prefill_plan
 
-__all__ = ["PRESETS", "ModelConfig"]
+__all__ = ["PRESETS", "KernelCall", "ModelConfig", "decode_plan", "plan_totals", "prefill_plan"]

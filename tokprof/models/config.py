@@ -204,6 +204,12 @@ def _from_hf_dict(hf: Mapping[str, Any], name: str, source: str) -> ModelConfig:
         raise ValueError("attention_bias/mlp_bias: biases are not supported (expected false)")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act: expected 'silu', got {hf.get('hidden_act')!r}")
+    # Sliding-window layers attend a window, not the whole context: the plans and the Transformer do not model it.
+    if hf.get("use_sliding_window"):
+        raise ValueError("use_sliding_window: sliding-window attention is not supported (expected false)")
+    layer_types = set(hf.get("layer_types") or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise ValueError(f"layer_types: only full_attention layers are supported, got {sorted(layer_types)}")
     # Newer transformers spell RoPE settings as rope_parameters {"rope_theta", "rope_type", ...}.
     params = hf.get("rope_parameters") or {}
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))

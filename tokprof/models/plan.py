@@ -1,0 +1,184 @@
+"""Plans: the kernel calls of one decode (or prefill) step of a model, deduplicated, with counts.
+
+    plan = decode_plan(ModelConfig.from_name("llama-3.1-8b"), batch=8, context=4096, dtype="bf16")
+    flops, min_bytes = plan_totals(plan)
+
+The decode step has exactly the structure the Transformer of tokprof.models runs, so the kernel sum and the
+end-to-end run execute the same calls: embedding; per layer input norm (fused residual add from layer 1 on), fused
+QKV projection, q/k norm (Qwen3), RoPE, KV append, paged decode attention, O projection, post-attention norm, fused
+gate-up projection, SwiGLU, down projection; final norm, LM head, greedy sampling. Calls with the same op, shape
+and dtype are merged into one entry (counts added, labels kept), so each distinct call is measured once and its
+time multiplied by its count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tokprof.kernels._common import cdiv, dtype_name, parse_dtype
+from tokprof.models.config import ModelConfig
+
+DEFAULT_BLOCK_SIZE = 16  # tokens per KV page, the Transformer's default too
+
+
+@dataclass
+class KernelCall:
+    """One distinct kernel call of a step: `count` calls per step of `op` at `shape` in `dtype`."""
+
+    op: str
+    shape: dict[str, int]
+    dtype: str  # "fp32" | "fp16" | "bf16"
+    count: int
+    labels: list[str] = field(default_factory=list)  # where in the model it runs: "qkv_proj", "o_proj", ...
+
+    def key(self) -> tuple[str, tuple[tuple[str, int], ...], str]:
+        return (self.op, tuple(sorted(self.shape.items())), self.dtype)
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.labels)
+
+    def cost(self) -> tuple[int, int]:
+        """(flops, min_bytes) of ONE call, from the op's registry cost formula."""
+        return op_cost(self.op, self.shape, self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": self.op, "shape": dict(self.shape), "dtype": self.dtype, "count": self.count,
+                "labels": list(self.labels)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> KernelCall:
+        return cls(op=d["op"], shape=dict(d["shape"]), dtype=d["dtype"], count=int(d["count"]),
+                   labels=list(d.get("labels", [])))
+
+
+def op_cost(op: str, shape: Mapping[str, int], dtype: str | torch.dtype) -> tuple[int, int]:
+    """(flops, min_bytes) of one call of `op`; ValueError when the op is not in the kernel registry."""
+    from tokprof.kernels import OPS
+
+    if op not in OPS:
+        raise ValueError(f"op: {op!r} is not in the kernel registry tokprof.kernels.OPS (has {sorted(OPS)})")
+    return OPS[op].cost(dict(shape), parse_dtype(dtype))
+
+
+def plan_totals(plan: list[KernelCall]) -> tuple[int, int]:
+    """(flops, min_bytes) of the whole step: the sum over entries of count x the call's cost."""
+    flops = min_bytes = 0
+    for call in plan:
+        f, b = call.cost()
+        flops += call.count * f
+        min_bytes += call.count * b
+    return flops, min_bytes
+
+
+class _PlanBuilder:
+    """Collects calls in step order and merges repeats of the same (op, shape, dtype)."""
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+        self.calls: dict[tuple[Any, ...], KernelCall] = {}
+
+    def add(self, op: str, label: str, count: int = 1, **shape: int) -> None:
+        call = KernelCall(op=op, shape=dict(shape), dtype=self.dtype, count=count, labels=[label])
+        key = call.key()
+        if key in self.calls:
+            merged = self.calls[key]
+            merged.count += count
+            if label not in merged.labels:
+                merged.labels.append(label)
+        else:
+            self.calls[key] = call
+
+    def plan(self) -> list[KernelCall]:
+        return list(self.calls.values())
+
+
+def _check_args(config: ModelConfig, batch: int, tokens: int, tokens_name: str, tp: int, block_size: int) -> None:
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"config: expected a ModelConfig (ModelConfig.from_name or from_hf), got "
+                         f"{type(config).__name__}")
+    for name, value in (("batch", batch), (tokens_name, tokens), ("block_size", block_size), ("tp", tp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if tokens > config.max_position_embeddings:
+        raise ValueError(f"{tokens_name}: expected at most the model's max_position_embeddings "
+                         f"{config.max_position_embeddings} ({config.name}), got {tokens}")
+    if tp != 1:
+        raise ValueError(f"tp: tensor parallelism arrives with issue 8; plans support tp=1 only for now, got tp={tp}")
+
+
+def _layer_calls(b: _PlanBuilder, config: ModelConfig, tokens: int, attention: tuple[str, dict[str, int]],
+                 kv_blocks: int, block_size: int) -> None:
+    """All layers for `tokens` tokens in flight; `attention` is the attention op and its shape."""
+    h, d = config.hidden_size, config.head_dim
+    hq, hkv = config.num_heads, config.num_kv_heads
+    layers = config.num_layers
+    # layer 0 normalises the embedding output; from layer 1 on the norm also adds the residual stream
+    b.add("rms_norm", "input_norm", 1, T=tokens, H=h, residual=0)
+    if layers > 1:
+        b.add("rms_norm", "input_norm", layers - 1, T=tokens, H=h, residual=1)
+    b.add("linear", "qkv_proj", layers, M=tokens, N=config.q_size + 2 * config.kv_size, K=h)
+    if config.qk_norm:  # Qwen3: RMSNorm over head_dim on every q head and k head, before RoPE
+        b.add("rms_norm", "q_norm", layers, T=tokens * hq, H=d, residual=0)
+        b.add("rms_norm", "k_norm", layers, T=tokens * hkv, H=d, residual=0)
+    b.add("rope", "rope", layers, T=tokens, Hq=hq, Hkv=hkv, D=d)
+    b.add("append_kv", "append_kv", layers, T=tokens, Hkv=hkv, D=d, block_size=block_size, num_blocks=kv_blocks)
+    op, shape = attention
+    b.add(op, "attention", layers, **shape)
+    b.add("linear", "o_proj", layers, M=tokens, N=h, K=config.q_size)
+    b.add("rms_norm", "post_attn_norm", layers, T=tokens, H=h, residual=1)
+    b.add("linear", "gate_up_proj", layers, M=tokens, N=2 * config.intermediate_size, K=h)
+    b.add("swiglu", "swiglu", layers, T=tokens, I=config.intermediate_size)
+    b.add("linear", "down_proj", layers, M=tokens, N=h, K=config.intermediate_size)
+
+
+def _head_calls(b: _PlanBuilder, config: ModelConfig, rows: int) -> None:
+    b.add("rms_norm", "final_norm", 1, T=rows, H=config.hidden_size, residual=1)
+    b.add("linear", "lm_head", 1, M=rows, N=config.vocab_size, K=config.hidden_size)
+    b.add("greedy_sample", "sample", 1, B=rows, V=config.vocab_size)
+
+
+def decode_plan(config: ModelConfig, batch: int, context: int, dtype: str | torch.dtype, tp: int = 1,
+                block_size: int = DEFAULT_BLOCK_SIZE) -> list[KernelCall]:
+    """The kernel calls of one decode step: `batch` sequences each attending `context` KV tokens (the new one
+    included), in step order, deduplicated."""
+    _check_args(config, batch, context, "context", tp, block_size)
+    b = _PlanBuilder(dtype_name(parse_dtype(dtype)))
+    b.add("embedding", "embedding", 1, T=batch, V=config.vocab_size, H=config.hidden_size)
+    attention = ("decode_attention", {"B": batch, "Hq": config.num_heads, "Hkv": config.num_kv_heads,
+                                      "D": config.head_dim, "context": context, "block_size": block_size})
+    _layer_calls(b, config, batch, attention, batch * cdiv(context, block_size), block_size)
+    _head_calls(b, config, batch)
+    return b.plan()
+
+
+def prefill_plan(config: ModelConfig, batch: int, prompt_len: int, dtype: str | torch.dtype, tp: int = 1,
+                 block_size: int = DEFAULT_BLOCK_SIZE) -> list[KernelCall]:
+    """The kernel calls of prefilling `batch` prompts of `prompt_len` tokens each, deduplicated.
+
+    Every prompt token runs through the layers (T = batch * prompt_len); only the last position of each sequence
+    goes through the final norm, the LM head and sampling, since the other positions' logits are never used.
+    """
+    _check_args(config, batch, prompt_len, "prompt_len", tp, block_size)
+    tokens = batch * prompt_len
+    b = _PlanBuilder(dtype_name(parse_dtype(dtype)))
+    b.add("embedding", "embedding", 1, T=tokens, V=config.vocab_size, H=config.hidden_size)
+    attention = ("prefill_attention", {"B": batch, "Hq": config.num_heads, "Hkv": config.num_kv_heads,
+                                       "S": prompt_len, "D": config.head_dim, "causal": 1})
+    _layer_calls(b, config, tokens, attention, batch * cdiv(prompt_len, block_size), block_size)
+    _head_calls(b, config, batch)
+    return b.plan()
+
+
+def plan_table(plan: list[KernelCall]) -> list[dict[str, Any]]:
+    """One row per entry with its per-call and per-step cost: for printing and for reports."""
+    rows = []
+    for call in plan:
+        flops, min_bytes = call.cost()
+        rows.append({**call.to_dict(), "label": call.label, "flops": flops, "min_bytes": min_bytes,
+                     "step_flops": call.count * flops, "step_min_bytes": call.count * min_bytes})
+    return rows

@@ -1,0 +1,121 @@
+"""What `tokprof rollup` prints: the analytic card (before any measurement), the points table, and one JSON line.
+
+The analytic card is the ceiling a reader should hold the results against: at batch 1 every decode step reads all
+the weights once plus the KV cache of its context, so no kernel can beat
+
+    tokens/s (batch 1) <= HBM bandwidth / (decode weight bytes + KV bytes per token x context)
+
+on that GPU's datasheet. The table then gives the roll-up points, each with its provenance.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from tokprof.kernels._common import parse_dtype
+from tokprof.models.config import ModelConfig
+from tokprof.profiler.devices import GpuSpec
+from tokprof.rollup.pareto import InteractivityCost
+from tokprof.rollup.records import RollupPoint
+
+
+def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int], dtype: str) -> dict[str, Any]:
+    """Weight bytes, KV bytes per token and the batch-1 bandwidth bound per context (modelled, from specs)."""
+    torch_dtype = parse_dtype(dtype)
+    weights = config.decode_weight_bytes(torch_dtype)
+    kv = config.kv_bytes_per_token(torch_dtype)
+    card: dict[str, Any] = {
+        "model": config.name, "dtype": dtype, "params": config.num_params(),
+        "weight_bytes": config.weight_bytes(torch_dtype), "decode_weight_bytes": weights,
+        "kv_bytes_per_token": kv, "gpu": spec.key if spec is not None else None,
+        "hbm_tbps": spec.hbm_tbps if spec is not None else None, "provenance": "modelled", "batch1": [],
+    }
+    if spec is None or spec.hbm_tbps is None:
+        card["batch1_reason"] = "no datasheet HBM bandwidth for this device (a CPU or an unknown GPU)"
+        return card
+    card["spec_source"] = f"{spec.source} ({spec.date})"
+    for context in contexts:
+        step_bytes = weights + kv * context
+        card["batch1"].append({"context": context, "bytes_per_step": step_bytes,
+                               "tokens_per_s_max": spec.hbm_tbps * 1e12 / step_bytes})
+    return card
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
+def _count_params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def print_card(console: Console, card: dict[str, Any]) -> None:
+    console.print(f"[bold]{card['model']}[/] ({card['dtype']}): {_count_params(card['params'])} parameters, "
+                  f"weights {_gb(card['weight_bytes'])}, read per decode step {_gb(card['decode_weight_bytes'])}; "
+                  f"KV cache {card['kv_bytes_per_token'] / 1024:.0f} KiB per token")
+    if not card["batch1"]:
+        console.print(f"batch-1 bandwidth bound: unknown ({card.get('batch1_reason')})")
+        return
+    bounds = ", ".join(f"{b['tokens_per_s_max']:.1f} tokens/s at context {b['context']}" for b in card["batch1"])
+    console.print(f"batch-1 bound on the {card['gpu']} datasheet ({card['hbm_tbps']} TB/s, modelled): {bounds}")
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _count(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x >= 1e6:
+        return f"{x / 1e6:.3g}M"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def print_points(console: Console, points: list[RollupPoint], title: str) -> None:
+    # two-line headers and no vertical rules keep the 8 columns inside the 80 columns rich gives a pipe
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  collapse_padding=True)
+    for col in ("batch", "context", "tokens/s\nper GPU", "tokens/s\nper user", "J/token", "$ per M\ntokens",
+                "tokens/s\nper MW", "provenance"):
+        table.add_column(col, justify="left" if col == "provenance" else "right", no_wrap=True)
+    for p in points:
+        table.add_row(str(p.batch), str(p.context), _count(p.tokens_per_s_per_gpu), _count(p.tokens_per_s_per_user),
+                      _fmt(p.j_per_token_total, ".3g"), _fmt(p.usd_per_million_tokens, ".4g"),
+                      _count(p.tokens_per_s_per_mw), p.provenance)
+    console.print(table)
+    first = points[0] if points else None
+    if first is not None:
+        console.print(f"price: {first.usd_per_gpu_hour if first.usd_per_gpu_hour is not None else '-'} $/GPU-h "
+                      f"({first.price_source or 'none'}); power: {first.all_in_kw_per_gpu or '-'} kW per GPU all-in "
+                      f"({first.power_source or 'none'})")
+        for note in dict.fromkeys(n for p in points for n in p.notes):
+            console.print(f"[dim]note: {note}[/]")
+        reasons = {p.energy_reason for p in points if p.energy_reason}
+        if len(reasons) == 1:
+            console.print(f"[dim]J/token: {reasons.pop()}[/]")
+
+
+def print_interactivity(console: Console, costs: list[InteractivityCost]) -> None:
+    for c in costs:
+        if c.tokens_per_s_per_gpu is None:
+            console.print(f"at {c.target_tokens_per_s_per_user:g} tokens/s per user, context {c.context}: {c.reason}")
+            continue
+        cost = f"${c.usd_per_million_tokens:.4g} per M tokens" if c.usd_per_million_tokens is not None else c.reason
+        console.print(f"at {c.target_tokens_per_s_per_user:g} tokens/s per user, context {c.context}: "
+                      f"{c.tokens_per_s_per_gpu:,.1f} tokens/s per GPU, {cost} ({c.provenance}, "
+                      f"between batch {' and '.join(map(str, c.between))})")
+
+
+def summary(card: dict[str, Any], points: list[RollupPoint], **extra: Any) -> dict[str, Any]:
+    """The JSON document of the last stdout line: the card, and every point without its per-op breakdown."""
+    rows = []
+    for p in points:
+        d = p.to_dict()
+        d.pop("ops")
+        rows.append(d)
+    return {**extra, "card": card, "points": rows}

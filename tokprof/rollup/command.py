@@ -1,0 +1,163 @@
+"""The work behind `tokprof rollup`: choose the mode, print the analytic card first, then the table; return the
+JSON document the command prints as its last line. Bad arguments raise ValueError (the CLI turns them into a clear
+error without a traceback).
+
+Modes: measured here (bottom-up on --device), measured from a run file (--from), projected from a run file onto
+another GPU (--from with --gpu), or modelled from a datasheet (--modelled --gpu).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from tokprof.models.config import ModelConfig
+from tokprof.profiler.devices import GpuSpec, load_specs
+from tokprof.profiler.schema import RunResult, load_run, save_run
+from tokprof.rollup import card as rcard
+from tokprof.rollup.bottom_up import bottom_up, rollup_points
+from tokprof.rollup.economics import PriceOptions, check_positive
+from tokprof.rollup.pareto import InteractivityCost, cost_at_interactivity
+from tokprof.rollup.project import DEFAULT_EFFICIENCY, modelled, project, resolve_gpu
+from tokprof.rollup.records import RollupPoint, merge_points, points_from_run
+
+DEFAULT_BATCHES = [1, 8, 64]
+DEFAULT_CONTEXTS = [1024, 8192]
+
+
+@dataclass
+class RollupArgs:
+    model: str | None = None
+    batches: list[int] | None = None
+    contexts: list[int] | None = None
+    from_run: str | None = None
+    gpu: str | None = None
+    modelled: bool = False
+    efficiency: float = DEFAULT_EFFICIENCY
+    device: str = "cuda"
+    backend: str | None = None
+    dtype: str | None = None
+    prices: PriceOptions = field(default_factory=PriceOptions)
+    energy: bool = False
+    max_time_s: float | None = None
+    interactivity: list[float] = field(default_factory=list)
+    output: str | None = None
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+
+
+def load_model(name: str) -> ModelConfig:
+    """A preset name, or a path to a Hugging Face config.json (or the directory holding it)."""
+    return ModelConfig.from_hf(name) if Path(name).exists() else ModelConfig.from_name(name)
+
+
+def _only(what: str, values: set[str], path: str) -> str:
+    if len(values) != 1:
+        raise ValueError(f"--{what}: {path} holds several {what}s {sorted(values)}; choose one with --{what}")
+    return next(iter(values))
+
+
+def _from_run(a: RollupArgs, console: Console) -> tuple[ModelConfig, dict[str, Any], list[RollupPoint], str,
+                                                          RunResult, list[str]]:
+    run = load_run(a.from_run)
+    if run.model is None and a.model is None:
+        raise ValueError(f"--from: {a.from_run} has no model section; give --model")
+    cfg = load_model(a.model) if a.model else ModelConfig.from_dict(run.model)
+    if run.model is not None and cfg != ModelConfig.from_dict(run.model):
+        raise ValueError(f"--model: {a.from_run} measured {run.model.get('name')!r}, not {cfg.name!r}; leave --model "
+                         "out to use the run's model")
+    if not run.kernels:
+        raise ValueError(f"--from: {a.from_run} holds no kernel measurements")
+    measured = [p for p in points_from_run(run.rollup) if p.provenance == "measured"]
+    batches = a.batches or sorted({p.batch for p in measured})
+    contexts = a.contexts or sorted({p.context for p in measured})
+    if not batches or not contexts:
+        raise ValueError(f"--batch/--context: {a.from_run} has no measured roll-up points to take them from; "
+                         "give --batch and --context")
+    dtype = a.dtype or _only("dtype", {k.dtype for k in run.kernels}, a.from_run)
+    backend = a.backend or _only("backend", {k.backend for k in run.kernels}, a.from_run)
+    source_key = run.provenance.device.spec_key
+    target = resolve_gpu(a.gpu) if a.gpu else None
+    spec = target or (load_specs().get(source_key) if source_key else None)
+    card = _card(console, cfg, spec, contexts, dtype)
+    if target is not None and target.key != source_key:
+        points = project(run, target, prices=a.prices, batches=batches, contexts=contexts, dtype=dtype,
+                         backend=backend)
+        return cfg, card, points, "projected", run, []
+    points, notes = rollup_points(cfg, batches, contexts, run, backend=backend, dtype=dtype, prices=a.prices)
+    return cfg, card, points, "measured", run, notes
+
+
+def _card(console: Console, cfg: ModelConfig, spec: GpuSpec | None, contexts: list[int], dtype: str) -> dict[str, Any]:
+    card = rcard.analytic_card(cfg, spec, contexts, dtype)
+    rcard.print_card(console, card)
+    return card
+
+
+def run_rollup(a: RollupArgs, console: Console) -> dict[str, Any]:
+    """Do the roll-up `a` asks for, printing the card and the table on `console`; return the summary document."""
+    if a.modelled and a.from_run:
+        raise ValueError("--modelled and --from: choose one (--modelled uses specs alone, --from a measured run)")
+    notes: list[str] = []
+    run: RunResult | None = None
+    if a.from_run:
+        cfg, card, points, mode, run, notes = _from_run(a, console)
+    elif a.modelled:
+        if a.gpu is None or a.model is None:
+            raise ValueError("--modelled: give --model and --gpu (e.g. --model llama-3.1-8b --gpu h200 --modelled)")
+        cfg, spec = load_model(a.model), resolve_gpu(a.gpu)
+        contexts, dtype = a.contexts or DEFAULT_CONTEXTS, a.dtype or "bf16"
+        card = _card(console, cfg, spec, contexts, dtype)
+        points = modelled(cfg, spec, a.batches or DEFAULT_BATCHES, contexts, dtype, a.efficiency, prices=a.prices)
+        mode = "modelled"
+    else:
+        if a.model is None:
+            raise ValueError("--model: give a model to measure (or --from run.json, or --modelled --gpu NAME)")
+        try:
+            dev = torch.device(a.device)
+        except RuntimeError as err:
+            raise ValueError(f"--device: expected cpu or cuda[:N], got {a.device!r} ({err})") from err
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA GPU on this machine; measure on the CPU (--device cpu "
+                             "--backend torch) or model a GPU from its datasheet (--modelled --gpu h100)")
+        from tokprof.profiler.devices import detect_device
+
+        cfg = load_model(a.model)
+        contexts, dtype = a.contexts or DEFAULT_CONTEXTS, a.dtype or "bf16"
+        key = detect_device(dev).spec_key
+        card = _card(console, cfg, load_specs().get(key) if key else None, contexts, dtype)
+        timing_kwargs = None
+        if a.max_time_s is not None:
+            budget = check_positive("--max-time-s", a.max_time_s)
+            # the harness's 0.1 s minimum would exceed a smaller budget
+            timing_kwargs = {"max_time_s": budget, "min_time_s": min(0.1, budget)}
+        points, run = bottom_up(cfg, a.batches or DEFAULT_BATCHES, contexts, a.backend or "triton", dev,
+                                dtype=dtype, energy=a.energy, timing_kwargs=timing_kwargs, prices=a.prices,
+                                out=a.output, command=a.command)
+        notes = [n for n in run.notes if n.startswith("batch ")]
+        mode = "measured"
+    for note in notes:
+        console.print(f"[yellow]{note}[/]")
+    if not points:
+        raise ValueError("no roll-up point could be computed (see the notes above)")
+    rcard.print_points(console, points, f"{cfg.name} on {points[0].gpu} ({mode}, {points[0].dtype})")
+    costs: list[InteractivityCost] = [cost_at_interactivity(points, target, context=ctx)
+                                      for target in a.interactivity for ctx in sorted({p.context for p in points})]
+    rcard.print_interactivity(console, costs)
+    if a.output and (a.from_run or a.modelled):
+        if run is None:
+            from tokprof.profiler.bench import new_run
+
+            run = new_run(a.command, "cpu")
+            run.model = cfg.to_dict()
+            run.notes.append(f"{mode} roll-up: no kernel was measured; the provenance is the host it was computed on")
+        merge_points(run.rollup, points)
+        save_run(run, a.output)
+    if a.output:
+        console.print(f"wrote {a.output}")
+    return rcard.summary(card, points, command="rollup", mode=mode,
+                         model=cfg.name, output=a.output, interactivity=[vars(c) for c in costs])
