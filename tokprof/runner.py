@@ -1,0 +1,275 @@
+"""`tokprof run`: the whole story for the hardware in front of you, in one command.
+
+    tokprof run                        # GPU: llama-3.1-8b bf16, triton; CPU: the tiny preset, fp32, torch backend
+    tokprof run --model qwen3-8b --out results/
+
+Steps, each saved to the RunResult as soon as it is measured (an interrupted run keeps what it had):
+1. detect the device and refuse a model whose weights and KV cache do not fit (saying how much memory it needs);
+2. measure the ceilings (copy bandwidth, GEMM FLOP/s);
+3. benchmark every distinct kernel call of the model's decode plan over the sweep and roll up (tokens/s, J/token,
+   $/M tokens, tokens/s/MW) with the default price sheet;
+4. measure the same model end to end (tokprof with CUDA graphs and eager, transformers);
+5. reconcile (the iceberg, L0..L5);
+6. add rows for other GPUs: projected from this run's measured efficiencies when it ran on a GPU, else from the
+   shipped reference measurements (tokprof/data/reference/<gpu>/) when present, else modelled from datasheets;
+7. write the RunResult, the report and a history entry, and print where they are (last line: one JSON document).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from tokprof.models.config import ModelConfig
+from tokprof.profiler.schema import RunResult, load_run, save_run
+
+REFERENCE_DIR = Path(__file__).parent / "data" / "reference"
+OTHER_GPUS = ("h100-sxm", "h200", "b200")
+GPU_DEFAULT_MODEL = "llama-3.1-8b"
+
+
+@dataclass
+class RunConfig:
+    """What one `tokprof run` measures. `for_device` gives the defaults of the issue: a GPU sweep that fits in about
+    5 minutes of GPU time, and a CPU sweep that fits in under 3 minutes on 2 cores."""
+
+    model: str
+    device: torch.device
+    backend: str
+    dtype: str
+    batches: list[int]
+    contexts: list[int]
+    e2e_batches: list[int]
+    e2e_contexts: list[int]
+    e2e_steps: int
+    e2e_modes: list[str]
+    frameworks: list[str]
+    energy: bool
+    timing_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_device(cls, device: torch.device, model: str | None = None) -> RunConfig:
+        if device.type == "cuda":
+            return cls(model=model or GPU_DEFAULT_MODEL, device=device, backend="triton", dtype="bf16",
+                       batches=[1, 8, 32, 128], contexts=[1024, 8192], e2e_batches=[1, 8, 32, 128],
+                       e2e_contexts=[1024, 8192], e2e_steps=32, e2e_modes=["graph", "eager"],
+                       frameworks=["tokprof", "transformers"], energy=True,
+                       timing_kwargs={"max_time_s": 1.0})
+        # CPU: small enough for 2 cores in well under 3 minutes; the CPU has no energy counter.
+        return cls(model=model or "tiny", device=device, backend="torch", dtype="fp32", batches=[1, 4],
+                   contexts=[128, 512], e2e_batches=[1, 4], e2e_contexts=[128, 512], e2e_steps=8,
+                   e2e_modes=["eager"], frameworks=["tokprof", "transformers"], energy=False,
+                   timing_kwargs={"min_time_s": 0.05, "max_time_s": 0.3})
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device: expected auto, cpu or cuda[:N], got {device!r}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {device!r} asked for a GPU but torch sees none (torch {torch.__version__}); "
+                         "use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected auto, cpu or cuda[:N], got {device!r}")
+    return dev
+
+
+def memory_needed_bytes(config: ModelConfig, dtype: torch.dtype, batch: int, context: int) -> int:
+    """Weights, the KV cache of the largest point, and a 10% + 2 GiB allowance for activations and the allocator."""
+    weights = config.weight_bytes(dtype)
+    kv = config.kv_bytes_per_token(dtype) * batch * context
+    return int((weights + kv) * 1.1) + (2 << 30)
+
+
+def check_fits(config: ModelConfig, rc: RunConfig) -> list[str]:
+    """Refuse a model whose weights do not fit; drop end-to-end points whose KV cache does not (and say so)."""
+    from tokprof.kernels import parse_dtype
+
+    if rc.device.type != "cuda":
+        return []
+    dtype = parse_dtype(rc.dtype)
+    total = torch.cuda.get_device_properties(rc.device).total_memory
+    weights_only = memory_needed_bytes(config, dtype, 0, 0)
+    if weights_only > total:
+        raise ValueError(f"--model {config.name}: needs about {weights_only / 1e9:.1f} GB for weights alone "
+                         f"({config.weight_bytes(dtype) / 1e9:.1f} GB in {rc.dtype}), the GPU has "
+                         f"{total / 1e9:.1f} GB; choose a smaller model (e.g. llama-3.2-1b)")
+    notes = []
+    kept = [(b, c) for b in rc.e2e_batches for c in rc.e2e_contexts
+            if memory_needed_bytes(config, dtype, b, c) <= total]
+    for b in rc.e2e_batches:
+        for c in rc.e2e_contexts:
+            if (b, c) not in kept:
+                need = memory_needed_bytes(config, dtype, b, c)
+                notes.append(f"end to end batch {b} context {c} skipped: needs about {need / 1e9:.0f} GB "
+                             f"(weights + KV cache), the GPU has {total / 1e9:.0f} GB")
+    rc.e2e_batches = sorted({b for b, _ in kept})
+    rc.e2e_contexts = sorted({c for _, c in kept})
+    return notes
+
+
+def reference_runs(directory: Path = REFERENCE_DIR) -> dict[str, Path]:
+    """gpu key -> the newest shipped reference RunResult (tokprof/data/reference/<gpu>/*.json)."""
+    found: dict[str, Path] = {}
+    if directory.is_dir():
+        for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
+            files = sorted(sub.glob("*.json"))
+            if files:
+                found[sub.name] = files[-1]
+    return found
+
+
+def other_gpu_rows(run: RunResult, rc: RunConfig, console: Console) -> list[str]:
+    """Projected or modelled roll-up rows for H100, H200 and B200, appended to run.rollup; returns notes."""
+    from tokprof.rollup import modelled, project
+    from tokprof.rollup.records import merge_points
+
+    notes: list[str] = []
+    if rc.device.type == "cuda":
+        for gpu in OTHER_GPUS:
+            try:
+                points = project(run, gpu)
+            except ValueError as err:
+                notes.append(f"projection to {gpu} not made: {err}")
+                continue
+            merge_points(run.rollup, points)
+            notes.append(f"projected {len(points)} point(s) to {gpu} from this run's measured efficiencies")
+        return notes
+    refs = reference_runs()
+    for gpu in OTHER_GPUS:
+        ref = refs.get(gpu)
+        points = []
+        if ref is not None:
+            try:
+                ref_run = load_run(ref)
+                points = project(ref_run, gpu)
+                notes.append(f"{gpu}: projected from the shipped reference run {ref.name} "
+                             f"({ref_run.provenance.device.name}, {ref_run.provenance.timestamp_utc})")
+            except ValueError as err:
+                notes.append(f"{gpu}: the shipped reference {ref} could not be used ({err}); modelled instead")
+        if not points:
+            config = ModelConfig.from_name(GPU_DEFAULT_MODEL)
+            gpu_rc = RunConfig.for_device(torch.device("cuda"), GPU_DEFAULT_MODEL)
+            points = modelled(config, gpu, gpu_rc.batches, gpu_rc.contexts, dtype=gpu_rc.dtype)
+            if ref is None:
+                notes.append(f"{gpu}: no shipped reference measurement; {GPU_DEFAULT_MODEL} rows modelled from the "
+                             "datasheet at the stated efficiency")
+        merge_points(run.rollup, points)
+    console.print(f"[dim]other GPUs: {'; '.join(notes)}[/]")
+    return notes
+
+
+def run_e2e_points(run: RunResult, rc: RunConfig, run_path: Path, console: Console) -> None:
+    """End-to-end measurements of the model (tokprof graph/eager, transformers), appended to run.e2e as they come."""
+    from tokprof.models.e2e_command import E2EArgs
+    from tokprof.models.e2e_command import run_e2e as run_e2e_command
+
+    if not rc.e2e_batches:
+        run.notes.append("end to end: no point fits on this device")
+        return
+    save_run(run, run_path)  # run_e2e extends the file it is given
+    args = E2EArgs(model=rc.model, model_dir=None, batches=rc.e2e_batches, contexts=rc.e2e_contexts,
+                   modes=rc.e2e_modes, frameworks=rc.frameworks, steps=rc.e2e_steps, warmup=4, device=rc.device,
+                   backend=rc.backend, dtype=rc.dtype, output=str(run_path), energy=rc.energy,
+                   command=list(run.provenance.command))
+    run_e2e_command(args, console, Console(stderr=True))
+    fresh = load_run(run_path)
+    run.e2e = fresh.e2e
+    run.notes = fresh.notes
+
+
+def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", device: str = "auto", *,
+             console: Console | None = None, command: Sequence[str] | None = None,
+             history_db: str | Path | None = None, report: bool = True,
+             config_override: RunConfig | None = None) -> Path:
+    """Run the whole chain and return the RunResult path. See the module docstring."""
+    from tokprof.profiler.bench import new_run
+    from tokprof.profiler.ceilings import measure_ceilings
+    from tokprof.rollup import bottom_up
+    from tokprof.rollup.reconcile import reconcile
+
+    console = console or Console()
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    rc = config_override or RunConfig.for_device(dev, model)
+    config = ModelConfig.from_name(rc.model)
+    fit_notes = check_fits(config, rc)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = new_run(list(command) if command is not None else sys.argv, dev)
+    stamp = run.provenance.timestamp_utc.replace(":", "").replace("-", "")
+    run_path = out / f"run-{config.name}-{run.provenance.device.spec_key or dev.type}-{stamp}.json"
+    label = "GPU" if dev.type == "cuda" else "CPU (figures are CPU figures, never GPU figures)"
+    console.rule(f"tokprof run: {config.name} on {run.provenance.device.name} [{label}]")
+    run.notes.extend(fit_notes)
+    if dev.type == "cpu":
+        run.notes.append(f"CPU run on {run.provenance.device.name}: {rc.backend} backend, {rc.dtype}, model "
+                         f"{config.name}; no energy counter on a CPU")
+
+    console.print("[bold]1/5[/] ceilings")
+    ceilings = measure_ceilings(dev)
+    run.ceilings = ceilings
+    console.print(f"    copy {ceilings.copy_gbps:.1f} GB/s, GEMM {ceilings.gemm_tflops:.2f} TFLOP/s "
+                  f"({ceilings.gemm_dtype})")
+
+    console.print(f"[bold]2/5[/] kernels of the decode plan: batch {rc.batches} x context {rc.contexts}")
+    points, run = bottom_up(config, rc.batches, rc.contexts, rc.backend, dev, dtype=rc.dtype, energy=rc.energy,
+                            timing_kwargs=rc.timing_kwargs, ceilings=ceilings, run=run, out=run_path)
+
+    console.print(f"[bold]3/5[/] end to end: batch {rc.e2e_batches} x context {rc.e2e_contexts}, "
+                  f"{', '.join(rc.frameworks)} ({', '.join(rc.e2e_modes)})")
+    run_e2e_points(run, rc, run_path, console)
+
+    console.print("[bold]4/5[/] reconciliation and other GPUs")
+    run.reconciliation = [r.to_dict() for r in reconcile(run)]
+    run.notes.extend(other_gpu_rows(run, rc, console))
+    save_run(run, run_path)
+
+    console.print("[bold]5/5[/] report and history")
+    summary: dict[str, Any] = {"run": str(run_path), "device": run.provenance.device.name, "model": config.name,
+                               "kind": dev.type}
+    if report:
+        from tokprof.reports.render import render_report
+
+        rep = render_report([run_path], out / "report")
+        summary["report_html"] = str(rep.html)
+        summary["report_md"] = str(rep.markdown)
+    from tokprof.reports.history import History
+
+    history = History(history_db)
+    history.record_run(run, run_path)
+    summary["history_db"] = str(history.path)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary["points"] = [_point_summary(p) for p in points]
+    _print_summary(console, summary)
+    print(json.dumps(summary))
+    return run_path
+
+
+def _point_summary(p: Any) -> dict[str, Any]:
+    def r(x: float | None) -> float | None:
+        return None if x is None or not math.isfinite(x) else round(x, 4)
+
+    return {"batch": p.batch, "context": p.context, "tokens_per_s_per_gpu": r(p.tokens_per_s_per_gpu),
+            "usd_per_million_tokens": r(p.usd_per_million_tokens), "provenance": p.provenance}
+
+
+def _print_summary(console: Console, summary: dict[str, Any]) -> None:
+    console.rule("done")
+    console.print(f"RunResult: {summary['run']}")
+    if "report_html" in summary:
+        console.print(f"report:    {summary['report_html']} (and {summary['report_md']})")
+    console.print(f"history:   {summary['history_db']}")
+    console.print(f"time:      {summary['seconds']} s")
