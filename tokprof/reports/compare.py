@@ -1,0 +1,423 @@
+"""`tokprof compare`: the regression gate between two runs (MEASUREMENT.md, "Regression verdicts").
+
+    result = compare_runs(load_run("base.json"), load_run("new.json"), threshold=0.05)
+    print(result.to_markdown()); sys.exit(result.exit_code)        # 1 when anything gating is SLOW, else 0
+
+What is compared, item by item (matched by key; items in only one run are counted, not judged):
+  kernels          by (op, shape, dtype, backend): median time, samples' p10-p90, relative noise
+  roll-up points   measured ones only, by (model, batch, context, dtype, backend): step time (no samples: noise 0)
+  end to end       by (model, framework, mode, backend, dtype, batch, context): median step time over its samples
+
+Verdict per item, with delta = new / base - 1 of the metric:
+  SAME       |delta| <= max(noise_base, noise_new, threshold)
+  AMBIGUOUS  otherwise, when the two sample sets overlap heavily: their p10-p90 ranges overlap by more than 50% of
+             the narrower range (the medians differ, but most samples of one run fall among the other's)
+  FAST/SLOW  otherwise, by the sign of delta (for efficiency, higher is better)
+
+Across GPU generations (different device names) raw time says nothing about the code, so kernels and roll-up points
+are compared by roofline efficiency (time at each GPU's own roof / time; the measured roof when both runs have
+it, else the datasheet one), which gates, and by time in SM cycles (time x SM clock), which is informational:
+cycles of a memory-bound kernel also move with each GPU's bytes per cycle. End-to-end items then have cycles only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tokprof.profiler.schema import Clocks, KernelMeasurement, RunResult, load_run
+
+SAME, FAST, SLOW, AMBIGUOUS = "SAME", "FAST", "SLOW", "AMBIGUOUS"
+OVERLAP_LIMIT = 0.5  # p10-p90 overlap, as a fraction of the narrower range, above which a change is AMBIGUOUS
+DEFAULT_THRESHOLD = 0.05
+
+
+class CompareInputError(ValueError):
+    """Unusable input: a bad file, or two runs with nothing in common (exit status 2)."""
+
+
+def parse_threshold(text: str) -> float:
+    """'5%' or '5' -> 0.05 (a bare number is a percentage too); ValueError on anything else."""
+    raw = str(text).strip().rstrip("%").strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"threshold: expected a percentage such as 5% or 2.5, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or value >= 100:
+        raise ValueError(f"threshold: expected a percentage in [0, 100), got {text!r}")
+    return value / 100.0
+
+
+# ------------------------------------------------------------------------------------------------ observations
+
+
+@dataclass
+class Observation:
+    """One comparable item of one run: its time with spread, its time at the roof, the SM clock it ran at."""
+
+    kind: str  # "kernel" | "point" | "e2e"
+    key: tuple
+    label: str
+    time_us: float
+    p10_us: float | None
+    p90_us: float | None
+    noise: float | None  # relative standard deviation; None when there are no samples
+    t_roof_measured_us: float | None
+    t_roof_datasheet_us: float | None
+    sm_mhz: float | None
+    clock_source: str | None
+    run_ref: str
+
+
+def robust_noise(samples: Sequence[float]) -> float | None:
+    """Relative standard deviation after 1.5x IQR outlier removal (the harness's definition); None if < 2 samples."""
+    x = np.asarray([s for s in samples if isinstance(s, (int, float)) and math.isfinite(s)], dtype=np.float64)
+    if x.size < 2:
+        return None
+    q1, q3 = np.percentile(x, [25, 75])
+    keep = x[(x >= q1 - 1.5 * (q3 - q1)) & (x <= q3 + 1.5 * (q3 - q1))]
+    return float(keep.std(ddof=1) / keep.mean()) if keep.size > 1 and keep.mean() > 0 else None
+
+
+def _clock_of(run: RunResult, clocks: Iterable[Clocks | None] = ()) -> tuple[float | None, str | None]:
+    """SM MHz for cycle counts: measured around the call, else the run's snapshot, else the device's max clock."""
+    measured = [c.sm_mhz for c in clocks if c is not None and c.sm_mhz]
+    if measured:
+        return float(sum(measured)) / len(measured), "SM clock read around the measurement (NVML)"
+    if run.provenance.clocks is not None and run.provenance.clocks.sm_mhz:
+        return float(run.provenance.clocks.sm_mhz), "SM clock of the run's snapshot (NVML)"
+    if run.provenance.device.sm_max_mhz:
+        return float(run.provenance.device.sm_max_mhz), "max SM clock of the device (spec; not read under load)"
+    return None, None
+
+
+def kernel_key(k: KernelMeasurement) -> tuple:
+    return ("kernel", *k.key())
+
+
+def _kernel_label(k: KernelMeasurement) -> str:
+    return f"{k.op} {' '.join(f'{a}={b}' for a, b in k.shape.items())} {k.dtype} {k.backend}"
+
+
+def observations(run: RunResult, run_ref: str) -> tuple[dict[tuple, Observation], list[str]]:
+    """Every comparable item of `run` by key, and notes about what was left out."""
+    out: dict[tuple, Observation] = {}
+    notes: list[str] = []
+    duplicates = 0
+    for k in run.kernels:
+        key = kernel_key(k)
+        if key in out:
+            duplicates += 1
+            continue
+        t = k.timing
+        mhz, source = _clock_of(run, (t.clocks_before, t.clocks_after))
+        out[key] = Observation("kernel", key, _kernel_label(k), t.median_us, t.p10_us, t.p90_us, t.noise,
+                               k.roofline.t_roof_measured_us, k.roofline.t_roof_datasheet_us, mhz, source, run_ref)
+    run_mhz, run_source = _clock_of(run)
+    skipped = 0
+    for p in run.rollup:
+        if p.get("provenance") != "measured":
+            skipped += 1
+            continue
+        step = p.get("step_time_us")
+        if not isinstance(step, (int, float)) or step <= 0:
+            continue
+        key = ("point", p.get("model"), p.get("batch"), p.get("context"), p.get("dtype"), p.get("backend"))
+        if key in out:
+            duplicates += 1
+            continue
+        ops = p.get("ops") or []
+        roofs = {}
+        for which in ("measured", "datasheet"):
+            effs = [(o.get("total_us"), o.get(f"efficiency_{which}")) for o in ops]
+            ok = ops and all(isinstance(t, (int, float)) and isinstance(e, (int, float)) for t, e in effs)
+            roofs[which] = sum(t * e for t, e in effs) if ok else None  # t_roof per op = efficiency x time
+        out[key] = Observation("point", key, f"roll-up {p.get('model')} batch {p.get('batch')} context "
+                               f"{p.get('context')} {p.get('dtype')} {p.get('backend')}", float(step), None, None,
+                               None, roofs["measured"], roofs["datasheet"], run_mhz, run_source, run_ref)
+    if skipped:
+        notes.append(f"{run_ref}: {skipped} modelled or projected roll-up point(s) not compared (not measurements)")
+    if duplicates:
+        notes.append(f"{run_ref}: {duplicates} kernel measurement(s) or roll-up point(s) repeat a key; the first "
+                     "of each was used")
+    for e in run.e2e:
+        samples = [s for s in e.get("step_times_us") or [] if isinstance(s, (int, float))]
+        median = e.get("median_step_us")
+        if not isinstance(median, (int, float)) or median <= 0:
+            continue
+        key = ("e2e", e.get("model"), e.get("framework"), e.get("mode"), e.get("backend"), e.get("dtype"),
+               e.get("batch"), e.get("context"))
+        p10, p90 = (float(np.percentile(samples, 10)), float(np.percentile(samples, 90))) if samples else (None, None)
+        out[key] = Observation("e2e", key, f"end to end {e.get('framework')} {e.get('mode')} {e.get('model')} batch "
+                               f"{e.get('batch')} context {e.get('context')}", float(median), p10, p90,
+                               robust_noise(samples), None, None, run_mhz, run_source, run_ref)
+    return out, notes
+
+
+# ------------------------------------------------------------------------------------------------------ verdicts
+
+
+def range_overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Length of the intersection of two [lo, hi] ranges over the narrower one's length (1.0 when one holds the
+    other). A zero-width range counts as fully overlapping when it lies inside the other, else 0."""
+    (a_lo, a_hi), (b_lo, b_hi) = sorted(a), sorted(b)
+    inter = min(a_hi, b_hi) - max(a_lo, b_lo)
+    narrow = min(a_hi - a_lo, b_hi - b_lo)
+    if narrow <= 0:
+        return 1.0 if inter >= 0 else 0.0
+    return max(inter, 0.0) / narrow
+
+
+def verdict(delta: float, tolerance: float, overlap: float | None, higher_is_better: bool) -> str:
+    if abs(delta) <= tolerance:
+        return SAME
+    if overlap is not None and overlap > OVERLAP_LIMIT:
+        return AMBIGUOUS
+    worse = delta < 0 if higher_is_better else delta > 0
+    return SLOW if worse else FAST
+
+
+@dataclass
+class Row:
+    kind: str
+    item: str
+    metric: str
+    base: float
+    new: float
+    delta: float  # new / base - 1
+    tolerance: float
+    overlap: float | None
+    verdict: str
+    gating: bool
+    base_ref: str
+    note: str = ""
+
+
+def _row(kind: str, item: str, metric: str, base: float, new: float, ranges: tuple | None, noises: tuple,
+         threshold: float, higher_is_better: bool, gating: bool, base_ref: str, note: str = "") -> Row:
+    delta = new / base - 1.0
+    tolerance = max([threshold, *[n for n in noises if n is not None]])
+    overlap = range_overlap(*ranges) if ranges is not None else None
+    return Row(kind, item, metric, base, new, delta, tolerance, overlap,
+               verdict(delta, tolerance, overlap, higher_is_better), gating, base_ref, note)
+
+
+def _ranges(b: Observation, n: Observation, fb: Any = None, fn: Any = None) -> tuple | None:
+    """The two p10-p90 time ranges, each mapped through its run's transform (fb, fn) when given."""
+    if None in (b.p10_us, b.p90_us, n.p10_us, n.p90_us):
+        return None
+    fb, fn = fb or (lambda x: x), fn or (lambda x: x)
+    return ((fb(b.p10_us), fb(b.p90_us)), (fn(n.p10_us), fn(n.p90_us)))
+
+
+def compare_rows(base: dict[tuple, Observation], new: dict[tuple, Observation], *, cross_generation: bool,
+                 threshold: float) -> tuple[list[Row], list[str]]:
+    rows: list[Row] = []
+    notes: list[str] = []
+    no_clock = 0
+    for key, n in new.items():
+        b = base.get(key)
+        if b is None:
+            continue
+        noises = (b.noise, n.noise)
+        if not cross_generation:
+            rows.append(_row(n.kind, n.label, "time us", b.time_us, n.time_us, _ranges(b, n), noises, threshold,
+                             False, True, b.run_ref))
+            continue
+        if n.kind != "e2e":
+            which = "measured" if b.t_roof_measured_us and n.t_roof_measured_us else "datasheet"
+            rb, rn = getattr(b, f"t_roof_{which}_us"), getattr(n, f"t_roof_{which}_us")
+            if rb and rn:
+                # efficiency = t_roof / time, so a p10-p90 time range maps to a t_roof/p90 - t_roof/p10 range.
+                spread = _ranges(b, n, lambda x, r=rb: r / x, lambda x, r=rn: r / x)
+                rows.append(_row(n.kind, n.label, f"efficiency ({which} roofline)", rb / b.time_us, rn / n.time_us,
+                                 spread, noises, threshold, True, True, b.run_ref))
+            else:
+                notes.append(f"{n.label}: no roofline time in one of the runs, efficiency not compared")
+        if b.sm_mhz and n.sm_mhz:
+            # cycles = time_us x MHz (1e-6 s x 1e6 /s = 1 cycle per us-MHz)
+            spread = _ranges(b, n, lambda x, c=b.sm_mhz: x * c, lambda x, c=n.sm_mhz: x * c)
+            rows.append(_row(n.kind, n.label, "SM cycles", b.time_us * b.sm_mhz, n.time_us * n.sm_mhz, spread,
+                             noises, threshold, False, False, b.run_ref,
+                             f"clocks {b.sm_mhz:.0f} -> {n.sm_mhz:.0f} MHz"))
+        else:
+            no_clock += 1
+    if no_clock:
+        notes.append(f"{no_clock} item(s) without a known SM clock in one run: cycles not compared for them")
+    return rows, notes
+
+
+# ---------------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class Comparison:
+    base_ref: str
+    new_ref: str
+    base_device: str
+    new_device: str
+    cross_generation: bool
+    threshold: float
+    rows: list[Row]
+    notes: list[str] = field(default_factory=list)
+    only_in_base: list[str] = field(default_factory=list)
+    only_in_new: list[str] = field(default_factory=list)
+    clock_sources: list[str] = field(default_factory=list)
+
+    def counts(self, gating: bool = True) -> dict[str, int]:
+        out = {v: 0 for v in (SLOW, AMBIGUOUS, FAST, SAME)}
+        for r in self.rows:
+            if r.gating == gating:
+                out[r.verdict] += 1
+        return out
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if any(r.gating and r.verdict == SLOW for r in self.rows) else 0
+
+    def to_markdown(self) -> str:
+        return summary_markdown(self)
+
+
+def _fmt(value: float) -> str:
+    mag = abs(value)
+    if mag >= 1e5:
+        return f"{value:.4g}"
+    if mag >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def _table(rows: list[Row]) -> list[str]:
+    lines = ["| verdict | kind | item | metric | base | new | delta | tolerance | p10-p90 overlap | gates |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        overlap = f"{r.overlap:.0%}" if r.overlap is not None else "n/a (no samples)"
+        item = r.item + (f" ({r.note})" if r.note else "")
+        lines.append(f"| **{r.verdict}** | {r.kind} | {item} | {r.metric} | {_fmt(r.base)} | {_fmt(r.new)} | "
+                     f"{r.delta:+.1%} | {r.tolerance:.1%} | {overlap} | {'yes' if r.gating else 'no (info)'} |")
+    return lines
+
+
+def summary_markdown(c: Comparison) -> str:
+    """A markdown summary for a CI comment: verdict line, rule, changed rows, SAME rows folded away."""
+    counts = c.counts()
+    status = f"FAIL: {counts[SLOW]} SLOW" if c.exit_code else "PASS"
+    lines = [f"### tokprof compare: {status}", "",
+             f"**Base:** {c.base_ref} on {c.base_device}  ",
+             f"**New:** {c.new_ref} on {c.new_device}", "",
+             "Gating items: " + ", ".join(f"{v} {n}" for v, n in counts.items()) + ".", "",
+             f"Rule: SAME when \\|delta\\| <= max(noise base, noise new, threshold {c.threshold:.1%}); otherwise "
+             f"FAST or SLOW, except AMBIGUOUS when the p10-p90 ranges of the two sample sets overlap by more than "
+             f"{OVERLAP_LIMIT:.0%} of the narrower range. Noise: relative standard deviation after 1.5x IQR outlier "
+             "removal. delta = new / base - 1. Exit status 1 when a gating item is SLOW."]
+    if c.cross_generation:
+        lines += ["", f"**Cross-generation comparison ({c.base_device} -> {c.new_device}): raw times are NOT "
+                  "compared.** Kernels and roll-up points are compared by roofline efficiency (time at each GPU's "
+                  "own roof / measured time), which gates, and by time in SM cycles (time x SM clock), which is "
+                  "informational because a memory-bound kernel's cycles also follow each GPU's bytes per cycle. "
+                  "End-to-end items have cycles only."]
+        if c.clock_sources:
+            lines.append("Clocks used for cycles: " + "; ".join(c.clock_sources) + ".")
+    order = {SLOW: 0, AMBIGUOUS: 1, FAST: 2, SAME: 3}
+    changed = sorted((r for r in c.rows if r.gating and r.verdict != SAME),
+                     key=lambda r: (order[r.verdict], -abs(r.delta)))
+    lines += ["", *_table(changed)] if changed else ["", "No gating item changed beyond its tolerance."]
+    same = [r for r in c.rows if r.gating and r.verdict == SAME]
+    if same:
+        lines += ["", f"<details><summary>{len(same)} SAME item(s)</summary>", "", *_table(same), "", "</details>"]
+    info = sorted((r for r in c.rows if not r.gating), key=lambda r: (order[r.verdict], -abs(r.delta)))
+    if info:
+        tally = ", ".join(f"{v} {n}" for v, n in c.counts(gating=False).items() if n)
+        lines += ["", f"<details><summary>{len(info)} informational row(s), SM cycles: {tally}</summary>", "",
+                  *_table(info), "", "</details>"]
+    if c.only_in_base or c.only_in_new:
+        lines += ["", f"Not compared: {len(c.only_in_base)} item(s) only in base, {len(c.only_in_new)} only in new"
+                  + (f" (e.g. {', '.join((c.only_in_base + c.only_in_new)[:3])})" if c.only_in_base or c.only_in_new
+                     else "") + "."]
+    lines += [f"Note: {n}" for n in c.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _device(run: RunResult) -> str:
+    return run.provenance.device.name
+
+
+def _finish(base_obs: dict, new_obs: dict, notes: list[str], *, base_ref: str, new_ref: str, base_device: str,
+            new_device: str, threshold: float) -> Comparison:
+    cross = base_device != new_device
+    rows, more = compare_rows(base_obs, new_obs, cross_generation=cross, threshold=threshold)
+    if not rows:
+        raise CompareInputError(f"nothing to compare: {base_ref} and {new_ref} have no kernel, measured roll-up "
+                                "point or end-to-end item in common (matched by op, shape, dtype, backend; by "
+                                "model, batch, context, dtype, backend)")
+    by_run: dict[str, set[str]] = {}
+    for o in [*base_obs.values(), *new_obs.values()]:
+        if cross and o.clock_source:
+            by_run.setdefault(o.run_ref, set()).add(o.clock_source)
+    sources = [f"{ref}: {' / '.join(sorted(found))}" for ref, found in by_run.items()]
+    return Comparison(base_ref, new_ref, base_device, new_device, cross, threshold, rows, notes + more,
+                      [o.label for k, o in base_obs.items() if k not in new_obs],
+                      [o.label for k, o in new_obs.items() if k not in base_obs], sources)
+
+
+def compare_runs(base: RunResult, new: RunResult, *, threshold: float = DEFAULT_THRESHOLD, base_ref: str = "base",
+                 new_ref: str = "new") -> Comparison:
+    """Compare `new` against `base`; CompareInputError when nothing matches."""
+    if not (isinstance(threshold, (int, float)) and 0 <= threshold < 1):
+        raise ValueError(f"threshold: expected a fraction in [0, 1), got {threshold!r}")
+    base_obs, notes_b = observations(base, base_ref)
+    new_obs, notes_n = observations(new, new_ref)
+    return _finish(base_obs, new_obs, notes_b + notes_n, base_ref=base_ref, new_ref=new_ref,
+                   base_device=_device(base), new_device=_device(new), threshold=threshold)
+
+
+def run_ref(run: RunResult, path: str | Path | None) -> str:
+    return f"{run.run_id or 'no run_id'}" + (f" ({Path(path).name})" if path else "")
+
+
+def compare_files(base_path: str | Path, new_path: str | Path, *, threshold: float = DEFAULT_THRESHOLD) -> Comparison:
+    try:
+        base, new = load_run(base_path), load_run(new_path)
+    except ValueError as err:
+        raise CompareInputError(str(err)) from err
+    return compare_runs(base, new, threshold=threshold, base_ref=run_ref(base, base_path),
+                        new_ref=run_ref(new, new_path))
+
+
+def compare_against_history(new: RunResult, new_path: str | Path | None, history: Any, against: str, *,
+                            threshold: float = DEFAULT_THRESHOLD) -> Comparison:
+    """Compare `new` with recorded runs on the same device: the last one, or per item the best (fastest) one."""
+    if against not in ("best", "last"):
+        raise ValueError(f"against: expected 'best' or 'last', got {against!r}")
+    device = _device(new)
+    recorded = [(rid, src, run) for rid, src, run in history.runs_for_device(device)
+                if not new.run_id or rid != new.run_id]
+    if not recorded:
+        raise CompareInputError(f"history {history.path}: no recorded run on device {device!r} other than this one "
+                                "to compare against (record runs with `tokprof history --record RUN.json`)")
+    new_ref = run_ref(new, new_path)
+    if against == "last":
+        rid, src, base = recorded[-1]  # runs_for_device is ordered oldest -> newest
+        return compare_runs(base, new, threshold=threshold, base_ref=f"last recorded: {run_ref(base, src)}",
+                            new_ref=new_ref)
+    best: dict[tuple, Observation] = {}
+    notes: list[str] = []
+    for _, src, run in recorded:
+        obs, _ = observations(run, run_ref(run, src))
+        for key, o in obs.items():
+            if key not in best or o.time_us < best[key].time_us:
+                best[key] = o
+    new_obs, notes_n = observations(new, new_ref)
+    notes.append(f"base: per item, the fastest of {len(recorded)} recorded run(s) on {device}; each row's base run "
+                 "is in the table")
+    comparison = _finish(best, new_obs, notes + notes_n, base_ref=f"best of {len(recorded)} recorded run(s)",
+                         new_ref=new_ref, base_device=device, new_device=device, threshold=threshold)
+    for r in comparison.rows:
+        r.note = (r.note + "; " if r.note else "") + f"base: {r.base_ref}"
+    return comparison

@@ -1,0 +1,559 @@
+"""`tokprof report`: report.md, a self-contained report.html (PNGs embedded as data URIs, no network) and the PNGs.
+
+    report = render_report(["run.json", "run_h200.json"], "out/")   # -> Report(markdown, html, figures, omitted)
+
+Reads only RunResult files. Every table names the run each number came from (R1, R2, ... listed with run_id and
+file in the "Runs" section) and its provenance (measured, modelled or projected); every figure's title names its
+run. A section whose data is absent from the runs is omitted with a one-line reason, never filled in.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tokprof.profiler.schema import RunResult, load_run
+from tokprof.reports import plots
+
+PROVENANCE_ORDER = ("measured", "modelled", "projected")
+COST_FORMULA = "cost per million tokens = $/GPU-h / (tokens/s per GPU x 3600 / 1e6)"
+
+
+@dataclass
+class LoadedRun:
+    """A RunResult and where it came from; `label` (R1, R2, ...) is how the report refers to it."""
+
+    label: str
+    path: Path
+    run: RunResult
+
+    @property
+    def ref(self) -> str:
+        return f"{self.label} ({self.run.run_id or 'no run_id'}, {self.path.name})"
+
+
+@dataclass
+class Report:
+    markdown: Path
+    html: Path
+    figures: list[Path]
+    omitted: list[str]
+
+
+def load_runs(paths: Sequence[str | Path]) -> list[LoadedRun]:
+    """Load and validate each file (ValueError naming the file and the field on a bad one)."""
+    if not paths:
+        raise ValueError("runs: expected at least one RunResult JSON file, got none")
+    return [LoadedRun(f"R{i + 1}", Path(p), load_run(p)) for i, p in enumerate(paths)]
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+
+
+def num(value: Any, digits: int = 3) -> str:
+    """A number with sensible precision; 'n/a' for None or non-finite values."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if abs(value) < 10 ** (digits - 1):
+        value = float(f"{value:.{digits}g}")  # `digits` significant digits (99.96 -> 100); large values stay whole
+    mag = abs(value)
+    if mag >= 10 ** (digits - 1):
+        return f"{value:,.0f}"
+    if mag >= 1:  # `digits` significant digits: 1.41, 23.1
+        return f"{value:,.{digits - 1 - int(math.floor(math.log10(mag)))}f}"
+    return f"{value:.{digits}g}"
+
+
+def pct(value: Any) -> str:
+    if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    return f"{100.0 * value:.1f}%"
+
+
+def na(value: Any, reason: Any, formatter: Any = num) -> str:
+    """A value, or 'n/a (reason)' so that an unknown says why."""
+    if value is None:
+        return f"n/a ({reason})" if reason else "n/a"
+    return formatter(value)
+
+
+def shape_text(shape: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def _notes(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    return [str(v) for v in value if v]
+
+
+# -------------------------------------------------------------------------------------------- document model
+
+
+@dataclass
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass
+class Para:
+    text: str
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    row_classes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Image:
+    path: Path
+    alt: str
+    caption: str
+
+
+@dataclass
+class Omitted:
+    text: str
+
+
+Block = Heading | Para | Table | Image | Omitted
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(blocks: Iterable[Block]) -> str:
+    out: list[str] = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            out.append(f"{'#' * b.level} {b.text}\n")
+        elif isinstance(b, Para):
+            out.append(f"{b.text}\n")
+        elif isinstance(b, Omitted):
+            out.append(f"> Omitted: {b.text}\n")
+        elif isinstance(b, Image):
+            out.append(f"![{b.alt}]({b.path.name})\n\n*{b.caption}*\n")
+        elif isinstance(b, Table):
+            lines = ["| " + " | ".join(_md_cell(h) for h in b.headers) + " |",
+                     "|" + "|".join("---" for _ in b.headers) + "|"]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
+            out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 1.5em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 12px; }
+th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
+th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
+tr.prov-measured td { background: #eef5fc; } tr.prov-modelled td { background: #f3f3f3; }
+tr.prov-projected td { background: #f5eefa; }
+blockquote.omitted { color: #666; border-left: 3px solid #bbb; margin: 0.5em 0; padding-left: 0.8em; }
+figure { margin: 1em 0; } figcaption { font-size: 12px; color: #444; } img { max-width: 100%; height: auto; }
+"""
+
+
+def to_html(blocks: Iterable[Block], title: str) -> str:
+    esc = html.escape
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">', f"<title>{esc(title)}</title>",
+           f"<style>{_CSS}</style>", "</head>", "<body>"]
+    for b in blocks:
+        if isinstance(b, Heading):
+            out.append(f"<h{b.level}>{esc(b.text)}</h{b.level}>")
+        elif isinstance(b, Para):
+            out.append(f"<p>{esc(b.text)}</p>")
+        elif isinstance(b, Omitted):
+            out.append(f'<blockquote class="omitted">Omitted: {esc(b.text)}</blockquote>')
+        elif isinstance(b, Image):
+            data = base64.b64encode(b.path.read_bytes()).decode("ascii")
+            out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(b.alt)}">'
+                       f"<figcaption>{esc(b.caption)}</figcaption></figure>")
+        elif isinstance(b, Table):
+            out.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in b.headers) + "</tr></thead>")
+            out.append("<tbody>")
+            for i, row in enumerate(b.rows):
+                cls = b.row_classes[i] if i < len(b.row_classes) else ""
+                attr = f' class="{esc(cls)}"' if cls else ""
+                out.append(f"<tr{attr}>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>")
+            out.append("</tbody></table>")
+    out += ["</body>", "</html>"]
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------- sections
+
+
+def _runs_section(runs: list[LoadedRun]) -> list[Block]:
+    rows = []
+    for r in runs:
+        p, d = r.run.provenance, r.run.provenance.device
+        model = (r.run.model or {}).get("name") or "n/a (not a model run)"
+        rows.append([r.label, r.run.run_id or "n/a (no run_id)", str(r.path), d.name, d.kind,
+                     d.spec_key or "n/a (not in the spec table)", model, p.timestamp_utc,
+                     str(p.versions.get("tokprof") or "n/a"), p.git_sha or "n/a (not a git checkout)", p.host])
+    blocks: list[Block] = [Heading("Runs"), Table(["run", "run_id", "file", "device", "kind", "spec row", "model",
+                                                   "timestamp (UTC)", "tokprof", "git sha", "host"], rows)]
+    for r in runs:
+        for note in r.run.notes:
+            blocks.append(Para(f"{r.label} note: {note}"))
+        if r.run.provenance.device.kind == "cpu":
+            blocks.append(Para(f"{r.label} is a CPU run ({r.run.provenance.device.name}): its figures are CPU "
+                               "figures, not GPU figures."))
+    return blocks
+
+
+def _spec_of(run: RunResult) -> Any:
+    """The datasheet row (GpuSpec) of the run's device, or None for a CPU or an unknown GPU."""
+    from tokprof.profiler.devices import load_specs, match_spec  # torch import: only when a report needs it
+
+    device = run.provenance.device
+    if device.kind != "cuda":
+        return None
+    key = device.spec_key or match_spec(device.name)
+    return load_specs().get(key) if key else None
+
+
+def _main_dtype(run: RunResult) -> str | None:
+    dtypes = [k.dtype for k in run.kernels]
+    return max(set(dtypes), key=dtypes.count) if dtypes else None
+
+
+def _datasheet_roof(run: RunResult, dtype: str | None) -> tuple[plots.Roof | None, str]:
+    spec = _spec_of(run)
+    if spec is None:
+        return None, "no datasheet row for this device (a CPU or a GPU missing from tokprof/data/gpus.json)"
+    tflops = spec.peak_tflops(dtype) if dtype in ("bf16", "fp16", "fp8", "fp32") else None
+    gbps = spec.hbm_tbps * 1e3 if spec.hbm_tbps is not None else None
+    return plots.Roof("datasheet", gbps, tflops, f"[{spec.key}, {dtype}]"), f"{spec.key}: {spec.source} ({spec.date})"
+
+
+def _ceilings_section(runs: list[LoadedRun]) -> list[Block]:
+    blocks: list[Block] = [Heading("Ceilings")]
+    rows, classes = [], []
+    for r in runs:
+        c = r.run.ceilings
+        if c is None:
+            blocks.append(Omitted(f"{r.label}: no measured ceilings in this run"))
+        else:
+            rows.append([r.label, c.device, num(c.copy_gbps), f"{num(c.gemm_tflops)} ({c.gemm_dtype})",
+                         c.provenance, f"copy of {c.copy_bytes / 1e9:.2f} GB (read + written); GEMM "
+                         f"{'x'.join(map(str, c.gemm_shape))}; {c.measured_utc}" + (f"; {c.note}" if c.note else "")])
+            classes.append(f"prov-{c.provenance}")
+        dtype = _main_dtype(r.run) or (c.gemm_dtype if c else None)
+        roof, source = _datasheet_roof(r.run, dtype)
+        if roof is not None:
+            rows.append([r.label, r.run.provenance.device.name, num(roof.bandwidth_gbps),
+                         f"{num(roof.tflops)} ({dtype})", "modelled", f"datasheet: {source}"])
+            classes.append("prov-modelled")
+    if rows:
+        blocks.insert(1, Table(["run", "device", "memory GB/s", "TFLOP/s (dtype)", "provenance", "source"], rows,
+                               classes))
+    return blocks
+
+
+def _kernel_row(r: LoadedRun, k: Any) -> list[str]:
+    t, rf = k.timing, k.roofline
+    flags = []
+    if rf.suspicious:
+        flags.append("SUSPICIOUS: above a ceiling")
+    if t.throttled:
+        flags.append("throttled")
+    if not t.met_noise_target:
+        flags.append(f"noise target {pct(t.noise_target)} missed")
+    energy = num(k.energy.total_j_per_call) if k.energy else f"n/a ({k.energy_reason or 'not measured'})"
+    return [r.label, k.op, shape_text(k.shape), k.dtype, k.backend, f"{num(t.median_us)} ({t.mode})",
+            f"{num(t.p10_us)}-{num(t.p90_us)}", pct(t.noise), num(rf.achieved_gbps), num(rf.achieved_tflops),
+            pct(rf.efficiency_measured), pct(rf.efficiency_datasheet), rf.bound or "n/a", energy, k.provenance,
+            "; ".join(flags)]
+
+
+def _roofline_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], list[str]]:
+    blocks: list[Block] = [Heading("Roofline and kernels")]
+    omitted: list[str] = []
+    if not any(r.run.kernels for r in runs):
+        omitted.append("roofline: no kernel measurements in any run")
+        return blocks + [Omitted(omitted[-1])], omitted
+    for r in runs:
+        if not r.run.kernels:
+            omitted.append(f"roofline {r.label}: no kernel measurements in this run")
+            blocks.append(Omitted(omitted[-1]))
+            continue
+        dtype = _main_dtype(r.run)
+        roofs: list[plots.Roof] = []
+        c = r.run.ceilings
+        if c is not None:
+            roofs.append(plots.Roof("measured", c.copy_gbps, c.gemm_tflops if c.gemm_dtype == dtype else None,
+                                    f"[{c.gemm_dtype} GEMM]"))
+        sheet, _ = _datasheet_roof(r.run, dtype)
+        if sheet is not None:
+            roofs.append(sheet)
+        points = [plots.RoofPoint(k.op, k.roofline.intensity_flop_per_byte, k.roofline.achieved_tflops,
+                                  k.roofline.suspicious) for k in r.run.kernels
+                  if k.roofline.intensity_flop_per_byte > 0 and k.roofline.achieved_tflops > 0]
+        left_out = sorted({k.op for k in r.run.kernels if k.roofline.intensity_flop_per_byte <= 0
+                           or k.roofline.achieved_tflops <= 0})
+        device = r.run.provenance.device.name
+        if points:
+            path = plots.roofline_chart(out / f"roofline_{r.label}.png",
+                                        title=f"Roofline, {device}: {len(points)} measured kernel calls "
+                                              f"[{r.label} {r.run.run_id}]", points=points, roofs=roofs)
+            caption = (f"{r.ref}: each point a measured kernel call (median time); lines: "
+                       + (", ".join(f"{x.name} ceilings" for x in roofs) or "no ceilings known")
+                       + ". Datasheet ceilings are modelled (spec table); measured ceilings come from the same run.")
+            if left_out:
+                caption += f" Not drawn (0 FLOP, no place on log axes; see the table): {', '.join(left_out)}."
+            blocks.append(Image(path, f"roofline of {r.label}", caption))
+        else:
+            omitted.append(f"roofline chart {r.label}: no kernel with positive FLOPs to place on log axes")
+            blocks.append(Omitted(omitted[-1]))
+        blocks.append(Table(["run", "op", "shape", "dtype", "backend", "median us (mode)", "p10-p90 us", "noise",
+                             "GB/s", "TFLOP/s", "% measured roof", "% datasheet roof", "bound", "J/call (total)",
+                             "provenance", "flags"], [_kernel_row(r, k) for k in r.run.kernels],
+                            [f"prov-{k.provenance}" for k in r.run.kernels]))
+        if r.run.failures:
+            blocks.append(Para(f"{r.label}: {len(r.run.failures)} call(s) could not be measured:"))
+            blocks.append(Table(["run", "op", "shape", "dtype", "backend", "error"],
+                                [[r.label, f.op, shape_text(f.shape), f.dtype, f.backend, f.error]
+                                 for f in r.run.failures]))
+    return blocks, omitted
+
+
+def _points(runs: list[LoadedRun]) -> list[tuple[LoadedRun, dict[str, Any]]]:
+    return [(r, p) for r in runs for p in r.run.rollup if isinstance(p, dict)]
+
+
+def _pareto_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], list[str]]:
+    blocks: list[Block] = [Heading("Throughput vs interactivity")]
+    series: dict[tuple, plots.Series] = {}
+    prices: dict[tuple, plots.Price] = {}
+    for r, p in _points(runs):
+        x, y, batch = p.get("tokens_per_s_per_user"), p.get("tokens_per_s_per_gpu"), p.get("batch")
+        if not (isinstance(x, (int, float)) and isinstance(y, (int, float)) and x > 0 and y > 0):
+            continue
+        prov = str(p.get("provenance", "unknown"))
+        key = (r.label, p.get("gpu"), p.get("model"), p.get("context"), prov)
+        label = f"{r.label} {p.get('gpu')} {p.get('model')} ctx {p.get('context')}"
+        series.setdefault(key, plots.Series(label, prov)).points.append((float(x), float(y), int(batch or 0)))
+        usd = p.get("usd_per_gpu_hour")
+        if isinstance(usd, (int, float)) and usd > 0:
+            prices.setdefault((usd, p.get("gpu")), plots.Price(float(usd), str(p.get("gpu"))))
+    if not series:
+        reason = "no roll-up points with tokens/s in any run"
+        return blocks + [Omitted(reason)], [f"throughput vs interactivity: {reason}"]
+    shown = list(prices.values())[:4]
+    path = plots.pareto_chart(out / "pareto.png", title="Throughput vs interactivity per (run, GPU, context); "
+                              "dotted: cost per million tokens", series=list(series.values()), prices=shown)
+    caption = ("Each curve one (run, GPU, model, context) across batch sizes (labels b1, b16, ...), marked by "
+               f"provenance; dotted lines: {COST_FORMULA}.")
+    if len(prices) > len(shown):
+        caption += f" Isolines drawn for the first {len(shown)} of {len(prices)} prices only."
+    return blocks + [Image(path, "throughput vs interactivity", caption)], []
+
+
+_COST_HEADERS = ["run", "provenance", "GPU", "model", "batch", "context", "dtype / backend", "step us",
+                 "tokens/s per GPU", "tokens/s per user", "$/GPU-h", "$/M tokens", "J/token (total)",
+                 "energy $/M tokens", "tokens/s per MW", "price source"]
+
+
+def _cost_section(runs: list[LoadedRun]) -> tuple[list[Block], list[str]]:
+    blocks: list[Block] = [Heading("Cost across GPUs"), Para(COST_FORMULA + ". Measured, modelled and projected "
+                                                             "rows are in separate tables; none stands in for "
+                                                             "another.")]
+    points = _points(runs)
+    if not points:
+        reason = "no roll-up in any run"
+        return blocks + [Omitted(reason)], [f"cost table: {reason}"]
+    known = {str(p.get("provenance")) for _, p in points}
+    for prov in [*PROVENANCE_ORDER, *sorted(known - set(PROVENANCE_ORDER))]:
+        rows = [(r, p) for r, p in points if p.get("provenance") == prov]
+        if not rows:
+            blocks.append(Omitted(f"no {prov} roll-up rows in these runs"))
+            continue
+        rows.sort(key=lambda rp: (str(rp[1].get("gpu")), str(rp[1].get("model")), rp[1].get("context") or 0,
+                                  rp[1].get("batch") or 0))
+        blocks.append(Heading(f"{prov} rows", 3))
+        blocks.append(Table(_COST_HEADERS, [
+            [r.label, prov, str(p.get("gpu")), str(p.get("model")), num(p.get("batch")), num(p.get("context")),
+             f"{p.get('dtype')} / {p.get('backend')}", num(p.get("step_time_us")), num(p.get("tokens_per_s_per_gpu")),
+             num(p.get("tokens_per_s_per_user")), num(p.get("usd_per_gpu_hour")), num(p.get("usd_per_million_tokens")),
+             na(p.get("j_per_token_total"), p.get("energy_reason")),
+             na(p.get("energy_usd_per_million_tokens"), p.get("energy_reason")), num(p.get("tokens_per_s_per_mw")),
+             str(p.get("price_source") or "n/a")] for r, p in rows], [f"prov-{prov}"] * len(rows)))
+    return blocks, []
+
+
+def _op_share_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], list[str]]:
+    blocks: list[Block] = [Heading("Per-op share of step time")]
+    omitted: list[str] = []
+    for r in runs:
+        groups: dict[tuple, dict[int, dict[str, float]]] = {}
+        for p in r.run.rollup:
+            ops = p.get("ops") or []
+            if not ops or p.get("batch") is None:
+                continue
+            key = (str(p.get("gpu")), str(p.get("provenance")), str(p.get("model")), p.get("context"))
+            shares = groups.setdefault(key, {}).setdefault(int(p["batch"]), {})
+            for o in ops:
+                label = str(o.get("label") or o.get("op"))
+                shares[label] = shares.get(label, 0.0) + float(o.get("share") or 0.0)
+        if not groups:
+            omitted.append(f"op shares {r.label}: no roll-up with per-op breakdown in this run")
+            blocks.append(Omitted(omitted[-1]))
+            continue
+        panels = []
+        for (gpu, prov, model, context), by_batch in groups.items():
+            batches = sorted(by_batch)
+            labels = sorted({lab for b in batches for lab in by_batch[b]})
+            panels.append(plots.ShareGroup(f"{gpu} {model} ctx {context} [{prov}]", batches,
+                                           {lab: [by_batch[b].get(lab, 0.0) for b in batches] for lab in labels}))
+        path = plots.op_share_chart(out / f"op_share_{r.label}.png",
+                                    title=f"Share of decode-step time per op [{r.label} {r.run.run_id}]",
+                                    groups=panels)
+        blocks.append(Image(path, f"per-op share of step time, {r.label}",
+                            f"{r.ref}: per-op share of one decode step (count x time per call / step time) across "
+                            "batch sizes; each panel's provenance in brackets."))
+    return blocks, omitted
+
+
+def _e2e_section(runs: list[LoadedRun]) -> tuple[list[Block], list[str]]:
+    blocks: list[Block] = [Heading("End to end")]
+    rows, classes = [], []
+    for r in runs:
+        for e in r.run.e2e:
+            rows.append([r.label, str(e.get("gpu")), str(e.get("model")), str(e.get("framework")), str(e.get("mode")),
+                         f"{e.get('dtype')} / {e.get('backend')}", num(e.get("batch")), num(e.get("context")),
+                         num(e.get("steps")), num(e.get("median_step_us")), num(e.get("p90_step_us")),
+                         num(e.get("tokens_per_s_per_gpu")), num(e.get("tokens_per_s_per_user")),
+                         num(e.get("ttft_ms")), na(e.get("j_per_token"), e.get("energy_reason")),
+                         na(e.get("gpu_busy_fraction"), e.get("gpu_busy_reason") or e.get("busy_reason"), pct),
+                         str(e.get("provenance", "measured"))])
+            classes.append(f"prov-{e.get('provenance', 'measured')}")
+    if not rows:
+        reason = "no end-to-end measurements in any run"
+        return blocks + [Omitted(reason)], [f"end to end: {reason}"]
+    blocks.append(Table(["run", "GPU", "model", "framework", "mode", "dtype / backend", "batch", "context", "steps",
+                         "median step us", "p90 step us", "tokens/s per GPU", "tokens/s per user", "TTFT ms",
+                         "J/token", "GPU busy", "provenance"], rows, classes))
+    return blocks, []
+
+
+def _layer_reason(layer: dict[str, Any]) -> str | None:
+    for key in ("reason", "tokens_per_s_reason", "note", "notes"):
+        text = "; ".join(_notes(layer.get(key)))
+        if text:
+            return text
+    return None
+
+
+def _op_loss_rows(rec: dict[str, Any], label: str, limit: int = 8) -> list[list[str]]:
+    names = ("op", "label", "time_us_measured", "time_us_at_roof", "lost_us", "share_of_L1_L2_gap")
+    items = [dict(zip(names, o, strict=False)) if isinstance(o, (list, tuple)) else o
+             for o in rec.get("op_inefficiency") or []]
+    items.sort(key=lambda o: -(o.get("lost_us") or 0.0))
+    return [[label, str(o.get("op")), str(o.get("label")), num(o.get("time_us_measured")),
+             num(o.get("time_us_at_roof")), num(o.get("lost_us")), pct(o.get("share_of_L1_L2_gap"))]
+            for o in items[:limit]]
+
+
+def _iceberg_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], list[str]]:
+    blocks: list[Block] = [Heading("The iceberg: from datasheet to served tokens/s")]
+    omitted: list[str] = []
+    if not any(r.run.reconciliation for r in runs):
+        omitted.append("iceberg: no reconciliation in any run")
+        return blocks + [Omitted(omitted[-1])], omitted
+    for r in runs:
+        if not r.run.reconciliation:
+            omitted.append(f"iceberg {r.label}: no reconciliation in this run")
+            blocks.append(Omitted(omitted[-1]))
+            continue
+        for rec in r.run.reconciliation:
+            b, c = rec.get("batch"), rec.get("context")
+            where = f"{rec.get('model')} on {rec.get('gpu')}, batch {b}, context {c}"
+            blocks.append(Heading(f"{r.label}: {where}", 3))
+            layers = [lv for lv in rec.get("layers") or [] if isinstance(lv, dict)]
+            levels = [plots.Level(str(lv.get("name")), str(lv.get("title") or ""), lv.get("tokens_per_s_per_gpu"),
+                                  str(lv.get("provenance") or "unknown"), lv.get("gap_name"), _layer_reason(lv))
+                      for lv in layers]
+            if any(lv.tokens_per_s_per_gpu is not None for lv in levels):
+                path = plots.iceberg_chart(out / f"iceberg_{r.label}_b{b}_c{c}.png",
+                                           title=f"Iceberg: {where} [{r.label} {r.run.run_id}]", levels=levels)
+                blocks.append(Image(path, f"iceberg {r.label} batch {b} context {c}",
+                                    f"{r.ref}: tokens/s per GPU at each layer (bar colour = provenance); red: lost "
+                                    "to the layer above, named by its gap."))
+            else:
+                omitted.append(f"iceberg chart {r.label} b{b} c{c}: no layer has tokens/s")
+                blocks.append(Omitted(omitted[-1]))
+            blocks.append(Table(["run", "layer", "what", "tokens/s per GPU", "$/M tokens", "J/token", "provenance",
+                                 "gap to the layer above", "gap tokens/s", "share of total gap"],
+                                [[r.label, str(lv.get("name")), str(lv.get("title")),
+                                  na(lv.get("tokens_per_s_per_gpu"), _layer_reason(lv)),
+                                  num(lv.get("usd_per_million_tokens")),
+                                  na(lv.get("j_per_token"), _layer_reason(lv)),
+                                  str(lv.get("provenance") or "n/a (unknown layer)"), str(lv.get("gap_name") or "-"),
+                                  num(lv.get("gap_tokens_per_s")), pct(lv.get("gap_share"))] for lv in layers],
+                                [f"prov-{lv.get('provenance')}" for lv in layers]))
+            util, err, e_err = rec.get("utilisation"), rec.get("bottom_up_error_pct"), rec.get("energy_error_pct")
+            against = rec.get("bottom_up_error_against") or "end to end"
+            blocks.append(Para(
+                f"{r.label}: utilisation (L5) "
+                + (f"{pct(util)} as stated by the user" if util is not None else "not applied (none stated)")
+                + f"; bottom-up error in tokens/s (L2 vs {against}, signed, both measured) "
+                + (f"{err:+.1f}%" if isinstance(err, (int, float)) else "n/a (no end-to-end layer to compare with)")
+                + (f"; in J/token {e_err:+.1f}%" if isinstance(e_err, (int, float)) else "") + "."))
+            loss = _op_loss_rows(rec, r.label)
+            if loss:
+                blocks.append(Para(f"{r.label}: kernel inefficiency inside L1 -> L2, largest losses first (time per "
+                                   "step, measured against the measured roofline):"))
+                blocks.append(Table(["run", "op", "label", "measured us", "at roof us", "lost us",
+                                     "share of L1-L2 gap"], loss))
+            for note in _notes(rec.get("notes")):
+                blocks.append(Para(f"{r.label} note: {note}"))
+    return blocks, omitted
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def render_report(paths: Sequence[str | Path], out_dir: str | Path) -> Report:
+    """Write report.md, report.html and the PNGs for the RunResult files `paths` into `out_dir`."""
+    runs = load_runs(paths)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from tokprof import __version__
+
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    blocks: list[Block] = [
+        Heading("tokprof report", 1),
+        Para(f"Generated {now} by tokprof {__version__} from {len(runs)} RunResult file(s): "
+             + ", ".join(r.ref for r in runs) + ". Every number names its run (R1, R2, ...: see Runs) and its "
+             "provenance: measured (on the run's device), modelled (from specs or formulas) or projected "
+             "(measured efficiency carried to another GPU's specs)."),
+        *_runs_section(runs), *_ceilings_section(runs),
+    ]
+    omitted: list[str] = []
+    for section in (_roofline_section(runs, out), _pareto_section(runs, out), _cost_section(runs),
+                    _op_share_section(runs, out), _e2e_section(runs), _iceberg_section(runs, out)):
+        blocks += section[0]
+        omitted += section[1]
+    md_path = out / "report.md"
+    html_path = out / "report.html"
+    md_path.write_text(to_markdown(blocks))
+    html_path.write_text(to_html(blocks, "tokprof report: " + ", ".join(r.ref for r in runs)))
+    figures = [b.path for b in blocks if isinstance(b, Image)]
+    return Report(md_path, html_path, figures, omitted)
