@@ -76,10 +76,10 @@ def check_tensor(
         raise ValueError(f"{name}: expected a torch.Tensor, got {_describe(t)}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got {t.dim()} (shape {tuple(t.shape)})")
-    if shape is not None:
-        if t.dim() != len(shape) or any(e is not None and e != s for e, s in zip(shape, t.shape)):
-            want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
-            raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+    if shape is not None and (t.dim() != len(shape)
+                              or any(e is not None and e != s for e, s in zip(shape, t.shape, strict=True))):
+        want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         raise ValueError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if contiguous and not t.is_contiguous():
@@ -249,6 +249,34 @@ def randn(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
           scale: float = 1.0) -> torch.Tensor:
     """Random normal values (never zeros: a GEMM on zeros runs faster than on data), drawn in fp32 then cast."""
     return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * scale).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------- value checks
+
+_VALUE_CHECKS = True
+
+
+@contextmanager
+def skip_value_checks() -> Iterator[None]:
+    """Skip the argument checks that read tensor values back to the host (seq_lens, slots, token ids, pages).
+
+    Those checks synchronise a GPU once per call. A timed kernel call (the profiler) and a decode loop that has
+    already been checked once (the Transformer) run inside this context, so their timings hold no host syncs.
+    """
+    global _VALUE_CHECKS
+    previous, _VALUE_CHECKS = _VALUE_CHECKS, False
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS = previous
+
+
+def value_checks_apply(device: torch.device) -> bool:
+    """Whether value checks run on `device` now: not inside skip_value_checks(), not while a CUDA graph captures
+    (a capture cannot synchronise), not on the meta device (no values)."""
+    if not _VALUE_CHECKS or device.type == "meta":
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 # ------------------------------------------------------------------------------------------------ output buffers

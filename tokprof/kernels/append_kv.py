@@ -29,6 +29,7 @@ from tokprof.kernels._common import (
     make_generator,
     randn,
     resolve,
+    value_checks_apply,
 )
 
 try:
@@ -131,7 +132,7 @@ def _check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
     """Every slot in [0, num_slots) or -1 (skip). Reads min and max back to the host: one device sync per call,
     skipped while a CUDA graph is capturing (a capture cannot sync; the captured call was checked when the same
     code ran eagerly before the capture)."""
-    if slot_mapping.is_cuda and torch.cuda.is_current_stream_capturing():
+    if not value_checks_apply(slot_mapping.device):
         return
     lo, hi = (int(x) for x in torch.aminmax(slot_mapping))
     if lo < -1 or hi >= num_slots:

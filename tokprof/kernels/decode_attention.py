@@ -41,6 +41,7 @@ from tokprof.kernels._common import (
     new_output,
     randn,
     resolve,
+    value_checks_apply,
 )
 
 try:
@@ -336,9 +337,7 @@ def _check_lengths(block_table: torch.Tensor, seq_lens: torch.Tensor, num_blocks
     Reads device values on the host (one small copy, so a GPU call synchronises here); skipped while a CUDA graph
     is being captured, where a synchronisation would break the capture, and on the meta device (no values).
     """
-    if seq_lens.device.type == "meta":
-        return
-    if seq_lens.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if not value_checks_apply(seq_lens.device):
         return
     max_blocks = block_table.shape[1]
     capacity = max_blocks * block_size

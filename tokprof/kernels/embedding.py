@@ -25,6 +25,7 @@ from tokprof.kernels._common import (
     new_output,
     randn,
     resolve,
+    value_checks_apply,
 )
 
 try:
@@ -72,10 +73,6 @@ def _embedding_triton(token_ids: torch.Tensor, table: torch.Tensor) -> torch.Ten
 _IMPLS = {"torch": _embedding_torch, "triton": _embedding_triton}
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def embedding(token_ids: torch.Tensor, table: torch.Tensor, *, backend: str = "triton") -> torch.Tensor:
     """out (T, H) = table[token_ids] for token_ids (T,) int32/int64 and table (V, H)."""
     check_tensor("token_ids", token_ids, ndim=1, dtypes=ID_DTYPES, contiguous=True)
@@ -85,7 +82,7 @@ def embedding(token_ids: torch.Tensor, table: torch.Tensor, *, backend: str = "t
     vocab, hidden = table.shape
     if vocab == 0 or hidden == 0:
         raise ValueError(f"table: expected a non-empty (V, H) table, got shape {tuple(table.shape)}")
-    if not _capturing(token_ids.device):
+    if value_checks_apply(token_ids.device):
         low, high = torch.stack(torch.aminmax(token_ids)).tolist()  # one device-to-host copy, one sync
         if low < 0 or high >= vocab:
             bad = low if low < 0 else high

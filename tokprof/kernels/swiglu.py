@@ -46,13 +46,13 @@ def _swiglu_torch(gate_up: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _swiglu_kernel(gate_up_ptr, out_ptr, I, stride_gu_row, stride_out_row, BLOCK_I: tl.constexpr):
-        # grid (T, cdiv(I, BLOCK_I)): one program per row slice; gate at column c, up at column I + c.
+    def _swiglu_kernel(gate_up_ptr, out_ptr, inter, stride_gu_row, stride_out_row, BLOCK_I: tl.constexpr):
+        # grid (T, cdiv(I, BLOCK_I)): one program per row slice; gate at column c, up at column I + c (I = inter).
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-        mask = cols < I
+        mask = cols < inter
         gate = tl.load(gate_up_ptr + row * stride_gu_row + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(gate_up_ptr + row * stride_gu_row + I + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gate_up_ptr + row * stride_gu_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
         out = gate * tl.sigmoid(gate) * up
         tl.store(out_ptr + row * stride_out_row + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -10,7 +10,8 @@
     rollup.check_published_table()        # where a published cost-per-token table does not follow its formula
 
 Modules: economics (formulas, price sheets, all-in power), records (RollupPoint, OpShare), bottom_up, project
-(projected and modelled), pareto (frontier, interactivity), published (article check).
+(projected and modelled), pareto (frontier, interactivity), published (article check), reconcile (the iceberg
+layers L0..L5 against end-to-end measurements).
 """
 
 from __future__ import annotations
@@ -33,9 +34,15 @@ from tokprof.rollup.economics import (
 from tokprof.rollup.pareto import InteractivityCost, cost_at_interactivity, pareto_frontier
 from tokprof.rollup.project import DEFAULT_EFFICIENCY, modelled, project, resolve_gpu, roof_time_us
 from tokprof.rollup.published import PublishedCheck, check_published_table
+from tokprof.rollup.reconcile import Layer, OpInefficiency, Reconciliation, reconcile, waterfall_rows
 from tokprof.rollup.records import OpShare, RollupPoint, build_point, points_from_run
 
 __all__ = [
+    "Layer",
+    "OpInefficiency",
+    "Reconciliation",
+    "reconcile",
+    "waterfall_rows",
     "DEFAULT_EFFICIENCY",
     "DEFAULT_TIER",
     "InteractivityCost",

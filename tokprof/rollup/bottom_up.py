@@ -40,9 +40,9 @@ def _key(call: KernelCall, backend: str) -> Key:
 
 
 def run_gpu_name(run: RunResult) -> str:
-    """The spec-table key of the run's device, else its name (a CPU model for a CPU run)."""
+    """The spec-table key of the run's device, else its name (the CPU model for a CPU run)."""
     info = run.provenance.device
-    return info.spec_key or info.cpu_model or info.name
+    return info.spec_key or info.name
 
 
 def _step_energy(calls: list[tuple[KernelCall, KernelMeasurement]]) -> tuple[float | None, float | None, str | None]:

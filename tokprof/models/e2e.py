@@ -1,0 +1,325 @@
+"""End-to-end decode measurement: the real decode loop, timed step by step, with energy and GPU busy time.
+
+    m = measure_e2e(model, batch=8, context=1024, steps=64, mode="graph")     # tokprof's Transformer
+    m.median_step_us, m.tokens_per_s_per_gpu, m.ttft_ms, m.j_per_token, m.gpu_busy_fraction
+
+How a point is measured (MEASUREMENT.md, "End to end"):
+1. Random prompts of length P are prefilled (the TTFT: the whole batch, synchronised at both ends, after one
+   warm-up prefill of the first sub-batch that compiles the kernels).
+2. `warmup` decode steps run untimed (graph mode: two eager steps on a side stream, the capture, then replays).
+3. `steps` decode steps are timed one by one (CUDA events between steps, one sync at the end; perf_counter on the
+   CPU). P is chosen so that the timed steps attend contexts centred on `context`: step j attends P + warmup + j + 1
+   tokens, the median of which is `context` (the plan's context counts the new token too).
+4. Energy: the decode state is rewound to the start of the timed range and the same steps are replayed, in rounds,
+   for at least `energy_window_s` inside one NVML window; J/token = window energy / (batch x steps run), total energy
+   (idle power included), less the idle tail the counter alignment adds when the idle power is known.
+5. GPU busy fraction: rewound again, up to 32 steps under torch.profiler; the union of the GPU kernel intervals over
+   the window's wall time (profiler overhead slows the host, so an eager figure is a lower bound).
+
+Frameworks: `tokprof` here; transformers and vLLM through tokprof.models.adapters, measured the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokprof.kernels._common import dtype_name
+from tokprof.profiler.schema import from_dict, to_dict
+
+FRAMEWORKS = ("tokprof", "transformers", "vllm")
+MODES = ("eager", "graph")
+PROFILE_STEPS = 32
+
+
+@dataclass
+class E2EMeasurement:
+    model: str
+    gpu: str  # spec-table key, else the device name (a CPU model for CPU runs): the rule of the roll-up points
+    framework: str  # "tokprof" | "transformers" | "vllm"
+    mode: str  # "eager" | "graph"
+    backend: str  # tokprof kernel backend; the framework's name for the others
+    dtype: str
+    batch: int
+    context: int  # the median KV length the timed steps attend (the new token included)
+    steps: int
+    step_times_us: list[float]  # every timed step
+    median_step_us: float
+    p90_step_us: float
+    tokens_per_s_per_gpu: float  # batch / median step
+    tokens_per_s_per_user: float  # 1 / median step
+    ttft_ms: float | None  # prefill of the whole batch to its first tokens
+    j_per_token: float | None = None  # total energy over the decode window / tokens
+    energy_reason: str | None = None  # why j_per_token is None, or how it was measured
+    gpu_busy_fraction: float | None = None
+    gpu_busy_reason: str | None = None  # why gpu_busy_fraction is None
+    provenance: str = "measured"
+    warmup_steps: int = 0
+    prompt_len: int = 0
+    context_first: int = 0  # KV length of the first timed step
+    context_last: int = 0  # KV length of the last timed step
+    device: str = ""  # the device as torch names it
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> E2EMeasurement:
+        return from_dict(cls, dict(d), "E2EMeasurement")
+
+
+@dataclass
+class DecodeSession:
+    """A prefilled, warmed-up batch as one framework runs it: what the timing loop drives."""
+
+    step: Callable[[], Any]  # one decode step of the whole batch, without a host sync
+    rewind: Callable[[], None]  # back to the state at the start of the timed range
+    ttft_ms: float | None
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def device_label(device: torch.device) -> tuple[str, str]:
+    """(gpu, device name): the spec-table key or the device name as the roll-up names it, and the plain name."""
+    from tokprof.profiler.devices import detect_device
+
+    info = detect_device(device)
+    return info.spec_key or info.name, info.name
+
+
+def sync(device: torch.device) -> None:
+    from tokprof.profiler.timing import sync as device_sync
+
+    device_sync(device)
+
+
+def prompt_length(context: int, warmup: int, steps: int) -> int:
+    """Prompt length P so that the timed steps (P + warmup + 1 .. P + warmup + steps) are centred on `context`."""
+    p = context - warmup - 1 - (steps - 1) // 2
+    if p < 1:
+        raise ValueError(f"context: {context} is too short to centre {steps} timed steps after {warmup} warm-up steps "
+                         f"on it; expected context >= {warmup + 2 + (steps - 1) // 2}, or fewer steps")
+    return p
+
+
+def check_point(batch: int, context: int, steps: int, warmup: int) -> None:
+    for name, value, low in (("batch", batch, 1), ("context", context, 1), ("steps", steps, 2),
+                             ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+
+
+def time_steps(step: Callable[[], Any], n: int, device: torch.device) -> list[float]:
+    """Each of n consecutive steps' time in us: CUDA events between steps and one sync at the end (nothing
+    synchronises inside the loop), or perf_counter around each step on the CPU, where every op is synchronous."""
+    if device.type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+        events[0].record()
+        for i in range(n):
+            step()
+            events[i + 1].record()
+        sync(device)
+        return [events[i].elapsed_time(events[i + 1]) * 1e3 for i in range(n)]
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        step()
+        times.append((time.perf_counter_ns() - t0) / 1e3)
+    return times
+
+
+def energy_per_token(session: DecodeSession, steps: int, batch: int, median_step_us: float, device: torch.device, *,
+                     window_s: float, meter: Any = None, idle_power_w: float | None = None
+                     ) -> tuple[float | None, str]:
+    """(J/token or None, how it was measured or why not) over rounds of the timed steps lasting >= window_s."""
+    from tokprof.profiler.energy import energy_status, make_meter
+
+    reason = energy_status(device)
+    if reason is not None:
+        return None, reason
+    meter = meter if meter is not None else make_meter(device)
+    rounds = max(1, math.ceil(window_s * 1e6 / (steps * median_step_us)))
+    session.rewind()
+    meter.begin_window("e2e_decode")
+    for r in range(rounds):
+        if r:
+            session.rewind()
+        for _ in range(steps):
+            session.step()
+    window = meter.close_window("e2e_decode")
+    joules = window.energy.energy_j
+    how = (f"total energy over {rounds} round(s) of the {steps} timed steps ({window.energy.time_s:.2f} s window, "
+           f"NVML {window.energy.method})")
+    idle = idle_power_w if idle_power_w is not None else meter.idle_power_w
+    if idle is not None:
+        joules -= idle * window.tail_s
+        how += f", less {window.tail_s * 1e3:.0f} ms of counter-alignment tail at {idle:.0f} W idle"
+    else:
+        how += f", including {window.tail_s * 1e3:.0f} ms of idle tail (idle power unknown)"
+    return joules / (batch * steps * rounds), how
+
+
+def busy_fraction(session: DecodeSession, steps: int, device: torch.device) -> tuple[float | None, str | None]:
+    """GPU busy fraction over `steps` profiled steps: union of kernel intervals / wall time; (None, why) if unknown."""
+    if device.type != "cuda":
+        return None, f"a {device.type} run: there are no GPU kernels to count (needs a CUDA device and torch.profiler)"
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    session.rewind()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for _ in range(steps):
+            session.step()
+        end.record()
+        sync(device)
+    window_us = start.elapsed_time(end) * 1e3
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not spans:
+        return None, "torch.profiler recorded no GPU kernels in the window (CUPTI unavailable?)"
+    busy_us, cur_start, cur_end = 0.0, spans[0][0], spans[0][1]
+    for s, e in spans[1:]:  # union of intervals: concurrent kernels count once
+        if s > cur_end:
+            busy_us += cur_end - cur_start
+            cur_start, cur_end = s, e
+        else:
+            cur_end = max(cur_end, e)
+    busy_us += cur_end - cur_start
+    return min(busy_us, window_us) / window_us, None
+
+
+def measure_session(session: DecodeSession, *, model: str, framework: str, mode: str, backend: str, dtype: str,
+                    batch: int, context: int, steps: int, warmup: int, prompt_len: int, device: torch.device,
+                    energy: bool = True, energy_window_s: float = 1.0, meter: Any = None,
+                    idle_power_w: float | None = None, profile: bool = True) -> E2EMeasurement:
+    """Time `steps` steps of a warmed-up session, then its energy and busy fraction (each over the same range)."""
+    times = time_steps(session.step, steps, device)
+    median_us = float(np.median(times))
+    p90_us = float(np.percentile(times, 90))
+    if not (median_us > 0 and math.isfinite(median_us)):
+        raise RuntimeError(f"e2e: a median step time of {median_us} us is not a measurement; check the device timer")
+    gpu, device_name = device_label(device)
+    notes = list(session.notes)
+    if energy:
+        j_per_token, how = energy_per_token(session, steps, batch, median_us, device, window_s=energy_window_s,
+                                            meter=meter, idle_power_w=idle_power_w)
+    else:
+        j_per_token, how = None, "energy not asked for (energy=False)"
+    if profile:
+        busy, busy_reason = busy_fraction(session, min(steps, PROFILE_STEPS), device)
+    else:
+        busy, busy_reason = None, "not profiled (profile=False)"
+    first = prompt_len + warmup + 1
+    notes.append(f"{steps} timed steps attending {first}..{first + steps - 1} KV tokens after {warmup} warm-up steps; "
+                 f"median and p90 over all samples (no outlier removal: an end-to-end tail is real)")
+    if device.type == "cpu":
+        notes.append(f"a CPU run on {device_name}: CPU figures, not GPU figures")
+    return E2EMeasurement(
+        model=model, gpu=gpu, framework=framework, mode=mode, backend=backend, dtype=dtype, batch=batch,
+        context=context, steps=steps, step_times_us=times, median_step_us=median_us, p90_step_us=p90_us,
+        tokens_per_s_per_gpu=batch / (median_us * 1e-6), tokens_per_s_per_user=1.0 / (median_us * 1e-6),
+        ttft_ms=session.ttft_ms, j_per_token=j_per_token, energy_reason=how, gpu_busy_fraction=busy,
+        gpu_busy_reason=busy_reason, warmup_steps=warmup, prompt_len=prompt_len, context_first=first,
+        context_last=first + steps - 1, device=device_name, notes=notes)
+
+
+def random_prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> torch.Tensor:
+    """(B, P) int64 random token ids on the CPU (a fixed seed: the same prompts for every framework)."""
+    return torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------------- tokprof
+
+
+def check_fits(model: Any, batch: int, max_tokens: int) -> None:
+    """RuntimeError naming the memory a point needs when its KV cache and prefill activations do not fit the GPU."""
+    if model.device.type != "cuda":
+        return
+    from tokprof.models.kv_cache import PagedKVCache
+
+    cfg = model.config
+    kv = PagedKVCache.bytes_needed(cfg.num_layers, batch, max_tokens, cfg.num_kv_heads, cfg.head_dim, model.dtype,
+                                   model.block_size)
+    chunk = min(batch * max_tokens, max(model.max_prefill_tokens, max_tokens))
+    width = 2 * cfg.intermediate_size + cfg.q_size + 2 * cfg.kv_size + 4 * cfg.hidden_size
+    activations = 2 * chunk * width * model.weights.embed.element_size()  # x2: inputs and outputs alive together
+    free, total = torch.cuda.mem_get_info(model.device)
+    need = kv + activations
+    if need > 0.95 * free:
+        gib = 2 ** 30
+        raise RuntimeError(f"batch {batch} x {max_tokens} tokens of {cfg.name} does not fit: the KV cache needs "
+                           f"{kv / gib:.1f} GiB and prefill activations ~{activations / gib:.1f} GiB, "
+                           f"{free / gib:.1f} GiB of {total / gib:.1f} GiB are free (weights take "
+                           f"{model.weight_bytes / gib:.1f} GiB); use a smaller batch or context")
+
+
+def tokprof_session(model: Any, batch: int, context: int, steps: int, warmup: int, mode: str, seed: int
+                    ) -> tuple[DecodeSession, int]:
+    """Prefill `model` (a tokprof Transformer) and warm it up; (session, prompt length)."""
+    prompt_len = prompt_length(context, warmup, steps)
+    model.free_cache()
+    check_fits(model, batch, prompt_len + warmup + steps + 1)
+    ids = random_prompts(batch, prompt_len, model.config.vocab_size, seed)
+    rows = max(1, min(batch, model.max_prefill_tokens // prompt_len))
+    model.prefill(ids[:rows], max_new_tokens=1)  # compiles and autotunes the prefill kernels of the first sub-batch
+    model.free_cache()
+    sync(model.device)
+    t0 = time.perf_counter()
+    model.prefill(ids, max_new_tokens=warmup + steps + 1)
+    sync(model.device)
+    ttft_ms = (time.perf_counter() - t0) * 1e3
+    notes = [f"TTFT: prefill of the whole batch ({batch} x {prompt_len} tokens, sub-batches of {rows}) to its first "
+             "tokens"]
+    if mode == "graph":
+        model.capture_graph(warmup_steps=2)
+        for _ in range(warmup - 2):
+            model.decode_step()
+        notes.append("graph mode: one decode step captured in a CUDA graph after 2 eager warm-up steps, replayed")
+    else:
+        for _ in range(warmup):
+            model.decode_step()
+        notes.append("eager mode: the kernels' argument checks read token ids and KV slots back to the host "
+                     "(a device sync per embedding, append_kv and decode_attention call), as the public kernel API "
+                     "does outside a graph capture")
+    snap = model.snapshot()
+    return DecodeSession(step=model.decode_step, rewind=lambda: model.restore(snap), ttft_ms=ttft_ms,
+                         notes=notes), prompt_len
+
+
+def measure_e2e(model: Any, batch: int, context: int, steps: int = 32, mode: str = "eager", *, warmup: int = 4,
+                seed: int = 0, energy: bool = True, energy_window_s: float = 1.0, meter: Any = None,
+                idle_power_w: float | None = None, profile: bool = True) -> E2EMeasurement:
+    """Measure tokprof's Transformer end to end at (batch, context): see the module docstring for the method.
+
+    mode "graph" replays the decode step as a CUDA graph (GPU only: RuntimeError on the CPU)."""
+    check_point(batch, context, steps, warmup)
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
+    if mode == "graph":
+        if model.device.type != "cuda":
+            raise RuntimeError(f"mode='graph': CUDA graphs need a CUDA device, the model is on {model.device}; "
+                               "use mode='eager' on the CPU")
+        if warmup < 2:
+            raise ValueError(f"warmup: graph mode needs at least 2 eager warm-up steps before the capture, "
+                             f"got {warmup}")
+    session, prompt_len = tokprof_session(model, batch, context, steps, warmup, mode, seed)
+    try:
+        return measure_session(session, model=model.config.name, framework="tokprof", mode=mode,
+                               backend=model.backend, dtype=dtype_name(model.dtype), batch=batch, context=context,
+                               steps=steps, warmup=warmup, prompt_len=prompt_len, device=model.device, energy=energy,
+                               energy_window_s=energy_window_s, meter=meter, idle_power_w=idle_power_w,
+                               profile=profile)
+    finally:
+        model.free_cache()  # the next point (or framework) gets the memory back

@@ -1,0 +1,213 @@
+"""`tokprof e2e` and `tokprof reconcile`: the command-line layer over tokprof.models.e2e and tokprof.rollup.reconcile.
+
+    tokprof e2e --model tiny                                   # CPU: tokprof eager + transformers, tiny preset
+    tokprof e2e --model llama-3.1-8b --batch 1,8 --context 1k,8k --mode eager,graph -o run.json
+    tokprof reconcile run.json --utilisation 0.6               # the waterfall, written back into run.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from tokprof.models.e2e import FRAMEWORKS, MODES, E2EMeasurement
+
+
+@dataclass
+class E2EArgs:
+    model: str | None
+    model_dir: str | None
+    batches: list[int]
+    contexts: list[int]
+    modes: list[str] | None  # None: eager,graph on a GPU, eager on the CPU
+    frameworks: list[str]
+    steps: int
+    warmup: int
+    device: torch.device
+    backend: str | None
+    dtype: str | None
+    output: str | None
+    seed: int = 0
+    energy: bool = True
+    profile: bool = True
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+
+
+def load_model(a: E2EArgs) -> Any:
+    """The tokprof Transformer of --model-dir (weights from disk) or of the --model preset (random weights)."""
+    from tokprof.kernels._common import parse_dtype
+    from tokprof.models.config import ModelConfig
+    from tokprof.models.transformer import Transformer
+
+    dtype = parse_dtype(a.dtype or ("bf16" if a.device.type == "cuda" else "fp32"))
+    backend = a.backend or ("triton" if a.device.type == "cuda" else "torch")
+    if a.model_dir:
+        model = Transformer.from_pretrained(a.model_dir, device=a.device, dtype=dtype, backend=backend)
+        if a.model:  # the name the roll-up points use
+            model.config = dataclasses.replace(model.config, name=a.model)
+        return model
+    if not a.model:
+        raise ValueError("--model: expected a preset name (tiny, llama-3.1-8b, ...) or --model-dir DIR")
+    return Transformer.random(ModelConfig.from_name(a.model), device=a.device, dtype=dtype, seed=a.seed,
+                              backend=backend)
+
+
+def _open_run(a: E2EArgs, model: Any) -> Any:
+    from tokprof.profiler.bench import new_run
+    from tokprof.profiler.schema import load_run
+
+    if a.output and Path(a.output).is_file():
+        run = load_run(a.output)
+        if run.model is not None and run.model.get("name") != model.config.name:
+            raise ValueError(f"-o {a.output}: the run holds model {run.model.get('name')!r}, not "
+                             f"{model.config.name!r}; write to another file")
+    else:
+        run = new_run(a.command, a.device)
+    if run.model is None:
+        run.model = model.config.to_dict()
+    return run
+
+
+def _energy_meter(device: torch.device) -> tuple[Any, float | None, str | None]:
+    """(meter, idle power W, None) once per command on a GPU with NVML, else (None, None, why)."""
+    from tokprof.profiler.energy import energy_status, make_meter, measure_idle_power
+
+    reason = energy_status(device)
+    if reason is not None:
+        return None, None, reason
+    meter = make_meter(device)
+    return meter, measure_idle_power(meter, seconds=1.0), None
+
+
+def run_e2e(a: E2EArgs, console: Console, err_console: Console) -> tuple[list[E2EMeasurement], str | None]:
+    """Measure every (framework, mode, batch, context); returns (measurements, path written or None)."""
+    from tokprof.models.adapters import measure_transformers, measure_vllm, vllm_status
+    from tokprof.models.e2e import measure_e2e
+    from tokprof.profiler.schema import save_run
+
+    for fw in a.frameworks:
+        if fw not in FRAMEWORKS:
+            raise ValueError(f"--framework: expected some of {list(FRAMEWORKS)}, got {fw!r}")
+    modes = a.modes or (["eager", "graph"] if a.device.type == "cuda" else ["eager"])
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"--mode: expected some of {list(MODES)}, got {mode!r}")
+    model = load_model(a)
+    run = _open_run(a, model)
+    meter = idle_w = None
+    if a.energy:
+        meter, idle_w, why = _energy_meter(a.device)
+        if why is not None:
+            err_console.print(f"[dim]energy: {why}[/]")
+    # Where energy cannot be measured each record says why (energy_status), so `energy` stays as asked.
+    kwargs = {"steps": a.steps, "warmup": a.warmup, "seed": a.seed, "energy": a.energy}
+    results: list[E2EMeasurement] = []
+
+    def skip(what: str, why: str) -> None:
+        err_console.print(f"[yellow]skipped[/] {what}: {why}")
+        run.notes.append(f"e2e skipped {what}: {why}")
+
+    for fw in a.frameworks:
+        for mode in modes:
+            if mode == "graph" and a.device.type != "cuda" and fw != "vllm":
+                skip(f"{fw} graph", "CUDA graphs need a CUDA device")
+                continue
+            if fw == "transformers" and mode == "graph":
+                skip("transformers graph", "the transformers adapter measures eager decoding only")
+                continue
+            if fw == "vllm":
+                why = vllm_status() if a.device.type == "cuda" else "vLLM needs a CUDA GPU"
+                if why is not None:
+                    skip(f"vllm {mode}", why)
+                    continue
+            for batch in a.batches:
+                for context in a.contexts:
+                    what = f"{fw} {mode} batch {batch} context {context}"
+                    err_console.print(f"[dim]{what} ...[/]")
+                    try:
+                        if fw == "tokprof":
+                            m = measure_e2e(model, batch, context, mode=mode, meter=meter, idle_power_w=idle_w,
+                                            profile=a.profile, **kwargs)
+                        elif fw == "transformers":
+                            m = measure_transformers(model, batch, context, meter=meter, idle_power_w=idle_w,
+                                                     profile=a.profile, **kwargs)
+                        else:
+                            m = measure_vllm(model, batch, context, mode=mode, meter=meter, **kwargs)
+                    except (RuntimeError, ValueError) as err:  # does not fit, too short a context: say so, go on
+                        skip(what, str(err))
+                        if a.device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
+                    results.append(m)
+                    run.e2e.append(m.to_dict())
+                    if a.output:
+                        save_run(run, a.output)  # after every point: an interrupted sweep keeps what it measured
+    print_e2e(console, results)
+    return results, a.output
+
+
+def _wide(console: Console) -> Console:
+    """A terminal wraps tables to its width; a pipe or a file gets 160 columns, not 80."""
+    return console if console.is_terminal else Console(width=160)
+
+
+def print_e2e(console: Console, results: list[E2EMeasurement]) -> None:
+    console = _wide(console)
+    if not results:
+        console.print("[yellow]no end-to-end measurement[/]")
+        return
+    first = results[0]
+    table = Table(title=f"tokprof e2e: {first.model} {first.dtype} on {first.device}")
+    for col in ("framework", "mode", "batch", "context", "median step us", "p90 us", "tokens/s/GPU",
+                "tokens/s/user", "TTFT ms", "J/token", "GPU busy"):
+        table.add_column(col, justify="left" if col in ("framework", "mode") else "right")
+    for m in results:
+        table.add_row(f"{m.framework}\n[dim]{m.backend}[/]", m.mode, str(m.batch), str(m.context),
+                      f"{m.median_step_us:,.1f}", f"{m.p90_step_us:,.1f}", f"{m.tokens_per_s_per_gpu:,.4g}",
+                      f"{m.tokens_per_s_per_user:,.4g}", "-" if m.ttft_ms is None else f"{m.ttft_ms:,.1f}",
+                      "-" if m.j_per_token is None else f"{m.j_per_token:.4g}",
+                      "-" if m.gpu_busy_fraction is None else f"{m.gpu_busy_fraction:.0%}")
+    console.print(table)
+    reasons = {r for m in results for r in (m.energy_reason if m.j_per_token is None else None,
+                                            m.gpu_busy_reason) if r}
+    for r in sorted(reasons):
+        console.print(f"[dim]{r}[/]")
+
+
+def print_reconciliation(console: Console, recs: list[Any], top_ops: int = 5) -> None:
+    """The waterfall of each point, its costliest ops inside L1 -> L2, and the bottom-up error."""
+    from tokprof.rollup.reconcile import waterfall_rows
+
+    console = _wide(console)
+    for rec in recs:
+        title = f"{rec.model} on {rec.gpu}, batch {rec.batch}, context {rec.context}, {rec.dtype}"
+        table = Table(title=title, show_lines=False)
+        rows = waterfall_rows(rec)
+        for col in rows[0]:
+            table.add_column(col, justify="left" if col in ("layer", "gap", "provenance / why") else "right")
+        for row in rows:
+            table.add_row(*row.values())
+        console.print(table)
+        if rec.op_inefficiency:
+            ops = Table(title="kernel inefficiency inside L1 -> L2 (per step)")
+            for col in ("op", "where", "measured us", "at roof us", "lost us", "share of gap"):
+                ops.add_column(col, justify="left" if col in ("op", "where") else "right")
+            for o in rec.op_inefficiency[:top_ops]:
+                ops.add_row(o.op, o.label, f"{o.time_us_measured:,.1f}", f"{o.time_us_at_roof:,.1f}",
+                            f"{o.lost_us:,.1f}", "-" if o.share_of_L1_L2_gap is None else
+                            f"{o.share_of_L1_L2_gap:.1%}")
+            console.print(ops)
+        if rec.bottom_up_error_pct is not None:
+            energy = ("" if rec.energy_error_pct is None else
+                      f"; J/token {rec.energy_error_pct:+.1f}% against {rec.bottom_up_error_against}")
+            console.print(f"bottom-up error (L2 vs {rec.bottom_up_error_against}, tokens/s): "
+                          f"[bold]{rec.bottom_up_error_pct:+.1f}%[/]{energy}")
+        for note in rec.notes:
+            console.print(f"[dim]{note}[/]")

@@ -1,0 +1,356 @@
+"""The iceberg: from the datasheet roofline down to what users get, layer by layer, for each measured point.
+
+    recs = reconcile(load_run("run.json"), utilisation=0.6)
+    recs[0].layers[2].tokens_per_s_per_gpu, recs[0].bottom_up_error_pct, recs[0].op_inefficiency[0].lost_us
+
+For one (model, GPU, batch, context, dtype) point (ARCHITECTURE.md, "The iceberg"):
+
+    L0 datasheet roofline   sum over the decode plan of count x max(flops / peak FLOP/s, bytes / peak HBM B/s)
+    L1 measured roofline    the same at the copy bandwidth and GEMM FLOP/s measured in the run
+    L2 kernel sum           the roll-up point: sum of count x measured time per call (bottom-up)
+    L3 end to end, graphs   tokprof's decode loop with the step captured in a CUDA graph (measured)
+    L4 end to end, eager    tokprof eager, else a framework (vLLM, transformers) (measured)
+    L5 served               L4 (else L3) x a utilisation the user states; not applied unless given
+
+Each layer: tokens/s per GPU (batch / step time), $/M tokens (the point's $/GPU-hour), J/token. The gap from one
+known layer to the next known one is named after the layers it crosses; gaps telescope, so their shares of the whole
+L0 -> last gap sum to 100% (a negative share means a lower layer beat the one above it). Inside L1 -> L2, each op's
+lost time (measured - time at the measured roof) and its share of that gap. Bottom-up error, signed, in tokens/s:
+(L2 - L3) / L3 x 100 (against L4 when no graph run; positive = the kernel sum promises more than the loop gives).
+J/token at L0/L1 is modelled at the GPU's TDP for the roofline time (an upper bound for that time); at L5 the idle
+share of the time is charged at the datasheet idle power.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokprof.profiler.schema import Ceilings, RunResult, from_dict, to_dict
+
+LAYERS = (
+    ("L0", "datasheet roofline", None),
+    ("L1", "measured roofline", "hardware derate"),
+    ("L2", "kernel sum (bottom-up)", "kernel inefficiency"),
+    ("L3", "end to end, CUDA graphs", "launch gaps and synchronisation"),
+    ("L4", "end to end, eager or a framework", "host and framework overhead"),
+    ("L5", "served at the stated utilisation", "idle capacity"),
+)
+L4_PREFERENCE = ("tokprof", "vllm", "transformers")
+
+
+@dataclass
+class Layer:
+    name: str  # "L0" .. "L5"
+    title: str
+    tokens_per_s_per_gpu: float | None
+    step_time_us: float | None = None
+    usd_per_million_tokens: float | None = None
+    j_per_token: float | None = None
+    provenance: str | None = None  # "measured" | "modelled" | "projected"; None when the layer is unknown
+    source: str = ""  # what the figure was computed from
+    reason: str | None = None  # why tokens/s (or another figure) is None
+    gap_name: str | None = None  # the gap from the previous known layer to this one
+    gap_tokens_per_s: float | None = None  # previous known layer's tokens/s minus this one's
+    gap_share: float | None = None  # of the whole gap from the first to the last known layer
+
+
+@dataclass
+class OpInefficiency:
+    op: str
+    label: str
+    count: int
+    time_us_measured: float  # per step: count x measured time per call
+    time_us_at_roof: float  # per step: count x time at the measured roof
+    lost_us: float
+    share_of_L1_L2_gap: float | None  # noqa: N815 - the contract's key
+
+
+@dataclass
+class Reconciliation:
+    model: str
+    gpu: str
+    batch: int
+    context: int
+    dtype: str
+    utilisation: float | None  # None: L5 not applied (and the notes say so)
+    layers: list[Layer]
+    op_inefficiency: list[OpInefficiency] = field(default_factory=list)
+    bottom_up_error_pct: float | None = None  # signed, tokens/s: (L2 - L3) / L3 x 100, else against L4
+    bottom_up_error_against: str | None = None  # "L3" | "L4"
+    energy_error_pct: float | None = None  # (L2 J/token - end-to-end J/token) / end-to-end x 100
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Reconciliation:
+        return from_dict(cls, dict(d), "Reconciliation")
+
+    def layer(self, name: str) -> Layer:
+        return next(layer for layer in self.layers if layer.name == name)
+
+
+# ------------------------------------------------------------------------------------------------- the roofs
+
+
+def _config(run: RunResult, model: str) -> tuple[Any, str | None]:
+    """(ModelConfig or None, why None) of `model`: the run's own config, else a preset of that name."""
+    from tokprof.models.config import PRESETS, ModelConfig
+
+    if run.model is not None and run.model.get("name") == model:
+        return ModelConfig.from_dict(run.model), None
+    if model.lower() in PRESETS:
+        return ModelConfig.from_name(model), None
+    return None, f"model {model!r} is neither the run's model nor a preset: no plan to bound"
+
+
+def _roof_step_us(config: Any, batch: int, context: int, dtype: str, *, spec: Any = None,
+                  ceilings: Ceilings | None = None) -> tuple[float, list[str]]:
+    """Sum over the decode plan of count x roof time per call (datasheet `spec` or measured `ceilings`)."""
+    from tokprof.models.plan import decode_plan
+    from tokprof.profiler.roofline import roofline
+
+    total_us, notes = 0.0, set()
+    for call in decode_plan(config, batch, context, dtype):
+        flops, min_bytes = call.cost()
+        # Only the roof times are read; the nominal 1 us time never enters them.
+        r = roofline(flops, min_bytes, 1.0, spec=spec, ceilings=ceilings, dtype=dtype)
+        t = r.t_roof_datasheet_us if spec is not None else r.t_roof_measured_us
+        total_us += call.count * t
+        if "compute term omitted" in r.note:
+            notes.add(f"{call.op}: compute term omitted (no {dtype} FLOP/s peak), memory term only")
+    return total_us, sorted(notes)
+
+
+def _op_inefficiency(point: Any, ceilings: Ceilings, l1_l2_gap_us: float) -> list[OpInefficiency]:
+    from tokprof.models.plan import op_cost
+    from tokprof.profiler.roofline import roofline
+
+    out = []
+    for o in point.ops:
+        if o.shape:
+            flops, min_bytes = op_cost(o.op, o.shape, point.dtype)
+            roof_us = roofline(flops, min_bytes, o.time_us, spec=None, ceilings=ceilings,
+                               dtype=point.dtype).t_roof_measured_us
+        elif o.efficiency_measured is not None:
+            roof_us = o.efficiency_measured * o.time_us  # efficiency = t_roof / t
+        else:
+            continue
+        at_roof = o.count * roof_us
+        lost = o.total_us - at_roof
+        out.append(OpInefficiency(op=o.op, label=o.label, count=o.count, time_us_measured=o.total_us,
+                                  time_us_at_roof=at_roof, lost_us=lost,
+                                  share_of_L1_L2_gap=lost / l1_l2_gap_us if l1_l2_gap_us else None))
+    return sorted(out, key=lambda x: -x.lost_us)
+
+
+# ------------------------------------------------------------------------------------------------ one point
+
+
+def _usd(point: Any, tps: float | None) -> float | None:
+    from tokprof.rollup.economics import cost_per_million_tokens
+
+    if point is None or point.usd_per_gpu_hour is None or not tps:
+        return None
+    return cost_per_million_tokens(point.usd_per_gpu_hour, tps)
+
+
+def _pick_l4(e2e: list[Any], framework: str | None) -> Any:
+    candidates = [m for m in e2e if not (m.framework == "tokprof" and m.mode == "graph")]
+    order = (framework,) if framework else L4_PREFERENCE
+    for fw in order:
+        hits = [m for m in candidates if m.framework == fw]
+        if hits:
+            return sorted(hits, key=lambda m: m.mode != "eager")[0]  # eager first
+    return None
+
+
+def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str], point: Any, e2e: list[Any],
+                     run_gpu: str, utilisation: float | None, l4_framework: str | None) -> Reconciliation:
+    from tokprof.profiler.devices import load_specs, match_spec
+
+    model, gpu, batch, context, dtype = key
+    notes: list[str] = []
+    layers = {name: Layer(name=name, title=title, tokens_per_s_per_gpu=None) for name, title, _ in LAYERS}
+    config, why_no_config = _config(run, model)
+    specs = load_specs()
+    spec = specs.get(gpu) or specs.get(match_spec(gpu, specs) or "")
+    tdp_w = spec.tdp_w if spec is not None else None
+
+    def fill(name: str, step_us: float, provenance: str, source: str, j: float | None = None,
+             j_reason: str | None = None) -> None:
+        layer = layers[name]
+        layer.step_time_us, layer.tokens_per_s_per_gpu = step_us, batch / (step_us * 1e-6)
+        layer.usd_per_million_tokens = _usd(point, layer.tokens_per_s_per_gpu)
+        layer.j_per_token, layer.provenance, layer.source = j, provenance, source
+        if j is None and j_reason:
+            layer.reason = f"J/token: {j_reason}"
+
+    def tdp_j(step_us: float) -> tuple[float | None, str | None]:
+        if tdp_w is None:
+            return None, f"no TDP for {gpu} in the spec table"
+        return tdp_w * step_us * 1e-6 / batch, None
+
+    # L0 and L1: the plan at datasheet peaks and at the run's measured ceilings.
+    if config is None:
+        layers["L0"].reason = layers["L1"].reason = why_no_config
+    else:
+        if spec is None:
+            layers["L0"].reason = f"no datasheet row for {gpu!r} in the spec table (a CPU or an unknown GPU)"
+        else:
+            step, more = _roof_step_us(config, batch, context, dtype, spec=spec)
+            fill("L0", step, "modelled", f"decode plan at {spec.key} datasheet peaks; J/token at TDP", *tdp_j(step))
+            notes += [f"L0 {n}" for n in more]
+        if run.ceilings is None:
+            layers["L1"].reason = "no ceilings measured in this run"
+        elif gpu != run_gpu:
+            layers["L1"].reason = f"the run's ceilings were measured on {run_gpu}, not {gpu}"
+        else:
+            step, more = _roof_step_us(config, batch, context, dtype, ceilings=run.ceilings)
+            fill("L1", step, "modelled", f"decode plan at the ceilings measured on {run.ceilings.device} "
+                 f"({run.ceilings.copy_gbps:.0f} GB/s copy, {run.ceilings.gemm_tflops:.1f} TFLOP/s "
+                 f"{run.ceilings.gemm_dtype} GEMM); J/token at TDP", *tdp_j(step))
+            notes += [f"L1 {n}" for n in more]
+
+    # L2: the roll-up point.
+    if point is None:
+        layers["L2"].reason = "no roll-up point for this (model, GPU, batch, context, dtype) in the run"
+    else:
+        fill("L2", point.step_time_us, point.provenance, f"kernel sum, backend {point.backend}",
+             point.j_per_token_total, point.energy_reason)
+
+    # L3 and L4: end-to-end measurements.
+    backend = point.backend if point is not None else None
+    graphs = [m for m in e2e if m.framework == "tokprof" and m.mode == "graph"]
+    graphs = sorted(graphs, key=lambda m: m.backend != backend)  # the roll-up's backend first
+    l3 = graphs[0] if graphs else None
+    l4 = _pick_l4(e2e, l4_framework)
+    for name, m in (("L3", l3), ("L4", l4)):
+        if m is None:
+            layers[name].reason = ("no tokprof CUDA-graph end-to-end run for this point" if name == "L3" else
+                                   f"no eager or framework end-to-end run for this point"
+                                   f"{f' (framework {l4_framework})' if l4_framework else ''}")
+            continue
+        fill(name, m.median_step_us, m.provenance, f"{m.framework} {m.mode} ({m.backend}), median of {m.steps} "
+             "steps", m.j_per_token, m.energy_reason)
+    others = [m for m in e2e if m is not l3 and m is not l4]
+    for m in others:
+        notes.append(f"also measured: {m.framework} {m.mode} ({m.backend}) {m.tokens_per_s_per_gpu:.4g} tokens/s")
+
+    # L5: served at a stated utilisation.
+    base = layers["L4"] if layers["L4"].tokens_per_s_per_gpu is not None else layers["L3"]
+    if utilisation is None:
+        layers["L5"].reason = "no utilisation stated: not applied (pass --utilisation, e.g. 0.6)"
+        notes.append("L5 not applied: no utilisation was stated")
+    elif base.tokens_per_s_per_gpu is None:
+        layers["L5"].reason = "no end-to-end layer to apply the utilisation to"
+    else:
+        step = base.step_time_us / utilisation
+        idle_w = spec.idle_w if spec is not None else None
+        j = j_reason = None
+        if base.j_per_token is None:
+            j_reason = f"{base.name} has no J/token"
+        elif idle_w is None:
+            j_reason = f"no idle power for {gpu} in the spec table"
+        else:
+            j = base.j_per_token + idle_w * (step - base.step_time_us) * 1e-6 / batch
+        fill("L5", step, "modelled", f"{base.name} x utilisation {utilisation:g} (stated); idle time at the "
+             "datasheet idle power", j, j_reason)
+
+    ordered = [layers[name] for name, _, _ in LAYERS]
+    _gaps(ordered)
+    rec = Reconciliation(model=model, gpu=gpu, batch=batch, context=context, dtype=dtype, utilisation=utilisation,
+                         layers=ordered, notes=notes)
+    l1, l2 = layers["L1"], layers["L2"]
+    if point is not None and l1.step_time_us is not None and run.ceilings is not None:
+        rec.op_inefficiency = _op_inefficiency(point, run.ceilings, l2.step_time_us - l1.step_time_us)
+        roof_sum = sum(o.time_us_at_roof for o in rec.op_inefficiency)
+        if abs(roof_sum - l1.step_time_us) > 1e-3 * l1.step_time_us:
+            notes.append(f"the roll-up's ops sum to {roof_sum:.4g} us at the roof, the plan to "
+                         f"{l1.step_time_us:.4g} us: the point was built from another plan (block size?)")
+    against = layers["L3"] if layers["L3"].tokens_per_s_per_gpu is not None else None
+    if against is None and l4 is not None and l4.framework == "tokprof":
+        against = layers["L4"]
+    if l2.tokens_per_s_per_gpu is not None and against is not None:
+        rec.bottom_up_error_pct = (l2.tokens_per_s_per_gpu - against.tokens_per_s_per_gpu) / \
+            against.tokens_per_s_per_gpu * 100
+        rec.bottom_up_error_against = against.name
+        if l2.j_per_token is not None and against.j_per_token is not None:
+            rec.energy_error_pct = (l2.j_per_token - against.j_per_token) / against.j_per_token * 100
+    return rec
+
+
+def _gaps(layers: list[Layer]) -> None:
+    """Name each gap between consecutive known layers and its share of the whole first -> last gap."""
+    gap_names = {name: gap for name, _, gap in LAYERS}
+    known = [layer for layer in layers if layer.tokens_per_s_per_gpu is not None]
+    if len(known) < 2:
+        return
+    total = known[0].tokens_per_s_per_gpu - known[-1].tokens_per_s_per_gpu
+    order = [layer.name for layer in layers]
+    for prev, cur in zip(known, known[1:], strict=False):
+        crossed = order[order.index(prev.name) + 1:order.index(cur.name) + 1]
+        cur.gap_name = " + ".join(gap_names[n] for n in crossed)
+        cur.gap_tokens_per_s = prev.tokens_per_s_per_gpu - cur.tokens_per_s_per_gpu
+        cur.gap_share = cur.gap_tokens_per_s / total if total else None
+
+
+# --------------------------------------------------------------------------------------------------- the run
+
+
+def reconcile(run: RunResult, utilisation: float | None = None, *,
+              l4_framework: str | None = None) -> list[Reconciliation]:
+    """One Reconciliation per (model, GPU, batch, context, dtype) present in the run's roll-up or end-to-end
+    sections; `utilisation` in (0, 1] applies L5; `l4_framework` picks L4 (default: tokprof eager, vllm,
+    transformers, the first measured)."""
+    from tokprof.models.e2e import FRAMEWORKS, E2EMeasurement
+    from tokprof.rollup.bottom_up import run_gpu_name
+    from tokprof.rollup.records import points_from_run
+
+    if utilisation is not None and (isinstance(utilisation, bool) or not isinstance(utilisation, (int, float))
+                                    or not 0 < utilisation <= 1):
+        raise ValueError(f"utilisation: expected a fraction in (0, 1] (the duty cycle served), got {utilisation!r}")
+    if l4_framework is not None and l4_framework not in FRAMEWORKS:
+        raise ValueError(f"l4_framework: expected one of {list(FRAMEWORKS)}, got {l4_framework!r}")
+    points = points_from_run(run.rollup)
+    e2e = [E2EMeasurement.from_dict(d) for d in run.e2e]
+    keys: dict[tuple[str, str, int, int, str], None] = {}
+    for x in [*points, *e2e]:
+        keys[(x.model, x.gpu, x.batch, x.context, x.dtype)] = None
+    run_gpu = run_gpu_name(run)
+    out = []
+    for key in keys:
+        same = [m for m in e2e if (m.model, m.gpu, m.batch, m.context, m.dtype) == key]
+        candidates = [p for p in points if (p.model, p.gpu, p.batch, p.context, p.dtype) == key]
+        backends = {m.backend for m in same if m.framework == "tokprof"}
+        # The point of the backend the end-to-end run used, else a measured one, else any.
+        candidates.sort(key=lambda p: (p.backend not in backends, p.provenance != "measured"))
+        point = candidates[0] if candidates else None
+        rec = _reconcile_point(run, key, point, same, run_gpu, utilisation, l4_framework)
+        if len(candidates) > 1:
+            rec.notes.append(f"{len(candidates)} roll-up points for this key; used backend {point.backend} "
+                             f"({point.provenance})")
+        out.append(rec)
+    return out
+
+
+def waterfall_rows(rec: Reconciliation) -> list[dict[str, Any]]:
+    """The table `tokprof reconcile` prints: one row per layer, figures formatted, None as '-' with the reason."""
+    rows = []
+    for layer in rec.layers:
+        def fmt(x: float | None, spec: str) -> str:
+            return "-" if x is None else format(x, spec)
+        rows.append({
+            "layer": f"{layer.name} {layer.title}",
+            "tokens/s/GPU": fmt(layer.tokens_per_s_per_gpu, ",.4g"),
+            "step us": fmt(layer.step_time_us, ",.4g"),
+            "$/M tokens": fmt(layer.usd_per_million_tokens, ",.4g"),
+            "J/token": fmt(layer.j_per_token, ".4g"),
+            "gap": "" if layer.gap_name is None else
+                   f"{layer.gap_name}: {fmt(layer.gap_tokens_per_s, ',.4g')} ({fmt(layer.gap_share, '.1%')})",
+            "provenance / why": layer.provenance if layer.tokens_per_s_per_gpu is not None else (layer.reason or ""),
+        })
+    return rows
