@@ -1,0 +1,83 @@
+"""`tokprof run` on the CPU: the whole chain on the tiny preset, and its refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from tokprof.models.config import ModelConfig
+from tokprof.profiler.schema import load_run
+from tokprof.runner import RunConfig, check_fits, memory_needed_bytes, reference_runs, resolve_device, run_main
+
+
+def small_cpu_config() -> RunConfig:
+    rc = RunConfig.for_device(torch.device("cpu"))
+    return dataclasses.replace(rc, batches=[1, 2], contexts=[64], e2e_batches=[2], e2e_contexts=[64], e2e_steps=4,
+                               frameworks=["tokprof"], timing_kwargs={"min_time_s": 0.01, "max_time_s": 0.05})
+
+
+def test_cpu_defaults_are_labelled_and_small():
+    rc = RunConfig.for_device(torch.device("cpu"))
+    assert (rc.model, rc.backend, rc.dtype, rc.energy) == ("tiny", "torch", "fp32", False)
+    gpu = RunConfig.for_device(torch.device("cuda"))
+    assert (gpu.model, gpu.backend, gpu.dtype) == ("llama-3.1-8b", "triton", "bf16")
+    assert gpu.batches == [1, 8, 32, 128] and gpu.contexts == [1024, 8192]
+
+
+def test_run_main_writes_run_report_and_history(tmp_path, capsys):
+    db = tmp_path / "history.db"
+    path = run_main(out_dir=tmp_path / "out", device="cpu", command=["tokprof", "run"], history_db=db,
+                    config_override=small_cpu_config())
+    run = load_run(path)
+    assert run.provenance.device.kind == "cpu"
+    assert run.ceilings is not None and run.ceilings.copy_gbps > 0
+    assert {k.op for k in run.kernels} >= {"linear", "decode_attention", "rms_norm", "swiglu"}
+    measured = [p for p in run.rollup if p["provenance"] == "measured"]
+    assert {(p["batch"], p["context"]) for p in measured} == {(1, 64), (2, 64)}
+    assert all(p["tokens_per_s_per_gpu"] > 0 for p in measured)
+    # Rows for other GPUs, labelled: modelled here (no shipped reference measurements on this checkout).
+    other = {(p["gpu"], p["provenance"]) for p in run.rollup if p["provenance"] != "measured"}
+    assert {g for g, _ in other} == {"h100-sxm", "h200", "b200"}
+    assert all(prov in ("modelled", "projected") for _, prov in other)
+    assert [m["framework"] for m in run.e2e] == ["tokprof"]
+    assert run.reconciliation and run.reconciliation[0]["layers"][0]["name"] == "L0"
+    assert any("CPU run" in n for n in run.notes)
+    report = tmp_path / "out" / "report" / "report.html"
+    assert report.stat().st_size > 10_000
+    assert db.exists()
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["run"] == str(path) and summary["kind"] == "cpu"
+
+
+def test_resolve_device_errors_name_the_argument():
+    with pytest.raises(ValueError, match="--device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="asked for a GPU but torch sees none"):
+            resolve_device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_memory_needed_counts_weights_and_kv():
+    cfg = ModelConfig.from_name("llama-3.1-8b")
+    weights = cfg.weight_bytes(torch.bfloat16)  # 8.03e9 params x 2 bytes
+    kv = cfg.kv_bytes_per_token(torch.bfloat16) * 128 * 8192  # 131072 bytes per token
+    assert cfg.kv_bytes_per_token(torch.bfloat16) == 2 * 32 * 8 * 128 * 2
+    assert memory_needed_bytes(cfg, torch.bfloat16, 128, 8192) == int((weights + kv) * 1.1) + (2 << 30)
+
+
+def test_check_fits_is_a_no_op_on_the_cpu():
+    rc = RunConfig.for_device(torch.device("cpu"))
+    assert check_fits(ModelConfig.from_name("llama-3.1-70b"), rc) == []
+
+
+def test_reference_runs_picks_the_newest_file_per_gpu(tmp_path):
+    (tmp_path / "h100-sxm").mkdir()
+    (tmp_path / "h100-sxm" / "run-2026-01.json").write_text("{}")
+    (tmp_path / "h100-sxm" / "run-2026-02.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    found = reference_runs(tmp_path)
+    assert found == {"h100-sxm": tmp_path / "h100-sxm" / "run-2026-02.json"}
