@@ -146,12 +146,18 @@ def bench(
                                        "GEMM ceilings for the measured roofline."),
     output: str | None = typer.Option(None, "-o", "--output", help="RunResult file to write (default "
                                       "tokprof-bench-<run id>.json)."),
+    world_size: int | None = typer.Option(None, "--world-size", help="Ranks of a collective (--op all_reduce,"
+                                          "all_gather; --shape bytes=N): default every GPU here, 2 on the CPU."),
 ) -> None:
     """Time kernels (and energy), place them on the roofline, and save a RunResult after every call."""
     from tokprof.profiler import bench as bench_mod
     from tokprof.profiler.ceilings import measure_ceilings
+    from tokprof.profiler.collectives import COLLECTIVES
     from tokprof.profiler.devices import spec_for
 
+    if world_size is not None or any(o in COLLECTIVES for o in split_csv(op)):
+        _bench_collectives(split_csv(op), dtype, shape or [], device, world_size, timeout_s, seed, output)
+        return
     dev = _bench_device(device)
     if mode not in bench_mod.MODES:
         fail(f"--mode: expected one of {list(bench_mod.MODES)}, got {mode!r}")
@@ -617,6 +623,137 @@ def reconcile(
         save_run(run, run_file)
         console.print(f"wrote the reconciliation into {run_file}")
     print(json.dumps({"command": "reconcile", "run": run_file, "reconciliation": [r.to_dict() for r in recs]}))
+
+
+# ------------------------------------------------------------------ collectives and fleet sweeps (issue 8)
+
+
+def _bench_collectives(ops: list[str], dtype: str | None, shapes: list[str], device: str | None,
+                       world_size: int | None, timeout_s: float, seed: int, output: str | None) -> None:
+    """`tokprof bench --op all_reduce,all_gather [--world-size N] [--shape bytes=N]`: ranks spawned on this host
+    (NCCL on GPUs, gloo on the CPU), or torchrun's ranks when launched by torchrun; one RunResult from rank 0."""
+    import os
+
+    import torch
+
+    from tokprof.profiler import collectives as coll
+    from tokprof.profiler.bench import new_run
+    from tokprof.profiler.schema import save_run
+
+    others = [o for o in ops if o not in coll.COLLECTIVES]
+    if others or not ops:
+        fail(f"--op: collectives ({', '.join(coll.COLLECTIVES)}) are measured on their own (with --world-size), "
+             f"not mixed with kernel ops; got {','.join(ops) or 'none'}")
+    if not timeout_s > 0:
+        fail(f"--timeout-s: expected a positive number of seconds, got {timeout_s}")
+    dtypes = split_csv(dtype)
+    if len(dtypes) > 1:
+        fail(f"--dtype: one dtype per collective benchmark, got {dtype!r}")
+    sizes: list[int] = []
+    for text in shapes:
+        key, sep, value = text.partition("=")
+        if key.strip() != "bytes" or not sep:
+            fail(f"--shape: a collective takes bytes=N such as bytes=64k (the ranks are --world-size), got {text!r}")
+        try:
+            sizes.extend(coll.parse_bytes(value))
+        except ValueError as err:
+            fail(f"--shape {text!r}: {err}")
+    timing = {"max_time_s": timeout_s}
+    try:
+        if coll.under_torchrun():
+            launched = int(os.environ["WORLD_SIZE"])
+            if world_size is not None and world_size != launched:
+                fail(f"--world-size {world_size}: torchrun launched {launched} ranks")
+            dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            calls = [(o, b) for o in ops for b in sizes or coll.DEFAULT_SIZES[dev.type]]
+            rank, records = coll.bench_collectives_torchrun(calls, dtype=dtypes[0] if dtypes else None,
+                                                            timing_kwargs=timing, seed=seed)
+            if rank != 0:
+                return
+            world = launched
+        else:
+            dev = _bench_device(device)
+            world = world_size if world_size is not None else (torch.cuda.device_count() if dev.type == "cuda"
+                                                               else 2)
+            if world < 2:
+                fail(f"--world-size: a collective needs at least 2 ranks, got {world}"
+                     + (" (GPUs visible here); plans use modelled collectives from the spec table's interconnect "
+                        "instead" if world_size is None else ""))
+            calls = [(o, b) for o in ops for b in sizes or coll.DEFAULT_SIZES[dev.type]]
+            records = coll.bench_collectives(calls, world_size=world, device=dev.type,
+                                             dtype=dtypes[0] if dtypes else None, timing_kwargs=timing, seed=seed)
+    except (ValueError, RuntimeError) as err:
+        fail(str(err))
+    command = ["tokprof", "bench", "--op", ",".join(ops), "--world-size", str(world), "--device", str(dev),
+               *[a for s in shapes for a in ("--shape", s)], *(["--dtype", dtypes[0]] if dtypes else []),
+               "--timeout-s", str(timeout_s), "--seed", str(seed)]
+    run = new_run(command, dev)
+    run.kernels.extend(records)
+    run.notes.append(f"collectives over {world} ranks ({records[0].backend}); bandwidths with the nccl-tests "
+                     "definitions (busbw = algbw x 2(n-1)/n for all_reduce, x (n-1)/n for all_gather)")
+    path = save_run(run, output or f"tokprof-bench-{run.run_id}.json")
+    table = Table(title=f"tokprof bench: collectives on {run.provenance.device.name}, {world} ranks "
+                        f"({records[0].backend})")
+    for col in ("op", "bytes", "dtype", "median us", "p10-p90 us", "noise", "algbw GB/s", "busbw GB/s", "% link"):
+        table.add_column(col, justify="left" if col in ("op", "dtype") else "right")
+    for m in records:
+        t, r = m.timing, m.roofline
+        nbytes = m.shape["bytes"]
+        table.add_row(m.op, str(nbytes), m.dtype, f"{t.median_us:.2f}", f"{t.p10_us:.2f}-{t.p90_us:.2f}",
+                      f"{t.noise:.1%}" + ("" if t.met_noise_target else " [yellow]missed[/]"),
+                      f"{coll.algbw_gbps(nbytes, t.median_us):.3f}", f"{r.achieved_gbps:.3f}",
+                      _pct(r.efficiency_datasheet))
+    _print_wide(table)
+    if records[0].roofline.t_roof_datasheet_us is None:
+        console.print("[dim]% link: no interconnect figure for this device (a CPU, or a GPU missing from the spec "
+                      "table)[/]")
+    console.print(f"wrote {path} ({len(records)} measured)")
+
+
+@app.command()
+def fleet(
+    gpus: str = typer.Option(..., "--gpus", help="GPU types, comma-separated (h100,h200,b200,a100,...): one Ray task "
+                             "each, on a node with one GPU of that type."),
+    model: str = typer.Option(..., "--model", help="Preset profiled on every GPU type, e.g. llama-3.1-8b."),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster: ray://HOST:10001, HOST:6379 or auto "
+                                       "(default: RAY_ADDRESS, else a new local Ray)."),
+    out: Path = typer.Option(Path("tokprof-fleet"), "-o", "--out",  # noqa: B008 - typer reads defaults
+                             help="Folder for one RunResult per GPU type, compare.md and report/."),
+    db: Path | None = typer.Option(None, "--db", help=_DB_HELP),  # noqa: B008 - typer reads options from defaults
+    record: bool = typer.Option(True, "--record/--no-record", help="Record every RunResult in the history database."),
+    task: str = typer.Option("run", "--task", help="What each node runs: run (`tokprof run`) or bottom-up (the kernel "
+                             "roll-up only, batch 1 and 8 at context 1024)."),
+    timeout_s: float | None = typer.Option(None, "--timeout-s", help="Longest wait for all nodes, s (default: no "
+                                           "limit)."),
+) -> None:
+    """Profile one model on several GPU generations of a Ray cluster; gather the runs, the history and one report."""
+    from rich.markup import escape
+
+    from tokprof.fleet import gpu_target, run_fleet, task_by_name
+
+    try:
+        targets = [gpu_target(g) for g in split_csv(gpus)]
+        result = run_fleet(targets, model, out, address=address, task=task_by_name(task), db=db, record=record,
+                           timeout_s=timeout_s)
+    except (ValueError, RuntimeError) as err:
+        fail(str(err))
+    table = Table(title=f"tokprof fleet: {model} on {', '.join(t.name for t in targets)}")
+    for col in ("GPU type", "node", "RunResult or failure"):
+        table.add_column(col)
+    for t in targets:
+        if t.name in result.runs:
+            table.add_row(t.name, result.hosts[t.name], str(result.runs[t.name]))
+        else:
+            table.add_row(t.name, "-", f"[red]{escape(result.failures.get(t.name, 'no result'))}[/]")
+    _print_wide(table)
+    for note in result.notes:
+        console.print(f"[dim]{escape(note)}[/]")
+    for what, path in (("compare", result.compare), ("report", result.report)):
+        if path is not None:
+            console.print(f"{what}: {path}")
+    print(json.dumps({"command": "fleet", **result.to_dict()}))
+    if result.failures:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -116,7 +116,8 @@ def tp_decode_calls(config: ModelConfig, batch: int, context: int, dtype: str | 
     hq = config.num_heads // tp
     hkv = kv_heads_per_gpu(config, tp)
     inter = config.intermediate_size // tp
-    # vLLM pads the vocabulary so every GPU holds an equal shard; the padded rows are computed and discarded.
+    # Every GPU holds an equal shard of ceil(V/tp) rows (vLLM also rounds the padded vocabulary up to a multiple
+    # of 64); the padded rows are computed and discarded.
     vocab_shard = cdiv(config.vocab_size, tp)
     partial_sums = batch * h * elem_bytes  # bytes of one (B, hidden) tensor in the model's dtype
 
