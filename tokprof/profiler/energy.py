@@ -7,10 +7,9 @@
 
     meter.begin_window("decode"); ...; energy = meter.end_window("decode")   # any block of work
 
-Sources (energy_sources.py) sit behind one interface (`EnergySource`) and a factory (`make_source`): "nvml" reads the
-board, "replay"
-reads a recorded trace of (timestamp_s, energy_mj[, power_mw, temperature_c]) readings as NVML returned them, with an
-injected clock, so the tests drive windows through it deterministically on a machine without a GPU.
+Sources (energy_sources.py) sit behind one interface (`EnergySource`) and a factory (`make_source`): "nvml" reads
+the board, "replay" reads a recorded trace of (timestamp_s, energy_mj[, power_mw, temperature_c]) readings as NVML
+returned them, with an injected clock, so the tests drive windows through it deterministically without a GPU.
 
 Why the meter works as it does:
 - The counter (nvmlDeviceGetTotalEnergyConsumption, mJ since driver load) updates only every ~10-100 ms, so one
