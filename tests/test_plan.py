@@ -155,8 +155,12 @@ def test_plan_table_and_round_trip():
 
 def test_bad_arguments_are_rejected():
     cfg = ModelConfig.from_name("llama-3.1-8b")
-    with pytest.raises(ValueError, match="tp: tensor parallelism arrives with issue 8"):
-        decode_plan(cfg, 1, 1024, "bf16", tp=2)
+    with pytest.raises(ValueError, match=r"tp: prefill plans are single-GPU \(tp=1\).*got tp=2"):
+        prefill_plan(cfg, 1, 1024, "bf16", tp=2)
+    with pytest.raises(ValueError, match=r"tp: expected a divisor of num_heads 32.*got tp=3"):
+        decode_plan(cfg, 1, 1024, "bf16", tp=3)
+    with pytest.raises(ValueError, match="tp: expected a positive int, got 0"):
+        decode_plan(cfg, 1, 1024, "bf16", tp=0)
     with pytest.raises(ValueError, match="batch: expected a positive int, got 0"):
         decode_plan(cfg, 0, 1024, "bf16")
     with pytest.raises(ValueError, match="context: expected a positive int"):
@@ -173,3 +177,22 @@ def test_bad_arguments_are_rejected():
         decode_plan({"name": "llama"}, 1, 10, "bf16")
     with pytest.raises(ValueError, match="op: 'nope' is not in the kernel registry"):
         plan_totals([KernelCall("nope", {}, "bf16", 1)])
+    with pytest.raises(ValueError, match="op: 'all_reduce' is a collective, not a kernel-registry op"):
+        KernelCall("all_reduce", {"bytes": 64, "world": 2}, "bf16", 1).cost()
+
+
+def test_tp_decode_plan_is_one_gpus_share_with_its_collectives():
+    from tokprof.models.tp import tp_decode_calls
+
+    cfg = ModelConfig.from_name("llama-3.1-8b")
+    plan = decode_plan(cfg, 4, 2048, "bf16", tp=2)
+    assert plan == tp_decode_calls(cfg, 4, 2048, "bf16", tp=2)
+    kernels = [c for c in plan if c.op not in ("all_reduce", "all_gather")]
+    # the collectives carry no kernel cost: plan_totals is the kernels' sum, half the single GPU's linear FLOPs
+    assert plan_totals(plan) == plan_totals(kernels)
+    linear = sum(c.count * c.cost()[0] for c in kernels if c.op == "linear")
+    single = sum(c.count * c.cost()[0] for c in decode_plan(cfg, 4, 2048, "bf16") if c.op == "linear")
+    assert linear * 2 == single
+    rows = {r["label"]: r for r in plan_table(plan)}
+    ar = rows["o_proj_all_reduce+down_proj_all_reduce"]
+    assert (ar["count"], ar["message_bytes"], ar["step_min_bytes"]) == (64, 4 * 4096 * 2, 0)

@@ -332,6 +332,9 @@ def rollup(
     interactivity: str | None = typer.Option(None, "--interactivity", help="Target tokens/s per user, e.g. 20,50: "
                                              "cost per M tokens on the frontier there (interpolated)."),
     output: str | None = typer.Option(None, "-o", "--output", help="Write the RunResult (kernels, roll-up) here."),
+    tp: int | None = typer.Option(None, "--tp", help="Tensor-parallel GPUs: one GPU's share of the model plus its "
+                                  "all-reduces, measured in the run or modelled from the interconnect spec "
+                                  "(default 1; with --from: the run's)."),
 ) -> None:
     """Tokens/s per GPU and per user, J/token, $ per million tokens and tokens/s per MW for a model at each batch
     and context: measured bottom-up here, from a run file (--from), projected to another GPU, or --modelled."""
@@ -352,7 +355,7 @@ def rollup(
                           contexts=parse_int_list("--context", context) if context else None, from_run=from_run,
                           gpu=gpu, modelled=modelled_, efficiency=efficiency, device=device, backend=backend,
                           dtype=dtype, prices=prices, energy=energy, max_time_s=max_time_s, interactivity=targets,
-                          output=output, command=list(sys.argv))
+                          output=output, command=list(sys.argv), tp=tp)
         doc = run_rollup(args, console)
     except typer.Exit:
         raise

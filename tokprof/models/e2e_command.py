@@ -187,7 +187,9 @@ def print_reconciliation(console: Console, recs: list[Any], top_ops: int = 5) ->
 
     console = _wide(console)
     for rec in recs:
-        title = f"{rec.model} on {rec.gpu}, batch {rec.batch}, context {rec.context}, {rec.dtype}"
+        tp = getattr(rec, "tp", 1) or 1
+        title = (f"{rec.model} on {rec.gpu}, batch {rec.batch}, context {rec.context}, {rec.dtype}"
+                 + (f", tp={tp}" if tp > 1 else ""))
         table = Table(title=title, show_lines=False)
         rows = waterfall_rows(rec)
         for col in rows[0]:
@@ -196,7 +198,8 @@ def print_reconciliation(console: Console, recs: list[Any], top_ops: int = 5) ->
             table.add_row(*row.values())
         console.print(table)
         if rec.op_inefficiency:
-            ops = Table(title="kernel inefficiency inside L1 -> L2 (per step)")
+            where = "L1i -> L2 (kernels and collectives)" if tp > 1 else "L1 -> L2"
+            ops = Table(title=f"kernel inefficiency inside {where} (per step)")
             for col in ("op", "where", "measured us", "at roof us", "lost us", "share of gap"):
                 ops.add_column(col, justify="left" if col in ("op", "where") else "right")
             for o in rec.op_inefficiency[:top_ops]:

@@ -9,6 +9,11 @@ QKV projection, q/k norm (Qwen3), RoPE, KV append, paged decode attention, O pro
 gate-up projection, SwiGLU, down projection; final norm, LM head, greedy sampling. Calls with the same op, shape
 and dtype are merged into one entry (counts added, labels kept), so each distinct call is measured once and its
 time multiplied by its count.
+
+With tp > 1, decode_plan is the plan of ONE GPU of a tensor-parallel group (tokprof.models.tp.tp_decode_calls):
+sharded heads and MLP columns, plus the collectives (op "all_reduce" / "all_gather", shape {"bytes", "world"}),
+which are not kernel-registry ops: plan_totals leaves them out (tokprof.models.tp.tp_totals counts their bytes),
+and they are timed by tokprof.profiler.collectives. Prefill plans are single-GPU only.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from tokprof.kernels._common import cdiv, dtype_name, parse_dtype
 from tokprof.models.config import ModelConfig
 
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV page, the Transformer's default too
+# The collectives of a tensor-parallel plan: KernelCalls with shape {"bytes", "world"}, not kernel-registry ops.
+COLLECTIVE_OPS = ("all_reduce", "all_gather")
 
 
 @dataclass
@@ -60,15 +67,21 @@ def op_cost(op: str, shape: Mapping[str, int], dtype: str | torch.dtype) -> tupl
     """(flops, min_bytes) of one call of `op`; ValueError when the op is not in the kernel registry."""
     from tokprof.kernels import OPS
 
+    if op in COLLECTIVE_OPS:
+        raise ValueError(f"op: {op!r} is a collective, not a kernel-registry op; time it with "
+                         "tokprof.profiler.collectives (tokprof.models.tp.tp_totals counts its message bytes)")
     if op not in OPS:
         raise ValueError(f"op: {op!r} is not in the kernel registry tokprof.kernels.OPS (has {sorted(OPS)})")
     return OPS[op].cost(dict(shape), parse_dtype(dtype))
 
 
 def plan_totals(plan: list[KernelCall]) -> tuple[int, int]:
-    """(flops, min_bytes) of the whole step: the sum over entries of count x the call's cost."""
+    """(flops, min_bytes) of the step's kernels: the sum over entries of count x the call's cost. Collectives (tp > 1
+    plans) move their bytes over the interconnect, not through a kernel's HBM roofline: they are left out here."""
     flops = min_bytes = 0
     for call in plan:
+        if call.op in COLLECTIVE_OPS:
+            continue
         f, b = call.cost()
         flops += call.count * f
         min_bytes += call.count * b
@@ -97,7 +110,8 @@ class _PlanBuilder:
         return list(self.calls.values())
 
 
-def _check_args(config: ModelConfig, batch: int, tokens: int, tokens_name: str, tp: int, block_size: int) -> None:
+def _check_args(config: ModelConfig, batch: int, tokens: int, tokens_name: str, tp: int, block_size: int,
+                tp_supported: bool) -> None:
     if not isinstance(config, ModelConfig):
         raise ValueError(f"config: expected a ModelConfig (ModelConfig.from_name or from_hf), got "
                          f"{type(config).__name__}")
@@ -107,8 +121,9 @@ def _check_args(config: ModelConfig, batch: int, tokens: int, tokens_name: str, 
     if tokens > config.max_position_embeddings:
         raise ValueError(f"{tokens_name}: expected at most the model's max_position_embeddings "
                          f"{config.max_position_embeddings} ({config.name}), got {tokens}")
-    if tp != 1:
-        raise ValueError(f"tp: tensor parallelism arrives with issue 8; plans support tp=1 only for now, got tp={tp}")
+    if tp != 1 and not tp_supported:
+        raise ValueError(f"tp: prefill plans are single-GPU (tp=1); tensor-parallel plans cover the decode step "
+                         f"(decode_plan(..., tp=N), tokprof.models.tp), got tp={tp}")
 
 
 def _layer_calls(b: _PlanBuilder, config: ModelConfig, tokens: int, attention: tuple[str, dict[str, int]],
@@ -145,8 +160,15 @@ def _head_calls(b: _PlanBuilder, config: ModelConfig, rows: int) -> None:
 def decode_plan(config: ModelConfig, batch: int, context: int, dtype: str | torch.dtype, tp: int = 1,
                 block_size: int = DEFAULT_BLOCK_SIZE) -> list[KernelCall]:
     """The kernel calls of one decode step: `batch` sequences each attending `context` KV tokens (the new one
-    included), in step order, deduplicated."""
-    _check_args(config, batch, context, "context", tp, block_size)
+    included), in step order, deduplicated.
+
+    tp > 1: the calls of ONE GPU of `tp` (tokprof.models.tp.tp_decode_calls), its collectives included; ValueError
+    when the model does not shard evenly over `tp` GPUs."""
+    _check_args(config, batch, context, "context", tp, block_size, tp_supported=True)
+    if tp > 1:
+        from tokprof.models.tp import tp_decode_calls  # tp.py builds on this module: imported when asked for
+
+        return tp_decode_calls(config, batch, context, dtype, tp, block_size)
     b = _PlanBuilder(dtype_name(parse_dtype(dtype)))
     b.add("embedding", "embedding", 1, T=batch, V=config.vocab_size, H=config.hidden_size)
     attention = ("decode_attention", {"B": batch, "Hq": config.num_heads, "Hkv": config.num_kv_heads,
@@ -163,7 +185,7 @@ def prefill_plan(config: ModelConfig, batch: int, prompt_len: int, dtype: str | 
     Every prompt token runs through the layers (T = batch * prompt_len); only the last position of each sequence
     goes through the final norm, the LM head and sampling, since the other positions' logits are never used.
     """
-    _check_args(config, batch, prompt_len, "prompt_len", tp, block_size)
+    _check_args(config, batch, prompt_len, "prompt_len", tp, block_size, tp_supported=False)
     tokens = batch * prompt_len
     b = _PlanBuilder(dtype_name(parse_dtype(dtype)))
     b.add("embedding", "embedding", 1, T=tokens, V=config.vocab_size, H=config.hidden_size)
@@ -175,9 +197,14 @@ def prefill_plan(config: ModelConfig, batch: int, prompt_len: int, dtype: str | 
 
 
 def plan_table(plan: list[KernelCall]) -> list[dict[str, Any]]:
-    """One row per entry with its per-call and per-step cost: for printing and for reports."""
+    """One row per entry with its per-call and per-step cost: for printing and for reports. A collective's row has
+    no kernel cost (flops and min_bytes 0) and its message size in `message_bytes`."""
     rows = []
     for call in plan:
+        if call.op in COLLECTIVE_OPS:
+            rows.append({**call.to_dict(), "label": call.label, "flops": 0, "min_bytes": 0, "step_flops": 0,
+                         "step_min_bytes": 0, "message_bytes": call.shape["bytes"]})
+            continue
         flops, min_bytes = call.cost()
         rows.append({**call.to_dict(), "label": call.label, "flops": flops, "min_bytes": min_bytes,
                      "step_flops": call.count * flops, "step_min_bytes": call.count * min_bytes})

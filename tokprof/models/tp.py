@@ -36,9 +36,7 @@ import torch
 
 from tokprof.kernels._common import cdiv, dtype_name, parse_dtype
 from tokprof.models.config import ModelConfig
-from tokprof.models.plan import DEFAULT_BLOCK_SIZE, KernelCall
-
-COLLECTIVE_OPS = ("all_reduce", "all_gather")
+from tokprof.models.plan import COLLECTIVE_OPS, DEFAULT_BLOCK_SIZE, KernelCall
 
 
 class _Calls:

@@ -127,7 +127,8 @@ def observations(run: RunResult, run_ref: str) -> tuple[dict[tuple, Observation]
         step = p.get("step_time_us")
         if not isinstance(step, (int, float)) or step <= 0:
             continue
-        key = ("point", p.get("model"), p.get("batch"), p.get("context"), p.get("dtype"), p.get("backend"))
+        tp = p.get("tp") or 1  # tensor-parallel points of one model are different points
+        key = ("point", p.get("model"), p.get("batch"), p.get("context"), p.get("dtype"), p.get("backend"), tp)
         if key in out:
             duplicates += 1
             continue
@@ -137,8 +138,9 @@ def observations(run: RunResult, run_ref: str) -> tuple[dict[tuple, Observation]
             effs = [(o.get("total_us"), o.get(f"efficiency_{which}")) for o in ops]
             ok = ops and all(isinstance(t, (int, float)) and isinstance(e, (int, float)) for t, e in effs)
             roofs[which] = sum(t * e for t, e in effs) if ok else None  # t_roof per op = efficiency x time
-        out[key] = Observation("point", key, f"roll-up {p.get('model')} batch {p.get('batch')} context "
-                               f"{p.get('context')} {p.get('dtype')} {p.get('backend')}", float(step), None, None,
+        label = (f"roll-up {p.get('model')} batch {p.get('batch')} context {p.get('context')} {p.get('dtype')} "
+                 f"{p.get('backend')}" + (f" tp={tp}" if tp > 1 else ""))
+        out[key] = Observation("point", key, label, float(step), None, None,
                                None, roofs["measured"], roofs["datasheet"], run_mhz, run_source, run_ref)
     if skipped:
         notes.append(f"{run_ref}: {skipped} modelled or projected roll-up point(s) not compared (not measurements)")

@@ -144,6 +144,11 @@ def roofline_chart(path: str | Path, *, title: str, points: Sequence[RoofPoint],
 # ----------------------------------------------------------------------------------------------------- iceberg
 
 
+INTERCONNECT_LAYER = "L1i"  # tokprof.rollup.reconcile.INTERCONNECT_LAYER's name
+LOST_COLOR = {"lost": "#d62728", "interconnect": "#ff7f0e"}
+LOST_LABEL = {"lost": "lost to the layer above", "interconnect": "lost to the interconnect (collectives at roof)"}
+
+
 @dataclass
 class Level:
     """One layer of the iceberg: tokens/s per GPU (None when not measured, with the reason)."""
@@ -157,7 +162,8 @@ class Level:
 
 
 def iceberg_chart(path: str | Path, *, title: str, levels: Sequence[Level]) -> Path:
-    """Waterfall of tokens/s per GPU from L0 (datasheet) down: each bar a layer, the red part what it lost."""
+    """Waterfall of tokens/s per GPU from L0 (datasheet) down: each bar a layer, the red part what it lost (orange
+    at the interconnect layer L1i of a tensor-parallel point)."""
     known = [lv.tokens_per_s_per_gpu for lv in levels if lv.tokens_per_s_per_gpu is not None]
     if not known:
         raise ValueError("levels: expected at least one layer with tokens_per_s_per_gpu, got none")
@@ -183,9 +189,11 @@ def iceberg_chart(path: str | Path, *, title: str, levels: Sequence[Level]) -> P
         else:
             ax.text(i, value, f"{value:,.0f}", ha="center", va="bottom", fontsize=7)
         if prev is not None and prev > value:
-            ax.bar(i, prev - value, bottom=value, width=0.6, color="#d62728", alpha=0.25, hatch="//",
-                   label=None if "lost" in used else "lost to the layer above")
-            used.add("lost")
+            # the interconnect layer (tensor parallelism, L1i) in its own colour: what the all-reduces cost
+            lost = "interconnect" if lv.name == INTERCONNECT_LAYER else "lost"
+            ax.bar(i, prev - value, bottom=value, width=0.6, color=LOST_COLOR[lost], alpha=0.25, hatch="//",
+                   label=None if lost in used else LOST_LABEL[lost])
+            used.add(lost)
             gap = textwrap.fill(f"-{(prev - value) / prev:.0%} {lv.gap_name or ''}".strip(), 16)
             if prev - value > 0.15 * top:
                 ax.text(i, value + (prev - value) / 2, gap, ha="center", va="center", fontsize=6.5,

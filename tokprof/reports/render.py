@@ -5,6 +5,11 @@
 Reads only RunResult files. Every table names the run each number came from (R1, R2, ... listed with run_id and
 file in the "Runs" section) and its provenance (measured, modelled or projected); every figure's title names its
 run. A section whose data is absent from the runs is omitted with a one-line reason, never filled in.
+
+Tensor parallelism (issue 8): collective measurements (all-reduce, all-gather over NCCL or gloo) are kept out of the
+HBM roofline and listed in their own table (algbw, busbw, % of the link roof); roll-up points at tp > 1 are labelled
+with their tp, get a table splitting the per-GPU step into kernels and collectives, and their icebergs show the L1i
+interconnect layer. Both appear only when the runs hold such data.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from tokprof.profiler.schema import RunResult, load_run
 from tokprof.reports import plots
 
 PROVENANCE_ORDER = ("measured", "modelled", "projected")
+COLLECTIVE_OPS = ("all_reduce", "all_gather")  # tokprof.profiler.collectives.COLLECTIVES, without importing torch
+COLLECTIVE_BACKENDS = ("nccl", "gloo")
 COST_FORMULA = "cost per million tokens = $/GPU-h / (tokens/s per GPU x 3600 / 1e6)"
 
 
@@ -229,8 +236,25 @@ def _spec_of(run: RunResult) -> Any:
     return load_specs().get(key) if key else None
 
 
+def is_collective(k: Any) -> bool:
+    """A collective measurement (all-reduce / all-gather): it has a link roof, not an HBM one."""
+    return k.op in COLLECTIVE_OPS or k.backend in COLLECTIVE_BACKENDS or k.roofline.bound == "interconnect"
+
+
+def _kernels(run: RunResult) -> list[Any]:
+    return [k for k in run.kernels if not is_collective(k)]
+
+
+def tp_of(p: dict[str, Any]) -> int:
+    return int(p.get("tp") or 1)
+
+
+def _gpu_cell(p: dict[str, Any]) -> str:
+    return f"{p.get('gpu')} (tp={tp_of(p)})" if tp_of(p) > 1 else str(p.get("gpu"))
+
+
 def _main_dtype(run: RunResult) -> str | None:
-    dtypes = [k.dtype for k in run.kernels]
+    dtypes = [k.dtype for k in _kernels(run)]
     return max(set(dtypes), key=dtypes.count) if dtypes else None
 
 
@@ -290,8 +314,10 @@ def _roofline_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], li
         omitted.append("roofline: no kernel measurements in any run")
         return blocks + [Omitted(omitted[-1])], omitted
     for r in runs:
-        if not r.run.kernels:
-            omitted.append(f"roofline {r.label}: no kernel measurements in this run")
+        kernels = _kernels(r.run)
+        if not kernels:
+            omitted.append(f"roofline {r.label}: no kernel measurements in this run"
+                           + (" (collectives only: see their table)" if r.run.kernels else ""))
             blocks.append(Omitted(omitted[-1]))
             continue
         dtype = _main_dtype(r.run)
@@ -304,9 +330,9 @@ def _roofline_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], li
         if sheet is not None:
             roofs.append(sheet)
         points = [plots.RoofPoint(k.op, k.roofline.intensity_flop_per_byte, k.roofline.achieved_tflops,
-                                  k.roofline.suspicious) for k in r.run.kernels
+                                  k.roofline.suspicious) for k in kernels
                   if k.roofline.intensity_flop_per_byte > 0 and k.roofline.achieved_tflops > 0]
-        left_out = sorted({k.op for k in r.run.kernels if k.roofline.intensity_flop_per_byte <= 0
+        left_out = sorted({k.op for k in kernels if k.roofline.intensity_flop_per_byte <= 0
                            or k.roofline.achieved_tflops <= 0})
         device = r.run.provenance.device.name
         if points:
@@ -324,14 +350,16 @@ def _roofline_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], li
             blocks.append(Omitted(omitted[-1]))
         blocks.append(Table(["run", "op", "shape", "dtype", "backend", "median us (mode)", "p10-p90 us", "noise",
                              "GB/s", "TFLOP/s", "% measured roof", "% datasheet roof", "bound", "J/call (total)",
-                             "provenance", "flags"], [_kernel_row(r, k) for k in r.run.kernels],
-                            [f"prov-{k.provenance}" for k in r.run.kernels]))
+                             "provenance", "flags"], [_kernel_row(r, k) for k in kernels],
+                            [f"prov-{k.provenance}" for k in kernels]))
         if r.run.failures:
             blocks.append(Para(f"{r.label}: {len(r.run.failures)} call(s) could not be measured:"))
             blocks.append(Table(["run", "op", "shape", "dtype", "backend", "error"],
                                 [[r.label, f.op, shape_text(f.shape), f.dtype, f.backend, f.error]
                                  for f in r.run.failures]))
-    return blocks, omitted
+    from tokprof.reports.tp_tables import collectives_blocks
+
+    return blocks + collectives_blocks(runs), omitted
 
 
 def _points(runs: list[LoadedRun]) -> list[tuple[LoadedRun, dict[str, Any]]]:
@@ -347,8 +375,8 @@ def _pareto_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], list
         if not (isinstance(x, (int, float)) and isinstance(y, (int, float)) and x > 0 and y > 0):
             continue
         prov = str(p.get("provenance", "unknown"))
-        key = (r.label, p.get("gpu"), p.get("model"), p.get("context"), prov)
-        label = f"{r.label} {p.get('gpu')} {p.get('model')} ctx {p.get('context')}"
+        key = (r.label, p.get("gpu"), p.get("model"), p.get("context"), prov, tp_of(p))
+        label = f"{r.label} {_gpu_cell(p)} {p.get('model')} ctx {p.get('context')}"
         series.setdefault(key, plots.Series(label, prov)).points.append((float(x), float(y), int(batch or 0)))
         usd = p.get("usd_per_gpu_hour")
         if isinstance(usd, (int, float)) and usd > 0:
@@ -389,13 +417,15 @@ def _cost_section(runs: list[LoadedRun]) -> tuple[list[Block], list[str]]:
                                   rp[1].get("batch") or 0))
         blocks.append(Heading(f"{prov} rows", 3))
         blocks.append(Table(_COST_HEADERS, [
-            [r.label, prov, str(p.get("gpu")), str(p.get("model")), num(p.get("batch")), num(p.get("context")),
+            [r.label, prov, _gpu_cell(p), str(p.get("model")), num(p.get("batch")), num(p.get("context")),
              f"{p.get('dtype')} / {p.get('backend')}", num(p.get("step_time_us")), num(p.get("tokens_per_s_per_gpu")),
              num(p.get("tokens_per_s_per_user")), num(p.get("usd_per_gpu_hour")), num(p.get("usd_per_million_tokens")),
              na(p.get("j_per_token_total"), p.get("energy_reason")),
              na(p.get("energy_usd_per_million_tokens"), p.get("energy_reason")), num(p.get("tokens_per_s_per_mw")),
              str(p.get("price_source") or "n/a")] for r, p in rows], [f"prov-{prov}"] * len(rows)))
-    return blocks, []
+    from tokprof.reports.tp_tables import tp_blocks
+
+    return blocks + tp_blocks(points), []
 
 
 def _op_share_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], list[str]]:
@@ -407,7 +437,7 @@ def _op_share_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], li
             ops = p.get("ops") or []
             if not ops or p.get("batch") is None:
                 continue
-            key = (str(p.get("gpu")), str(p.get("provenance")), str(p.get("model")), p.get("context"))
+            key = (_gpu_cell(p), str(p.get("provenance")), str(p.get("model")), p.get("context"))
             shares = groups.setdefault(key, {}).setdefault(int(p["batch"]), {})
             for o in ops:
                 label = str(o.get("label") or o.get("op"))
@@ -483,21 +513,23 @@ def _iceberg_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], lis
             blocks.append(Omitted(omitted[-1]))
             continue
         for rec in r.run.reconciliation:
-            b, c = rec.get("batch"), rec.get("context")
-            where = f"{rec.get('model')} on {rec.get('gpu')}, batch {b}, context {c}"
+            b, c, tp = rec.get("batch"), rec.get("context"), int(rec.get("tp") or 1)
+            where = f"{rec.get('model')} on {rec.get('gpu')}" + (f" x{tp} (tp={tp})" if tp > 1 else "") + \
+                f", batch {b}, context {c}"
+            suffix = f"_tp{tp}" if tp > 1 else ""
             blocks.append(Heading(f"{r.label}: {where}", 3))
             layers = [lv for lv in rec.get("layers") or [] if isinstance(lv, dict)]
             levels = [plots.Level(str(lv.get("name")), str(lv.get("title") or ""), lv.get("tokens_per_s_per_gpu"),
                                   str(lv.get("provenance") or "unknown"), lv.get("gap_name"), _layer_reason(lv))
                       for lv in layers]
             if any(lv.tokens_per_s_per_gpu is not None for lv in levels):
-                path = plots.iceberg_chart(out / f"iceberg_{r.label}_b{b}_c{c}.png",
+                path = plots.iceberg_chart(out / f"iceberg_{r.label}_b{b}_c{c}{suffix}.png",
                                            title=f"Iceberg: {where} [{r.label} {r.run.run_id}]", levels=levels)
                 blocks.append(Image(path, f"iceberg {r.label} batch {b} context {c}",
                                     f"{r.ref}: tokens/s per GPU at each layer (bar colour = provenance); red: lost "
                                     "to the layer above, named by its gap."))
             else:
-                omitted.append(f"iceberg chart {r.label} b{b} c{c}: no layer has tokens/s")
+                omitted.append(f"iceberg chart {r.label} b{b} c{c}{suffix}: no layer has tokens/s")
                 blocks.append(Omitted(omitted[-1]))
             blocks.append(Table(["run", "layer", "what", "tokens/s per GPU", "$/M tokens", "J/token", "provenance",
                                  "gap to the layer above", "gap tokens/s", "share of total gap"],
@@ -516,12 +548,20 @@ def _iceberg_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], lis
                 + f"; bottom-up error in tokens/s (L2 vs {against}, signed, both measured) "
                 + (f"{err:+.1f}%" if isinstance(err, (int, float)) else "n/a (no end-to-end layer to compare with)")
                 + (f"; in J/token {e_err:+.1f}%" if isinstance(e_err, (int, float)) else "") + "."))
+            if tp > 1:
+                blocks.append(Para(f"{r.label}: tensor parallel over {tp} GPUs: every layer's tokens/s per GPU is "
+                                   f"batch / step time / {tp}, J/token counts the {tp} GPUs. L1i adds the plan's "
+                                   "collectives at the interconnect roof (link bandwidth, no latency) to the roof "
+                                   "above it; the gap it opens is the interconnect (all-reduce)."))
             loss = _op_loss_rows(rec, r.label)
             if loss:
-                blocks.append(Para(f"{r.label}: kernel inefficiency inside L1 -> L2, largest losses first (time per "
-                                   "step, measured against the measured roofline):"))
+                top = "L1i" if tp > 1 else "L1"
+                what = "kernel and collective" if tp > 1 else "kernel"
+                blocks.append(Para(f"{r.label}: {what} inefficiency inside {top} -> L2, largest losses first (time "
+                                   "per step, measured against the measured roofline"
+                                   + ("; collectives against the link roof" if tp > 1 else "") + "):"))
                 blocks.append(Table(["run", "op", "label", "measured us", "at roof us", "lost us",
-                                     "share of L1-L2 gap"], loss))
+                                     f"share of {top}-L2 gap"], loss))
             for note in _notes(rec.get("notes")):
                 blocks.append(Para(f"{r.label} note: {note}"))
     return blocks, omitted

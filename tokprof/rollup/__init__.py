@@ -6,12 +6,14 @@
     points, run = rollup.bottom_up(cfg, [1, 8, 64], [1024, 8192], "triton", "cuda")    # measured
     points = rollup.project(run, "b200")                                                # projected
     points = rollup.modelled(cfg, "h200", [1, 64], [8192], efficiency=0.8)             # modelled
+    points = rollup.modelled(cfg70b, "h100", [8], [4096], tp=4)     # one GPU of 4, all-reduces modelled (NVLink)
     rollup.pareto_frontier(points, context=8192); rollup.cost_at_interactivity(points, 50.0, context=8192)
     rollup.check_published_table()        # where a published cost-per-token table does not follow its formula
 
 Modules: economics (formulas, price sheets, all-in power), records (RollupPoint, OpShare), bottom_up, project
-(projected and modelled), pareto (frontier, interactivity), published (article check), reconcile (the iceberg
-layers L0..L5 against end-to-end measurements).
+(projected and modelled), interconnect (the collectives of tensor-parallel points: measured or modelled), pareto
+(frontier, interactivity), published (article check), reconcile (the iceberg layers L0..L5, and L1i at tp > 1,
+against end-to-end measurements).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tokprof.rollup.economics import (
     pricing_for,
     tokens_per_s_per_mw,
 )
+from tokprof.rollup.interconnect import CollectiveOptions
 from tokprof.rollup.pareto import InteractivityCost, cost_at_interactivity, pareto_frontier
 from tokprof.rollup.project import DEFAULT_EFFICIENCY, modelled, project, resolve_gpu, roof_time_us
 from tokprof.rollup.published import PublishedCheck, check_published_table
@@ -38,6 +41,7 @@ from tokprof.rollup.reconcile import Layer, OpInefficiency, Reconciliation, reco
 from tokprof.rollup.records import OpShare, RollupPoint, build_point, points_from_run
 
 __all__ = [
+    "CollectiveOptions",
     "Layer",
     "OpInefficiency",
     "Reconciliation",

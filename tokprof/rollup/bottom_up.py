@@ -12,6 +12,15 @@ already in `run` are reused. Then, per point:
 
 and the economics of tokprof.rollup.economics. A point whose calls failed (out of memory, ...) is left out, and the
 run's notes say which call failed.
+
+Tensor parallelism (`tp` > 1): the plans are one GPU's of the group (tokprof.models.tp); only their kernel calls
+are measured here, and the collectives are split off and timed by tokprof.rollup.interconnect: the run's own
+collective measurements (`tokprof bench --op all_reduce --world-size N`) where it has the same size, else modelled
+from the interconnect of the run's GPU, or of `collectives.interconnect_gpu` when named (a CPU has none: without a
+named GPU the collective time of a CPU point is None with the reason, and its step counts the kernels only).
+
+    step time     = kernel sum + sum over collectives of count x time           (per GPU)
+    tokens/s/GPU  = batch / step time / tp,  J/token = tp x kernel energy per GPU step / batch
 """
 
 from __future__ import annotations
@@ -25,9 +34,17 @@ import torch
 
 from tokprof.kernels._common import dtype_name, parse_dtype
 from tokprof.models.config import ModelConfig
-from tokprof.models.plan import DEFAULT_BLOCK_SIZE, KernelCall, decode_plan
+from tokprof.models.plan import COLLECTIVE_OPS, DEFAULT_BLOCK_SIZE, KernelCall
+from tokprof.profiler.devices import GpuSpec, load_specs
 from tokprof.profiler.schema import Ceilings, Failure, KernelMeasurement, RunResult, save_run
 from tokprof.rollup.economics import PriceOptions
+from tokprof.rollup.interconnect import (
+    CollectiveOptions,
+    TimedCollectives,
+    interconnect_spec,
+    time_collectives,
+    tp_step,
+)
 from tokprof.rollup.records import OpShare, RollupPoint, build_point, check_sweep, merge_points
 
 AUTO = "auto"
@@ -55,13 +72,37 @@ def _step_energy(calls: list[tuple[KernelCall, KernelMeasurement]]) -> tuple[flo
     return total, dynamic, None
 
 
+def _check_tp(tp: int) -> int:
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp: expected a positive int (GPUs of the tensor-parallel group), got {tp!r}")
+    return tp
+
+
+def _run_collectives(run: RunResult, collectives: list[KernelCall], options: CollectiveOptions) -> TimedCollectives:
+    """Time one step's collectives: the run's measurements on its own device, else modelled from its spec row or
+    from the named interconnect GPU (then the run's own measurements, of another link, are not used)."""
+    info = run.provenance.device
+    own: GpuSpec | None = load_specs().get(info.spec_key) if info.spec_key else None
+    spec, named = interconnect_spec(options, own)
+    use_own = not named or (own is not None and spec is not None and spec.key == own.key)
+    measured = [k for k in run.kernels if k.op in COLLECTIVE_OPS and k.device == info.name] if use_own else []
+    timed = time_collectives(collectives, spec=spec, options=options, measurements=measured)
+    if named and not use_own and timed.reason is None:
+        timed.notes.insert(0, f"collectives modelled on the {spec.key} interconnect (named), not on {info.name}")
+    return timed
+
+
 def rollup_points(config: ModelConfig, batches: Sequence[int], contexts: Sequence[int], run: RunResult, *,
                   backend: str, dtype: str | torch.dtype = "bf16", prices: PriceOptions | None = None,
-                  block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[list[RollupPoint], list[str]]:
+                  block_size: int = DEFAULT_BLOCK_SIZE, tp: int = 1,
+                  collectives: CollectiveOptions | None = None) -> tuple[list[RollupPoint], list[str]]:
     """Measured points from the kernel measurements already in `run` (nothing is measured here).
 
-    Returns (points, notes): a point with an unmeasured or failed call is left out and a note says why."""
+    Returns (points, notes): a point with an unmeasured or failed call is left out and a note says why. tp > 1:
+    one GPU's kernels from the run, its collectives measured in the run or modelled (see the module docstring)."""
     batches, contexts = check_sweep(batches, contexts)
+    tp = _check_tp(tp)
+    options = collectives or CollectiveOptions()
     dname = dtype_name(parse_dtype(dtype))
     gpu = run_gpu_name(run)
     device_name = run.provenance.device.name
@@ -73,7 +114,7 @@ def rollup_points(config: ModelConfig, batches: Sequence[int], contexts: Sequenc
     notes: list[str] = []
     for batch in batches:
         for context in contexts:
-            plan = decode_plan(config, batch, context, dname, block_size=block_size)
+            plan, colls = tp_step(config, batch, context, dname, tp, block_size)
             pairs: list[tuple[KernelCall, KernelMeasurement]] = []
             missing = []
             for call in plan:
@@ -100,10 +141,19 @@ def rollup_points(config: ModelConfig, batches: Sequence[int], contexts: Sequenc
             if j_total is not None:
                 point_notes.append("J/token from measured kernel energy: total (j_per_token_total) and total minus "
                                    "idle power x time (j_per_token_dynamic)")
+            tp_kw: dict[str, Any] = {}
+            if tp > 1:
+                timed = _run_collectives(run, colls, options)
+                ops.extend(timed.shares)
+                point_notes.extend(timed.notes)
+                tp_kw = {"collective_provenance": timed.provenance, "collective_reason": timed.reason}
+                if j_total is not None:
+                    point_notes.append(f"J/token counts the measured kernel energy of each of the {tp} GPUs; the "
+                                       "collectives' energy is not measured (a lower bound)")
             points.append(build_point(model=config.name, gpu=gpu, batch=batch, context=context, dtype=dname,
                                       backend=backend, provenance="measured", ops=ops, pricing=pricing,
                                       j_per_step_total=j_total, j_per_step_dynamic=j_dynamic, energy_reason=reason,
-                                      notes=point_notes))
+                                      notes=point_notes, tp=tp, **tp_kw))
     return points, notes
 
 
@@ -118,17 +168,22 @@ def bottom_up(config: ModelConfig, batches: Sequence[int], contexts: Sequence[in
               energy_kwargs: dict[str, Any] | None = None, ceilings: Ceilings | None | str = AUTO,
               prices: PriceOptions | None = None, run: RunResult | None = None, out: str | Path | None = None,
               command: Sequence[str] | None = None, block_size: int = DEFAULT_BLOCK_SIZE, seed: int = 0,
-              progress: bool = True) -> tuple[list[RollupPoint], RunResult]:
+              progress: bool = True, tp: int = 1,
+              collectives: CollectiveOptions | None = None) -> tuple[list[RollupPoint], RunResult]:
     """Measure the decode plans of the sweep on `device` and roll them up; returns (points, the filled RunResult).
 
     `ceilings` AUTO measures this machine's copy bandwidth and GEMM FLOP/s (cached per GPU), None skips them (no
     measured-roofline efficiency), or pass a Ceilings. `run` continues an earlier run of the same device and model:
     its measured calls are reused. With `out`, the run is saved after every call and once more at the end.
+    `tp` > 1 measures one GPU's kernel calls of a tensor-parallel group; `collectives` says how its collectives
+    are timed where the run has no measurement of them (e.g. CollectiveOptions(interconnect_gpu="h100-sxm") on a
+    CPU).
     """
     from tokprof.profiler.bench import bench_calls, new_run
     from tokprof.profiler.ceilings import measure_ceilings
 
     batches, contexts = check_sweep(batches, contexts)
+    tp = _check_tp(tp)
     dname = dtype_name(parse_dtype(dtype))
     dev = torch.device(device)
     if run is None:
@@ -146,7 +201,7 @@ def bottom_up(config: ModelConfig, batches: Sequence[int], contexts: Sequence[in
     distinct: dict[Key, KernelCall] = {}
     for batch in batches:
         for context in contexts:
-            for call in decode_plan(config, batch, context, dname, block_size=block_size):
+            for call in tp_step(config, batch, context, dname, tp, block_size)[0]:  # kernels; collectives apart
                 distinct.setdefault(_key(call, backend), call)
     device_name = run.provenance.device.name
     have = {k.key() for k in run.kernels if k.device == device_name}
@@ -156,11 +211,11 @@ def bottom_up(config: ModelConfig, batches: Sequence[int], contexts: Sequence[in
                     energy_kwargs=energy_kwargs, ceilings=ceilings if isinstance(ceilings, Ceilings) else None,
                     out=out, run=run, progress=progress)
     points, notes = rollup_points(config, batches, contexts, run, backend=backend, dtype=dname, prices=prices,
-                                  block_size=block_size)
+                                  block_size=block_size, tp=tp, collectives=collectives)
     merge_points(run.rollup, points)
     run.notes.extend(notes)
-    run.notes.append(f"roll-up: {len(points)} point(s) of {config.name} from {len(distinct)} distinct calls "
-                     f"({len(todo)} measured now, {len(distinct) - len(todo)} reused)")
+    run.notes.append(f"roll-up: {len(points)} point(s) of {config.name}{f' at tp={tp}' if tp > 1 else ''} from "
+                     f"{len(distinct)} distinct calls ({len(todo)} measured now, {len(distinct) - len(todo)} reused)")
     if out is not None:
         save_run(run, out)
     return points, run

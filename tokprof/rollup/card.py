@@ -5,7 +5,8 @@ the weights once plus the KV cache of its context, so no kernel can beat
 
     tokens/s (batch 1) <= HBM bandwidth / (decode weight bytes + KV bytes per token x context)
 
-on that GPU's datasheet. The table then gives the roll-up points, each with its provenance.
+on that GPU's datasheet. The table then gives the roll-up points, each with its provenance; at tp > 1 a second
+table splits each point's per-GPU step into kernels and collectives (the all-reduce share of the step).
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from tokprof.rollup.pareto import InteractivityCost
 from tokprof.rollup.records import RollupPoint
 
 
-def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int], dtype: str) -> dict[str, Any]:
-    """Weight bytes, KV bytes per token and the batch-1 bandwidth bound per context (modelled, from specs)."""
+def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int], dtype: str,
+                  tp: int = 1) -> dict[str, Any]:
+    """Weight bytes, KV bytes per token and the batch-1 bandwidth bound per context (modelled, from specs).
+
+    tp > 1 adds the linear-weight bytes one GPU of the group reads per step (the bound stays a single GPU's)."""
     torch_dtype = parse_dtype(dtype)
     weights = config.decode_weight_bytes(torch_dtype)
     kv = config.kv_bytes_per_token(torch_dtype)
@@ -34,6 +38,11 @@ def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int]
         "kv_bytes_per_token": kv, "gpu": spec.key if spec is not None else None,
         "hbm_tbps": spec.hbm_tbps if spec is not None else None, "provenance": "modelled", "batch1": [],
     }
+    if tp > 1:
+        from tokprof.models.tp import tp_decode_calls, weight_bytes_per_gpu
+
+        card["tp"] = tp
+        card["linear_weight_bytes_per_gpu"] = weight_bytes_per_gpu(tp_decode_calls(config, 1, 1, dtype, tp))
     if spec is None or spec.hbm_tbps is None:
         card["batch1_reason"] = "no datasheet HBM bandwidth for this device (a CPU or an unknown GPU)"
         return card
@@ -57,6 +66,9 @@ def print_card(console: Console, card: dict[str, Any]) -> None:
     console.print(f"[bold]{card['model']}[/] ({card['dtype']}): {_count_params(card['params'])} parameters, "
                   f"weights {_gb(card['weight_bytes'])}, read per decode step {_gb(card['decode_weight_bytes'])}; "
                   f"KV cache {card['kv_bytes_per_token'] / 1024:.0f} KiB per token")
+    if card.get("tp"):
+        console.print(f"tensor parallel over {card['tp']} GPUs: each reads {_gb(card['linear_weight_bytes_per_gpu'])} "
+                      "of linear weights per step and pays 2 all-reduces per layer; the bound below is one GPU's")
     if not card["batch1"]:
         console.print(f"batch-1 bandwidth bound: unknown ({card.get('batch1_reason')})")
         return
@@ -98,6 +110,28 @@ def print_points(console: Console, points: list[RollupPoint], title: str) -> Non
         reasons = {p.energy_reason for p in points if p.energy_reason}
         if len(reasons) == 1:
             console.print(f"[dim]J/token: {reasons.pop()}[/]")
+
+
+def print_interconnect(console: Console, points: list[RollupPoint]) -> None:
+    """At tp > 1: each point's per-GPU step split into kernels and collectives, with the all-reduce share."""
+    tp_points = [p for p in points if p.tp > 1]
+    if not tp_points:
+        return
+    table = Table(title="interconnect: per-GPU step = kernels + collectives", box=box.SIMPLE_HEAD, show_edge=False,
+                  pad_edge=False, collapse_padding=True)
+    for col in ("batch", "context", "tp", "step us", "kernels\nus", "collect-\nives us", "all-reduce\nshare",
+                "collectives"):
+        table.add_column(col, justify="left" if col == "collectives" else "right", no_wrap=True)
+    for p in tp_points:
+        all_reduce_us = sum(o.total_us for o in p.ops if o.op == "all_reduce")
+        known = p.collective_time_us is not None
+        table.add_row(str(p.batch), str(p.context), str(p.tp), f"{p.step_time_us:,.1f}",
+                      _fmt(p.kernel_time_us, ",.1f"), _fmt(p.collective_time_us, ",.1f"),
+                      f"{all_reduce_us / p.step_time_us:.1%}" if known else "-",
+                      p.collective_provenance if known else "unknown")
+    console.print(table)
+    for reason in dict.fromkeys(p.collective_reason for p in tp_points if p.collective_reason):
+        console.print(f"[yellow]collective time unknown: {reason}[/]")
 
 
 def print_interactivity(console: Console, costs: list[InteractivityCost]) -> None:

@@ -3,7 +3,8 @@ JSON document the command prints as its last line. Bad arguments raise ValueErro
 error without a traceback).
 
 Modes: measured here (bottom-up on --device), measured from a run file (--from), projected from a run file onto
-another GPU (--from with --gpu), or modelled from a datasheet (--modelled --gpu).
+another GPU (--from with --gpu), or modelled from a datasheet (--modelled --gpu). Each at a tensor-parallel degree
+(--tp N: one GPU's share of the model, its all-reduces measured in the run or modelled from the interconnect spec).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tokprof.profiler.schema import RunResult, load_run, save_run
 from tokprof.rollup import card as rcard
 from tokprof.rollup.bottom_up import bottom_up, rollup_points
 from tokprof.rollup.economics import PriceOptions, check_positive
+from tokprof.rollup.interconnect import CollectiveOptions
 from tokprof.rollup.pareto import InteractivityCost, cost_at_interactivity
 from tokprof.rollup.project import DEFAULT_EFFICIENCY, modelled, project, resolve_gpu
 from tokprof.rollup.records import RollupPoint, merge_points, points_from_run
@@ -48,6 +50,8 @@ class RollupArgs:
     interactivity: list[float] = field(default_factory=list)
     output: str | None = None
     command: list[str] = field(default_factory=lambda: list(sys.argv))
+    tp: int | None = None  # tensor-parallel degree; None: 1 (with --from: the run's measured points' own)
+    collectives: CollectiveOptions = field(default_factory=CollectiveOptions)  # how collectives are modelled
 
 
 def load_model(name: str) -> ModelConfig:
@@ -73,6 +77,9 @@ def _from_run(a: RollupArgs, console: Console) -> tuple[ModelConfig, dict[str, A
     if not run.kernels:
         raise ValueError(f"--from: {a.from_run} holds no kernel measurements")
     measured = [p for p in points_from_run(run.rollup) if p.provenance == "measured"]
+    tps = {p.tp for p in measured}
+    tp = a.tp or (tps.pop() if len(tps) == 1 else 1)
+    measured = [p for p in measured if p.tp == tp]
     batches = a.batches or sorted({p.batch for p in measured})
     contexts = a.contexts or sorted({p.context for p in measured})
     if not batches or not contexts:
@@ -83,17 +90,19 @@ def _from_run(a: RollupArgs, console: Console) -> tuple[ModelConfig, dict[str, A
     source_key = run.provenance.device.spec_key
     target = resolve_gpu(a.gpu) if a.gpu else None
     spec = target or (load_specs().get(source_key) if source_key else None)
-    card = _card(console, cfg, spec, contexts, dtype)
+    card = _card(console, cfg, spec, contexts, dtype, tp)
     if target is not None and target.key != source_key:
         points = project(run, target, prices=a.prices, batches=batches, contexts=contexts, dtype=dtype,
-                         backend=backend)
+                         backend=backend, tp=tp, collectives=a.collectives)
         return cfg, card, points, "projected", run, []
-    points, notes = rollup_points(cfg, batches, contexts, run, backend=backend, dtype=dtype, prices=a.prices)
+    points, notes = rollup_points(cfg, batches, contexts, run, backend=backend, dtype=dtype, prices=a.prices, tp=tp,
+                                  collectives=a.collectives)
     return cfg, card, points, "measured", run, notes
 
 
-def _card(console: Console, cfg: ModelConfig, spec: GpuSpec | None, contexts: list[int], dtype: str) -> dict[str, Any]:
-    card = rcard.analytic_card(cfg, spec, contexts, dtype)
+def _card(console: Console, cfg: ModelConfig, spec: GpuSpec | None, contexts: list[int], dtype: str,
+          tp: int = 1) -> dict[str, Any]:
+    card = rcard.analytic_card(cfg, spec, contexts, dtype, tp=tp)
     rcard.print_card(console, card)
     return card
 
@@ -102,6 +111,9 @@ def run_rollup(a: RollupArgs, console: Console) -> dict[str, Any]:
     """Do the roll-up `a` asks for, printing the card and the table on `console`; return the summary document."""
     if a.modelled and a.from_run:
         raise ValueError("--modelled and --from: choose one (--modelled uses specs alone, --from a measured run)")
+    if a.tp is not None and (isinstance(a.tp, bool) or not isinstance(a.tp, int) or a.tp < 1):
+        raise ValueError(f"--tp: expected a positive number of GPUs, got {a.tp!r}")
+    tp = a.tp or 1
     notes: list[str] = []
     run: RunResult | None = None
     if a.from_run:
@@ -111,8 +123,9 @@ def run_rollup(a: RollupArgs, console: Console) -> dict[str, Any]:
             raise ValueError("--modelled: give --model and --gpu (e.g. --model llama-3.1-8b --gpu h200 --modelled)")
         cfg, spec = load_model(a.model), resolve_gpu(a.gpu)
         contexts, dtype = a.contexts or DEFAULT_CONTEXTS, a.dtype or "bf16"
-        card = _card(console, cfg, spec, contexts, dtype)
-        points = modelled(cfg, spec, a.batches or DEFAULT_BATCHES, contexts, dtype, a.efficiency, prices=a.prices)
+        card = _card(console, cfg, spec, contexts, dtype, tp)
+        points = modelled(cfg, spec, a.batches or DEFAULT_BATCHES, contexts, dtype, a.efficiency, prices=a.prices,
+                          tp=tp, collectives=a.collectives)
         mode = "modelled"
     else:
         if a.model is None:
@@ -129,7 +142,7 @@ def run_rollup(a: RollupArgs, console: Console) -> dict[str, Any]:
         cfg = load_model(a.model)
         contexts, dtype = a.contexts or DEFAULT_CONTEXTS, a.dtype or "bf16"
         key = detect_device(dev).spec_key
-        card = _card(console, cfg, load_specs().get(key) if key else None, contexts, dtype)
+        card = _card(console, cfg, load_specs().get(key) if key else None, contexts, dtype, tp)
         timing_kwargs = None
         if a.max_time_s is not None:
             budget = check_positive("--max-time-s", a.max_time_s)
@@ -137,14 +150,16 @@ def run_rollup(a: RollupArgs, console: Console) -> dict[str, Any]:
             timing_kwargs = {"max_time_s": budget, "min_time_s": min(0.1, budget)}
         points, run = bottom_up(cfg, a.batches or DEFAULT_BATCHES, contexts, a.backend or "triton", dev,
                                 dtype=dtype, energy=a.energy, timing_kwargs=timing_kwargs, prices=a.prices,
-                                out=a.output, command=a.command)
+                                out=a.output, command=a.command, tp=tp, collectives=a.collectives)
         notes = [n for n in run.notes if n.startswith("batch ")]
         mode = "measured"
     for note in notes:
         console.print(f"[yellow]{note}[/]")
     if not points:
         raise ValueError("no roll-up point could be computed (see the notes above)")
-    rcard.print_points(console, points, f"{cfg.name} on {points[0].gpu} ({mode}, {points[0].dtype})")
+    at_tp = f", tp={points[0].tp}" if points[0].tp > 1 else ""
+    rcard.print_points(console, points, f"{cfg.name} on {points[0].gpu} ({mode}, {points[0].dtype}{at_tp})")
+    rcard.print_interconnect(console, points)
     costs: list[InteractivityCost] = [cost_at_interactivity(points, target, context=ctx)
                                       for target in a.interactivity for ctx in sorted({p.context for p in points})]
     rcard.print_interactivity(console, costs)

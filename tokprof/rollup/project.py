@@ -11,6 +11,10 @@ For one kernel call of `flops` and `min_bytes` on a GPU with datasheet peaks:
 
 The step time is the sum over the decode plan of count x time; points are labelled `projected` or `modelled`.
 Energy is not carried across GPUs: J/token is None, and the reason gives the TDP x step-time upper bound.
+
+With tensor parallelism (`tp` > 1) the plan is one GPU's (tokprof.models.tp) and its collectives are timed from the
+GPU's interconnect spec at a stated efficiency (tokprof.rollup.interconnect, labelled modelled): the step time is
+kernels + count x collective time, tokens/s per GPU divides by tp.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from collections.abc import Mapping
 
 from tokprof.kernels._common import dtype_name, parse_dtype
 from tokprof.models.config import ModelConfig
-from tokprof.models.plan import DEFAULT_BLOCK_SIZE, KernelCall, decode_plan
+from tokprof.models.plan import COLLECTIVE_OPS, DEFAULT_BLOCK_SIZE, KernelCall
 from tokprof.profiler.devices import GpuSpec, load_specs, match_spec
 from tokprof.profiler.schema import KernelMeasurement, RunResult
 from tokprof.rollup.economics import PriceOptions, check_positive
+from tokprof.rollup.interconnect import CollectiveOptions, interconnect_spec, time_collectives, tp_step
 from tokprof.rollup.records import OpShare, RollupPoint, build_point, check_sweep, points_from_run
 
 # Short names people type for a spec-table row: "H100" means the SXM part (the HGX boards clouds rent, and the
@@ -66,11 +71,29 @@ def roof_time_us(flops: int, min_bytes: int, spec: GpuSpec, dtype: str) -> tuple
     return (t_compute_us, "compute") if t_compute_us > t_mem_us else (t_mem_us, "memory")
 
 
-def _tdp_bound(spec: GpuSpec, step_us: float, batch: int) -> str:
+def _tdp_bound(spec: GpuSpec, step_us: float, batch: int, tp: int = 1) -> str:
     if spec.tdp_w is None:
         return f"{spec.key} has no TDP in the spec table, so no upper bound either"
-    return (f"upper bound at TDP ({spec.tdp_w:.0f} W for the whole step): "
-            f"{spec.tdp_w * step_us * 1e-6 / batch:.3g} J/token")
+    gpus = f" on each of {tp} GPUs" if tp > 1 else ""
+    return (f"upper bound at TDP ({spec.tdp_w:.0f} W for the whole step{gpus}): "
+            f"{spec.tdp_w * tp * step_us * 1e-6 / batch:.3g} J/token")
+
+
+def _check_tp(tp: int) -> int:
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp: expected a positive int (GPUs of the tensor-parallel group), got {tp!r}")
+    return tp
+
+
+def _with_collectives(ops: list[OpShare], collectives: list[KernelCall], target: GpuSpec,
+                      options: CollectiveOptions) -> tuple[dict, list[str]]:
+    """Add the modelled collectives' shares to `ops`; (build_point's tp keywords, notes)."""
+    spec, named = interconnect_spec(options, target)
+    timed = time_collectives(collectives, spec=spec, options=options)
+    ops.extend(timed.shares)
+    notes = ([f"collectives modelled on the {spec.key} interconnect (named), not {target.key}'s"]
+             if named and spec is not None and spec.key != target.key else [])
+    return {"collective_provenance": timed.provenance, "collective_reason": timed.reason}, notes + timed.notes
 
 
 def _efficiency_for(efficiency: float | Mapping[str, float], op: str) -> float:
@@ -89,9 +112,15 @@ def _efficiency_for(efficiency: float | Mapping[str, float], op: str) -> float:
 
 def modelled(config: ModelConfig, gpu: str | GpuSpec, batches: list[int], contexts: list[int],
              dtype: str = "bf16", efficiency: float | Mapping[str, float] = DEFAULT_EFFICIENCY, *,
-             prices: PriceOptions | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> list[RollupPoint]:
-    """Points from the datasheet alone: every call of the plan at `efficiency` (one number or per op) of its roof."""
+             prices: PriceOptions | None = None, block_size: int = DEFAULT_BLOCK_SIZE, tp: int = 1,
+             collectives: CollectiveOptions | None = None) -> list[RollupPoint]:
+    """Points from the datasheet alone: every call of the plan at `efficiency` (one number or per op) of its roof.
+
+    tp > 1: one GPU's plan of a tensor-parallel group, its collectives modelled from the interconnect spec
+    (`collectives`: stated efficiency and latency, or another GPU's link)."""
     spec = resolve_gpu(gpu)
+    tp = _check_tp(tp)
+    options = collectives or CollectiveOptions()
     batches, contexts = check_sweep(batches, contexts)
     dname = dtype_name(parse_dtype(dtype))
     pricing = (prices or PriceOptions()).for_gpu(spec.key)
@@ -101,17 +130,20 @@ def modelled(config: ModelConfig, gpu: str | GpuSpec, batches: list[int], contex
     for batch in batches:
         for context in contexts:
             ops = []
-            for call in decode_plan(config, batch, context, dname, block_size=block_size):
+            kernels, colls = tp_step(config, batch, context, dname, tp, block_size)
+            for call in kernels:
                 eff = _efficiency_for(efficiency, call.op)
                 t_roof, bound = roof_time_us(*call.cost(), spec, dname)
                 ops.append(_share(call, t_roof / eff, None, eff, bound))
+            tp_kw, tp_notes = _with_collectives(ops, colls, spec, options) if tp > 1 else ({}, [])
             step_us = sum(o.total_us for o in ops)
             points.append(build_point(
                 model=config.name, gpu=spec.key, batch=batch, context=context, dtype=dname, backend="modelled",
                 provenance="modelled", ops=ops, pricing=pricing,
-                energy_reason=f"modelled: no energy measured; {_tdp_bound(spec, step_us, batch)}",
+                energy_reason=f"modelled: no energy measured; {_tdp_bound(spec, step_us, batch, tp)}",
                 notes=[f"modelled from the {spec.name} datasheet ({spec.source}, {spec.date}) at a stated "
-                       f"efficiency of the roofline: {stated}; launch gaps between kernels are not modelled"]))
+                       f"efficiency of the roofline: {stated}; launch gaps between kernels are not modelled",
+                       *tp_notes], tp=tp, **tp_kw))
     return points
 
 
@@ -128,13 +160,18 @@ def _measurements(run: RunResult) -> dict[tuple, KernelMeasurement]:
 
 def project(run: RunResult, target_gpu: str | GpuSpec, *, prices: PriceOptions | None = None,
             batches: list[int] | None = None, contexts: list[int] | None = None, dtype: str | None = None,
-            backend: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> list[RollupPoint]:
+            backend: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE, tp: int | None = None,
+            collectives: CollectiveOptions | None = None) -> list[RollupPoint]:
     """Carry each op's measured datasheet-roofline efficiency on the run's GPU to `target_gpu`'s datasheet.
 
     The sweep is the run's measured roll-up points (or `batches` x `contexts`, whose calls must all be in the run),
-    for every dtype and backend measured unless `dtype` / `backend` pick one.
+    for every dtype and backend measured unless `dtype` / `backend` pick one, at each point's tensor-parallel
+    degree (or `tp`). At tp > 1 the collectives are modelled on the target's interconnect (`collectives`): a
+    measurement on the run's GPU times another link.
     """
     target = resolve_gpu(target_gpu)
+    tp = _check_tp(tp) if tp is not None else None
+    options = collectives or CollectiveOptions()
     if run.model is None:
         raise ValueError("run: has no model section (a kernel-only run); projection needs a roll-up run "
                          "(tokprof rollup ... -o run.json)")
@@ -147,20 +184,21 @@ def project(run: RunResult, target_gpu: str | GpuSpec, *, prices: PriceOptions |
     if batches is None or contexts is None:
         if not measured:
             raise ValueError("run: has no measured roll-up points; pass batches and contexts")
-        sweep = sorted({(p.batch, p.context, p.dtype, p.backend) for p in measured})
+        sweep = sorted({(p.batch, p.context, p.dtype, p.backend, tp or p.tp) for p in measured})
     else:
         batches, contexts = check_sweep(batches, contexts)
-        kinds = sorted({(k.dtype, k.backend) for k in run.kernels})
-        sweep = [(b, c, d, be) for b in batches for c in contexts for d, be in kinds]
+        kinds = sorted({(k.dtype, k.backend) for k in run.kernels if k.op not in COLLECTIVE_OPS})
+        sweep = [(b, c, d, be, tp or 1) for b in batches for c in contexts for d, be in kinds]
     sweep = [s for s in sweep if (dtype is None or s[2] == dtype) and (backend is None or s[3] == backend)]
     if not sweep:
         raise ValueError(f"run: no measurements of dtype {dtype!r} with backend {backend!r} to project")
     pricing = (prices or PriceOptions()).for_gpu(target.key)
     table = _measurements(run)
     points = []
-    for batch, context, dname, backend in sweep:
+    for batch, context, dname, backend, point_tp in sweep:
         ops = []
-        for call in decode_plan(config, batch, context, dname, block_size=block_size):
+        kernels, colls = tp_step(config, batch, context, dname, point_tp, block_size)
+        for call in kernels:
             m = table.get((call.op, tuple(sorted(call.shape.items())), dname, backend))
             if m is None:
                 raise ValueError(f"run: no measurement of {call.op} {call.shape} {dname} {backend} "
@@ -171,12 +209,14 @@ def project(run: RunResult, target_gpu: str | GpuSpec, *, prices: PriceOptions |
                                  f"({m.roofline.note or 'unknown'}); it cannot be projected")
             t_roof, bound = roof_time_us(*call.cost(), target, dname)
             ops.append(_share(call, t_roof / eff, None, eff, bound))
+        tp_kw, tp_notes = _with_collectives(ops, colls, target, options) if point_tp > 1 else ({}, [])
         step_us = sum(o.total_us for o in ops)
         points.append(build_point(
             model=config.name, gpu=target.key, batch=batch, context=context, dtype=dname, backend=backend,
             provenance="projected", ops=ops, pricing=pricing,
-            energy_reason=f"projected: energy is not carried across GPUs; {_tdp_bound(target, step_us, batch)}",
+            energy_reason=f"projected: energy is not carried across GPUs; "
+                          f"{_tdp_bound(target, step_us, batch, point_tp)}",
             notes=[f"projected from {source.spec_key} ({source.name}, run {run.run_id or 'unnamed'}): each op's "
                    f"measured efficiency against the {source.spec_key} datasheet applied to the {target.key} "
-                   f"datasheet ({target.source}, {target.date})"]))
+                   f"datasheet ({target.source}, {target.date})", *tp_notes], tp=point_tp, **tp_kw))
     return points

@@ -19,6 +19,16 @@ lost time (measured - time at the measured roof) and its share of that gap. Bott
 (L2 - L3) / L3 x 100 (against L4 when no graph run; positive = the kernel sum promises more than the loop gives).
 J/token at L0/L1 is modelled at the GPU's TDP for the roofline time (an upper bound for that time); at L5 the idle
 share of the time is charged at the datasheet idle power.
+
+Tensor-parallel points (tp > 1, one GPU's step of a group of tp) get one more layer, and every layer's tokens/s per
+GPU is batch / step time / tp (J/token counts the tp GPUs):
+
+    L1i interconnect roof   L1 (else L0) + the plan's collectives at the link roof (bytes x busbw factor / link
+                            bandwidth per direction, no latency): the gap above it is "interconnect (all-reduce)"
+
+and the gap L1i -> L2 is the kernels' and the collectives' inefficiency (op_inefficiency lists the collectives
+too, against their link roof). tp = 1 points have no L1i layer; end-to-end layers (L3, L4) are single-GPU runs, so
+a tp > 1 point has none.
 """
 
 from __future__ import annotations
@@ -37,7 +47,18 @@ LAYERS = (
     ("L4", "end to end, eager or a framework", "host and framework overhead"),
     ("L5", "served at the stated utilisation", "idle capacity"),
 )
+# The interconnect layer of tensor-parallel points, inserted after L1; the kernel-sum gap then holds collectives too.
+INTERCONNECT_LAYER = ("L1i", "interconnect at the link roof", "interconnect (all-reduce)")
+TP_L2_GAP = "kernel and collective inefficiency"
 L4_PREFERENCE = ("tokprof", "vllm", "transformers")
+
+
+def layer_defs(tp: int) -> tuple[tuple[str, str, str | None], ...]:
+    """(name, title, gap name) of each layer of a point at tensor-parallel degree `tp`, top to bottom."""
+    if tp == 1:
+        return LAYERS
+    l2 = LAYERS[2]
+    return (*LAYERS[:2], INTERCONNECT_LAYER, (l2[0], l2[1], TP_L2_GAP), *LAYERS[3:])
 
 
 @dataclass
@@ -80,6 +101,7 @@ class Reconciliation:
     bottom_up_error_pct: float | None = None  # signed, tokens/s: (L2 - L3) / L3 x 100, else against L4
     bottom_up_error_against: str | None = None  # "L3" | "L4"
     energy_error_pct: float | None = None  # (L2 J/token - end-to-end J/token) / end-to-end x 100
+    tp: int = 1  # tensor-parallel GPUs; tp > 1 adds the L1i interconnect layer
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,14 +129,15 @@ def _config(run: RunResult, model: str) -> tuple[Any, str | None]:
     return None, f"model {model!r} is neither the run's model nor a preset: no plan to bound"
 
 
-def _roof_step_us(config: Any, batch: int, context: int, dtype: str, *, spec: Any = None,
+def _roof_step_us(config: Any, batch: int, context: int, dtype: str, tp: int = 1, *, spec: Any = None,
                   ceilings: Ceilings | None = None) -> tuple[float, list[str]]:
-    """Sum over the decode plan of count x roof time per call (datasheet `spec` or measured `ceilings`)."""
-    from tokprof.models.plan import decode_plan
+    """Sum over the decode plan's kernels (one GPU's at tp > 1) of count x roof time per call (datasheet `spec` or
+    measured `ceilings`)."""
     from tokprof.profiler.roofline import roofline
+    from tokprof.rollup.interconnect import tp_step
 
     total_us, notes = 0.0, set()
-    for call in decode_plan(config, batch, context, dtype):
+    for call in tp_step(config, batch, context, dtype, tp)[0]:
         flops, min_bytes = call.cost()
         # Only the roof times are read; the nominal 1 us time never enters them.
         r = roofline(flops, min_bytes, 1.0, spec=spec, ceilings=ceilings, dtype=dtype)
@@ -125,13 +148,33 @@ def _roof_step_us(config: Any, batch: int, context: int, dtype: str, *, spec: An
     return total_us, sorted(notes)
 
 
-def _op_inefficiency(point: Any, ceilings: Ceilings, l1_l2_gap_us: float) -> list[OpInefficiency]:
-    from tokprof.models.plan import op_cost
+def _collectives_roof_us(config: Any, batch: int, context: int, dtype: str, tp: int,
+                         spec: Any) -> tuple[float | None, str]:
+    """(sum over the plan's collectives of count x time at the link roof, what it was computed from), or (None,
+    why) when the spec row has no interconnect figure."""
+    from tokprof.profiler.collectives import interconnect
+    from tokprof.rollup.interconnect import link_roof_us, tp_step
+
+    link = interconnect(spec) if spec is not None else None
+    if link is None:
+        return None, (f"no interconnect figure for {spec.key} in the spec table" if spec is not None else
+                      "no spec row for this device (a CPU or an unknown GPU): no interconnect roof")
+    total = sum(c.count * link_roof_us(c, link) for c in tp_step(config, batch, context, dtype, tp)[1])
+    return total, f"{link.gbps_per_direction:g} GB/s {link.kind} per direction ({link.source})"
+
+
+def _op_inefficiency(point: Any, ceilings: Ceilings, l1_l2_gap_us: float, link: Any = None) -> list[OpInefficiency]:
+    from tokprof.models.plan import COLLECTIVE_OPS, op_cost
     from tokprof.profiler.roofline import roofline
+    from tokprof.rollup.interconnect import link_roof_us
 
     out = []
     for o in point.ops:
-        if o.shape:
+        if o.op in COLLECTIVE_OPS:  # against the link roof, when the link is known
+            roof_us = link_roof_us(o, link) if o.shape else None
+            if roof_us is None:
+                continue
+        elif o.shape:
             flops, min_bytes = op_cost(o.op, o.shape, point.dtype)
             roof_us = roofline(flops, min_bytes, o.time_us, spec=None, ceilings=ceilings,
                                dtype=point.dtype).t_roof_measured_us
@@ -168,13 +211,14 @@ def _pick_l4(e2e: list[Any], framework: str | None) -> Any:
     return None
 
 
-def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str], point: Any, e2e: list[Any],
+def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str, int], point: Any, e2e: list[Any],
                      run_gpu: str, utilisation: float | None, l4_framework: str | None) -> Reconciliation:
     from tokprof.profiler.devices import load_specs, match_spec
 
-    model, gpu, batch, context, dtype = key
+    model, gpu, batch, context, dtype, tp = key
     notes: list[str] = []
-    layers = {name: Layer(name=name, title=title, tokens_per_s_per_gpu=None) for name, title, _ in LAYERS}
+    defs = layer_defs(tp)
+    layers = {name: Layer(name=name, title=title, tokens_per_s_per_gpu=None) for name, title, _ in defs}
     config, why_no_config = _config(run, model)
     specs = load_specs()
     spec = specs.get(gpu) or specs.get(match_spec(gpu, specs) or "")
@@ -183,7 +227,7 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str], point:
     def fill(name: str, step_us: float, provenance: str, source: str, j: float | None = None,
              j_reason: str | None = None) -> None:
         layer = layers[name]
-        layer.step_time_us, layer.tokens_per_s_per_gpu = step_us, batch / (step_us * 1e-6)
+        layer.step_time_us, layer.tokens_per_s_per_gpu = step_us, batch / (step_us * 1e-6) / tp
         layer.usd_per_million_tokens = _usd(point, layer.tokens_per_s_per_gpu)
         layer.j_per_token, layer.provenance, layer.source = j, provenance, source
         if j is None and j_reason:
@@ -192,7 +236,7 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str], point:
     def tdp_j(step_us: float) -> tuple[float | None, str | None]:
         if tdp_w is None:
             return None, f"no TDP for {gpu} in the spec table"
-        return tdp_w * step_us * 1e-6 / batch, None
+        return tdp_w * tp * step_us * 1e-6 / batch, None
 
     # L0 and L1: the plan at datasheet peaks and at the run's measured ceilings.
     if config is None:
@@ -201,7 +245,7 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str], point:
         if spec is None:
             layers["L0"].reason = f"no datasheet row for {gpu!r} in the spec table (a CPU or an unknown GPU)"
         else:
-            step, more = _roof_step_us(config, batch, context, dtype, spec=spec)
+            step, more = _roof_step_us(config, batch, context, dtype, tp, spec=spec)
             fill("L0", step, "modelled", f"decode plan at {spec.key} datasheet peaks; J/token at TDP", *tdp_j(step))
             notes += [f"L0 {n}" for n in more]
         if run.ceilings is None:
@@ -209,17 +253,21 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str], point:
         elif gpu != run_gpu:
             layers["L1"].reason = f"the run's ceilings were measured on {run_gpu}, not {gpu}"
         else:
-            step, more = _roof_step_us(config, batch, context, dtype, ceilings=run.ceilings)
+            step, more = _roof_step_us(config, batch, context, dtype, tp, ceilings=run.ceilings)
             fill("L1", step, "modelled", f"decode plan at the ceilings measured on {run.ceilings.device} "
                  f"({run.ceilings.copy_gbps:.0f} GB/s copy, {run.ceilings.gemm_tflops:.1f} TFLOP/s "
                  f"{run.ceilings.gemm_dtype} GEMM); J/token at TDP", *tdp_j(step))
             notes += [f"L1 {n}" for n in more]
+    if tp > 1:
+        _interconnect_layer(layers, config, why_no_config, (batch, context, dtype, tp), spec, fill, tdp_j, notes)
 
     # L2: the roll-up point.
     if point is None:
         layers["L2"].reason = "no roll-up point for this (model, GPU, batch, context, dtype) in the run"
     else:
-        fill("L2", point.step_time_us, point.provenance, f"kernel sum, backend {point.backend}",
+        fill("L2", point.step_time_us, point.provenance, f"kernel sum, backend {point.backend}" + (
+             f", plus the collectives ({point.collective_provenance})" if point.collective_time_us is not None
+             else f"; collectives unknown ({point.collective_reason}): kernels only" if tp > 1 else ""),
              point.j_per_token_total, point.energy_reason)
 
     # L3 and L4: end-to-end measurements.
@@ -229,6 +277,9 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str], point:
     l3 = graphs[0] if graphs else None
     l4 = _pick_l4(e2e, l4_framework)
     for name, m in (("L3", l3), ("L4", l4)):
+        if m is None and tp > 1:
+            layers[name].reason = f"end-to-end runs are single-GPU: none at tp={tp}"
+            continue
         if m is None:
             layers[name].reason = ("no tokprof CUDA-graph end-to-end run for this point" if name == "L3" else
                                    f"no eager or framework end-to-end run for this point"
@@ -256,21 +307,34 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str], point:
         elif idle_w is None:
             j_reason = f"no idle power for {gpu} in the spec table"
         else:
-            j = base.j_per_token + idle_w * (step - base.step_time_us) * 1e-6 / batch
+            j = base.j_per_token + idle_w * tp * (step - base.step_time_us) * 1e-6 / batch
         fill("L5", step, "modelled", f"{base.name} x utilisation {utilisation:g} (stated); idle time at the "
              "datasheet idle power", j, j_reason)
 
-    ordered = [layers[name] for name, _, _ in LAYERS]
-    _gaps(ordered)
+    ordered = [layers[name] for name, _, _ in defs]
+    _gaps(ordered, defs)
+    if tp > 1 and layers["L1"].tokens_per_s_per_gpu is None and layers["L1i"].tokens_per_s_per_gpu is not None:
+        # L1i stands on L0 here: the gap above it is the interconnect alone, the derate falls in the next gap
+        layers["L1i"].gap_name = INTERCONNECT_LAYER[2]
+        if layers["L2"].gap_name is not None:
+            layers["L2"].gap_name = f"{LAYERS[1][2]} + {TP_L2_GAP}"
     rec = Reconciliation(model=model, gpu=gpu, batch=batch, context=context, dtype=dtype, utilisation=utilisation,
-                         layers=ordered, notes=notes)
+                         layers=ordered, tp=tp, notes=notes)
     l1, l2 = layers["L1"], layers["L2"]
     if point is not None and l1.step_time_us is not None and run.ceilings is not None:
-        rec.op_inefficiency = _op_inefficiency(point, run.ceilings, l2.step_time_us - l1.step_time_us)
+        # at tp > 1 the ops are measured against L1i (kernels at the measured roof + collectives at the link roof)
+        with_colls = tp > 1 and layers["L1i"].step_time_us is not None and point.collective_time_us is not None
+        roof = layers["L1i"] if with_colls else l1
+        link = None
+        if roof is not l1:
+            from tokprof.profiler.collectives import interconnect
+
+            link = interconnect(spec)
+        rec.op_inefficiency = _op_inefficiency(point, run.ceilings, l2.step_time_us - roof.step_time_us, link)
         roof_sum = sum(o.time_us_at_roof for o in rec.op_inefficiency)
-        if abs(roof_sum - l1.step_time_us) > 1e-3 * l1.step_time_us:
+        if abs(roof_sum - roof.step_time_us) > 1e-3 * roof.step_time_us:
             notes.append(f"the roll-up's ops sum to {roof_sum:.4g} us at the roof, the plan to "
-                         f"{l1.step_time_us:.4g} us: the point was built from another plan (block size?)")
+                         f"{roof.step_time_us:.4g} us: the point was built from another plan (block size?)")
     against = layers["L3"] if layers["L3"].tokens_per_s_per_gpu is not None else None
     if against is None and l4 is not None and l4.framework == "tokprof":
         against = layers["L4"]
@@ -283,9 +347,33 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str], point:
     return rec
 
 
-def _gaps(layers: list[Layer]) -> None:
+def _interconnect_layer(layers: dict[str, Layer], config: Any, why_no_config: str | None,
+                        where: tuple[int, int, str, int], spec: Any, fill: Any, tdp_j: Any, notes: list[str]) -> None:
+    """L1i: the layer above (L1, else L0) plus the plan's collectives at the link roof."""
+    batch, context, dtype, tp = where
+    layer = layers["L1i"]
+    base = layers["L1"] if layers["L1"].step_time_us is not None else layers["L0"]
+    if config is None:
+        layer.reason = why_no_config
+        return
+    if base.step_time_us is None:
+        layer.reason = "neither L0 nor L1 is known: no roof to add the collectives to"
+        return
+    coll_us, what = _collectives_roof_us(config, batch, context, dtype, tp, spec)
+    if coll_us is None:
+        layer.reason = what
+        return
+    step = base.step_time_us + coll_us
+    fill("L1i", step, "modelled", f"{base.name} + the plan's collectives at the link roof, {what}, no latency "
+         "(modelled); J/token at TDP", *tdp_j(step))
+    notes.append(f"L1i: {coll_us:.4g} us of collectives per step at the link roof on top of {base.name} "
+                 f"({coll_us / step:.1%} of the step there); tensor parallel over {tp} GPUs, tokens/s per GPU = "
+                 f"batch / step time / {tp}")
+
+
+def _gaps(layers: list[Layer], defs: tuple[tuple[str, str, str | None], ...] = LAYERS) -> None:
     """Name each gap between consecutive known layers and its share of the whole first -> last gap."""
-    gap_names = {name: gap for name, _, gap in LAYERS}
+    gap_names = {name: gap for name, _, gap in defs}
     known = [layer for layer in layers if layer.tokens_per_s_per_gpu is not None]
     if len(known) < 2:
         return
@@ -303,9 +391,9 @@ def _gaps(layers: list[Layer]) -> None:
 
 def reconcile(run: RunResult, utilisation: float | None = None, *,
               l4_framework: str | None = None) -> list[Reconciliation]:
-    """One Reconciliation per (model, GPU, batch, context, dtype) present in the run's roll-up or end-to-end
-    sections; `utilisation` in (0, 1] applies L5; `l4_framework` picks L4 (default: tokprof eager, vllm,
-    transformers, the first measured)."""
+    """One Reconciliation per (model, GPU, batch, context, dtype, tp) present in the run's roll-up or end-to-end
+    sections (end-to-end runs are tp = 1); `utilisation` in (0, 1] applies L5; `l4_framework` picks L4 (default:
+    tokprof eager, vllm, transformers, the first measured)."""
     from tokprof.models.e2e import FRAMEWORKS, E2EMeasurement
     from tokprof.rollup.bottom_up import run_gpu_name
     from tokprof.rollup.records import points_from_run
@@ -317,14 +405,15 @@ def reconcile(run: RunResult, utilisation: float | None = None, *,
         raise ValueError(f"l4_framework: expected one of {list(FRAMEWORKS)}, got {l4_framework!r}")
     points = points_from_run(run.rollup)
     e2e = [E2EMeasurement.from_dict(d) for d in run.e2e]
-    keys: dict[tuple[str, str, int, int, str], None] = {}
+    keys: dict[tuple[str, str, int, int, str, int], None] = {}
     for x in [*points, *e2e]:
-        keys[(x.model, x.gpu, x.batch, x.context, x.dtype)] = None
+        keys[(x.model, x.gpu, x.batch, x.context, x.dtype, getattr(x, "tp", 1))] = None
     run_gpu = run_gpu_name(run)
     out = []
     for key in keys:
-        same = [m for m in e2e if (m.model, m.gpu, m.batch, m.context, m.dtype) == key]
-        candidates = [p for p in points if (p.model, p.gpu, p.batch, p.context, p.dtype) == key]
+        # end-to-end measurements are single-GPU runs: they belong to the tp = 1 key
+        same = [m for m in e2e if (m.model, m.gpu, m.batch, m.context, m.dtype, 1) == key]
+        candidates = [p for p in points if (p.model, p.gpu, p.batch, p.context, p.dtype, p.tp) == key]
         backends = {m.backend for m in same if m.framework == "tokprof"}
         # The point of the backend the end-to-end run used, else a measured one, else any.
         candidates.sort(key=lambda p: (p.backend not in backends, p.provenance != "measured"))

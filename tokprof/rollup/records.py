@@ -2,10 +2,15 @@
 
 A point is built from the time of one decode step (the sum over the plan of count x time per call), then priced:
 
-    tokens/s per GPU  = batch / step time            tokens/s per user = 1 / step time
-    J/token           = step energy / batch          (total, and dynamic = total - idle power x time)
+    tokens/s per GPU  = batch / step time / tp       tokens/s per user = 1 / step time
+    J/token           = step energy x tp / batch     (total, and dynamic = total - idle power x time)
     $/M tokens        = $/GPU-h / (tokens/s per GPU x 3600) x 1e6
     tokens/s per MW   = tokens/s per GPU x 1000 / all-in kW per GPU
+
+With tensor parallelism (tp GPUs serve one batch) the step time and step energy are those of ONE GPU: its kernel
+sum plus count x time of its collectives (all-reduces, the logits all-gather), which are op shares too (bound
+"interconnect"); a point says where its collective times came from (measured in the run, or modelled from the
+interconnect spec) or, when unknown, why, and its step time then counts the kernels only.
 
 Every point says whether its times are `measured`, `modelled` or `projected`, where its price and power came from,
 and why a figure is None.
@@ -17,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokprof.models.plan import COLLECTIVE_OPS
 from tokprof.profiler.schema import PROVENANCES, from_dict, to_dict
 from tokprof.rollup.economics import (
     Pricing,
@@ -38,7 +44,7 @@ class OpShare:
     share: float  # of the step time
     efficiency_measured: float | None = None  # t_roof / t against the ceilings measured in the run
     efficiency_datasheet: float | None = None  # t_roof / t against the datasheet peaks
-    bound: str | None = None  # "memory" | "compute" | None when no ceiling is known
+    bound: str | None = None  # "memory" | "compute" | "interconnect" (collectives) | None when no ceiling is known
     shape: dict[str, int] = field(default_factory=dict)
 
 
@@ -64,6 +70,11 @@ class RollupPoint:
     energy_usd_per_million_tokens: float | None = None
     price_source: str | None = None
     power_source: str | None = None
+    tp: int = 1  # GPUs of the tensor-parallel group: step time and energy per GPU, tokens/s per GPU divided by tp
+    kernel_time_us: float | None = None  # tp > 1: the kernels' part of the step (per GPU); None at tp = 1
+    collective_time_us: float | None = None  # tp > 1: sum of count x time of the collectives; None: unknown or tp 1
+    collective_provenance: str | None = None  # "measured" | "modelled" (modelled when any collective is)
+    collective_reason: str | None = None  # why collective_time_us is None at tp > 1
     ops: list[OpShare] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -75,16 +86,55 @@ class RollupPoint:
         point = from_dict(cls, dict(d), "RollupPoint")
         if point.provenance not in PROVENANCES:
             raise ValueError(f"RollupPoint.provenance: expected one of {PROVENANCES}, got {point.provenance!r}")
+        if isinstance(point.tp, bool) or point.tp < 1:
+            raise ValueError(f"RollupPoint.tp: expected a positive int, got {point.tp!r}")
         return point
+
+    @property
+    def collective_share(self) -> float | None:
+        """The collectives' share of the step time (tp > 1 with known collective times), else None."""
+        if self.collective_time_us is None or not self.step_time_us:
+            return None
+        return self.collective_time_us / self.step_time_us
+
+
+def _tp_figures(tp: int, ops: list[OpShare], step_us: float, collective_provenance: str | None,
+                collective_reason: str | None) -> tuple[dict[str, Any], str]:
+    """The tensor-parallel fields of a point and the note that explains its step time."""
+    colls = [o for o in ops if o.op in COLLECTIVE_OPS]
+    kernel_us = step_us - sum(o.total_us for o in colls)
+    head = f"tensor parallel over {tp} GPUs: tokens/s per GPU = batch / step time / {tp}; J/token and $/M tokens " \
+           f"count the {tp} GPUs; the step time is one GPU's"
+    if not colls:
+        if collective_reason is None:
+            raise ValueError(f"ops: a tp={tp} step has collectives; give their op shares or collective_reason (why "
+                             "their time is unknown)")
+        return ({"kernel_time_us": kernel_us, "collective_time_us": None, "collective_provenance": None,
+                 "collective_reason": collective_reason},
+                f"{head}, kernels only: the collectives' time is unknown (collective_reason), so tokens/s is an "
+                "upper bound")
+    if collective_provenance not in PROVENANCES:
+        raise ValueError(f"collective_provenance: expected one of {PROVENANCES}, got {collective_provenance!r}")
+    return ({"kernel_time_us": kernel_us, "collective_time_us": step_us - kernel_us,
+             "collective_provenance": collective_provenance, "collective_reason": None},
+            f"{head}: kernels (kernel_time_us) + count x time of its collectives (collective_time_us, "
+            f"{collective_provenance})")
 
 
 def build_point(*, model: str, gpu: str, batch: int, context: int, dtype: str, backend: str, provenance: str,
                 ops: list[OpShare], pricing: Pricing, j_per_step_total: float | None = None,
                 j_per_step_dynamic: float | None = None, energy_reason: str | None = None,
-                notes: list[str] | None = None) -> RollupPoint:
-    """A priced point from the step's op shares (their total_us filled) and, where known, the step's energy."""
+                notes: list[str] | None = None, tp: int = 1, collective_provenance: str | None = None,
+                collective_reason: str | None = None) -> RollupPoint:
+    """A priced point from the step's op shares (their total_us filled) and, where known, the step's energy.
+
+    tp > 1: `ops` are one GPU's (collectives included, op "all_reduce" / "all_gather"), `j_per_step_*` one GPU's
+    energy; `collective_provenance` says where the collectives' times came from, or `collective_reason` why they
+    are unknown (then `ops` holds no collective and the step counts the kernels only)."""
     if provenance not in PROVENANCES:
         raise ValueError(f"provenance: expected one of {PROVENANCES}, got {provenance!r}")
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp: expected a positive int (GPUs of the tensor-parallel group), got {tp!r}")
     if not ops:
         raise ValueError("ops: expected at least one op share in the step, got none")
     step_us = sum(o.total_us for o in ops)
@@ -93,11 +143,16 @@ def build_point(*, model: str, gpu: str, batch: int, context: int, dtype: str, b
     for o in ops:
         o.share = o.total_us / step_us
     step_s = step_us * 1e-6
-    tps_gpu = batch / step_s
+    tps_gpu = batch / step_s / tp
     notes = list(notes or [])
+    tp_fields: dict[str, Any] = {}
+    if tp > 1:
+        tp_fields, tp_note = _tp_figures(tp, ops, step_us, collective_provenance, collective_reason)
+        notes.append(tp_note)
 
-    j_total = j_per_step_total / batch if j_per_step_total is not None else None
-    j_dyn = j_per_step_dynamic / batch if j_per_step_dynamic is not None else None
+    # per GPU step energy x tp GPUs, over the batch's tokens
+    j_total = j_per_step_total * tp / batch if j_per_step_total is not None else None
+    j_dyn = j_per_step_dynamic * tp / batch if j_per_step_dynamic is not None else None
     if j_total is None and energy_reason is None:
         energy_reason = "no energy figure for this step"
 
@@ -124,7 +179,7 @@ def build_point(*, model: str, gpu: str, batch: int, context: int, dtype: str, b
                        energy_reason=energy_reason, usd_per_gpu_hour=usd, usd_per_million_tokens=cost,
                        all_in_kw_per_gpu=kw, tokens_per_s_per_mw=per_mw, energy_usd_per_million_tokens=energy_usd,
                        price_source=pricing.price_source if usd is not None else None, power_source=power_source,
-                       ops=ops, notes=notes)
+                       tp=tp, ops=ops, notes=notes, **tp_fields)
 
 
 def points_from_run(rollup: list[Mapping[str, Any]]) -> list[RollupPoint]:
@@ -146,8 +201,10 @@ def check_sweep(batches: Sequence[int], contexts: Sequence[int]) -> tuple[list[i
 
 
 def point_identity(d: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What makes two roll-up points the same point: model, GPU, batch, context, dtype, backend, provenance."""
-    return tuple(d.get(k) for k in ("model", "gpu", "batch", "context", "dtype", "backend", "provenance"))
+    """What makes two roll-up points the same point: model, GPU, batch, context, dtype, backend, provenance and
+    tensor-parallel degree (1 for points written before it existed)."""
+    return (*(d.get(k) for k in ("model", "gpu", "batch", "context", "dtype", "backend", "provenance")),
+            d.get("tp") or 1)
 
 
 def merge_points(rollup: list[dict[str, Any]], points: list[RollupPoint]) -> None:
