@@ -1,0 +1,100 @@
+"""`tokprof rollup` and `tokprof published`: tokens/s, J/token, $/M tokens, tokens/s/MW (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+
+from tokprof.commands._app import app, console, fail, parse_int_list, split_csv
+
+
+@app.command()
+def rollup(
+    model: str | None = typer.Option(None, "--model", help="Preset (llama-3.1-8b, qwen3-8b, tiny, ...) or a Hugging "
+                                     "Face config.json / model directory. With --from: defaults to the run's model."),
+    batch: str | None = typer.Option(None, "--batch", help="Batch sizes, e.g. 1,8,64 (default 1,8,64; with --from: "
+                                     "the run's)."),
+    context: str | None = typer.Option(None, "--context", help="KV tokens attended per sequence, e.g. 1024,8k "
+                                       "(default 1024,8192; with --from: the run's)."),
+    from_run: str | None = typer.Option(None, "--from", help="Roll up the kernels of this run file instead of "
+                                        "measuring; with --gpu of another GPU, project onto it."),
+    gpu: str | None = typer.Option(None, "--gpu", help="GPU of the spec table (h100, h200, b200, ...): the target of "
+                                   "--modelled, or of a projection with --from."),
+    modelled_: bool = typer.Option(False, "--modelled", help="From the GPU's datasheet alone (no measurement)."),
+    efficiency: float = typer.Option(0.8, "--efficiency", help="Stated fraction of the roofline every op reaches "
+                                     "(--modelled only)."),
+    device: str = typer.Option("cuda", "--device", help="Where to measure when neither --from nor --modelled: cpu "
+                               "or cuda[:N]."),
+    backend: str | None = typer.Option(None, "--backend", help="Kernel backend to measure: torch, triton or cuda "
+                                       "(default triton; with --from: the run's)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default bf16; with --from: the "
+                                     "run's)."),
+    price_sheet: str | None = typer.Option(None, "--price-sheet", help="Your price sheet (format of "
+                                           "tokprof/data/prices.json); its rows replace the shipped ones."),
+    tier: str | None = typer.Option(None, "--tier", help="Price tier of the sheet: hyperscaler (default), neocloud "
+                                    "or rental_3yr."),
+    usd_per_gpu_hour: float | None = typer.Option(None, "--usd-per-gpu-hour", help="Stated $ per GPU-hour "
+                                                  "(overrides the sheet)."),
+    all_in_kw: float | None = typer.Option(None, "--all-in-kw", help="Stated all-in kW per GPU (host, network, "
+                                           "facility included; overrides the sheet)."),
+    host_overhead: float | None = typer.Option(None, "--host-overhead", help="All-in power over measured GPU power "
+                                               "(e.g. 1.6): all-in kW from measured energy."),
+    usd_per_kwh: float | None = typer.Option(None, "--usd-per-kwh", help="Electricity price, for energy $ per M "
+                                             "tokens."),
+    pue: float = typer.Option(1.0, "--pue", help="Facility energy over IT energy, for energy $ per M tokens."),
+    energy: bool = typer.Option(False, "--energy", help="Measure kernel energy too (needs NVML on a GPU)."),
+    max_time_s: float | None = typer.Option(None, "--max-time-s", help="Timing budget per kernel call, seconds "
+                                            "(default: the harness's 5 s)."),
+    interactivity: str | None = typer.Option(None, "--interactivity", help="Target tokens/s per user, e.g. 20,50: "
+                                             "cost per M tokens on the frontier there (interpolated)."),
+    output: str | None = typer.Option(None, "-o", "--output", help="Write the RunResult (kernels, roll-up) here."),
+    tp: int | None = typer.Option(None, "--tp", help="Tensor-parallel GPUs: one GPU's share of the model plus its "
+                                  "all-reduces, measured in the run or modelled from the interconnect spec "
+                                  "(default 1; with --from: the run's)."),
+) -> None:
+    """Tokens/s per GPU and per user, J/token, $ per million tokens and tokens/s per MW for a model at each batch
+    and context: measured bottom-up here, from a run file (--from), projected to another GPU, or --modelled."""
+    from tokprof import rollup as ru
+    from tokprof.rollup.command import RollupArgs, run_rollup
+
+    try:
+        prices = ru.PriceOptions(sheet=ru.load_price_sheet(price_sheet) if price_sheet else None, tier=tier,
+                                 usd_per_gpu_hour=usd_per_gpu_hour, all_in_kw_per_gpu=all_in_kw,
+                                 host_overhead=host_overhead, usd_per_kwh=usd_per_kwh, pue=pue)
+        targets = []
+        for v in split_csv(interactivity):
+            try:
+                targets.append(float(v))
+            except ValueError:
+                fail(f"--interactivity: expected comma-separated numbers of tokens/s per user, got {interactivity!r}")
+        args = RollupArgs(model=model, batches=parse_int_list("--batch", batch) if batch else None,
+                          contexts=parse_int_list("--context", context) if context else None, from_run=from_run,
+                          gpu=gpu, modelled=modelled_, efficiency=efficiency, device=device, backend=backend,
+                          dtype=dtype, prices=prices, energy=energy, max_time_s=max_time_s, interactivity=targets,
+                          output=output, command=list(sys.argv), tp=tp)
+        doc = run_rollup(args, console)
+    except typer.Exit:
+        raise
+    except (ValueError, RuntimeError) as err:  # bad arguments or files; a backend that cannot run here
+        fail(str(err))
+    print(json.dumps(doc))
+
+
+@app.command()
+def published(
+    price_sheet: str | None = typer.Option(None, "--price-sheet", help="Price sheet for the all-in kW comparison."),
+) -> None:
+    """Recompute the published cost-per-token table (tokprof/data/published_tables.json) from its inputs and show
+    where the printed figures do not follow from the formula."""
+    from tokprof import rollup as ru
+
+    try:
+        checks = ru.check_published_table(sheet=ru.load_price_sheet(price_sheet) if price_sheet else None)
+    except ValueError as err:
+        fail(str(err))
+    for c in checks:
+        mark = {True: "[green]follows[/]", False: "[bold red]does not follow[/]", None: "[yellow]cannot check[/]"}
+        console.print(f"{mark[c.consistent]}  {c.message}")
+    print(json.dumps({"command": "published", "checks": [vars(c) for c in checks]}))
