@@ -2,46 +2,82 @@
 # GPU validation in one command, for a lent GPU machine (fits one 10-minute call on an H100/H200).
 #
 #   OUT=/path/to/results bash scripts/gpu_check.sh
+#   OUT=... STEPS="targets cputests" bash scripts/gpu_check.sh     # a second call for what the first had no time for
 #
-# 1. installs this checkout offline into the image's python3 (torch, triton, cupy, nvidia-ml-py are already there);
-# 2. runs the test suite with compiled Triton and the CUDA backend (the `gpu` tests included);
-# 3. measures the kernel targets of the kernel issue (a pass/fail table) and an A/A repeat of the Llama-3.1-8B
-#    decode shapes (share of kernels SAME within noise; target >= 95%);
-# 4. runs a full `tokprof run` (ceilings, bottom-up, end to end, reconciliation, report, history).
-# Each step logs to its own file and the script goes on after a failing step. $OUT receives summary.txt (the step
-# table and the last lines of each log) and gpu-check.tgz (every log, RunResult, report and target file), since the
-# device tool brings back only a few files.
+# Steps (STEPS, in this order of priority; default all):
+#   env       nvidia-smi, torch/triton versions, the GPU's architecture
+#   install   this checkout, offline, into the image's python3 (torch, triton, cupy, nvidia-ml-py are already there);
+#             setup.py builds the CUDA cubins for this GPU's architecture only (TOKPROF_CUDA_ARCHS)
+#   gputests  the `gpu` tests (compiled Triton, the CUDA backend, graphs, NVML), one at a time on the one GPU
+#   run       a full `tokprof run` at its GPU defaults (ceilings, bottom-up, end to end, reconciliation, report)
+#   targets   the kernel targets of the kernel issue (a pass/fail table) and an A/A repeat of the Llama-3.1-8B decode
+#             shapes in events mode without energy (share of kernels SAME within noise; target >= 95%)
+#   compile   scripts/triton_compile_check.py for this GPU's architecture with the image's Triton (registers,
+#             spills, shared memory of every Triton kernel at the configs the wrappers choose)
+#   cputests  the rest of the suite (what CI also runs), in parallel where pytest-xdist is installed
+# Each step logs to its own file, runs under a time limit that never passes the budget (BUDGET_S, default 560 s,
+# minus RESERVE_S for stopping a step and packing), and the script goes on after a failing step. After every step
+# $OUT receives summary.txt (the step table and the last lines of each log) and gpu-check.tgz (every log, RunResult,
+# report and target file), so a call cut short still brings back what was done.
 set -u
 OUT=${OUT:-$PWD/gpu-check-out}
 WORK=${WORK:-/tmp/gpu-check}
+STEPS=${STEPS:-env install gputests run targets compile cputests}
+RESERVE_S=${RESERVE_S:-25}
 rm -rf "$WORK"; mkdir -p "$WORK" "$OUT"
 PY=${PYTHON:-python3}
-export TOKPROF_HISTORY_DB="$WORK/history.db" TOKPROF_CACHE_DIR="$WORK/cache"
+export TOKPROF_HISTORY_DB="$WORK/history.db" TOKPROF_CACHE_DIR="$WORK/cache" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-budget_end=$(( $(date +%s) + ${BUDGET_S:-560} ))
+budget_end=$(( $(date +%s) + ${BUDGET_S:-560} - RESERVE_S ))
+: >"$WORK/steps.txt"
+
+collect() {  # summary.txt and gpu-check.tgz in $OUT, from what $WORK holds now
+  {
+    cat "$WORK/steps.txt"
+    for f in $STEPS; do
+      [ -f "$WORK/$f.log" ] && { echo; echo "== $f (last 60 lines)"; tail -n 60 "$WORK/$f.log"; }
+    done
+  } >"$OUT/summary.txt"
+  tar czf "$OUT/gpu-check.tgz" -C "$WORK" --exclude cache . 2>/dev/null
+  if [ "$(stat -c %s "$OUT/gpu-check.tgz" 2>/dev/null || echo 0)" -gt 15000000 ]; then  # the tool brings <= 16 MiB
+    tar czf "$OUT/gpu-check.tgz" -C "$WORK" --exclude cache --exclude report --exclude '*.png' . 2>/dev/null
+  fi
+}
 
 step() {  # step NAME TIMEOUT_S CMD...: run with a time limit (never past the budget), log, record the exit code
   local name=$1 limit=$2; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return ;; esac
   local left=$(( budget_end - $(date +%s) ))
   [ "$left" -lt "$limit" ] && limit=$left
-  if [ "$limit" -le 5 ]; then echo "$name skipped: budget spent" | tee -a "$WORK/steps.txt"; return; fi
+  if [ "$limit" -le 5 ]; then echo "$name skipped: budget spent" | tee -a "$WORK/steps.txt"; collect; return; fi
   local t0; t0=$(date +%s)
-  timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" >"$WORK/$name.log" 2>&1
   local rc=$?
-  echo "$name rc=$rc seconds=$(( $(date +%s) - t0 )) limit=$limit" | tee -a "$WORK/steps.txt"
+  local verdict=""
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && verdict=" (stopped at its time limit)"
+  echo "$name rc=$rc seconds=$(( $(date +%s) - t0 )) limit=$limit$verdict" | tee -a "$WORK/steps.txt"
+  collect
 }
 
-step env 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'"
-step install 120 $PY -m pip install -e . --no-deps --no-build-isolation
-step tests 200 $PY -m pytest -q -p no:cacheprovider tests --junitxml="$WORK/tests.xml"
-step targets 150 $PY -m tokprof.targets --out "$WORK/targets.json" --repeat 2
-step run 200 $PY -m tokprof.cli run --out "$WORK/run"
+# The GPU's architecture (sm_90 on an H100 or H200): cubins for it alone halve the install's nvcc time.
+ARCH=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"sm_{m}{n}")' 2>/dev/null || echo sm_90)
+export TOKPROF_CUDA_ARCHS=${TOKPROF_CUDA_ARCHS:-$ARCH}
+ARCH_NUM=${ARCH#sm_}  # the compile check takes 80 or 90
+TIMEOUT_OPT=""  # one test that hangs must not take the whole step
+$PY -c 'import pytest_timeout' 2>/dev/null && TIMEOUT_OPT="--timeout=120"
+XDIST_OPT=""
+$PY -c 'import xdist' 2>/dev/null && XDIST_OPT="-n 8"
 
-{
-  cat "$WORK/steps.txt"
-  for f in env install tests targets run; do
-    [ -f "$WORK/$f.log" ] && { echo; echo "== $f (last 60 lines)"; tail -n 60 "$WORK/$f.log"; }
-  done
-} >"$OUT/summary.txt"
-tar czf "$OUT/gpu-check.tgz" -C "$WORK" --exclude cache .
-cat "$OUT/summary.txt" | tail -n 80
+step env 60 bash -c "nvidia-smi; echo TOKPROF_CUDA_ARCHS=$TOKPROF_CUDA_ARCHS; $PY -c 'import torch, triton; \
+print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())'"
+step install 120 $PY -m pip install -e . --no-deps --no-build-isolation
+step gputests 150 $PY -m pytest -q -p no:cacheprovider -m gpu $TIMEOUT_OPT tests --junitxml="$WORK/gputests.xml"
+step run 300 $PY -m tokprof.cli run --out "$WORK/run"
+step targets 200 $PY -m tokprof.targets --out "$WORK/targets/targets.json" --repeat 2 --aa-modes events \
+  --no-aa-energy --max-time-s 0.5
+step compile 120 env -u TRITON_INTERPRET $PY scripts/triton_compile_check.py --arch "$ARCH_NUM"
+step cputests 300 $PY -m pytest -q -p no:cacheprovider -m "not gpu" $TIMEOUT_OPT $XDIST_OPT tests \
+  --junitxml="$WORK/cputests.xml"
+
+collect
+tail -n 80 "$OUT/summary.txt"

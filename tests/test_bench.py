@@ -104,6 +104,26 @@ def test_out_of_memory_is_a_failure_and_the_sweep_goes_on(tmp_path, monkeypatch)
     assert load_run(tmp_path / "r.json").failures[0].shape == {"T": 7, "I": 64}
 
 
+def test_triton_resource_errors_are_failures_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    # Triton's OutOfResources (shared memory of a config too big for the GPU) derives from Exception, not
+    # RuntimeError: a sweep that caught RuntimeError only would die with a traceback on the first such shape.
+    errors = pytest.importorskip("triton.runtime.errors")
+    real = bench.bench_op
+
+    def bench_op(op, shape, *args, **kwargs):
+        if shape["T"] == 5:
+            raise errors.OutOfResources(262144, 232448, "shared memory")
+        return real(op, shape, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_op", bench_op)
+    calls = [("swiglu", {"T": 5, "I": 64}, "fp32", "torch"), ("swiglu", {"T": 2, "I": 64}, "fp32", "torch")]
+    kernels, failures = bench_calls(calls, "cpu", timing_kwargs=FAST, out=tmp_path / "r.json", progress=False)
+    assert [k.shape["T"] for k in kernels] == [2]
+    assert failures[0].error.startswith("OutOfResources: out of resource: shared memory, Required: 262144")
+    assert {RuntimeError, ValueError, MemoryError} <= set(bench.SWEEP_ERRORS)
+    assert load_run(tmp_path / "r.json").failures[0].shape == {"T": 5, "I": 64}
+
+
 def test_ctrl_c_saves_what_was_measured_then_reraises(tmp_path, monkeypatch):
     real = bench.bench_op
 

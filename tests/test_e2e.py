@@ -3,6 +3,7 @@ and the `tokprof e2e` / `tokprof reconcile` commands. GPU-only paths (graph mode
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -166,6 +167,73 @@ def test_cli_e2e_then_reconcile(tmp_path: Path, one_thread: object) -> None:
     assert len(run.e2e) == 4 and len(run.reconciliation) == 2
     res = runner.invoke(app, ["e2e", "--batch", "1", "--device", "cpu"])
     assert res.exit_code == 2 and "--model" in res.output
+
+
+def test_modes_share_one_prefill_and_start_from_the_same_state(one_thread: object) -> None:
+    from tokprof.models.e2e import tokprof_decode_session, tokprof_prefill
+
+    model = _tiny(seed=8)
+    prefilled = tokprof_prefill(model, batch=2, context=40, steps=4, warmup=2, seed=1)
+    assert prefilled.prompt_len == 36 and prefilled.ttft_ms > 0  # 40 - 2 - 1 - (4 - 1) // 2
+    firsts = []
+    for _ in range(2):  # as for graph then eager on a GPU: each session rewinds to the end of the prefill
+        session = tokprof_decode_session(model, prefilled, warmup=2, mode="eager")
+        state = model.snapshot()
+        tokens = [session.step()[0].clone() for _ in range(3)]
+        firsts.append((state, tokens))
+        assert int(state.positions[0]) == prefilled.prompt_len + 2  # after the 2 warm-up steps
+    (s0, t0), (s1, t1) = firsts
+    assert torch.equal(s0.tokens, s1.tokens) and torch.equal(s0.slots, s1.slots) and s0.steps_left == s1.steps_left
+    assert all(torch.equal(a, b) for a, b in zip(t0, t1, strict=True))  # greedy decoding of the same state
+    model.free_cache()
+
+
+def test_a_failing_later_mode_keeps_the_earlier_one_and_frees_the_cache(monkeypatch, one_thread: object) -> None:
+    from tokprof.models import e2e
+
+    real = e2e.tokprof_decode_session
+    modes_started = []
+
+    def flaky(model, prefilled, warmup, mode):  # the second mode fails, as a graph capture could on a GPU
+        modes_started.append(mode)
+        if len(modes_started) == 2:
+            raise RuntimeError("CUDA graph capture of the decode step failed")
+        return real(model, prefilled, warmup, mode)
+
+    monkeypatch.setattr(e2e, "tokprof_decode_session", flaky)
+    model = _tiny(seed=9)
+    got = []
+    with pytest.raises(RuntimeError, match="capture of the decode step failed"):
+        for m in e2e.measure_e2e_modes(model, 1, 40, ["eager", "eager"], steps=4, warmup=2, energy=False,
+                                       profile=False):
+            got.append(m)
+    assert [m.mode for m in got] == ["eager"] and len(got[0].step_times_us) == 4
+    assert model.cache is None  # given back although the iteration ended with an exception
+    with pytest.raises(ValueError, match="modes: expected at least one"):
+        e2e.measure_e2e_modes(model, 1, 40, [], steps=4)  # checked at the call, before anything runs
+
+
+def test_run_e2e_measures_explicit_points_and_frameworks_where_asked(tmp_path: Path, one_thread: object) -> None:
+    from rich.console import Console
+
+    from tokprof.models.e2e_command import E2EArgs, run_e2e
+    from tokprof.profiler.schema import load_run
+
+    out = tmp_path / "run.json"
+    args = E2EArgs(model="tiny", model_dir=None, batches=[], contexts=[], modes=None,
+                   frameworks=["tokprof", "transformers"], steps=4, warmup=2, device=torch.device("cpu"),
+                   backend=None, dtype=None, output=str(out), energy=False, profile=False,
+                   points=[(1, 3), (1, 40), (2, 40)], framework_points=[(2, 40)])
+    quiet = Console(file=io.StringIO())
+    results, path = run_e2e(args, quiet, quiet)
+    got = [(m.framework, m.batch, m.context) for m in results]
+    # (1, 3) is too short a context for 4 timed steps: skipped with its reason; the sweep goes on.
+    assert got == [("tokprof", 1, 40), ("tokprof", 2, 40), ("transformers", 2, 40)]
+    run = load_run(path)
+    assert len(run.e2e) == 3
+    assert any("e2e skipped tokprof eager batch 1 context 3: ValueError: context: 3 is too short" in n
+               for n in run.notes)
+    assert any("e2e transformers: measured at (batch, context) [(2, 40)] only" in n for n in run.notes)
 
 
 def test_cli_e2e_from_a_model_directory(tmp_path: Path, one_thread: object) -> None:

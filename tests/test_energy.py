@@ -117,6 +117,80 @@ def test_idle_window_energy_and_alignment_to_counter_updates():
     assert w.begin.temperature_c == 34
 
 
+def test_idle_power_waits_for_the_gpu_to_settle_first():
+    meter, _ = replay_meter(0.5)
+    readings = meter.source.readings
+    power_w = measure_idle_power(meter, seconds=1.0, settle_s=0.4)
+    w = meter.last_window
+    first_update_after_settle = next(r.timestamp_s for r in readings if r.timestamp_s > 0.9)
+    assert w.begin.timestamp_s >= first_update_after_settle and w.energy.time_s >= 1.0
+    assert power_w == pytest.approx(70.0, rel=0.01)
+    with pytest.raises(ValueError, match="settle_s"):
+        measure_idle_power(meter, seconds=1.0, settle_s=-0.1)
+
+
+def test_a_failed_counter_read_is_a_clear_error(monkeypatch):
+    # NvmlSource.read gives energy None when an NVML query fails mid-run (a timeout, a lost GPU): a window must say
+    # so, not die with a TypeError from None - float.
+    meter, clock = replay_meter(0.5, align_to_updates=False)
+    meter.begin_window("w")
+    clock.advance(0.5)
+    monkeypatch.setattr(meter.source, "read", lambda: Reading(clock(), None, None, 40))
+    with pytest.raises(RuntimeError, match="energy counter could not be read at its end"):
+        meter.end_window("w")
+
+
+def test_a_failure_inside_an_e2e_energy_window_leaves_the_meter_usable(monkeypatch):
+    from tokprof.models import e2e
+
+    monkeypatch.setattr(energy, "energy_status", lambda device: None)  # as on a GPU with NVML
+    meter, clock = replay_meter(3.2)  # the trace's busy phase: ~600 W
+    steps = {"n": 0, "fail_at": 5}
+
+    def step() -> None:  # 10 ms of decode on the replay clock
+        steps["n"] += 1
+        clock.advance(0.01)
+        if steps["n"] == steps["fail_at"]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    session = e2e.DecodeSession(step=step, rewind=lambda: None, ttft_ms=None)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        e2e.energy_per_token(session, 10, 1, 10_000.0, torch.device("cpu"), window_s=0.1, meter=meter)
+    assert meter._open == {}  # discarded: the next point can open its window under the same name
+    steps["fail_at"] = -1
+    j, how = e2e.energy_per_token(session, 10, 1, 10_000.0, torch.device("cpu"), window_s=0.1, meter=meter,
+                                  idle_power_w=70.0)
+    # ~600 W x 10 ms per step, one token per step; the trace stays busy during the <= 100 ms wait for the counter's
+    # next update, which the meter takes off at the 70 W idle: up to (600 - 70) W x 0.1 s more over the 10 tokens.
+    assert 0.95 * 6.0 <= j <= 6.0 + 530 * 0.1 / 10 + 0.1, (j, how)
+    assert "NVML counter" in how
+
+
+def test_idle_power_is_remembered_for_live_boards_only(monkeypatch):
+    import time
+
+    monkeypatch.setattr(energy, "_IDLE_MEASURED", {})
+    meter, _ = replay_meter(0.5)
+    measure_idle_power(meter, seconds=1.0)
+    assert energy._IDLE_MEASURED == {}  # a replayed trace is not this machine's idle power
+    assert energy.recent_idle_power("cpu") is None
+    energy._IDLE_MEASURED["cpu"] = (71.5, time.monotonic() - 10.0)  # as measure_idle_power records a live board
+    assert energy.recent_idle_power("cpu") == 71.5
+    assert energy.recent_idle_power("cpu", max_age_s=5.0) is None  # too old: measure again
+
+
+def test_kernel_energy_refuses_a_graph_of_other_inputs():
+    from tokprof.profiler.timing import CapturedGraph
+
+    meter, _ = replay_meter(0.5)
+    gen = torch.Generator().manual_seed(3)
+    mine, theirs = {"x": torch.randn(8, generator=gen)}, {"x": torch.randn(8, generator=gen)}
+    graph = CapturedGraph(graph=None, calls_per_replay=2, copies=2, working_set_bytes=32, l2_bytes=64,
+                          touched=[1, 1], distinct_input_ptrs=2, inputs=[theirs, {"x": theirs["x"].clone()}])
+    with pytest.raises(ValueError, match="graph: expected a graph captured over these inputs"):
+        measure_kernel_energy(lambda kw: None, mine, device="cpu", meter=meter, idle_power_w=70.0, graph=graph)
+
+
 def test_busy_window_energy():
     meter, clock = replay_meter(3.5)
     meter.begin_window("busy")

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tokprof.models.config import ModelConfig
 from tokprof.profiler.schema import load_run
-from tokprof.runner import RunConfig, check_fits, memory_needed_bytes, reference_runs, resolve_device, run_main
+from tokprof.runner import (
+    EST_COMPILE_S,
+    EST_ENERGY_ALIGN_S,
+    EST_KERNEL_OVERHEAD_S,
+    RunConfig,
+    check_fits,
+    estimate_gpu_seconds,
+    memory_needed_bytes,
+    reference_runs,
+    resolve_device,
+    run_main,
+)
 
 
 def small_cpu_config() -> RunConfig:
@@ -67,6 +79,39 @@ def test_memory_needed_counts_weights_and_kv():
     kv = cfg.kv_bytes_per_token(torch.bfloat16) * 128 * 8192  # 131072 bytes per token
     assert cfg.kv_bytes_per_token(torch.bfloat16) == 2 * 32 * 8 * 128 * 2
     assert memory_needed_bytes(cfg, torch.bfloat16, 128, 8192) == int((weights + kv) * 1.1) + (2 << 30)
+
+
+@pytest.fixture
+def h100_memory(monkeypatch):
+    """torch.cuda.get_device_properties as on an H100 80GB (81559 MiB), so the GPU defaults can be checked here."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=81559 << 20))
+
+
+def test_gpu_defaults_drop_exactly_the_points_that_do_not_fit(h100_memory):
+    rc = RunConfig.for_device(torch.device("cuda"))
+    notes = check_fits(ModelConfig.from_name("llama-3.1-8b"), rc)
+    # Batch 128 at 8k context needs 137 GB of KV cache; every other point fits in 80 GB.
+    assert rc.e2e_points == [(1, 1024), (1, 8192), (8, 1024), (8, 8192), (32, 1024), (32, 8192), (128, 1024)]
+    assert len(notes) == 1 and "batch 128 context 8192 skipped" in notes[0]
+    # The batches and contexts left are still all four and both: only the explicit points keep (128, 8192) out.
+    assert rc.e2e_batches == [1, 8, 32, 128] and rc.e2e_contexts == [1024, 8192]
+    assert set(rc.framework_points) <= set(rc.e2e_points)
+
+
+def test_gpu_defaults_fit_the_five_minute_budget(h100_memory):
+    cfg = ModelConfig.from_name("llama-3.1-8b")
+    rc = RunConfig.for_device(torch.device("cuda"))
+    check_fits(cfg, rc)
+    est = estimate_gpu_seconds(cfg, rc)
+    # 60 distinct decode-step calls, each: 0.5 s timing + 0.5 s energy window + 0.2 s cool-down + alignment + set-up.
+    assert est["kernels"] == pytest.approx(60 * (0.5 + 0.5 + 0.2 + EST_ENERGY_ALIGN_S + EST_KERNEL_OVERHEAD_S)
+                                           + EST_COMPILE_S)
+    assert 15 < est["prefill"] < 40  # ~10 PFLOP of prefill at 400 TFLOP/s, once per point (not per mode)
+    assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"))
+    assert est["total"] <= 300, est
+    # The previous defaults (1 s timing, 1 s energy windows, 0.5 s cool-downs, transformers at every point) did not.
+    old = dataclasses.replace(rc, timing_kwargs={"max_time_s": 1.0}, energy_kwargs={}, framework_points=None)
+    assert estimate_gpu_seconds(cfg, old)["total"] > 300
 
 
 def test_check_fits_is_a_no_op_on_the_cpu():

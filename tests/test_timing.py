@@ -111,6 +111,23 @@ def test_measure_rejects_bad_arguments():
         measure(lambda kw: None, {}, device="tpu")
 
 
+def test_a_captured_graph_is_checked_before_it_is_reused():
+    gen = torch.Generator().manual_seed(11)
+    inputs = {"x": torch.randn(4, generator=gen)}
+    other = {"x": torch.randn(4, generator=gen)}
+    g = timing.CapturedGraph(graph=None, calls_per_replay=4, copies=2, working_set_bytes=16, l2_bytes=64,
+                             touched=[2, 2], distinct_input_ptrs=2, inputs=[inputs, clone_inputs(inputs)])
+    timing.check_graph_for(g, inputs, rotate=True)  # the graph of these inputs, rotating: accepted
+    with pytest.raises(ValueError, match="captured over other tensors"):
+        timing.check_graph_for(g, other, rotate=True)
+    with pytest.raises(ValueError, match="cold_l2=False"):
+        timing.check_graph_for(g, inputs, rotate=False)
+    with pytest.raises(ValueError, match="CapturedGraph"):
+        timing.check_graph_for(object(), inputs, rotate=True)
+    with pytest.raises(ValueError, match="mode='graph' only"):
+        measure(lambda kw: None, inputs, device="cpu", mode="events", graph=g)
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the message on a machine without CUDA")
 def test_cuda_device_without_cuda_says_what_works():
     with pytest.raises(RuntimeError, match="device='cpu'"):

@@ -17,6 +17,7 @@ Steps, each saved to the RunResult as soon as it is measured (an interrupted run
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import sys
@@ -40,7 +41,23 @@ GPU_DEFAULT_MODEL = "llama-3.1-8b"
 @dataclass
 class RunConfig:
     """What one `tokprof run` measures. `for_device` gives the defaults of the issue: a GPU sweep that fits in about
-    5 minutes of GPU time, and a CPU sweep that fits in under 3 minutes on 2 cores."""
+    5 minutes of GPU time, and a CPU sweep that fits in under 3 minutes on 2 cores.
+
+    GPU budget (llama-3.1-8b, batch {1, 8, 32, 128} x context {1k, 8k}), estimated for an H100 before the first
+    measured run; `estimate_gpu_seconds` holds the arithmetic (~240 s with these defaults):
+    - kernels: 60 distinct decode-step calls, each timed for up to 0.5 s (events, cold L2; calls under 10 us also in
+      graph mode), then an energy window of 0.5 s after a 0.2 s cool-down (plus up to two counter updates, ~0.1 s,
+      to align the window) and ~0.3 s of set-up and captures: ~1.7 s a call, ~100 s, plus Triton's first
+      compilations (~30 s on a cold cache);
+    - end to end, tokprof: 7 points (batch 128 at 8k context needs ~137 GB of KV cache and is dropped), graph and
+      eager from one prefill per point: prefills of 505k prompt tokens in all (+ a warm-up sub-batch per point;
+      ~10 PFLOP, ~25 s), then per mode 36 steps, a 0.5 s energy window and 32 profiled steps (~3 s): ~70 s;
+    - end to end, transformers: at 2 points only, (1, 1k) and (8, 8k): its eager loop costs ~40 ms of Python per
+      step whatever the batch, and its profile holds ~100k host events: ~10 s a point;
+    - ceilings, idle power, model set-up, report: ~20 s. In all ~4-5 minutes. 1 s energy windows and 0.5 s cool-downs
+      (energy.py's defaults) would add ~50 s; energy on all kernels is kept because a bottom-up J/token needs
+      every kernel of a step.
+    """
 
     model: str
     device: torch.device
@@ -55,6 +72,12 @@ class RunConfig:
     frameworks: list[str]
     energy: bool
     timing_kwargs: dict[str, Any] = field(default_factory=dict)
+    energy_kwargs: dict[str, Any] = field(default_factory=dict)  # energy.measure_kernel_energy: window_s, cooldown_s
+    e2e_energy_window_s: float = 1.0
+    # (batch, context) points end to end; None: e2e_batches x e2e_contexts. check_fits sets the points that fit.
+    e2e_points: list[tuple[int, int]] | None = None
+    # Where frameworks other than tokprof run; None: at every end-to-end point.
+    framework_points: list[tuple[int, int]] | None = None
 
     @classmethod
     def for_device(cls, device: torch.device, model: str | None = None) -> RunConfig:
@@ -63,12 +86,64 @@ class RunConfig:
                        batches=[1, 8, 32, 128], contexts=[1024, 8192], e2e_batches=[1, 8, 32, 128],
                        e2e_contexts=[1024, 8192], e2e_steps=32, e2e_modes=["graph", "eager"],
                        frameworks=["tokprof", "transformers"], energy=True,
-                       timing_kwargs={"max_time_s": 1.0})
+                       timing_kwargs={"max_time_s": 0.5}, energy_kwargs={"window_s": 0.5, "cooldown_s": 0.2},
+                       e2e_energy_window_s=0.5, framework_points=[(1, 1024), (8, 8192)])
         # CPU: small enough for 2 cores in well under 3 minutes; the CPU has no energy counter.
         return cls(model=model or "tiny", device=device, backend="torch", dtype="fp32", batches=[1, 4],
                    contexts=[128, 512], e2e_batches=[1, 4], e2e_contexts=[128, 512], e2e_steps=8,
                    e2e_modes=["eager"], frameworks=["tokprof", "transformers"], energy=False,
                    timing_kwargs={"min_time_s": 0.05, "max_time_s": 0.3})
+
+
+# Stated assumptions of the GPU-time estimate below (H100-class GPU, Triton kernels), not measurements; a measured
+# run's summary prints its real time ("seconds").
+EST_PREFILL_TFLOPS = 400.0  # a prefill's GEMMs and causal attention together
+EST_KERNEL_OVERHEAD_S = 0.3  # per kernel call: inputs, first call, graph-mode timing of a short call, captures
+EST_ENERGY_ALIGN_S = 0.2  # per energy window: waiting for the counter's next update at both ends
+EST_COMPILE_S = 30.0  # Triton's first compilations on a cold cache
+EST_E2E_MODE_S = 3.0  # per end-to-end point and mode: capture or warm-up, 32 timed and 32 profiled steps, profile
+EST_FRAMEWORK_POINT_S = 10.0  # per point of another framework (transformers' eager loop, its profile)
+EST_FIXED_S = 20.0  # ceilings, idle power, model set-up, reconciliation, report
+
+
+def estimate_gpu_seconds(config: ModelConfig, rc: RunConfig) -> dict[str, float]:
+    """A modelled estimate of `tokprof run`'s GPU time with `rc`, by part (seconds; "total" sums them).
+
+    kernels: distinct decode-step calls x (timing budget + energy window + cool-down + alignment + overhead) +
+    compilation; prefill: every end-to-end point's prompt tokens (and one warm-up sub-batch) at EST_PREFILL_TFLOPS;
+    e2e: points x modes x EST_E2E_MODE_S; frameworks: other frameworks' points x EST_FRAMEWORK_POINT_S.
+    """
+    from tokprof.models.e2e import prompt_length
+    from tokprof.models.plan import decode_plan
+    from tokprof.models.transformer import DEFAULT_PREFILL_TOKENS
+
+    distinct = {c.key() for b in rc.batches for c_ in rc.contexts for c in decode_plan(config, b, c_, rc.dtype)}
+    per_kernel = float(rc.timing_kwargs.get("max_time_s", 5.0)) + EST_KERNEL_OVERHEAD_S
+    if rc.energy:
+        per_kernel += (float(rc.energy_kwargs.get("window_s", 1.0)) + float(rc.energy_kwargs.get("cooldown_s", 0.5))
+                       + EST_ENERGY_ALIGN_S)
+    points = rc.e2e_points if rc.e2e_points is not None else [(b, c) for b in rc.e2e_batches
+                                                                for c in rc.e2e_contexts]
+    flop_per_token = 2 * config.num_params()
+    attn_per_seq = 2 * config.num_layers * config.num_heads * config.head_dim  # x prompt_len^2: causal QK^T and PV
+    warmup = 4
+    prefill_flop = 0.0
+    for batch, context in points:
+        p = prompt_length(context, warmup, rc.e2e_steps)
+        rows = max(1, min(batch, DEFAULT_PREFILL_TOKENS // p))
+        prefill_flop += (batch + rows) * (flop_per_token * p + attn_per_seq * p * p)  # rows: the warm-up sub-batch
+    others = [fw for fw in rc.frameworks if fw != "tokprof"]
+    fw_points = points if rc.framework_points is None else [p for p in points if p in set(rc.framework_points)]
+    modes = [m for m in rc.e2e_modes if m == "eager" or rc.device.type == "cuda"]
+    parts = {
+        "kernels": len(distinct) * per_kernel + EST_COMPILE_S,
+        "prefill": prefill_flop / (EST_PREFILL_TFLOPS * 1e12),
+        "e2e": len(points) * len(modes) * EST_E2E_MODE_S if "tokprof" in rc.frameworks else 0.0,
+        "frameworks": len(others) * len(fw_points) * EST_FRAMEWORK_POINT_S,
+        "fixed": EST_FIXED_S,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
 
 
 def resolve_device(device: str) -> torch.device:
@@ -107,14 +182,17 @@ def check_fits(config: ModelConfig, rc: RunConfig) -> list[str]:
                          f"({config.weight_bytes(dtype) / 1e9:.1f} GB in {rc.dtype}), the GPU has "
                          f"{total / 1e9:.1f} GB; choose a smaller model (e.g. llama-3.2-1b)")
     notes = []
-    kept = [(b, c) for b in rc.e2e_batches for c in rc.e2e_contexts
-            if memory_needed_bytes(config, dtype, b, c) <= total]
-    for b in rc.e2e_batches:
-        for c in rc.e2e_contexts:
-            if (b, c) not in kept:
-                need = memory_needed_bytes(config, dtype, b, c)
-                notes.append(f"end to end batch {b} context {c} skipped: needs about {need / 1e9:.0f} GB "
-                             f"(weights + KV cache), the GPU has {total / 1e9:.0f} GB")
+    points = rc.e2e_points if rc.e2e_points is not None else [(b, c) for b in rc.e2e_batches
+                                                                for c in rc.e2e_contexts]
+    kept = [(b, c) for b, c in points if memory_needed_bytes(config, dtype, b, c) <= total]
+    for b, c in points:
+        if (b, c) not in kept:
+            need = memory_needed_bytes(config, dtype, b, c)
+            notes.append(f"end to end batch {b} context {c} skipped: needs about {need / 1e9:.0f} GB "
+                         f"(weights + KV cache), the GPU has {total / 1e9:.0f} GB")
+    # The kept points themselves: the batches x contexts of what is left would bring a dropped point back (batch 128
+    # fits at 1k context, context 8k fits at batch 32, batch 128 at 8k does not).
+    rc.e2e_points = kept
     rc.e2e_batches = sorted({b for b, _ in kept})
     rc.e2e_contexts = sorted({c for _, c in kept})
     return notes
@@ -176,14 +254,20 @@ def run_e2e_points(run: RunResult, rc: RunConfig, run_path: Path, console: Conso
     from tokprof.models.e2e_command import E2EArgs
     from tokprof.models.e2e_command import run_e2e as run_e2e_command
 
-    if not rc.e2e_batches:
+    points = rc.e2e_points if rc.e2e_points is not None else [(b, c) for b in rc.e2e_batches
+                                                                for c in rc.e2e_contexts]
+    if not points:
         run.notes.append("end to end: no point fits on this device")
         return
     save_run(run, run_path)  # run_e2e extends the file it is given
+    if rc.device.type == "cuda":  # what the kernel benchmarks left in the caching allocator goes back first
+        gc.collect()
+        torch.cuda.empty_cache()
     args = E2EArgs(model=rc.model, model_dir=None, batches=rc.e2e_batches, contexts=rc.e2e_contexts,
                    modes=rc.e2e_modes, frameworks=rc.frameworks, steps=rc.e2e_steps, warmup=4, device=rc.device,
                    backend=rc.backend, dtype=rc.dtype, output=str(run_path), energy=rc.energy,
-                   command=list(run.provenance.command))
+                   command=list(run.provenance.command), points=points, framework_points=rc.framework_points,
+                   energy_window_s=rc.e2e_energy_window_s)
     run_e2e_command(args, console, Console(stderr=True))
     fresh = load_run(run_path)
     run.e2e = fresh.e2e
@@ -214,6 +298,11 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
     label = "GPU" if dev.type == "cuda" else "CPU (figures are CPU figures, never GPU figures)"
     console.rule(f"tokprof run: {config.name} on {run.provenance.device.name} [{label}]")
     run.notes.extend(fit_notes)
+    if dev.type == "cuda":
+        est = estimate_gpu_seconds(config, rc)
+        console.print(f"[dim]estimated GPU time ~{est['total'] / 60:.1f} min (modelled: kernels "
+                      f"{est['kernels']:.0f} s, prefill {est['prefill']:.0f} s, end to end "
+                      f"{est['e2e'] + est['frameworks']:.0f} s)[/]")
     if dev.type == "cpu":
         run.notes.append(f"CPU run on {run.provenance.device.name}: {rc.backend} backend, {rc.dtype}, model "
                          f"{config.name}; no energy counter on a CPU")
@@ -226,10 +315,12 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
 
     console.print(f"[bold]2/5[/] kernels of the decode plan: batch {rc.batches} x context {rc.contexts}")
     points, run = bottom_up(config, rc.batches, rc.contexts, rc.backend, dev, dtype=rc.dtype, energy=rc.energy,
-                            timing_kwargs=rc.timing_kwargs, ceilings=ceilings, run=run, out=run_path)
+                            timing_kwargs=rc.timing_kwargs, energy_kwargs=rc.energy_kwargs or None,
+                            ceilings=ceilings, run=run, out=run_path)
 
-    console.print(f"[bold]3/5[/] end to end: batch {rc.e2e_batches} x context {rc.e2e_contexts}, "
-                  f"{', '.join(rc.frameworks)} ({', '.join(rc.e2e_modes)})")
+    e2e_where = (f"(batch, context) {rc.e2e_points}" if rc.e2e_points is not None
+                 else f"batch {rc.e2e_batches} x context {rc.e2e_contexts}")
+    console.print(f"[bold]3/5[/] end to end: {e2e_where}, {', '.join(rc.frameworks)} ({', '.join(rc.e2e_modes)})")
     run_e2e_points(run, rc, run_path, console)
 
     console.print("[bold]4/5[/] reconciliation and other GPUs")

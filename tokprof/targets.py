@@ -100,7 +100,7 @@ def judge(target: Target, backend: str, m: Any, spec: Any, copy_gbps: float | No
 def run_targets(device: torch.device, backends: tuple[str, ...] = ("triton", "cuda"),
                 timing_kwargs: dict[str, Any] | None = None) -> tuple[list[TargetResult], dict[str, Any]]:
     from tokprof.kernels import OPS
-    from tokprof.profiler.bench import bench_op
+    from tokprof.profiler.bench import SWEEP_ERRORS, bench_op
     from tokprof.profiler.ceilings import measure_ceilings
     from tokprof.profiler.devices import detect_device, load_specs
 
@@ -112,13 +112,15 @@ def run_targets(device: torch.device, backends: tuple[str, ...] = ("triton", "cu
         for backend in backends:
             if OPS[target.op].available_backends(device)[backend] is not None:
                 continue
+            m = None
             try:
                 m = bench_op(target.op, target.shape, "bf16", backend, device, ceilings=ceilings,
                              timing_kwargs=timing_kwargs)
-            except (RuntimeError, ValueError) as err:
+            except SWEEP_ERRORS as err:  # out of memory, a Triton resource or compile error: recorded, go on
                 results.append(TargetResult(target, backend, None, None, None, None, None, None,
                                             f"{type(err).__name__}: {err}"[:300]))
-                if device.type == "cuda":
+            if m is None:
+                if device.type == "cuda":  # after the except block, whose traceback held the failed call's tensors
                     torch.cuda.empty_cache()
                 continue
             results.append(judge(target, backend, m, spec, ceilings.copy_gbps))
@@ -128,7 +130,7 @@ def run_targets(device: torch.device, backends: tuple[str, ...] = ("triton", "cu
 
 
 def aa_repeat(device: torch.device, out_dir: Path, backend: str = "triton", modes: tuple[str, ...] = ("events",),
-              energy: bool = True) -> dict[str, Any]:
+              energy: bool = True, timing_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Measure the Llama-3.1-8B decode plan (batch 1, 16, 64; 4k context) twice; the share of kernels SAME."""
     from tokprof.models.config import ModelConfig
     from tokprof.models.plan import decode_plan
@@ -145,7 +147,7 @@ def aa_repeat(device: torch.device, out_dir: Path, backend: str = "triton", mode
         for rep in ("a", "b"):
             path = out_dir / f"aa-{mode}-{rep}.json"
             run = new_run(["tokprof.targets", "aa", mode, rep], device)
-            bench_calls(todo, device, mode=mode, energy=energy, out=path, run=run)
+            bench_calls(todo, device, mode=mode, energy=energy, out=path, run=run, timing_kwargs=timing_kwargs)
             paths.append(path)
         from tokprof.profiler.schema import load_run
 
@@ -184,22 +186,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--backends", default="triton,cuda")
     parser.add_argument("--repeat", type=int, default=2, help="2 runs the A/A check; 0 skips it")
+    parser.add_argument("--max-time-s", type=float, default=1.0,
+                        help="longest sampling time per kernel, s (the stop rule's timeout)")
+    parser.add_argument("--aa-modes", default="events,graph", help="timing modes of the A/A check")
+    parser.add_argument("--no-aa-energy", action="store_true", help="no energy windows in the A/A check (faster)")
     args = parser.parse_args(argv)
+    aa_modes = tuple(m for m in args.aa_modes.split(",") if m)
+    if not aa_modes or any(m not in ("events", "graph") for m in aa_modes):
+        print(f"--aa-modes: expected events and/or graph, got {args.aa_modes!r}", file=sys.stderr)
+        return 2
+    if not args.max_time_s > 0:
+        print(f"--max-time-s: expected a positive number of seconds, got {args.max_time_s}", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if device.type != "cuda" or not torch.cuda.is_available():
         print(f"--device: the targets are GPU targets; torch sees no GPU here (device {args.device!r})",
               file=sys.stderr)
         return 2
-    results, meta = run_targets(device, tuple(b for b in args.backends.split(",") if b))
+    from tokprof.profiler.schema import save_json_atomic
+
+    timing_kwargs = {"max_time_s": args.max_time_s}
+    results, meta = run_targets(device, tuple(b for b in args.backends.split(",") if b), timing_kwargs=timing_kwargs)
     print_table(results, meta)
     out = Path(args.out)
     doc: dict[str, Any] = {"meta": meta, "targets": [asdict(r) for r in results]}
+    save_json_atomic(doc, out)  # now, so that a run stopped during the A/A check keeps the targets
     if args.repeat >= 2:
-        doc["aa"] = aa_repeat(device, out.parent, modes=("events", "graph"))
+        doc["aa"] = aa_repeat(device, out.parent, modes=aa_modes, energy=not args.no_aa_energy,
+                              timing_kwargs=timing_kwargs)
         print(json.dumps({"aa": doc["aa"]}))
-    from tokprof.profiler.schema import save_json_atomic
-
-    save_json_atomic(doc, out)
+        save_json_atomic(doc, out)
     return 0
 
 

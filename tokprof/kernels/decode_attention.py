@@ -224,11 +224,12 @@ def _triton_config(head_dim_pad: int, elem_bytes: int, device: torch.device) -> 
     """(BLOCK_N, num_warps, num_stages), chosen by rule rather than autotuned, so one call never runs many configs
     (and the interpreter, which would run every config, is never asked to).
 
-    On a GPU: K and V tiles of 16 KB each (BLOCK_N = 64 tokens at D=128 in 16-bit), 4 warps, and num_stages=3,
-    which the pipeliner turns into 2 buffered K/V tiles (~72 KB of shared memory): the next tile streams in while
-    the current one is used, and 2-3 programs stay resident per SM on an A100 or H100 (164 / 228 KB per SM), a few
-    hundred KB in flight per SM, more than HBM latency x bandwidth needs (~25-40 KB per SM on an H100). GPUs with
-    ~100 KB per SM (sm_86, sm_89) get num_stages=2 (one buffer, ~39 KB) and hide latency with more programs.
+    On a GPU: K and V tiles of 16 KB each (BLOCK_N = 64 tokens at D=128 in 16-bit), 4 warps (8 for fp32), and
+    num_stages=3, which the pipeliner turns into 2 buffered K/V tiles (~72 KB of shared memory): the next tile
+    streams in while the current one is used, and 2-3 programs stay resident per SM on an A100 or H100 (164 / 228 KB
+    per SM), a few hundred KB in flight per SM, more than HBM latency x bandwidth needs (~25-40 KB per SM on an
+    H100). GPUs with ~100 KB per SM (sm_86, sm_89) get num_stages=2 (one buffer, ~39 KB) and hide latency with more
+    programs.
     Compiled ahead of time for sm_80 and sm_90 without spills; the rule is not yet tuned by measurement.
     On the CPU interpreter: 16-token tiles, so the tiny test shapes still cover several tiles and masked tails.
     """
@@ -239,7 +240,10 @@ def _triton_config(head_dim_pad: int, elem_bytes: int, device: torch.device) -> 
     smem_per_sm = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_multiprocessor", 0)
     two_buffers = 2 * tile_bytes + 8192  # + q, the p tile and layout conversions
     num_stages = 3 if smem_per_sm >= 2 * two_buffers else 2
-    return block_n, 4, num_stages
+    # fp32 dots run as exact FMAs ("ieee") from registers: on 4 warps the split variant spilled ~1.2 KB per thread
+    # (255 registers, triton 3.9, sm_90); 8 warps halve each thread's share of the tiles.
+    num_warps = 8 if elem_bytes == 4 else 4
+    return block_n, num_warps, num_stages
 
 
 def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

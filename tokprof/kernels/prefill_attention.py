@@ -38,6 +38,9 @@ except ImportError:  # pragma: no cover - triton ships for Linux only
     triton = None
 
 _LOG2E = 1.4426950408889634  # the kernel works in base 2: exp(x) = exp2(x * log2(e))
+# Grid axis 1 holds B * Hq programs and CUDA allows at most 65535 there. (Heads and batch on axes 1 and 2 would lift
+# the limit, but that variant spilled 88 B per thread at D=128 causal on sm_80; no real prefill batch comes near.)
+_MAX_GRID_Y = 65535
 
 # Head dims the Triton kernel takes: tl.arange needs a power of two, tl.dot an inner size >= 16, and above 256 the
 # Q, K and V tiles no longer fit in shared memory at useful block sizes.
@@ -169,9 +172,10 @@ def _attn_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]
 
     No autotuning: the interpreter would run every config, and prompt lengths vary call to call. The 16-bit GPU
     choices are those triton's tutorial 06 autotuner settles on for Hopper (128x64 tiles; 8 warps at D=128) and
-    compile for sm_80 and sm_90 without register spills (ptxas via cuobjdump, triton 3.9). fp32 runs its dots as
-    exact fp32 FMAs ("ieee"), which hold the tiles in registers: 32x16 tiles on 8 warps are the largest found that
-    do not spill at D=128 (64x32 on 4 warps spilled ~1.7 KB per thread on sm_90).
+    compile for sm_90 without register spills (ptxas via cuobjdump, triton 3.9; on sm_80 the D=64 tiles spill
+    16-32 B per thread). fp32 runs its dots as exact fp32 FMAs ("ieee"), which hold the tiles in registers: 32x16
+    tiles on 8 warps are the largest found that do not spill at D=128 (64x32 on 4 warps spilled ~1.7 KB per thread
+    on sm_90).
     """
     if triton_interpreted():
         # Small tiles so tiny test prompts still cover several row blocks, off-band blocks and split diagonals.
@@ -193,6 +197,9 @@ def _prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     block_m, block_n, num_warps, num_stages = _attn_config(head_dim, q.dtype)
     # fp32 inputs would run as tf32 on tensor cores by default (10-bit mantissa); "ieee" keeps fp32 exact.
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    if batch * hq > _MAX_GRID_Y:
+        raise ValueError(f"q: the triton backend takes B * Hq up to {_MAX_GRID_Y} (CUDA's limit on grid axis 1), got "
+                         f"B={batch} x Hq={hq} = {batch * hq}; split the batch")
     grid = (triton.cdiv(seq, block_m), batch * hq)
     _prefill_attn_kernel[grid](
         q, k, v, out, scale * _LOG2E, seq, hq, group,

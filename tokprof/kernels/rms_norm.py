@@ -112,6 +112,10 @@ if triton is not None:
                 xf = x.to(tl.float32)
                 acc += xf * xf
             rstd = tl.rsqrt(tl.sum(acc, axis=1) / H + eps)
+            if HAS_RESIDUAL:
+                # Pass 2 reads new_residual back from global memory. If the compiler lays the two passes' accesses
+                # out differently, another thread of this block wrote an element: a block barrier makes it visible.
+                tl.debug_barrier()
             for chunk in range(0, tl.cdiv(H, BLOCK_H)):
                 c = chunk * BLOCK_H + cols
                 mask = row_mask[:, None] & (c[None, :] < H)
@@ -172,6 +176,7 @@ def _rms_norm_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float,
     args = (x, res_in, weight, out, new_res, num_tokens, hidden, float(eps), has_res)
     if vectorised and nvec <= 32 * _CUDA_VPT:
         # Short rows (Qwen3's per-head norm, H = 128): one warp per row, 4 rows per block, warp reductions only.
+        # Block sizes here stay within each kernel's __launch_bounds__ in rms_norm.cu (128 here, 1024 below).
         name = _cuda.kernel_name("rms_norm_warp", x.dtype)
         _cuda.launch("rms_norm", name, x.device, (cdiv(num_tokens, 4),), (128,), args)
     elif vectorised:

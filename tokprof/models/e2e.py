@@ -5,7 +5,8 @@
 
 How a point is measured (MEASUREMENT.md, "End to end"):
 1. Random prompts of length P are prefilled (the TTFT: the whole batch, synchronised at both ends, after one
-   warm-up prefill of the first sub-batch that compiles the kernels).
+   warm-up prefill of the first sub-batch that compiles the kernels). `measure_e2e_modes` measures eager and graph
+   from one prefill: each mode rewinds the decode state to the end of the prefill.
 2. `warmup` decode steps run untimed (graph mode: two eager steps on a side stream, the capture, then replays).
 3. `steps` decode steps are timed one by one (CUDA events between steps, one sync at the end; perf_counter on the
    CPU). P is chosen so that the timed steps attend contexts centred on `context`: step j attends P + warmup + j + 1
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,12 +151,19 @@ def energy_per_token(session: DecodeSession, steps: int, batch: int, median_step
     rounds = max(1, math.ceil(window_s * 1e6 / (steps * median_step_us)))
     session.rewind()
     meter.begin_window("e2e_decode")
-    for r in range(rounds):
-        if r:
-            session.rewind()
-        for _ in range(steps):
-            session.step()
-    window = meter.close_window("e2e_decode")
+    try:
+        for r in range(rounds):
+            if r:
+                session.rewind()
+            for _ in range(steps):
+                session.step()
+    except BaseException:
+        meter.discard_window("e2e_decode")  # the meter serves the next points: leave no window open
+        raise
+    try:
+        window = meter.close_window("e2e_decode")
+    except RuntimeError as err:  # a counter that never moved with no power readings, a failed NVML read
+        return None, f"energy measurement failed ({err})"
     joules = window.energy.energy_j
     how = (f"total energy over {rounds} round(s) of the {steps} timed steps ({window.energy.time_s:.2f} s window, "
            f"NVML {window.energy.method})")
@@ -247,6 +255,8 @@ def check_fits(model: Any, batch: int, max_tokens: int) -> None:
     """RuntimeError naming the memory a point needs when its KV cache and prefill activations do not fit the GPU."""
     if model.device.type != "cuda":
         return
+    import gc
+
     from tokprof.models.kv_cache import PagedKVCache
 
     cfg = model.config
@@ -255,6 +265,10 @@ def check_fits(model: Any, batch: int, max_tokens: int) -> None:
     chunk = min(batch * max_tokens, max(model.max_prefill_tokens, max_tokens))
     width = 2 * cfg.intermediate_size + cfg.q_size + 2 * cfg.kv_size + 4 * cfg.hidden_size
     activations = 2 * chunk * width * model.weights.embed.element_size()  # x2: inputs and outputs alive together
+    # The caching allocator keeps what earlier points (and kernel benchmarks) freed; the driver counts it as used.
+    # Hand it back first, or a point that fits is refused.
+    gc.collect()
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(model.device)
     need = kv + activations
     if need > 0.95 * free:
@@ -265,9 +279,18 @@ def check_fits(model: Any, batch: int, max_tokens: int) -> None:
                            f"{model.weight_bytes / gib:.1f} GiB); use a smaller batch or context")
 
 
-def tokprof_session(model: Any, batch: int, context: int, steps: int, warmup: int, mode: str, seed: int
-                    ) -> tuple[DecodeSession, int]:
-    """Prefill `model` (a tokprof Transformer) and warm it up; (session, prompt length)."""
+@dataclass
+class PrefilledBatch:
+    """A batch prefilled once, from which every decode mode starts (tokprof_prefill)."""
+
+    prompt_len: int
+    ttft_ms: float
+    start: Any  # the Transformer's DecodeSnapshot right after the prefill
+    notes: list[str]
+
+
+def tokprof_prefill(model: Any, batch: int, context: int, steps: int, warmup: int, seed: int) -> PrefilledBatch:
+    """Prefill `model` (a tokprof Transformer) with random prompts sized for `context` and time it (the TTFT)."""
     prompt_len = prompt_length(context, warmup, steps)
     model.free_cache()
     check_fits(model, batch, prompt_len + warmup + steps + 1)
@@ -282,6 +305,17 @@ def tokprof_session(model: Any, batch: int, context: int, steps: int, warmup: in
     ttft_ms = (time.perf_counter() - t0) * 1e3
     notes = [f"TTFT: prefill of the whole batch ({batch} x {prompt_len} tokens, sub-batches of {rows}) to its first "
              "tokens"]
+    return PrefilledBatch(prompt_len=prompt_len, ttft_ms=ttft_ms, start=model.snapshot(), notes=notes)
+
+
+def tokprof_decode_session(model: Any, prefilled: PrefilledBatch, warmup: int, mode: str) -> DecodeSession:
+    """Rewind `model` to the end of its prefill, warm up `mode` ("eager" or "graph") and return the session.
+
+    Every mode starts from the same prefilled state, so one prefill serves both (the KV slots the warm-up and timed
+    steps write are written again with the same values: greedy decoding of the same state is deterministic)."""
+    model.release_graph()  # eager steps must not replay a graph captured for the previous mode
+    model.restore(prefilled.start)
+    notes = list(prefilled.notes)
     if mode == "graph":
         model.capture_graph(warmup_steps=2)
         for _ in range(warmup - 2):
@@ -290,12 +324,66 @@ def tokprof_session(model: Any, batch: int, context: int, steps: int, warmup: in
     else:
         for _ in range(warmup):
             model.decode_step()
-        notes.append("eager mode: the kernels' argument checks read token ids and KV slots back to the host "
-                     "(a device sync per embedding, append_kv and decode_attention call), as the public kernel API "
-                     "does outside a graph capture")
+        notes.append("eager mode: each kernel launched from Python; the argument checks that read token ids and KV "
+                     "slots back to the host ran in the batch's first decode step only (skip_value_checks after it), "
+                     "so the timed steps hold no host synchronisation")
     snap = model.snapshot()
-    return DecodeSession(step=model.decode_step, rewind=lambda: model.restore(snap), ttft_ms=ttft_ms,
-                         notes=notes), prompt_len
+    return DecodeSession(step=model.decode_step, rewind=lambda: model.restore(snap), ttft_ms=prefilled.ttft_ms,
+                         notes=notes)
+
+
+def tokprof_session(model: Any, batch: int, context: int, steps: int, warmup: int, mode: str, seed: int
+                    ) -> tuple[DecodeSession, int]:
+    """Prefill `model` (a tokprof Transformer) and warm it up; (session, prompt length)."""
+    prefilled = tokprof_prefill(model, batch, context, steps, warmup, seed)
+    return tokprof_decode_session(model, prefilled, warmup, mode), prefilled.prompt_len
+
+
+def _check_e2e_args(model: Any, batch: int, context: int, steps: int, warmup: int, modes: list[str]) -> None:
+    check_point(batch, context, steps, warmup)
+    if not modes:
+        raise ValueError(f"modes: expected at least one of {list(MODES)}, got none")
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
+    if "graph" in modes:
+        if model.device.type != "cuda":
+            raise RuntimeError(f"mode='graph': CUDA graphs need a CUDA device, the model is on {model.device}; "
+                               "use mode='eager' on the CPU")
+        if warmup < 2:
+            raise ValueError(f"warmup: graph mode needs at least 2 eager warm-up steps before the capture, "
+                             f"got {warmup}")
+
+
+def measure_e2e_modes(model: Any, batch: int, context: int, modes: list[str], steps: int = 32, *, warmup: int = 4,
+                      seed: int = 0, energy: bool = True, energy_window_s: float = 1.0, meter: Any = None,
+                      idle_power_w: float | None = None, profile: bool = True) -> Iterator[E2EMeasurement]:
+    """measure_e2e for each of `modes` at one (batch, context) from one prefill (the same TTFT for every mode):
+    a prefill of 32 x 8k tokens of an 8B model takes seconds, so it is not repeated per mode.
+
+    Arguments are checked now; the measurements are yielded one mode at a time, so a caller keeps the first mode's
+    when a later one fails. The KV cache is given back when the iteration ends, normally or by an exception."""
+    modes = list(modes)
+    _check_e2e_args(model, batch, context, steps, warmup, modes)
+    return _e2e_modes(model, batch, context, modes, steps, warmup, seed,
+                      {"energy": energy, "energy_window_s": energy_window_s, "meter": meter,
+                       "idle_power_w": idle_power_w, "profile": profile})
+
+
+def _e2e_modes(model: Any, batch: int, context: int, modes: list[str], steps: int, warmup: int, seed: int,
+               session_kwargs: dict[str, Any]) -> Iterator[E2EMeasurement]:
+    try:
+        prefilled = tokprof_prefill(model, batch, context, steps, warmup, seed)
+        for mode in modes:
+            session = tokprof_decode_session(model, prefilled, warmup, mode)
+            if len(modes) > 1:
+                session.notes.append(f"one prefill shared by the modes {', '.join(modes)}")
+            yield measure_session(session, model=model.config.name, framework="tokprof", mode=mode,
+                                  backend=model.backend, dtype=dtype_name(model.dtype), batch=batch, context=context,
+                                  steps=steps, warmup=warmup, prompt_len=prefilled.prompt_len, device=model.device,
+                                  **session_kwargs)
+    finally:
+        model.free_cache()  # the next point (or framework) gets the memory back
 
 
 def measure_e2e(model: Any, batch: int, context: int, steps: int = 32, mode: str = "eager", *, warmup: int = 4,
@@ -304,22 +392,7 @@ def measure_e2e(model: Any, batch: int, context: int, steps: int = 32, mode: str
     """Measure tokprof's Transformer end to end at (batch, context): see the module docstring for the method.
 
     mode "graph" replays the decode step as a CUDA graph (GPU only: RuntimeError on the CPU)."""
-    check_point(batch, context, steps, warmup)
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
-    if mode == "graph":
-        if model.device.type != "cuda":
-            raise RuntimeError(f"mode='graph': CUDA graphs need a CUDA device, the model is on {model.device}; "
-                               "use mode='eager' on the CPU")
-        if warmup < 2:
-            raise ValueError(f"warmup: graph mode needs at least 2 eager warm-up steps before the capture, "
-                             f"got {warmup}")
-    session, prompt_len = tokprof_session(model, batch, context, steps, warmup, mode, seed)
-    try:
-        return measure_session(session, model=model.config.name, framework="tokprof", mode=mode,
-                               backend=model.backend, dtype=dtype_name(model.dtype), batch=batch, context=context,
-                               steps=steps, warmup=warmup, prompt_len=prompt_len, device=model.device, energy=energy,
-                               energy_window_s=energy_window_s, meter=meter, idle_power_w=idle_power_w,
-                               profile=profile)
-    finally:
-        model.free_cache()  # the next point (or framework) gets the memory back
+    (m,) = measure_e2e_modes(model, batch, context, [mode], steps, warmup=warmup, seed=seed, energy=energy,
+                             energy_window_s=energy_window_s, meter=meter, idle_power_w=idle_power_w,
+                             profile=profile)
+    return m

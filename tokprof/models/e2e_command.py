@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,12 @@ class E2EArgs:
     energy: bool = True
     profile: bool = True
     command: list[str] = field(default_factory=lambda: list(sys.argv))
+    # Explicit (batch, context) points; None: every batch x context. (A sweep that drops the points that do not fit
+    # is not a cross product any more: batch 128 may fit at 1k context and not at 8k.)
+    points: list[tuple[int, int]] | None = None
+    # Where the frameworks other than tokprof are measured; None: at every point.
+    framework_points: list[tuple[int, int]] | None = None
+    energy_window_s: float = 1.0  # seconds of decode steps inside one NVML window per point and mode
 
 
 def load_model(a: E2EArgs) -> Any:
@@ -76,20 +83,38 @@ def _open_run(a: E2EArgs, model: Any) -> Any:
 
 
 def _energy_meter(device: torch.device) -> tuple[Any, float | None, str | None]:
-    """(meter, idle power W, None) once per command on a GPU with NVML, else (None, None, why)."""
-    from tokprof.profiler.energy import energy_status, make_meter, measure_idle_power
+    """(meter, idle power W, None) on a GPU with NVML, else (None, None, why). The idle power is measured once per
+    run: reused when this process measured it lately (`tokprof run`: before its kernel benchmarks)."""
+    from tokprof.profiler.bench import IDLE_SETTLE_S
+    from tokprof.profiler.energy import energy_status, make_meter, measure_idle_power, recent_idle_power
 
     reason = energy_status(device)
     if reason is not None:
         return None, None, reason
     meter = make_meter(device)
-    return meter, measure_idle_power(meter, seconds=1.0), None
+    idle_w = recent_idle_power(device)
+    if idle_w is None:
+        idle_w = measure_idle_power(meter, seconds=1.0, settle_s=IDLE_SETTLE_S)
+    meter.idle_power_w = idle_w
+    return meter, idle_w, None
+
+
+def e2e_points(a: E2EArgs) -> list[tuple[int, int]]:
+    """The (batch, context) points of `a`: its explicit points, else every batch x context."""
+    points = a.points if a.points is not None else [(b, c) for b in a.batches for c in a.contexts]
+    if not points:
+        raise ValueError("--batch/--context: expected at least one (batch, context) point, got none")
+    return list(points)
 
 
 def run_e2e(a: E2EArgs, console: Console, err_console: Console) -> tuple[list[E2EMeasurement], str | None]:
-    """Measure every (framework, mode, batch, context); returns (measurements, path written or None)."""
+    """Measure every (framework, mode, batch, context); returns (measurements, path written or None).
+
+    tokprof measures all its modes of one point from one prefill (measure_e2e_modes); a point or mode that fails
+    (does not fit, a kernel error) is skipped with its reason in the run's notes, and the sweep goes on."""
     from tokprof.models.adapters import measure_transformers, measure_vllm, vllm_status
-    from tokprof.models.e2e import measure_e2e
+    from tokprof.models.e2e import measure_e2e_modes
+    from tokprof.profiler.bench import SWEEP_ERRORS
     from tokprof.profiler.schema import save_run
 
     for fw in a.frameworks:
@@ -99,6 +124,7 @@ def run_e2e(a: E2EArgs, console: Console, err_console: Console) -> tuple[list[E2
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"--mode: expected some of {list(MODES)}, got {mode!r}")
+    points = e2e_points(a)
     model = load_model(a)
     run = _open_run(a, model)
     meter = idle_w = None
@@ -114,41 +140,68 @@ def run_e2e(a: E2EArgs, console: Console, err_console: Console) -> tuple[list[E2
         err_console.print(f"[yellow]skipped[/] {what}: {why}")
         run.notes.append(f"e2e skipped {what}: {why}")
 
+    def keep(m: E2EMeasurement) -> None:
+        results.append(m)
+        run.e2e.append(m.to_dict())
+        if a.output:
+            save_run(run, a.output)  # after every point: an interrupted sweep keeps what it measured
+
+    def free() -> None:  # outside the except blocks: their tracebacks pinned the failed point's tensors
+        if a.device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+
     for fw in a.frameworks:
+        fw_modes = []
         for mode in modes:
             if mode == "graph" and a.device.type != "cuda" and fw != "vllm":
                 skip(f"{fw} graph", "CUDA graphs need a CUDA device")
-                continue
-            if fw == "transformers" and mode == "graph":
+            elif fw == "transformers" and mode == "graph":
                 skip("transformers graph", "the transformers adapter measures eager decoding only")
+            elif fw == "vllm" and (why := vllm_status() if a.device.type == "cuda" else "vLLM needs a CUDA GPU"):
+                skip(f"vllm {mode}", why)
+            else:
+                fw_modes.append(mode)
+        fw_points = points
+        if fw != "tokprof" and a.framework_points is not None:
+            wanted = {tuple(p) for p in a.framework_points}
+            fw_points = [p for p in points if p in wanted]
+            if fw_modes and len(fw_points) < len(points):
+                run.notes.append(f"e2e {fw}: measured at (batch, context) {fw_points} only, to keep the run short; "
+                                 "tokprof at every point")
+        for batch, context in fw_points:
+            if fw == "tokprof" and fw_modes:
+                # Eager first: a graph capture that fails after it leaves the point's eager measurement kept.
+                fw_modes = sorted(fw_modes, key=lambda mode: mode != "eager")
+                what = f"tokprof {'+'.join(fw_modes)} batch {batch} context {context}"
+                err_console.print(f"[dim]{what} ...[/]")
+                failed = False
+                try:  # the modes come one at a time: a graph capture that fails keeps the eager measurement
+                    for m in measure_e2e_modes(model, batch, context, fw_modes, meter=meter, idle_power_w=idle_w,
+                                               profile=a.profile, energy_window_s=a.energy_window_s, **kwargs):
+                        keep(m)
+                except SWEEP_ERRORS as err:  # does not fit, too short a context, a kernel error: say so, go on
+                    skip(what, f"{type(err).__name__}: {err}")
+                    failed = True
+                if failed:
+                    free()
                 continue
-            if fw == "vllm":
-                why = vllm_status() if a.device.type == "cuda" else "vLLM needs a CUDA GPU"
-                if why is not None:
-                    skip(f"vllm {mode}", why)
+            for mode in fw_modes:
+                what = f"{fw} {mode} batch {batch} context {context}"
+                err_console.print(f"[dim]{what} ...[/]")
+                m = None
+                try:
+                    if fw == "transformers":
+                        m = measure_transformers(model, batch, context, meter=meter, idle_power_w=idle_w,
+                                                 profile=a.profile, energy_window_s=a.energy_window_s, **kwargs)
+                    else:
+                        m = measure_vllm(model, batch, context, mode=mode, meter=meter, **kwargs)
+                except SWEEP_ERRORS as err:  # does not fit, too short a context: say so, go on
+                    skip(what, f"{type(err).__name__}: {err}")
+                if m is None:
+                    free()
                     continue
-            for batch in a.batches:
-                for context in a.contexts:
-                    what = f"{fw} {mode} batch {batch} context {context}"
-                    err_console.print(f"[dim]{what} ...[/]")
-                    try:
-                        if fw == "tokprof":
-                            m = measure_e2e(model, batch, context, mode=mode, meter=meter, idle_power_w=idle_w,
-                                            profile=a.profile, **kwargs)
-                        elif fw == "transformers":
-                            m = measure_transformers(model, batch, context, meter=meter, idle_power_w=idle_w,
-                                                     profile=a.profile, **kwargs)
-                        else:
-                            m = measure_vllm(model, batch, context, mode=mode, meter=meter, **kwargs)
-                    except (RuntimeError, ValueError) as err:  # does not fit, too short a context: say so, go on
-                        skip(what, str(err))
-                        if a.device.type == "cuda":
-                            torch.cuda.empty_cache()
-                        continue
-                    results.append(m)
-                    run.e2e.append(m.to_dict())
-                    if a.output:
-                        save_run(run, a.output)  # after every point: an interrupted sweep keeps what it measured
+                keep(m)
     print_e2e(console, results)
     return results, a.output
 

@@ -51,6 +51,29 @@ MODES = ("events", "graph")
 AUTO = "auto"  # spec=AUTO: the spec-table row of the device, None for a CPU or an unknown GPU
 
 Call = tuple[str, Mapping[str, int], Any, str]  # (op, shape, dtype, backend)
+# Settle time before the run's idle-power window: a GPU just out of the ceilings' GEMM still draws above idle.
+IDLE_SETTLE_S = 1.0
+
+
+def _sweep_errors() -> tuple[type[BaseException], ...]:
+    """What a failing kernel call raises, recorded as a Failure so that a sweep goes on: RuntimeError (CUDA errors,
+    torch.OutOfMemoryError; the cuda backend wraps NVRTC's CompileException in one), ValueError (arguments),
+    MemoryError (CuPy's out of memory), and where importable Triton's compile and resource errors (TritonError:
+    OutOfResources, CompilationError, PTXASError), which derive from Exception only."""
+    errors: list[type[BaseException]] = [RuntimeError, ValueError, MemoryError]
+    try:
+        from triton.errors import TritonError
+
+        errors.append(TritonError)
+    except ImportError:  # no triton (or one older than triton.errors): its backend is reported unavailable anyway
+        pass
+    return tuple(errors)
+
+
+SWEEP_ERRORS = _sweep_errors()
+# Failures of a measurement step (graph capture, energy window) after the call itself ran: the event timing stands.
+# ValueError is not among them: a bad argument (e.g. energy_kwargs) is the caller's to fix.
+STEP_ERRORS = tuple(e for e in SWEEP_ERRORS if e is not ValueError)
 
 
 def get_op(op: str) -> Op:
@@ -125,12 +148,21 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
     measured = timing.measure(call, inputs, device=dev, mode=mode, **kwargs)
     graph_timing = None
     graph_failed = ""
+    # One capture of the rotating copies serves the graph-mode timing and the energy window (a tiny input has
+    # thousands of copies: each capture takes seconds).
+    captured: timing.CapturedGraph | None = None
     if dev.type == "cuda" and mode == "events" and measured.median_us < SHORT_KERNEL_US:
+        cold_l2 = kwargs.get("cold_l2", True)
         try:
-            graph_timing = timing.measure(call, inputs, device=dev, mode="graph", **kwargs)
-        except RuntimeError as err:  # e.g. a call that syncs with the host cannot be captured: keep the event time
+            captured = timing.capture_graph(call, inputs, device=dev, rotate=cold_l2)
+            graph_timing = timing.measure(call, inputs, device=dev, mode="graph", graph=captured, **kwargs)
+        except STEP_ERRORS as err:  # e.g. a call that syncs with the host cannot be captured: keep the event time
             graph_failed = f"graph-mode timing failed ({type(err).__name__}: {err}); only the event time is known"
-            _free(dev)
+            captured = None
+        if graph_failed:
+            _free(dev)  # outside the except block: its traceback no longer pins the failed capture's tensors
+        if captured is not None and not cold_l2:
+            captured = None  # one warm copy: the energy window needs the rotating copies
 
     flops, min_bytes = rec.cost(full_shape, torch_dtype)
     point = roofline(int(flops), int(min_bytes), measured.median_us, spec=datasheet, ceilings=ceilings, dtype=dname)
@@ -157,11 +189,14 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
                 idle_power_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0))
             try:
                 kernel_energy = energy_mod.measure_kernel_energy(call, inputs, device=dev, meter=meter,
-                                                                 idle_power_w=idle_power_w, **(energy_kwargs or {}))
-            except RuntimeError as err:  # graph capture, a counter that never moved: the timing still stands
+                                                                 idle_power_w=idle_power_w, graph=captured,
+                                                                 **(energy_kwargs or {}))
+            except STEP_ERRORS as err:  # graph capture, a counter that never moved: the timing still stands
                 energy_reason = f"energy measurement failed ({type(err).__name__}: {err})"
-                _free(dev)
-    del inputs
+            if kernel_energy is None:
+                captured = None
+                _free(dev)  # outside the except block (see above)
+    del inputs, captured
     return KernelMeasurement(op=op, shape=full_shape, dtype=dname, backend=backend, device=_device_name(str(dev)),
                              timing=measured, roofline=point, energy=kernel_energy, energy_reason=energy_reason,
                              graph_timing=graph_timing)
@@ -301,8 +336,10 @@ def bench_calls(calls: Sequence[Call], device: str | torch.device = "cuda", *, m
     idle_power_w = None
     if energy and energy_mod.energy_status(dev) is None:
         meter = energy_mod.make_meter(dev)
-        # Once per run, a sleeping window as long as a kernel window (MEASUREMENT.md, kernel energy 3).
-        idle_power_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0))
+        # Once per run, a sleeping window as long as a kernel window (MEASUREMENT.md, kernel energy 3), after the
+        # GPU has settled.
+        idle_power_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0),
+                                                     settle_s=IDLE_SETTLE_S if dev.type == "cuda" else 0.0)
         if run is not None:
             run.notes.append(f"idle power {idle_power_w:.1f} W (measured, once for this run); dynamic energy per "
                              "call = total - idle power x time per call")
@@ -335,10 +372,11 @@ def bench_calls(calls: Sequence[Call], device: str | torch.device = "cuda", *, m
                     run.notes.append(f"interrupted at {label}: the calls after it were not measured")
                 save()
                 raise
-            except (RuntimeError, ValueError) as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            except SWEEP_ERRORS as err:  # torch.OutOfMemoryError is a RuntimeError; Triton's errors are not
                 result = Failure(op=op, shape=shape, dtype=dname, backend=backend,
                                  error=f"{type(err).__name__}: {err}")
-                _free(dev)
+            if isinstance(result, Failure):
+                _free(dev)  # after the except block: its traceback held the failed call's tensors until now
             cache[key] = result
             if isinstance(result, Failure):
                 failures.append(result)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ from tokprof.profiler.energy_sources import (  # noqa: F401 - re-exported: the s
     save_trace,
 )
 from tokprof.profiler.schema import Energy, KernelEnergy
-from tokprof.profiler.timing import as_device, capture_graph, sync
+from tokprof.profiler.timing import CapturedGraph, as_device, capture_graph, check_graph_for, sync
 
 CHUNK_S = 0.02  # back-to-back replays between two syncs in a kernel window (a sync costs ~10 us of idle GPU)
 
@@ -152,6 +153,11 @@ class EnergyMeter:
         self._open[name] = start
         return start
 
+    def discard_window(self, name: str) -> None:
+        """Forget open window `name` unread (the work inside it failed), so the name can be opened again."""
+        if self._open.pop(name, None) is not None and self.method == "sampled":
+            self.source.stop_sampling()
+
     def end_window(self, name: str) -> Energy:
         """Close window `name` (sync first) and return its Energy."""
         return self.close_window(name).energy
@@ -172,6 +178,9 @@ class EnergyMeter:
         if not time_s > 0:
             raise RuntimeError(f"energy window {name!r}: no time passed between its readings ({time_s} s)")
         if self.method == "counter":
+            if start.energy_mj is None or end.energy_mj is None:  # an NVML read that failed (None), never a number
+                raise RuntimeError(f"energy window {name!r}: the NVML energy counter could not be read at its "
+                                   f"{'start' if start.energy_mj is None else 'end'}; the window's energy is unknown")
             delta_mj = end.energy_mj - start.energy_mj
             if delta_mj < 0:
                 raise RuntimeError(f"energy window {name!r}: the NVML counter went backwards ({delta_mj} mJ): was the "
@@ -212,24 +221,46 @@ def make_meter(device: torch.device | str | int, *, method: str = "auto", trace:
 # ---------------------------------------------------------------------------------------------- kernel energy
 
 
-def measure_idle_power(meter: EnergyMeter, seconds: float = 1.0) -> float:
+# Idle power measured on a live board in this process: torch device -> (W, time.monotonic() of the measurement).
+# `tokprof run` measures it once, before the kernel benchmarks, and its end-to-end part reuses it.
+_IDLE_MEASURED: dict[str, tuple[float, float]] = {}
+
+
+def recent_idle_power(device: torch.device | str | int, max_age_s: float = 900.0) -> float | None:
+    """The idle power (W) measured on the NVML board of `device` in this process within `max_age_s`, else None."""
+    found = _IDLE_MEASURED.get(str(as_device(device)))
+    if found is None or time.monotonic() - found[1] > max_age_s:
+        return None
+    return found[0]
+
+
+def measure_idle_power(meter: EnergyMeter, seconds: float = 1.0, settle_s: float = 0.0) -> float:
     """Idle power in W over a sleeping window of `seconds` (as long as a kernel window); stored on the meter.
 
-    Measure it once per run, before the kernels and after the GPU has settled.
+    Measure it once per run, before the kernels and after the GPU has settled: `settle_s` of sleep first (a GPU
+    just out of a GEMM draws more than idle power for a while).
     """
     check_number("seconds", seconds, positive=True)
+    check_number("settle_s", settle_s)
+    sync(meter.device)
+    meter.source.sleep(settle_s)
     meter.begin_window("idle")
     meter.source.sleep(seconds)
     window = meter.close_window("idle")
     meter.idle_power_w = window.energy.avg_power_w
+    if isinstance(meter.source, NvmlSource):  # a live board (a replayed trace is not this machine's idle power)
+        _IDLE_MEASURED[str(meter.device)] = (meter.idle_power_w, time.monotonic())
     return meter.idle_power_w
 
 
 def measure_kernel_energy(call: Callable[[Any], Any], inputs: Mapping[str, Any], *,
                           device: torch.device | str | int, meter: EnergyMeter, idle_power_w: float,
-                          window_s: float = 1.0, cooldown_s: float = 0.5) -> KernelEnergy:
+                          window_s: float = 1.0, cooldown_s: float = 0.5,
+                          graph: CapturedGraph | None = None) -> KernelEnergy:
     """Energy per call of `call(inputs)`: back-to-back CUDA graph replays (rotating input copies, as in graph-mode
     timing) for >= `window_s`, sync, divide by the calls. A `cooldown_s` sleep first lets the GPU settle.
+    `graph`: a graph already captured by `timing.capture_graph(call, inputs, rotate=True)` (e.g. for graph-mode
+    timing), replayed instead of capturing another.
 
     total_j_per_call = (window energy - idle_power_w x idle tail) / calls
     dynamic_j_per_call = total_j_per_call - idle_power_w x busy time / calls
@@ -240,16 +271,20 @@ def measure_kernel_energy(call: Callable[[Any], Any], inputs: Mapping[str, Any],
     check_number("cooldown_s", cooldown_s)
     check_number("idle_power_w", idle_power_w)
     device = as_device(device)
+    if graph is not None:
+        check_graph_for(graph, inputs, rotate=True)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        return _kernel_energy(call, inputs, device, meter, float(idle_power_w), window_s, cooldown_s)
+        return _kernel_energy(call, inputs, device, meter, float(idle_power_w), window_s, cooldown_s, graph)
 
 
 def _kernel_energy(call: Callable[[Any], Any], inputs: Mapping[str, Any], device: torch.device, meter: EnergyMeter,
-                   idle_power_w: float, window_s: float, cooldown_s: float) -> KernelEnergy:
+                   idle_power_w: float, window_s: float, cooldown_s: float,
+                   graph: CapturedGraph | None) -> KernelEnergy:
     call(inputs)  # compile and autotune before the graph is captured
     sync(device)
     if device.type == "cuda":
-        graph = capture_graph(call, inputs, device=device, rotate=True)
+        if graph is None:
+            graph = capture_graph(call, inputs, device=device, rotate=True)
         graph.replay()  # the first replay uploads the graph; time the second
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -272,12 +307,16 @@ def _kernel_energy(call: Callable[[Any], Any], inputs: Mapping[str, Any], device
     label = f"kernel-{id(call):x}"
     begin = meter.begin_window(label)
     calls = 0
-    while True:
-        chunk()
-        calls += calls_per_chunk
-        sync(device)
-        if meter.source.now() - begin.timestamp_s >= window_s:
-            break
+    try:
+        while True:
+            chunk()
+            calls += calls_per_chunk
+            sync(device)
+            if meter.source.now() - begin.timestamp_s >= window_s:
+                break
+    except BaseException:
+        meter.discard_window(label)  # a failed kernel (or Ctrl-C) leaves no window open, no sampler running
+        raise
     window = meter.close_window(label)
     busy_s = window.busy_end_s - window.begin.timestamp_s
     busy_j = window.energy.energy_j - idle_power_w * window.tail_s

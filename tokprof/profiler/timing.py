@@ -370,12 +370,33 @@ def _timing(samples: list[float], rule: StopRule, elapsed_s: float, *, timer: st
                   note="; ".join([rule.reason(samples, elapsed_s), *notes]))
 
 
+def check_graph_for(graph: CapturedGraph, inputs: Mapping[str, Any], rotate: bool) -> None:
+    """ValueError unless `graph` was captured over `inputs` (its first copy) with the rotation asked for."""
+    if not isinstance(graph, CapturedGraph):
+        raise ValueError(f"graph: expected a CapturedGraph from capture_graph, got {type(graph).__name__}")
+    if not graph.inputs or graph.inputs[0] is not inputs:
+        raise ValueError("graph: expected a graph captured over these inputs (capture_graph(call, inputs, ...)), "
+                         "got one captured over other tensors")
+    if (graph.copies > 1) != rotate:
+        raise ValueError(f"graph: expected a graph {'with' if rotate else 'without'} rotating input copies "
+                         f"(cold_l2={rotate}), got one over {graph.copies} cop{'ies' if graph.copies > 1 else 'y'}")
+
+
 def measure(call: Callable[[Any], Any], inputs: Mapping[str, Any], *, device: torch.device | str | int,
             mode: str = "events", cold_l2: bool = True, warmup_ms: float = 25.0, min_samples: int = 10,
-            min_time_s: float = 0.1, max_time_s: float = 5.0, noise_target: float = 0.005) -> Timing:
-    """Time `call(inputs)` on `device`; every sample kept, statistics after outlier removal (see module doc)."""
+            min_time_s: float = 0.1, max_time_s: float = 5.0, noise_target: float = 0.005,
+            graph: CapturedGraph | None = None) -> Timing:
+    """Time `call(inputs)` on `device`; every sample kept, statistics after outlier removal (see module doc).
+
+    `graph` (mode "graph" only): a graph already captured by `capture_graph(call, inputs, rotate=cold_l2)`, replayed
+    instead of capturing another (a capture of thousands of rotating copies of a tiny input takes seconds).
+    """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
+    if graph is not None:
+        if mode != "graph":
+            raise ValueError(f"graph: a captured graph is replayed in mode='graph' only, got mode={mode!r}")
+        check_graph_for(graph, inputs, cold_l2)
     if not callable(call):
         raise ValueError(f"call: expected a callable taking the inputs dict, got {type(call).__name__}")
     if isinstance(warmup_ms, bool) or not isinstance(warmup_ms, (int, float)) or not (
@@ -421,7 +442,8 @@ def measure(call: Callable[[Any], Any], inputs: Mapping[str, Any], *, device: to
             if flush is not None:
                 notes.append(f"L2 flushed before each call ({flush.numel()} B = 2x L2)")
         else:
-            graph = capture_graph(call, inputs, device=device, rotate=cold_l2)
+            if graph is None:
+                graph = capture_graph(call, inputs, device=device, rotate=cold_l2)
 
             def step(start: Any, end: Any) -> None:
                 start.record()

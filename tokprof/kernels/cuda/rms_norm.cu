@@ -125,17 +125,21 @@ __device__ __forceinline__ void rms_norm_scalar(const T* __restrict__ x, const T
     }
 }
 
-#define TOKPROF_RMS_NORM(VARIANT, SUFFIX, T)                                                                  \
-    extern "C" __global__ void rms_norm_##VARIANT##_##SUFFIX(const T* x, const T* res, const T* w, T* out,    \
-                                                             T* new_res, int num_tokens, int H, float eps,    \
-                                                             int has_res) {                                   \
+// __launch_bounds__(the most threads rms_norm.py launches the variant with, 1 block per SM at least): warp 128, block
+// and scalar up to 1024. Without a bound ptxas may use more than 64 registers per thread, and a 1024-thread launch
+// then fails with "too many resources requested for launch" (rms_norm_block_bf16 took 62 on sm_90 unbounded). The
+// explicit 1 matters: with the thread count alone ptxas for sm_80 aimed at 2 blocks per SM (32 registers) and spilled.
+#define TOKPROF_RMS_NORM(VARIANT, MAX_THREADS, SUFFIX, T)                                                     \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS, 1)                                              \
+        rms_norm_##VARIANT##_##SUFFIX(const T* x, const T* res, const T* w, T* out, T* new_res,               \
+                                      int num_tokens, int H, float eps, int has_res) {                        \
         rms_norm_##VARIANT<T>(x, res, w, out, new_res, num_tokens, H, eps, has_res != 0);                     \
     }
 
-#define TOKPROF_RMS_NORM_ALL(SUFFIX, T)   \
-    TOKPROF_RMS_NORM(warp, SUFFIX, T)     \
-    TOKPROF_RMS_NORM(block, SUFFIX, T)    \
-    TOKPROF_RMS_NORM(scalar, SUFFIX, T)
+#define TOKPROF_RMS_NORM_ALL(SUFFIX, T)         \
+    TOKPROF_RMS_NORM(warp, 128, SUFFIX, T)      \
+    TOKPROF_RMS_NORM(block, 1024, SUFFIX, T)    \
+    TOKPROF_RMS_NORM(scalar, 1024, SUFFIX, T)
 
 TOKPROF_RMS_NORM_ALL(f32, float)
 TOKPROF_RMS_NORM_ALL(f16, __half)
