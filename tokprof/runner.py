@@ -44,18 +44,18 @@ class RunConfig:
     5 minutes of GPU time, and a CPU sweep that fits in under 3 minutes on 2 cores.
 
     GPU budget (llama-3.1-8b, batch {1, 8, 32, 128} x context {1k, 8k}), estimated for an H100 before the first
-    measured run; `estimate_gpu_seconds` holds the arithmetic (~240 s with these defaults):
+    measured run; `estimate_gpu_seconds` holds the arithmetic (~280 s with these defaults):
     - kernels: 60 distinct decode-step calls, each timed for up to 0.5 s (events, cold L2; calls under 10 us also in
-      graph mode), then an energy window of 0.5 s after a 0.2 s cool-down (plus up to two counter updates, ~0.1 s,
-      to align the window) and ~0.3 s of set-up and captures: ~1.7 s a call, ~100 s, plus Triton's first
-      compilations (~30 s on a cold cache);
+      graph mode), then an energy window of 1 s (MEASUREMENT.md: >= 1 s) after a 0.2 s cool-down (plus up to two
+      counter updates, ~0.1 s, to align the window) and ~0.3 s of set-up and captures: ~2.2 s a call, ~130 s,
+      plus Triton's first compilations (~30 s on a cold cache);
     - end to end, tokprof: 7 points (batch 128 at 8k context needs ~137 GB of KV cache and is dropped), graph and
       eager from one prefill per point: prefills of 505k prompt tokens in all (+ a warm-up sub-batch per point;
-      ~10 PFLOP, ~25 s), then per mode 36 steps, a 0.5 s energy window and 32 profiled steps (~3 s): ~70 s;
+      ~10 PFLOP, ~25 s), then per mode 36 steps, a 1 s energy window and 32 profiled steps (~3.5 s): ~75 s;
     - end to end, transformers: at 2 points only, (1, 1k) and (8, 8k): its eager loop costs ~40 ms of Python per
       step whatever the batch, and its profile holds ~100k host events: ~10 s a point;
-    - ceilings, idle power, model set-up, report: ~20 s. In all ~4-5 minutes. 1 s energy windows and 0.5 s cool-downs
-      (energy.py's defaults) would add ~50 s; energy on all kernels is kept because a bottom-up J/token needs
+    - ceilings, idle power, model set-up, report: ~20 s. In all ~4.5-5 minutes. The cool-down is 0.2 s rather than
+      energy.py's 0.5 s default to stay in budget; energy on all kernels is kept because a bottom-up J/token needs
       every kernel of a step.
     """
 
@@ -86,8 +86,8 @@ class RunConfig:
                        batches=[1, 8, 32, 128], contexts=[1024, 8192], e2e_batches=[1, 8, 32, 128],
                        e2e_contexts=[1024, 8192], e2e_steps=32, e2e_modes=["graph", "eager"],
                        frameworks=["tokprof", "transformers"], energy=True,
-                       timing_kwargs={"max_time_s": 0.5}, energy_kwargs={"window_s": 0.5, "cooldown_s": 0.2},
-                       e2e_energy_window_s=0.5, framework_points=[(1, 1024), (8, 8192)])
+                       timing_kwargs={"max_time_s": 0.5}, energy_kwargs={"window_s": 1.0, "cooldown_s": 0.2},
+                       e2e_energy_window_s=1.0, framework_points=[(1, 1024), (8, 8192)])
         # CPU: small enough for 2 cores in well under 3 minutes; the CPU has no energy counter.
         return cls(model=model or "tiny", device=device, backend="torch", dtype="fp32", batches=[1, 4],
                    contexts=[128, 512], e2e_batches=[1, 4], e2e_contexts=[128, 512], e2e_steps=8,
