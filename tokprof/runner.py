@@ -31,6 +31,7 @@ import torch
 from rich.console import Console
 
 from tokprof.models.config import ModelConfig
+from tokprof.profiler.devices import resolve_device
 from tokprof.profiler.schema import RunResult, load_run, save_run
 
 REFERENCE_DIR = Path(__file__).parent / "data" / "reference"
@@ -144,21 +145,6 @@ def estimate_gpu_seconds(config: ModelConfig, rc: RunConfig) -> dict[str, float]
     }
     parts["total"] = sum(parts.values())
     return parts
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"--device: expected auto, cpu or cuda[:N], got {device!r}") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {device!r} asked for a GPU but torch sees none (torch {torch.__version__}); "
-                         "use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: expected auto, cpu or cuda[:N], got {device!r}")
-    return dev
 
 
 def memory_needed_bytes(config: ModelConfig, dtype: torch.dtype, batch: int, context: int) -> int:

@@ -42,18 +42,12 @@ def parse_int_list(name: str, value: str) -> list[int]:
 
 def bench_device(device: str | None) -> object:
     """--device as a torch.device (default: cuda when a GPU is visible, else cpu); exit 2 when it cannot work."""
-    import torch
+    from tokprof.profiler.devices import resolve_device
 
-    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(name)
-    except RuntimeError as err:
-        fail(f"--device: expected cpu or cuda[:N], got {name!r} ({err})")
-    if dev.type not in ("cpu", "cuda"):
-        fail(f"--device: expected cpu or cuda[:N], got {name!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
-    return dev
+        return resolve_device(device)
+    except ValueError as err:
+        fail(str(err))
 
 
 def print_wide(table: Table) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import json
 import os
 import platform
 import re
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 
 from tokprof.profiler import nvml  # NVML lookup and init live with the timing/energy side
-from tokprof.profiler.schema import DeviceInfo
+from tokprof.profiler.schema import DeviceInfo, read_json
 
 SPECS_PATH = Path(__file__).resolve().parent.parent / "data" / "gpus.json"
 
@@ -124,10 +123,7 @@ def _load_default_specs() -> tuple[tuple[str, GpuSpec], ...]:
 
 
 def _read_specs(path: Path) -> dict[str, GpuSpec]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the GPU spec table ({err})") from err
+    data = read_json(path, "GPU spec table")
     rows = data.get("gpus") if isinstance(data, dict) else None
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected an object with a 'gpus' list")
@@ -211,6 +207,24 @@ def _gpu_uuid(props: Any) -> str | None:
         return None
     text = str(raw)
     return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """A --device value as a torch.device: None or "auto" picks the GPU when torch sees one, else the CPU.
+
+    ValueError (naming --device) for anything but auto, cpu or cuda[:N], or a GPU that torch does not see."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device: expected auto, cpu or cuda[:N], got {device!r}") from err
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected auto, cpu or cuda[:N], got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {device!r} asked for a GPU but torch sees none (torch {torch.__version__}); "
+                         "use --device cpu")
+    return dev
 
 
 def detect_device(device: str | torch.device = "cpu") -> DeviceInfo:
