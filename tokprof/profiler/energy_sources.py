@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import abc
 import bisect
-import json
 import math
 import threading
 import time
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from tokprof.profiler import nvml
-from tokprof.profiler.schema import save_json_atomic
+from tokprof.profiler.schema import read_json, save_json_atomic
 from tokprof.profiler.timing import as_device
 
 TRACE_FORMAT = "tokprof-nvml-trace"
@@ -295,10 +294,7 @@ def _check_readings(readings: Sequence[Reading], where: str) -> None:
 def load_trace(path: str | Path) -> tuple[list[Reading], dict[str, Any]]:
     """Read a trace file: {"format": "tokprof-nvml-trace", "columns": [...], "readings": [[...], ...], ...}."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the trace ({err})") from err
+    data = read_json(path, "trace")
     if not isinstance(data, dict) or data.get("format") != TRACE_FORMAT:
         raise ValueError(f"{path}: expected a JSON object with format {TRACE_FORMAT!r}")
     columns = data.get("columns")

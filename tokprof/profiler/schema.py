@@ -337,16 +337,20 @@ def run_from_dict(data: Any, source: str = "RunResult") -> RunResult:
     return run
 
 
-def load_run(path: str | Path) -> RunResult:
-    """Read and validate a RunResult file; ValueError says which file, which field, what was expected and got."""
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse the JSON file `path`; ValueError naming the file and `what` it should be, or where the JSON breaks."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as err:
-        raise ValueError(f"{path}: cannot read the run file ({err.strerror})") from err
+        raise ValueError(f"{path}: cannot read the {what} ({err.strerror})") from err
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON (truncated or corrupt?) at line {err.lineno} column {err.colno}: "
-                         f"{err.msg}") from err
-    return run_from_dict(data, str(path))
+        raise ValueError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg} "
+                         f"(a truncated or corrupt {what}?)") from err
+
+
+def load_run(path: str | Path) -> RunResult:
+    """Read and validate a RunResult file; ValueError says which file, which field, what was expected and got."""
+    return run_from_dict(read_json(path, "run file"), str(path))

@@ -14,11 +14,12 @@ Non-positive or non-finite inputs raise ValueError naming the argument.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tokprof.profiler.schema import read_json
 
 PRICES_PATH = Path(__file__).resolve().parent.parent / "data" / "prices.json"
 DEFAULT_TIER = "hyperscaler"
@@ -107,12 +108,7 @@ def _field(where: str, row: dict[str, Any], name: str, kind: type) -> Any:
 
 
 def _read_sheet(path: Path) -> tuple[dict[str, PriceRow], str | None]:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as err:
-        raise ValueError(f"{path}: cannot read the price sheet ({err.strerror})") from err
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+    data = read_json(path, "price sheet")
     if not isinstance(data, dict) or not isinstance(data.get("gpus"), list):
         raise ValueError(f"{path}: expected an object with a 'gpus' list (see tokprof/data/prices.json)")
     tier = data.get("default_tier")

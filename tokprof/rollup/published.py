@@ -12,11 +12,11 @@ the printed figure implies and compares with the price sheet's published figure 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokprof.profiler.schema import read_json
 from tokprof.rollup.economics import PriceSheet, check_positive, cost_per_million_tokens, load_price_sheet
 
 PUBLISHED_PATH = Path(__file__).resolve().parent.parent / "data" / "published_tables.json"
@@ -78,12 +78,7 @@ def _si(x: float) -> str:
 
 def load_published_tables(path: str | Path | None = None) -> list[dict[str, Any]]:
     path = Path(path) if path is not None else PUBLISHED_PATH
-    try:
-        data = json.loads(path.read_text())
-    except OSError as err:
-        raise ValueError(f"{path}: cannot read the published tables ({err.strerror})") from err
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+    data = read_json(path, "published tables")
     tables = data.get("tables") if isinstance(data, dict) else None
     if not isinstance(tables, list) or not tables:
         raise ValueError(f"{path}: expected an object with a non-empty 'tables' list")
