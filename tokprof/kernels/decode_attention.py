@@ -246,6 +246,19 @@ def _triton_config(head_dim_pad: int, elem_bytes: int, device: torch.device) -> 
     return block_n, num_warps, num_stages
 
 
+def _outputs(q: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out (B, Hq, D) in q's dtype, and the split-KV scratch: partial outputs (B, Hq, splits, D) and their
+    log-sum-exp (B, Hq, splits) in fp32. With one split the kernel writes `out` directly and the scratch is `out`
+    itself, never touched."""
+    batch, num_q_heads, head_dim = q.shape
+    out = new_output((batch, num_q_heads, head_dim), q.dtype, q.device)
+    if num_splits == 1:
+        return out, out, out
+    part_o = new_output((batch, num_q_heads, num_splits, head_dim), torch.float32, q.device)
+    part_lse = new_output((batch, num_q_heads, num_splits), torch.float32, q.device)
+    return out, part_o, part_lse
+
+
 def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                              seq_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     batch, num_q_heads, head_dim = q.shape
@@ -263,12 +276,7 @@ def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     block_n, num_warps, num_stages = _triton_config(d_pad, q.element_size(), q.device)
     num_splits, tokens_per_split = _split_plan(batch, num_kv_heads, block_table.shape[1] * block_size, block_n,
                                                q.device)
-    out = new_output((batch, num_q_heads, head_dim), q.dtype, q.device)  # (B, Hq, D)
-    if num_splits > 1:
-        part_o = new_output((batch, num_q_heads, num_splits, head_dim), torch.float32, q.device)
-        part_lse = new_output((batch, num_q_heads, num_splits), torch.float32, q.device)
-    else:
-        part_o = part_lse = out  # not touched: the kernel writes `out` directly
+    out, part_o, part_lse = _outputs(q, num_splits)
     # fp32 inputs: "ieee" keeps the dot in full fp32 (the default would round to tf32, ~1e-3 relative error).
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
@@ -312,12 +320,7 @@ def _decode_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     head_chunks = cdiv(group, group_tile)
     num_splits, tokens_per_split = _split_plan(batch, num_kv_heads * head_chunks, max_blocks * block_size,
                                                SPLIT_GRANULARITY_CUDA, q.device)
-    out = new_output((batch, num_q_heads, head_dim), q.dtype, q.device)  # (B, Hq, D)
-    if num_splits > 1:
-        part_o = new_output((batch, num_q_heads, num_splits, head_dim), torch.float32, q.device)
-        part_lse = new_output((batch, num_q_heads, num_splits), torch.float32, q.device)
-    else:
-        part_o = part_lse = out  # not touched: the kernel writes `out` directly
+    out, part_o, part_lse = _outputs(q, num_splits)
     name = _cuda.kernel_name(f"decode_attn_d{head_dim}_g{group_tile}", q.dtype)
     _cuda.launch("decode_attention", name, q.device, (num_kv_heads * head_chunks, batch, num_splits),
                  (CUDA_THREADS,),
