@@ -88,8 +88,9 @@ def plan_totals(plan: list[KernelCall]) -> tuple[int, int]:
     return flops, min_bytes
 
 
-class _PlanBuilder:
-    """Collects calls in step order and merges repeats of the same (op, shape, dtype)."""
+class PlanBuilder:
+    """Collects calls in step order and merges repeats of the same (op, shape, dtype): counts added, labels kept.
+    Used by the plans here and the tensor-parallel plans of tp.py."""
 
     def __init__(self, dtype: str) -> None:
         self.dtype = dtype
@@ -126,7 +127,7 @@ def _check_args(config: ModelConfig, batch: int, tokens: int, tokens_name: str, 
                          f"(decode_plan(..., tp=N), tokprof.models.tp), got tp={tp}")
 
 
-def _layer_calls(b: _PlanBuilder, config: ModelConfig, tokens: int, attention: tuple[str, dict[str, int]],
+def _layer_calls(b: PlanBuilder, config: ModelConfig, tokens: int, attention: tuple[str, dict[str, int]],
                  kv_blocks: int, block_size: int) -> None:
     """All layers for `tokens` tokens in flight; `attention` is the attention op and its shape."""
     h, d = config.hidden_size, config.head_dim
@@ -151,7 +152,7 @@ def _layer_calls(b: _PlanBuilder, config: ModelConfig, tokens: int, attention: t
     b.add("linear", "down_proj", layers, M=tokens, N=h, K=config.intermediate_size)
 
 
-def _head_calls(b: _PlanBuilder, config: ModelConfig, rows: int) -> None:
+def _head_calls(b: PlanBuilder, config: ModelConfig, rows: int) -> None:
     b.add("rms_norm", "final_norm", 1, T=rows, H=config.hidden_size, residual=1)
     b.add("linear", "lm_head", 1, M=rows, N=config.vocab_size, K=config.hidden_size)
     b.add("greedy_sample", "sample", 1, B=rows, V=config.vocab_size)
@@ -169,7 +170,7 @@ def decode_plan(config: ModelConfig, batch: int, context: int, dtype: str | torc
         from tokprof.models.tp import tp_decode_calls  # tp.py builds on this module: imported when asked for
 
         return tp_decode_calls(config, batch, context, dtype, tp, block_size)
-    b = _PlanBuilder(dtype_name(parse_dtype(dtype)))
+    b = PlanBuilder(dtype_name(parse_dtype(dtype)))
     b.add("embedding", "embedding", 1, T=batch, V=config.vocab_size, H=config.hidden_size)
     attention = ("decode_attention", {"B": batch, "Hq": config.num_heads, "Hkv": config.num_kv_heads,
                                       "D": config.head_dim, "context": context, "block_size": block_size})
@@ -187,7 +188,7 @@ def prefill_plan(config: ModelConfig, batch: int, prompt_len: int, dtype: str | 
     """
     _check_args(config, batch, prompt_len, "prompt_len", tp, block_size, tp_supported=False)
     tokens = batch * prompt_len
-    b = _PlanBuilder(dtype_name(parse_dtype(dtype)))
+    b = PlanBuilder(dtype_name(parse_dtype(dtype)))
     b.add("embedding", "embedding", 1, T=tokens, V=config.vocab_size, H=config.hidden_size)
     attention = ("prefill_attention", {"B": batch, "Hq": config.num_heads, "Hkv": config.num_kv_heads,
                                        "S": prompt_len, "D": config.head_dim, "causal": 1})

@@ -30,34 +30,11 @@ table's interconnect), never with the kernel bench.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from tokprof.kernels._common import cdiv, dtype_name, parse_dtype
 from tokprof.models.config import ModelConfig
-from tokprof.models.plan import COLLECTIVE_OPS, DEFAULT_BLOCK_SIZE, KernelCall
-
-
-class _Calls:
-    """Per-GPU calls in step order; repeats of the same (op, shape, dtype) merged (counts added, labels kept)."""
-
-    def __init__(self, dtype: str) -> None:
-        self.dtype = dtype
-        self.calls: dict[tuple[Any, ...], KernelCall] = {}
-
-    def add(self, op: str, label: str, count: int = 1, **shape: int) -> None:
-        call = KernelCall(op=op, shape=dict(shape), dtype=self.dtype, count=count, labels=[label])
-        merged = self.calls.get(call.key())
-        if merged is None:
-            self.calls[call.key()] = call
-            return
-        merged.count += count
-        if label not in merged.labels:
-            merged.labels.append(label)
-
-    def list(self) -> list[KernelCall]:
-        return list(self.calls.values())
+from tokprof.models.plan import COLLECTIVE_OPS, DEFAULT_BLOCK_SIZE, KernelCall, PlanBuilder
 
 
 def kv_heads_per_gpu(config: ModelConfig, tp: int) -> int:
@@ -108,7 +85,7 @@ def tp_decode_calls(config: ModelConfig, batch: int, context: int, dtype: str | 
     check_tp(config, tp)
     torch_dtype = parse_dtype(dtype)
     elem_bytes = torch_dtype.itemsize
-    c = _Calls(dtype_name(torch_dtype))
+    c = PlanBuilder(dtype_name(torch_dtype))
 
     h, d, layers = config.hidden_size, config.head_dim, config.num_layers
     hq = config.num_heads // tp
@@ -152,7 +129,7 @@ def tp_decode_calls(config: ModelConfig, batch: int, context: int, dtype: str | 
     if tp > 1:
         c.add("all_gather", "logits_all_gather", 1, bytes=batch * vocab_shard * tp * elem_bytes, world=tp)
     c.add("greedy_sample", "sample", 1, B=batch, V=config.vocab_size)
-    return c.list()
+    return c.plan()
 
 
 def is_collective(call: KernelCall) -> bool:
