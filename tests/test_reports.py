@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from tokprof.cli import app
 from tokprof.profiler.schema import load_run, save_run
 from tokprof.reports import plots
-from tokprof.reports.render import num, render_report
+from tokprof.reports.render import Notes, Para, Table, footnote_unknowns, num, render_report, to_html, to_markdown
 
 DATA = Path(__file__).resolve().parent / "data"
 H100, H200 = DATA / "run_h100.json", DATA / "run_h200.json"
@@ -87,8 +87,10 @@ def test_cost_rows_carry_their_run_and_provenance(full_report):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[11] == num(point["usd_per_million_tokens"])
     assert cells[8] == num(point["tokens_per_s_per_gpu"])
-    # Energy of a modelled point is unknown: it says so with the reason, never a number.
-    assert cells[12].startswith("n/a (modelled point")
+    # Energy of a modelled point is unknown: it says so with the reason (a numbered note under the table), never a
+    # number.
+    assert re.fullmatch(r"n/a \[\d+\]", cells[12])
+    assert f"- n/a {cells[12][4:]} modelled point" in md
 
 
 def test_absent_sections_are_omitted_with_a_reason(tmp_path):
@@ -157,8 +159,23 @@ def test_report_reads_what_reconcile_writes(tmp_path):
     assert len([p for p in report.figures if p.name.startswith("iceberg_")]) == 2
     md = report.markdown.read_text()
     assert "no utilisation stated" in md
-    assert "n/a (unknown layer)" in md
+    # An unknown layer: tokens/s n/a with its reason in a note, no provenance.
+    assert re.search(r"\| L3 \| end to end, CUDA graphs \| n/a \[\d+\] \| n/a \| n/a \[\d+\] \| - \|", md)
     assert "bottom-up error in tokens/s (L2 vs L3, signed, both measured)" in md
+
+
+def test_unknowns_become_numbered_notes_under_their_table():
+    table = Table(["a", "b"], [["1", "n/a (no energy: a CPU)"], ["n/a (no datasheet row)", "n/a (no energy: a CPU)"],
+                               ["n/a", "2"]])
+    blocks = footnote_unknowns([Para("n/a (a paragraph keeps its reason inline)"), table])
+    assert blocks[0] == Para("n/a (a paragraph keeps its reason inline)")
+    assert blocks[1].rows == [["1", "n/a [1]"], ["n/a [2]", "n/a [1]"], ["n/a", "2"]]
+    assert blocks[2] == Notes(["[1] no energy: a CPU", "[2] no datasheet row"])
+    md = to_markdown([table])
+    assert "| n/a [2] | n/a [1] |" in md and "- n/a [1] no energy: a CPU\n- n/a [2] no datasheet row" in md
+    html_text = to_html([table], "t")
+    assert '<ul class="notes"><li>n/a [1] no energy: a CPU</li><li>n/a [2] no datasheet row</li></ul>' in html_text
+    assert footnote_unknowns([Table(["a"], [["7"]])]) == [Table(["a"], [["7"]])]  # nothing unknown: no notes
 
 
 def test_number_formatting_keeps_three_significant_digits():

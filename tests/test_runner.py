@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from rich.console import Console
 
 from tokprof.models.config import ModelConfig
 from tokprof.profiler.schema import load_run
@@ -19,10 +23,13 @@ from tokprof.runner import (
     check_fits,
     estimate_gpu_seconds,
     memory_needed_bytes,
+    other_gpu_rows,
     reference_runs,
     resolve_device,
     run_main,
 )
+
+FIXTURES = Path(__file__).parent / "data"
 
 
 def small_cpu_config() -> RunConfig:
@@ -57,11 +64,16 @@ def test_run_main_writes_run_report_and_history(tmp_path, capsys):
     assert [m["framework"] for m in run.e2e] == ["tokprof"]
     assert run.reconciliation and run.reconciliation[0]["layers"][0]["name"] == "L0"
     assert any("CPU run" in n for n in run.notes)
+    assert any("cores busy over the" in n for n in run.notes)  # how shared the CPU was, as found
     report = tmp_path / "out" / "report" / "report.html"
     assert report.stat().st_size > 10_000
     assert db.exists()
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr().out
+    summary = json.loads(printed.strip().splitlines()[-1])
     assert summary["run"] == str(path) and summary["kind"] == "cpu"
+    # The findings on the console: the measured layers of each point, then the other GPUs' rows.
+    assert "tokens/s per GPU by layer" in printed and "L2 vs e2e" in printed
+    assert "other GPUs, llama-3.1-8b bf16" in printed and "h200 (modelled)" in printed
 
 
 def test_resolve_device_errors_name_the_argument():
@@ -127,3 +139,31 @@ def test_reference_runs_picks_the_newest_file_per_gpu(tmp_path):
     (tmp_path / "empty").mkdir()
     found = reference_runs(tmp_path)
     assert found == {"h100-sxm": tmp_path / "h100-sxm" / "run-2026-02.json"}
+
+
+def test_cpu_run_projects_other_gpus_from_a_shipped_reference(tmp_path, monkeypatch):
+    """A reference RunResult under data/reference/<gpu>/ turns that GPU's rows from modelled into projected."""
+    (tmp_path / "h100-sxm").mkdir()
+    shutil.copy(FIXTURES / "run_h100.json", tmp_path / "h100-sxm" / "run-h100.json")
+    monkeypatch.setattr("tokprof.runner.REFERENCE_DIR", tmp_path)
+    run = load_run(FIXTURES / "run_h200.json")
+    run.rollup = []
+    notes = other_gpu_rows(run, RunConfig.for_device(torch.device("cpu")), Console(file=io.StringIO()))
+    kinds = {(p["gpu"], p["provenance"]) for p in run.rollup}
+    assert kinds == {("h100-sxm", "projected"), ("h200", "modelled"), ("b200", "modelled")}
+    assert any("projected from the shipped reference run run-h100.json" in n for n in notes)
+    # The projected rows are the reference's own measured points, carried at its measured efficiencies.
+    ref = load_run(tmp_path / "h100-sxm" / "run-h100.json")
+    measured = {(p["batch"], p["context"]) for p in ref.rollup if p["provenance"] == "measured"}
+    assert {(p["batch"], p["context"]) for p in run.rollup if p["gpu"] == "h100-sxm"} == measured
+
+
+def test_a_broken_reference_falls_back_to_modelled_rows(tmp_path, monkeypatch):
+    (tmp_path / "b200").mkdir()
+    (tmp_path / "b200" / "run.json").write_text('{"schema_version": 1}')
+    monkeypatch.setattr("tokprof.runner.REFERENCE_DIR", tmp_path)
+    run = load_run(FIXTURES / "run_h200.json")
+    run.rollup = []
+    notes = other_gpu_rows(run, RunConfig.for_device(torch.device("cpu")), Console(file=io.StringIO()))
+    assert {p["provenance"] for p in run.rollup if p["gpu"] == "b200"} == {"modelled"}
+    assert any(n.startswith("b200: the shipped reference") and "modelled instead" in n for n in notes)

@@ -31,6 +31,7 @@ import torch
 from rich.console import Console
 
 from tokprof.models.config import ModelConfig
+from tokprof.profiler.cpu_load import CpuLoad
 from tokprof.profiler.devices import resolve_device
 from tokprof.profiler.schema import RunResult, load_run, save_run
 
@@ -184,8 +185,9 @@ def check_fits(config: ModelConfig, rc: RunConfig) -> list[str]:
     return notes
 
 
-def reference_runs(directory: Path = REFERENCE_DIR) -> dict[str, Path]:
+def reference_runs(directory: Path | None = None) -> dict[str, Path]:
     """gpu key -> the newest shipped reference RunResult (tokprof/data/reference/<gpu>/*.json)."""
+    directory = REFERENCE_DIR if directory is None else directory
     found: dict[str, Path] = {}
     if directory.is_dir():
         for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
@@ -228,10 +230,11 @@ def other_gpu_rows(run: RunResult, rc: RunConfig, console: Console) -> list[str]
             gpu_rc = RunConfig.for_device(torch.device("cuda"), GPU_DEFAULT_MODEL)
             points = modelled(config, gpu, gpu_rc.batches, gpu_rc.contexts, dtype=gpu_rc.dtype)
             if ref is None:
-                notes.append(f"{gpu}: no shipped reference measurement; {GPU_DEFAULT_MODEL} rows modelled from the "
-                             "datasheet at the stated efficiency")
+                notes.append(f"{gpu}: {GPU_DEFAULT_MODEL} modelled from the datasheet at the stated efficiency (no "
+                             "shipped reference run)")
         merge_points(run.rollup, points)
-    console.print(f"[dim]other GPUs: {'; '.join(notes)}[/]")
+    for note in notes:
+        console.print(f"    [dim]{note}[/]")
     return notes
 
 
@@ -272,6 +275,7 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
 
     console = console or Console()
     t0 = time.perf_counter()
+    cpu_load = CpuLoad.start()
     dev = resolve_device(device)
     rc = config_override or RunConfig.for_device(dev, model)
     config = ModelConfig.from_name(rc.model)
@@ -281,7 +285,7 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
     run = new_run(list(command) if command is not None else sys.argv, dev)
     stamp = run.provenance.timestamp_utc.replace(":", "").replace("-", "")
     run_path = out / f"run-{config.name}-{run.provenance.device.spec_key or dev.type}-{stamp}.json"
-    label = "GPU" if dev.type == "cuda" else "CPU (figures are CPU figures, never GPU figures)"
+    label = "GPU" if dev.type == "cuda" else "CPU run: CPU figures"
     console.rule(f"tokprof run: {config.name} on {run.provenance.device.name} [{label}]")
     run.notes.extend(fit_notes)
     if dev.type == "cuda":
@@ -309,6 +313,12 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
     console.print(f"[bold]3/5[/] end to end: {e2e_where}, {', '.join(rc.frameworks)} ({', '.join(rc.e2e_modes)})")
     run_e2e_points(run, rc, run_path, console)
 
+    if dev.type == "cpu":  # a CPU is found shared more often than a GPU: say how shared it was while measuring
+        load = cpu_load.stop()
+        run.notes.append(load.note())
+        if load.contended:
+            console.print(f"[yellow]warning: {load.note()}[/]")
+
     console.print("[bold]4/5[/] reconciliation and other GPUs")
     run.reconciliation = [r.to_dict() for r in reconcile(run)]
     run.notes.extend(other_gpu_rows(run, rc, console))
@@ -330,6 +340,7 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
     summary["history_db"] = str(history.path)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     summary["points"] = [_point_summary(p) for p in points]
+    _print_story(console, run)
     _print_summary(console, summary)
     print(json.dumps(summary))
     return run_path
@@ -341,6 +352,61 @@ def _point_summary(p: Any) -> dict[str, Any]:
 
     return {"batch": p.batch, "context": p.context, "tokens_per_s_per_gpu": r(p.tokens_per_s_per_gpu),
             "usd_per_million_tokens": r(p.usd_per_million_tokens), "provenance": p.provenance}
+
+
+def _fmt(value: Any, suffix: str = "") -> str:
+    from tokprof.reports.render import num
+
+    return "-" if value is None else num(value) + suffix
+
+
+def _print_story(console: Console, run: RunResult) -> None:
+    """The run's findings on the console: the iceberg of each measured point, then the other GPUs' rows."""
+    from rich.table import Table
+
+    if run.reconciliation:
+        priced = {(p["batch"], p["context"]): p for p in run.rollup if p.get("provenance") == "measured"}
+        columns: dict[str, list[str]] = {k: [] for k in ("batch", "ctx", "L1 roof", "L2 sum", "L3 graph", "L4 eager",
+                                                          "L2 vs e2e", "$/M tok", "J/tok")}
+        for rec in run.reconciliation:
+            tps = {lv.get("name"): lv.get("tokens_per_s_per_gpu") for lv in rec.get("layers") or []}
+            point = priced.get((rec["batch"], rec["context"]), {})
+            err = rec.get("bottom_up_error_pct")
+            for key, value in zip(columns, (str(rec["batch"]), str(rec["context"]),
+                                            *(_fmt(tps.get(k)) for k in ("L1", "L2", "L3", "L4")),
+                                            "-" if err is None else f"{err:+.1f}%",
+                                            _fmt(point.get("usd_per_million_tokens")),
+                                            _fmt(point.get("j_per_token_total"))), strict=True):
+                columns[key].append(value)
+        columns = {k: v for k, v in columns.items() if any(x != "-" for x in v)}  # no empty columns (a CPU: no $)
+        table = Table(title=f"{run.provenance.device.name}, {(run.model or {}).get('name')}: tokens/s per GPU by layer",
+                      caption="L1 modelled from measured ceilings, the rest measured; L2 vs e2e: the kernel sum "
+                              "against L3 (graphs), else L4", title_justify="left", caption_justify="left")
+        for header in columns:
+            table.add_column(header, justify="right", no_wrap=True)
+        for row in zip(*columns.values(), strict=True):
+            table.add_row(*row)
+        console.print(table)
+    others = [p for p in run.rollup if p.get("provenance") in ("modelled", "projected")]
+    if others:
+        gpus = list(dict.fromkeys(p["gpu"] for p in others))
+        cells = {(p["gpu"], p["batch"], p["context"]): p for p in others}
+        first = others[0]
+        table = Table(title=f"other GPUs, {first['model']} {first['dtype']}: tokens/s per GPU · $/M tokens",
+                      caption="modelled: datasheet roofline at the stated efficiency; projected: this run's measured "
+                              "efficiencies on the other GPU's datasheet", title_justify="left",
+                      caption_justify="left")
+        table.add_column("batch", justify="right")
+        table.add_column("context", justify="right")
+        for gpu in gpus:
+            kind = next(p["provenance"] for p in others if p["gpu"] == gpu)
+            table.add_column(f"{gpu} ({kind})", justify="right")
+        for batch, context in dict.fromkeys((p["batch"], p["context"]) for p in others):
+            row = [cells.get((gpu, batch, context)) for gpu in gpus]
+            table.add_row(str(batch), str(context), *("-" if p is None else
+                                                      f"{_fmt(p['tokens_per_s_per_gpu'])} · "
+                                                      f"${_fmt(p.get('usd_per_million_tokens'))}" for p in row))
+        console.print(table)
 
 
 def _print_summary(console: Console, summary: dict[str, Any]) -> None:

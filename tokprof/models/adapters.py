@@ -39,6 +39,7 @@ from tokprof.models.e2e import (
     sync,
 )
 from tokprof.models.loader import hf_state_dict
+from tokprof.profiler.energy_sources import energy_not_asked
 
 _HF_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen3": ("Qwen3ForCausalLM", "qwen3")}
 _TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -224,7 +225,7 @@ def measure_vllm(model: Any, batch: int, context: int, steps: int = 32, mode: st
             t1, tn = run(1), run(1 + steps)
             firsts.append(t1)
             samples_us.append((tn - t1) / steps * 1e6)
-        j_per_token, energy_reason = None, "energy not asked for (energy=False)"
+        j_per_token, energy_reason = None, energy_not_asked(model.device)
         if energy:
             j_per_token, energy_reason = _vllm_energy(run, steps, batch, model.device, meter)
         del run, llm  # shuts vLLM's engine down and gives its memory back

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from tokprof.kernels._common import dtype_name
+from tokprof.profiler.energy_sources import energy_not_asked
 from tokprof.profiler.schema import from_dict, to_dict
 
 FRAMEWORKS = ("tokprof", "transformers", "vllm")
@@ -224,7 +225,7 @@ def measure_session(session: DecodeSession, *, model: str, framework: str, mode:
         j_per_token, how = energy_per_token(session, steps, batch, median_us, device, window_s=energy_window_s,
                                             meter=meter, idle_power_w=idle_power_w)
     else:
-        j_per_token, how = None, "energy not asked for (energy=False)"
+        j_per_token, how = None, energy_not_asked(device)
     if profile:
         busy, busy_reason = busy_fraction(session, min(steps, PROFILE_STEPS), device)
     else:

@@ -178,7 +178,7 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
                        "can run above the DRAM copy ceiling")
 
     kernel_energy = None
-    energy_reason: str | None = "energy not requested (energy=True, or --energy on the command line)"
+    energy_reason: str | None = energy_mod.energy_not_asked(dev)
     if energy:
         # A meter handed in is used as is (e.g. a replayed NVML trace); otherwise NVML must be able to measure here.
         energy_reason = None if meter is not None else energy_mod.energy_status(dev)

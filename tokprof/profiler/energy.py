@@ -46,6 +46,7 @@ from tokprof.profiler.energy_sources import (  # noqa: F401 - re-exported: the s
     Reading,
     ReplaySource,
     check_number,
+    energy_not_asked,
     energy_status,
     load_trace,
     make_source,

@@ -66,6 +66,13 @@ class ManualClock:
 # ------------------------------------------------------------------------------------------------------ sources
 
 
+def energy_not_asked(device: torch.device) -> str:
+    """The reason of an energy figure that nobody asked for: a CPU cannot meter anyway, a GPU could have."""
+    if device.type != "cuda":
+        return f"no energy counter on a {device.type} (energy is metered on NVIDIA GPUs through NVML)"
+    return "not asked for (pass energy=True, or --energy)"
+
+
 def energy_status(device: torch.device | str | int) -> str | None:
     """None when energy can be measured on `device` (counter or power samples), else why not."""
     try:

@@ -137,7 +137,38 @@ class Omitted:
     text: str
 
 
-Block = Heading | Para | Table | Image | Omitted
+@dataclass
+class Notes:
+    """The reasons of a table's unknowns, numbered: each 'n/a (reason)' cell reads 'n/a [k]' and reason k is here."""
+    items: list[str]
+
+
+Block = Heading | Para | Table | Image | Omitted | Notes
+
+NA_PREFIX = "n/a ("
+
+
+def _footnote_cell(text: str, reasons: dict[str, int]) -> str:
+    if not (text.startswith(NA_PREFIX) and text.endswith(")")):
+        return text
+    k = reasons.setdefault(text[len(NA_PREFIX):-1], len(reasons) + 1)
+    return f"n/a [{k}]"
+
+
+def footnote_unknowns(blocks: Iterable[Block]) -> list[Block]:
+    """Every table's 'n/a (reason)' cells become 'n/a [k]', one k per distinct reason, listed under the table: a
+    column of the same long reason stays readable and the reason is still written once."""
+    out: list[Block] = []
+    for b in blocks:
+        if not isinstance(b, Table):
+            out.append(b)
+            continue
+        reasons: dict[str, int] = {}  # reason -> its number, in order of first use
+        out.append(Table(b.headers, [[_footnote_cell(str(c), reasons) for c in row] for row in b.rows],
+                         b.row_classes))
+        if reasons:
+            out.append(Notes([f"[{k}] {reason}" for reason, k in reasons.items()]))
+    return out
 
 
 def _md_cell(text: str) -> str:
@@ -146,13 +177,15 @@ def _md_cell(text: str) -> str:
 
 def to_markdown(blocks: Iterable[Block]) -> str:
     out: list[str] = []
-    for b in blocks:
+    for b in footnote_unknowns(blocks):
         if isinstance(b, Heading):
             out.append(f"{'#' * b.level} {b.text}\n")
         elif isinstance(b, Para):
             out.append(f"{b.text}\n")
         elif isinstance(b, Omitted):
             out.append(f"> Omitted: {b.text}\n")
+        elif isinstance(b, Notes):
+            out.append("".join(f"- n/a {item}\n" for item in b.items))
         elif isinstance(b, Image):
             out.append(f"![{b.alt}]({b.path.name})\n\n*{b.caption}*\n")
         elif isinstance(b, Table):
@@ -171,6 +204,7 @@ th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
 tr.prov-measured td { background: #eef5fc; } tr.prov-modelled td { background: #f3f3f3; }
 tr.prov-projected td { background: #f5eefa; }
 blockquote.omitted { color: #666; border-left: 3px solid #bbb; margin: 0.5em 0; padding-left: 0.8em; }
+ul.notes { font-size: 12px; color: #444; margin: -0.8em 0 1.2em; list-style: none; padding-left: 0; }
 figure { margin: 1em 0; } figcaption { font-size: 12px; color: #444; } img { max-width: 100%; height: auto; }
 """
 
@@ -180,13 +214,15 @@ def to_html(blocks: Iterable[Block], title: str) -> str:
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">', f"<title>{esc(title)}</title>",
            f"<style>{_CSS}</style>", "</head>", "<body>"]
-    for b in blocks:
+    for b in footnote_unknowns(blocks):
         if isinstance(b, Heading):
             out.append(f"<h{b.level}>{esc(b.text)}</h{b.level}>")
         elif isinstance(b, Para):
             out.append(f"<p>{esc(b.text)}</p>")
         elif isinstance(b, Omitted):
             out.append(f'<blockquote class="omitted">Omitted: {esc(b.text)}</blockquote>')
+        elif isinstance(b, Notes):
+            out.append('<ul class="notes">' + "".join(f"<li>n/a {esc(item)}</li>" for item in b.items) + "</ul>")
         elif isinstance(b, Image):
             data = base64.b64encode(b.path.read_bytes()).decode("ascii")
             out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(b.alt)}">'
@@ -537,7 +573,7 @@ def _iceberg_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], lis
                                   na(lv.get("tokens_per_s_per_gpu"), _layer_reason(lv)),
                                   num(lv.get("usd_per_million_tokens")),
                                   na(lv.get("j_per_token"), _layer_reason(lv)),
-                                  str(lv.get("provenance") or "n/a (unknown layer)"), str(lv.get("gap_name") or "-"),
+                                  str(lv.get("provenance") or "-"), str(lv.get("gap_name") or "-"),
                                   num(lv.get("gap_tokens_per_s")), pct(lv.get("gap_share"))] for lv in layers],
                                 [f"prov-{lv.get('provenance')}" for lv in layers]))
             util, err, e_err = rec.get("utilisation"), rec.get("bottom_up_error_pct"), rec.get("energy_error_pct")

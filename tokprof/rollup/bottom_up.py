@@ -63,12 +63,13 @@ def run_gpu_name(run: RunResult) -> str:
 
 
 def _step_energy(calls: list[tuple[KernelCall, KernelMeasurement]]) -> tuple[float | None, float | None, str | None]:
-    total = dynamic = 0.0
-    for call, m in calls:
-        if m.energy is None:
-            return None, None, f"{call.op} {call.label}: {m.energy_reason or 'no energy measured'}"
-        total += call.count * m.energy.total_j_per_call
-        dynamic += call.count * m.energy.dynamic_j_per_call
+    missing = {call.label or call.op: m.energy_reason or "no energy measured" for call, m in calls if m.energy is None}
+    if missing:  # one reason for all (a CPU, not asked for) stands alone; else the first call without energy
+        reasons = set(missing.values())
+        name, reason = next(iter(missing.items()))
+        return None, None, reason if len(reasons) == 1 and len(missing) == len(calls) else f"{name}: {reason}"
+    total = sum(call.count * m.energy.total_j_per_call for call, m in calls)
+    dynamic = sum(call.count * m.energy.dynamic_j_per_call for call, m in calls)
     return total, dynamic, None
 
 
