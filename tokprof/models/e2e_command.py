@@ -222,7 +222,7 @@ def print_e2e(console: Console, results: list[E2EMeasurement]) -> None:
                 "tokens/s/user", "TTFT ms", "J/token", "GPU busy"):
         table.add_column(col, justify="left" if col in ("framework", "mode") else "right")
     for m in results:
-        table.add_row(f"{m.framework}\n[dim]{m.backend}[/]", m.mode, str(m.batch), str(m.context),
+        table.add_row(f"{m.framework} [dim]({m.backend})[/]", m.mode, str(m.batch), str(m.context),
                       f"{m.median_step_us:,.1f}", f"{m.p90_step_us:,.1f}", f"{m.tokens_per_s_per_gpu:,.4g}",
                       f"{m.tokens_per_s_per_user:,.4g}", "-" if m.ttft_ms is None else f"{m.ttft_ms:,.1f}",
                       "-" if m.j_per_token is None else f"{m.j_per_token:.4g}",
