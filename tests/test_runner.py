@@ -167,3 +167,30 @@ def test_a_broken_reference_falls_back_to_modelled_rows(tmp_path, monkeypatch):
     notes = other_gpu_rows(run, RunConfig.for_device(torch.device("cpu")), Console(file=io.StringIO()))
     assert {p["provenance"] for p in run.rollup if p["gpu"] == "b200"} == {"modelled"}
     assert any(n.startswith("b200: the shipped reference") and "modelled instead" in n for n in notes)
+
+
+def test_an_interrupted_run_keeps_its_kernels_and_says_where(tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tokprof.runner.run_e2e_points", interrupt)  # Ctrl-C during the end-to-end step
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        run_main(out_dir=tmp_path, device="cpu", command=["tokprof", "run"], history_db=tmp_path / "h.db",
+                 config_override=small_cpu_config(), console=Console(file=out, width=200))
+    saved = list(tmp_path.glob("run-tiny-*.json"))
+    assert len(saved) == 1 and f"interrupted: {saved[0]} keeps what was measured" in out.getvalue()
+    run = load_run(saved[0])
+    assert run.kernels and all(k.timing.median_us > 0 for k in run.kernels) and run.ceilings is not None
+
+
+def test_an_interrupt_before_any_measurement_says_nothing_was_saved(tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tokprof.profiler.ceilings.measure_ceilings", interrupt)
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        run_main(out_dir=tmp_path, device="cpu", command=["tokprof", "run"], history_db=tmp_path / "h.db",
+                 config_override=small_cpu_config(), console=Console(file=out, width=200))
+    assert "interrupted: nothing was saved yet" in out.getvalue() and not list(tmp_path.glob("*.json"))

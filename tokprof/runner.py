@@ -297,53 +297,59 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
         run.notes.append(f"CPU run on {run.provenance.device.name}: {rc.backend} backend, {rc.dtype}, model "
                          f"{config.name}; no energy counter on a CPU")
 
-    console.print("[bold]1/5[/] ceilings")
-    ceilings = measure_ceilings(dev)
-    run.ceilings = ceilings
-    console.print(f"    copy {ceilings.copy_gbps:.1f} GB/s, GEMM {ceilings.gemm_tflops:.2f} TFLOP/s "
-                  f"({ceilings.gemm_dtype})")
+    try:
+        console.print("[bold]1/5[/] ceilings")
+        ceilings = measure_ceilings(dev)
+        run.ceilings = ceilings
+        console.print(f"    copy {ceilings.copy_gbps:.1f} GB/s, GEMM {ceilings.gemm_tflops:.2f} TFLOP/s "
+                      f"({ceilings.gemm_dtype})")
 
-    console.print(f"[bold]2/5[/] kernels of the decode plan: batch {rc.batches} x context {rc.contexts}")
-    points, run = bottom_up(config, rc.batches, rc.contexts, rc.backend, dev, dtype=rc.dtype, energy=rc.energy,
-                            timing_kwargs=rc.timing_kwargs, energy_kwargs=rc.energy_kwargs or None,
-                            ceilings=ceilings, run=run, out=run_path)
+        console.print(f"[bold]2/5[/] kernels of the decode plan: batch {rc.batches} x context {rc.contexts}")
+        points, run = bottom_up(config, rc.batches, rc.contexts, rc.backend, dev, dtype=rc.dtype, energy=rc.energy,
+                                timing_kwargs=rc.timing_kwargs, energy_kwargs=rc.energy_kwargs or None,
+                                ceilings=ceilings, run=run, out=run_path)
 
-    e2e_where = (f"(batch, context) {rc.e2e_points}" if rc.e2e_points is not None
-                 else f"batch {rc.e2e_batches} x context {rc.e2e_contexts}")
-    console.print(f"[bold]3/5[/] end to end: {e2e_where}, {', '.join(rc.frameworks)} ({', '.join(rc.e2e_modes)})")
-    run_e2e_points(run, rc, run_path, console)
+        e2e_where = (f"(batch, context) {rc.e2e_points}" if rc.e2e_points is not None
+                     else f"batch {rc.e2e_batches} x context {rc.e2e_contexts}")
+        console.print(f"[bold]3/5[/] end to end: {e2e_where}, {', '.join(rc.frameworks)} ({', '.join(rc.e2e_modes)})")
+        run_e2e_points(run, rc, run_path, console)
 
-    if dev.type == "cpu":  # a CPU is found shared more often than a GPU: say how shared it was while measuring
-        load = cpu_load.stop()
-        run.notes.append(load.note())
-        if load.contended:
-            console.print(f"[yellow]warning: {load.note()}[/]")
+        if dev.type == "cpu":  # a CPU is found shared more often than a GPU: say how shared it was while measuring
+            load = cpu_load.stop()
+            run.notes.append(load.note())
+            if load.contended:
+                console.print(f"[yellow]warning: {load.note()}[/]")
 
-    console.print("[bold]4/5[/] reconciliation and other GPUs")
-    run.reconciliation = [r.to_dict() for r in reconcile(run)]
-    run.notes.extend(other_gpu_rows(run, rc, console))
-    save_run(run, run_path)
+        console.print("[bold]4/5[/] reconciliation and other GPUs")
+        run.reconciliation = [r.to_dict() for r in reconcile(run)]
+        run.notes.extend(other_gpu_rows(run, rc, console))
+        save_run(run, run_path)
 
-    console.print("[bold]5/5[/] report and history")
-    summary: dict[str, Any] = {"run": str(run_path), "device": run.provenance.device.name, "model": config.name,
-                               "kind": dev.type}
-    if report:
-        from tokprof.reports.render import render_report
+        console.print("[bold]5/5[/] report and history")
+        summary: dict[str, Any] = {"run": str(run_path), "device": run.provenance.device.name, "model": config.name,
+                                   "kind": dev.type}
+        if report:
+            from tokprof.reports.render import render_report
 
-        rep = render_report([run_path], out / "report")
-        summary["report_html"] = str(rep.html)
-        summary["report_md"] = str(rep.markdown)
-    from tokprof.reports.history import History
+            rep = render_report([run_path], out / "report")
+            summary["report_html"] = str(rep.html)
+            summary["report_md"] = str(rep.markdown)
+        from tokprof.reports.history import History
 
-    history = History(history_db)
-    history.record_run(run, run_path)
-    summary["history_db"] = str(history.path)
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
-    summary["points"] = [_point_summary(p) for p in points]
-    _print_story(console, run)
-    _print_summary(console, summary)
-    print(json.dumps(summary))
-    return run_path
+        history = History(history_db)
+        history.record_run(run, run_path)
+        summary["history_db"] = str(history.path)
+        summary["seconds"] = round(time.perf_counter() - t0, 1)
+        summary["points"] = [_point_summary(p) for p in points]
+        _print_story(console, run)
+        _print_summary(console, summary)
+        print(json.dumps(summary))
+        return run_path
+    except KeyboardInterrupt:
+        kept = (f"{run_path} keeps what was measured up to the last finished kernel or end-to-end point"
+                if run_path.exists() else "nothing was saved yet")
+        console.print(f"[yellow]interrupted[/]: {kept}")
+        raise
 
 
 def _point_summary(p: Any) -> dict[str, Any]:
