@@ -172,7 +172,8 @@ def test_parse_and_plan():
 # ------------------------------------------------------------------------------------------------------ ceilings
 
 
-def test_cpu_ceilings_are_positive_plausible_and_cached(tmp_path):
+def test_cpu_ceilings_are_positive_plausible_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(ceilings, "CACHE_MAX_NOISE", 1.0)  # the cache mechanics, whatever the noise of a busy CPU
     c = measure_ceilings("cpu", cache=True, copy_buffer_bytes=8 << 20, gemm_n=128,
                          timing_kwargs={"max_time_s": 0.1, "min_time_s": 0.02})
     assert c.gemm_dtype == "fp32" and c.copy_bytes == 16 << 20 and c.gemm_shape == [128, 128, 128]
@@ -259,7 +260,16 @@ def test_truncated_file_is_rejected(run_file, tmp_path):
         load_run(path)
 
 
-def test_corrupt_ceilings_cache_warns_and_remeasures(tmp_path):
+def test_noisy_ceilings_are_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(ceilings, "CACHE_MAX_NOISE", -1.0)  # every measurement is "too noisy"
+    c = measure_ceilings("cpu", copy_buffer_bytes=1 << 20, gemm_n=32,
+                         timing_kwargs={"max_time_s": 0.05, "min_time_s": 0.01})
+    assert c.copy_gbps > 0 and "not cached: noise" in c.note
+    assert not (tmp_path / "cache" / "ceilings" / f"{cache_key(detect_device('cpu'))}.json").exists()
+
+
+def test_corrupt_ceilings_cache_warns_and_remeasures(tmp_path, monkeypatch):
+    monkeypatch.setattr(ceilings, "CACHE_MAX_NOISE", 1.0)
     path = tmp_path / "cache" / "ceilings" / f"{cache_key(detect_device('cpu'))}.json"
     path.parent.mkdir(parents=True)
     path.write_text('{"copy_gbps": 1')

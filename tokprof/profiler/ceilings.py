@@ -9,7 +9,7 @@ with `timing.measure` (events, cold L2), median of the samples. CPU: the same wi
 
 Results are cached as JSON, one file per GPU UUID and driver version (a driver update re-measures), in
 $TOKPROF_CACHE_DIR, else $XDG_CACHE_HOME/tokprof, else ~/.cache/tokprof. A cached entry is reused only when it was
-measured with the same sizes.
+measured with the same sizes, and only a trustworthy measurement is written (unthrottled, noise <= 5%).
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ GPU_GEMM_N = 8192
 CPU_COPY_BUFFER_BYTES = 256 << 20
 CPU_GEMM_N = 1024  # 2.1 GFLOP: tens of ms per call on 2 cores, so a few seconds per ceiling at most
 DEFAULT_TIMING = {"min_time_s": 0.1, "max_time_s": 2.0}
+# A ceiling is the most this machine can do. One measured on a shared or throttled device is too low, and a cached
+# one would make later kernels look above 100% of it: only ceilings with both noises under this are cached.
+CACHE_MAX_NOISE = 0.05
 
 
 def cache_dir() -> Path:
@@ -153,6 +156,12 @@ def measure_ceilings(device: str | torch.device = "cuda", *, cache: bool = True,
         notes.append(f"CPU ceilings ({info.cpu_model}, {torch.get_num_threads()} torch threads), not GPU figures")
     if key is None:
         notes.append("not cached: GPU UUID or driver version unknown")
+    worst_noise = max(copy_t.noise, gemm_t.noise)
+    trusted = not (copy_t.throttled or gemm_t.throttled) and worst_noise <= CACHE_MAX_NOISE
+    if key is not None and not trusted:
+        notes.append(f"not cached: {'throttled' if worst_noise <= CACHE_MAX_NOISE else f'noise {worst_noise:.1%}'} "
+                     f"(a ceiling is cached only when unthrottled with noise <= {CACHE_MAX_NOISE:.0%}; a busy or "
+                     "hot device understates it)")
     ceilings = Ceilings(
         copy_gbps=copy_gbps,
         gemm_tflops=gemm_tflops,
@@ -163,6 +172,6 @@ def measure_ceilings(device: str | torch.device = "cuda", *, cache: bool = True,
         measured_utc=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         note="; ".join(notes),
     )
-    if path is not None:
+    if path is not None and trusted:
         save_json_atomic(to_dict(ceilings), path)  # written even with cache=False: the freshest figure wins
     return ceilings
