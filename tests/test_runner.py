@@ -20,6 +20,7 @@ from tokprof.runner import (
     EST_ENERGY_ALIGN_S,
     EST_KERNEL_OVERHEAD_S,
     RunConfig,
+    available_memory_bytes,
     check_fits,
     estimate_gpu_seconds,
     memory_needed_bytes,
@@ -127,9 +128,23 @@ def test_gpu_defaults_fit_the_five_minute_budget(h100_memory):
     assert estimate_gpu_seconds(cfg, old)["total"] > 300
 
 
-def test_check_fits_is_a_no_op_on_the_cpu():
+def test_check_fits_refuses_a_model_larger_than_the_ram(monkeypatch):
+    ram = (24 << 30, "this machine has available")
+    monkeypatch.setattr("tokprof.runner.available_memory_bytes", lambda device: ram)
+    rc = RunConfig.for_device(torch.device("cpu"), "llama-3.1-8b")  # fp32 on the CPU: ~32 GB of weights
+    with pytest.raises(ValueError, match=r"--model llama-3.1-8b: needs about 3\d\.\d GB .* this machine has available "
+                                         r"25\.8 GB; choose a smaller model \(e\.g\. tiny\)"):
+        check_fits(ModelConfig.from_name("llama-3.1-8b"), rc)
     rc = RunConfig.for_device(torch.device("cpu"))
-    assert check_fits(ModelConfig.from_name("llama-3.1-70b"), rc) == []
+    assert check_fits(ModelConfig.from_name("tiny"), rc) == [] and rc.e2e_points == [(1, 128), (1, 512), (4, 128),
+                                                                                      (4, 512)]
+
+
+def test_cpu_available_memory_is_read_from_linux():
+    total, has = available_memory_bytes(torch.device("cpu"))
+    if total is None:
+        pytest.skip("no /proc/meminfo here")
+    assert total > 0 and has == "this machine has available"
 
 
 def test_reference_runs_picks_the_newest_file_per_gpu(tmp_path):

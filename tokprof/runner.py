@@ -155,19 +155,34 @@ def memory_needed_bytes(config: ModelConfig, dtype: torch.dtype, batch: int, con
     return int((weights + kv) * 1.1) + (2 << 30)
 
 
+def available_memory_bytes(device: torch.device) -> tuple[int | None, str]:
+    """Memory the run may fill and how to name it: the GPU's total, or the RAM Linux says is available (None where
+    neither is known)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, "the GPU has"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "this machine has available"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None, "unknown"
+
+
 def check_fits(config: ModelConfig, rc: RunConfig) -> list[str]:
     """Refuse a model whose weights do not fit; drop end-to-end points whose KV cache does not (and say so)."""
     from tokprof.kernels import parse_dtype
 
-    if rc.device.type != "cuda":
-        return []
     dtype = parse_dtype(rc.dtype)
-    total = torch.cuda.get_device_properties(rc.device).total_memory
+    total, has = available_memory_bytes(rc.device)
+    if total is None:
+        return [f"memory not checked: the available memory of {rc.device} is unknown"]
     weights_only = memory_needed_bytes(config, dtype, 0, 0)
     if weights_only > total:
+        smaller = "llama-3.2-1b" if rc.device.type == "cuda" else "tiny"
         raise ValueError(f"--model {config.name}: needs about {weights_only / 1e9:.1f} GB for weights alone "
-                         f"({config.weight_bytes(dtype) / 1e9:.1f} GB in {rc.dtype}), the GPU has "
-                         f"{total / 1e9:.1f} GB; choose a smaller model (e.g. llama-3.2-1b)")
+                         f"({config.weight_bytes(dtype) / 1e9:.1f} GB in {rc.dtype}), {has} "
+                         f"{total / 1e9:.1f} GB; choose a smaller model (e.g. {smaller})")
     notes = []
     points = rc.e2e_points if rc.e2e_points is not None else [(b, c) for b in rc.e2e_batches
                                                                 for c in rc.e2e_contexts]
@@ -176,7 +191,7 @@ def check_fits(config: ModelConfig, rc: RunConfig) -> list[str]:
         if (b, c) not in kept:
             need = memory_needed_bytes(config, dtype, b, c)
             notes.append(f"end to end batch {b} context {c} skipped: needs about {need / 1e9:.0f} GB "
-                         f"(weights + KV cache), the GPU has {total / 1e9:.0f} GB")
+                         f"(weights + KV cache), {has} {total / 1e9:.0f} GB")
     # The kept points themselves: the batches x contexts of what is left would bring a dropped point back (batch 128
     # fits at 1k context, context 8k fits at batch 32, batch 128 at 8k does not).
     rc.e2e_points = kept
