@@ -15,7 +15,7 @@ import sys
 import typer
 from rich.table import Table
 
-from tokprof.commands._app import app, console, fail
+from tokprof.commands._app import app, bench_device, check_output, console, fail
 
 
 @app.command()
@@ -24,14 +24,9 @@ def kernels(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
 ) -> None:
     """List the ops, which backends run on this machine (and why the others do not), and their cost formulas."""
-    import torch
-
     from tokprof.kernels import OPS
 
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        fail(f"--device: expected cpu or cuda[:N], got {device!r} ({err})")
+    dev = bench_device(device)  # exit 2 on anything but cpu or cuda[:N] of a GPU torch sees
     rows = {name: {"backends": op.available_backends(dev), "cost_formula": op.cost_formula,
                    "shape": op.shape_doc, "default_shape": dict(op.default_shape), "description": op.description}
             for name, op in OPS.items()}
@@ -63,6 +58,9 @@ def run(
     """The whole chain: ceilings, kernel benchmarks of the decode plan, roll-up, end to end, reconciliation, report."""
     from tokprof.runner import run_main
 
+    bench_device(device)  # a GPU that is not there, up front
+    check_output("--out", out, folder=True)
+    check_output("--db", db)  # the history is written last: a bad path would fail after the whole run
     try:
         run_main(model=model, out_dir=out, device=device, console=console, history_db=db, report=not no_report)
     except ValueError as err:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -30,8 +32,9 @@ def split_csv(value: str | None) -> list[str]:
 
 
 def parse_int_list(name: str, value: str) -> list[int]:
+    """'1,8,64' or '1k,8k' -> ints; exit 2 on an empty list, an empty item ('1,,8'), a non-number or a value <= 0."""
     try:
-        out = [int(v.lower().replace("k", "")) * (1024 if v.lower().endswith("k") else 1) for v in split_csv(value)]
+        out = [int(v[:-1]) * 1024 if v.lower().endswith("k") else int(v) for v in (s.strip() for s in value.split(","))]
     except ValueError:
         fail(f"{name}: expected comma-separated positive ints such as 1,8,64 (or 1k,8k), got {value!r}")
     if not out or any(v <= 0 for v in out):
@@ -39,15 +42,47 @@ def parse_int_list(name: str, value: str) -> list[int]:
     return out
 
 
+def check_output(name: str, path: str | Path | None, folder: bool = False) -> None:
+    """Exit 2 before any work when `path` cannot be written: a folder where a file is wanted (or the reverse), or a
+    file in the way of its parent folders. Checked up front so that no measurement is lost to a bad -o."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if folder and p.exists() and not p.is_dir():
+        fail(f"{name}: expected a folder, got the file {path}")
+    if not folder and p.is_dir():
+        fail(f"{name}: expected a file, got the folder {path}")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                fail(f"{name}: expected a path under a folder, got {path} ({parent} is a file)")
+            break
+
+
+def check_device_index(device: str | None) -> None:
+    """Exit 2 when --device names a GPU index past the GPUs torch sees (torch would raise deep inside)."""
+    import torch
+
+    try:
+        dev = torch.device(device) if device not in (None, "auto") else None
+    except RuntimeError:
+        return  # not a device at all: the command's own check names it
+    if dev is not None and dev.type == "cuda" and dev.index is not None and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            fail(f"--device: expected cuda:0 to cuda:{count - 1} ({count} GPU(s) visible here), got {device!r}")
+
 
 def bench_device(device: str | None) -> object:
     """--device as a torch.device (default: cuda when a GPU is visible, else cpu); exit 2 when it cannot work."""
     from tokprof.profiler.devices import resolve_device
 
     try:
-        return resolve_device(device)
+        dev = resolve_device(device)
     except ValueError as err:
         fail(str(err))
+    check_device_index(device)
+    return dev
 
 
 def print_wide(table: Table) -> None:

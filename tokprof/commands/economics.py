@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import typer
 
-from tokprof.commands._app import app, console, fail, parse_int_list, split_csv
+from tokprof.commands._app import app, check_device_index, check_output, console, fail, parse_int_list
 
 
 @app.command()
@@ -59,21 +60,25 @@ def rollup(
     from tokprof import rollup as ru
     from tokprof.rollup.command import RollupArgs, run_rollup
 
+    check_output("--output", output)  # up front: a bad path would lose the measurements
+    if not (from_run or modelled_):
+        check_device_index(device)
     try:
         prices = ru.PriceOptions(sheet=ru.load_price_sheet(price_sheet) if price_sheet else None, tier=tier,
                                  usd_per_gpu_hour=usd_per_gpu_hour, all_in_kw_per_gpu=all_in_kw,
                                  host_overhead=host_overhead, usd_per_kwh=usd_per_kwh, pue=pue)
-        targets = []
-        for v in split_csv(interactivity):
-            try:
-                targets.append(float(v))
-            except ValueError:
-                fail(f"--interactivity: expected comma-separated numbers of tokens/s per user, got {interactivity!r}")
-        args = RollupArgs(model=model, batches=parse_int_list("--batch", batch) if batch else None,
-                          contexts=parse_int_list("--context", context) if context else None, from_run=from_run,
-                          gpu=gpu, modelled=modelled_, efficiency=efficiency, device=device, backend=backend,
-                          dtype=dtype, prices=prices, energy=energy, max_time_s=max_time_s, interactivity=targets,
-                          output=output, command=list(sys.argv), tp=tp)
+        try:
+            targets = [float(v) for v in interactivity.split(",")] if interactivity is not None else []
+        except ValueError:
+            targets = [math.nan]
+        if not all(0 < t < math.inf for t in targets):
+            fail("--interactivity: expected comma-separated positive numbers of tokens/s per user, got "
+                 f"{interactivity!r}")
+        args = RollupArgs(model=model, batches=parse_int_list("--batch", batch) if batch is not None else None,
+                          contexts=parse_int_list("--context", context) if context is not None else None,
+                          from_run=from_run, gpu=gpu, modelled=modelled_, efficiency=efficiency, device=device,
+                          backend=backend, dtype=dtype, prices=prices, energy=energy, max_time_s=max_time_s,
+                          interactivity=targets, output=output, command=list(sys.argv), tp=tp)
         doc = run_rollup(args, console)
     except typer.Exit:
         raise

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from tokprof.commands._app import DB_HELP, app, console, fail, print_wide, split_csv
+from tokprof.commands._app import DB_HELP, app, check_output, console, fail, print_wide, split_csv
 
 
 @app.command()
@@ -31,8 +31,14 @@ def fleet(
     from rich.markup import escape
 
     from tokprof.fleet import gpu_target, run_fleet, task_by_name
+    from tokprof.models.config import ModelConfig
 
+    if timeout_s is not None and not timeout_s > 0:
+        fail(f"--timeout-s: expected a positive number of seconds, got {timeout_s}")
+    check_output("--out", out, folder=True)  # up front, not after the nodes have run
+    check_output("--db", db)
     try:
+        ModelConfig.from_name(model)  # here, not on every node of the cluster
         targets = [gpu_target(g) for g in split_csv(gpus)]
         result = run_fleet(targets, model, out, address=address, task=task_by_name(task), db=db, record=record,
                            timeout_s=timeout_s)

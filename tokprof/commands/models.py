@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from tokprof.commands._app import app, bench_device, console, err_console, fail, parse_int_list, split_csv
+from tokprof.commands._app import app, bench_device, check_output, console, err_console, fail, parse_int_list, split_csv
 
 
 @app.command()
@@ -23,8 +23,8 @@ def e2e(
                                     "on the CPU)."),
     framework: str = typer.Option("tokprof,transformers", "--framework", help="Comma-separated: tokprof, "
                                   "transformers, vllm (vllm only where importable)."),
-    steps: int = typer.Option(32, "--steps", help="Timed decode steps per point."),
-    warmup: int = typer.Option(4, "--warmup", help="Untimed decode steps before them (>= 2 for graph mode)."),
+    steps: int = typer.Option(32, "--steps", min=2, help="Timed decode steps per point."),
+    warmup: int = typer.Option(4, "--warmup", min=0, help="Untimed decode steps before them (>= 2 for graph mode)."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda[:N] (default cuda when a GPU is visible)."),
     backend: str | None = typer.Option(None, "--backend", help="tokprof kernel backend: torch, triton or cuda "
                                        "(default triton on a GPU, torch on the CPU)."),
@@ -37,12 +37,19 @@ def e2e(
                                       "exists (e.g. the run of `tokprof rollup`)."),
 ) -> None:
     """Measure the real decode loop end to end: step time, tokens/s, TTFT, J/token, GPU busy fraction."""
+    from tokprof.models.e2e import FRAMEWORKS
     from tokprof.models.e2e_command import E2EArgs, run_e2e
 
+    check_output("--output", output)  # up front: a bad path would lose the measurements
+    dev = bench_device(device)
+    if not split_csv(framework):
+        fail(f"--framework: expected some of {list(FRAMEWORKS)}, got {framework!r}")
+    if set(split_csv(mode)) == {"graph"} and dev.type != "cuda":  # eager,graph measures eager and skips graph
+        fail(f"--mode graph: CUDA graphs need a CUDA device, got --device {dev}; use --mode eager")
     try:
         args = E2EArgs(model=model, model_dir=model_dir, batches=parse_int_list("--batch", batch),
                        contexts=parse_int_list("--context", context), modes=split_csv(mode) or None,
-                       frameworks=split_csv(framework), steps=steps, warmup=warmup, device=bench_device(device),
+                       frameworks=split_csv(framework), steps=steps, warmup=warmup, device=dev,
                        backend=backend, dtype=dtype, output=output, seed=seed, energy=energy, profile=profile,
                        command=list(sys.argv))
         results, path = run_e2e(args, console, err_console)
@@ -53,6 +60,8 @@ def e2e(
     if path:
         console.print(f"wrote {path}")
     print(json.dumps({"command": "e2e", "output": path, "e2e": [m.to_dict() for m in results]}))
+    if not results:
+        raise typer.Exit(1)  # every point skipped (see above): nothing measured is no success
 
 
 @app.command()
@@ -65,10 +74,13 @@ def reconcile(
     write: bool = typer.Option(True, "--write/--no-write", help="Store the reconciliation in the run file."),
 ) -> None:
     """The iceberg: datasheet roofline -> measured roofline -> kernel sum -> end to end -> served, with each gap."""
+    from tokprof.models.e2e import FRAMEWORKS
     from tokprof.models.e2e_command import print_reconciliation
     from tokprof.profiler.schema import load_run, save_run
     from tokprof.rollup.reconcile import reconcile as reconcile_run
 
+    if l4 is not None and l4 not in FRAMEWORKS:
+        fail(f"--l4: expected one of {list(FRAMEWORKS)}, got {l4!r}")
     try:
         run = load_run(run_file)
         recs = reconcile_run(run, utilisation, l4_framework=l4)

@@ -7,7 +7,18 @@ import json
 import typer
 from rich.table import Table
 
-from tokprof.commands._app import app, bench_device, console, err_console, fail, pct, print_wide, split_csv
+from tokprof.commands._app import (
+    app,
+    bench_device,
+    check_device_index,
+    check_output,
+    console,
+    err_console,
+    fail,
+    pct,
+    print_wide,
+    split_csv,
+)
 
 
 @app.command()
@@ -40,6 +51,7 @@ def bench(
     from tokprof.profiler.collectives import COLLECTIVES
     from tokprof.profiler.devices import spec_for
 
+    check_output("--output", output)  # up front: a bad path would lose the measurements
     if world_size is not None or any(o in COLLECTIVES for o in split_csv(op)):
         _bench_collectives(split_csv(op), dtype, shape or [], device, world_size, timeout_s, seed, output)
         return
@@ -48,6 +60,8 @@ def bench(
         fail(f"--mode: expected one of {list(bench_mod.MODES)}, got {mode!r}")
     if not timeout_s > 0:
         fail(f"--timeout-s: expected a positive number of seconds, got {timeout_s}")
+    if energy and not energy_window_s > 0:
+        fail(f"--energy-window-s: expected a positive number of seconds, got {energy_window_s}")
     ops, shape = split_csv(op), shape or []
     try:
         # Default backends: every one that runs at least one of the ops here (the others are reported as skipped).
@@ -72,7 +86,7 @@ def bench(
         run.ceilings = measure_ceilings(dev)
     try:
         kernels_done, failures = bench_mod.bench_calls(
-            calls, dev, mode=mode, energy=energy, seed=seed, timing_kwargs={"max_time_s": timeout_s},
+            calls, dev, mode=mode, energy=energy, seed=seed, timing_kwargs=_timing(timeout_s),
             energy_kwargs={"window_s": energy_window_s}, spec=spec_for(run.provenance.device),
             ceilings=run.ceilings, out=path, run=run)
     except KeyboardInterrupt:
@@ -105,6 +119,13 @@ def bench(
     for f in failures:
         err_console.print(f"[red]failed[/] {f.op} {f.shape} {f.dtype} {f.backend}: {f.error}")
     console.print(f"wrote {path} ({len(kernels_done)} measured, {len(failures)} failed)")
+    if failures and not kernels_done:
+        raise typer.Exit(1)  # nothing measured is no success
+
+
+def _timing(timeout_s: float) -> dict[str, float]:
+    """Timing budget per call; the harness's 0.1 s minimum sampling time would exceed a smaller budget."""
+    return {"max_time_s": timeout_s, "min_time_s": min(0.1, timeout_s)}
 
 
 @app.command()
@@ -185,6 +206,7 @@ def energy_trace(
     settle_s: float = typer.Option(3.0, help="Seconds idle after the load (the GPU cools and settles)."),
 ) -> None:
     """Record the NVML energy counter, power and temperature through idle -> GEMM load -> idle, as a replay trace."""
+    import math
     import time
 
     import torch
@@ -192,6 +214,13 @@ def energy_trace(
     from tokprof.profiler import energy, nvml
     from tokprof.profiler.timing import sync
 
+    if not 0 < busy_s < math.inf:
+        fail(f"--busy-s: expected a positive number of seconds, got {busy_s}")
+    for name, value in (("--idle-s", idle_s), ("--settle-s", settle_s)):
+        if not 0 <= value < math.inf:
+            fail(f"{name}: expected a non-negative number of seconds, got {value}")
+    check_output("--out", out)  # up front: the trace is recorded for seconds before it is written
+    check_device_index(device)
     reason = energy.energy_status(device)
     if reason is not None:
         fail(f"--device {device}: no NVML energy here: {reason}")
@@ -253,7 +282,7 @@ def _bench_collectives(ops: list[str], dtype: str | None, shapes: list[str], dev
             sizes.extend(coll.parse_bytes(value))
         except ValueError as err:
             fail(f"--shape {text!r}: {err}")
-    timing = {"max_time_s": timeout_s}
+    timing = _timing(timeout_s)
     try:
         if coll.under_torchrun():
             launched = int(os.environ["WORLD_SIZE"])
@@ -277,6 +306,8 @@ def _bench_collectives(ops: list[str], dtype: str | None, shapes: list[str], dev
             calls = [(o, b) for o in ops for b in sizes or coll.DEFAULT_SIZES[dev.type]]
             records = coll.bench_collectives(calls, world_size=world, device=dev.type,
                                              dtype=dtypes[0] if dtypes else None, timing_kwargs=timing, seed=seed)
+    except typer.Exit:  # a RuntimeError subclass: fail() above, not a failed benchmark
+        raise
     except (ValueError, RuntimeError) as err:
         fail(str(err))
     command = ["tokprof", "bench", "--op", ",".join(ops), "--world-size", str(world), "--device", str(dev),

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from tokprof.commands._app import DB_HELP, app, console, fail
+from tokprof.commands._app import DB_HELP, app, check_output, console, fail
 
 
 @app.command()
@@ -21,6 +21,7 @@ def report(
 
     from tokprof.reports.render import render_report
 
+    check_output("--out", out, folder=True)
     try:
         result = render_report(runs, out)
     except ValueError as err:
@@ -51,6 +52,7 @@ def compare(
         fraction = parse_threshold(threshold)
     except ValueError as err:
         fail(str(err))
+    check_output("--out", out)  # up front, not after the comparison
     wanted = 1 if against else 2
     if len(runs) != wanted:
         fail(f"runs: expected {'NEW.json alone with --against' if against else 'BASE.json NEW.json'}, got "
