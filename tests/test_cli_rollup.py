@@ -48,6 +48,15 @@ def test_modelled_llama_on_h200_at_the_article_price():
     assert points[0]["tokens_per_s_per_gpu"] == pytest.approx(0.8 * bound["tokens_per_s_max"], rel=2e-3)
 
 
+def test_default_contexts_stop_at_the_models_longest():
+    result, lines = _invoke("rollup", "--model", "tiny", "--gpu", "h100", "--modelled")
+    assert result.exit_code == 0, result.output
+    assert {p["context"] for p in json.loads(lines[-1])["points"]} == {1024}  # 8192 > tiny's 4096 positions
+    assert "default context(s) [8192] left out: longer than tiny's 4096 positions" in " ".join(result.output.split())
+    result, _ = _invoke("rollup", "--model", "tiny", "--gpu", "h100", "--modelled", "--context", "8192")
+    assert result.exit_code == 2 and "8192" in result.output  # a context the user names is checked, not dropped
+
+
 def test_modelled_with_interactivity_and_output(tmp_path):
     out = tmp_path / "modelled.json"
     result, lines = _invoke("rollup", "--model", "qwen3-8b", "--gpu", "h100", "--modelled", "--batch", "1,16,64",

@@ -107,6 +107,17 @@ def _card(console: Console, cfg: ModelConfig, spec: GpuSpec | None, contexts: li
     return card
 
 
+def default_contexts(cfg: ModelConfig, notes: list[str]) -> list[int]:
+    """DEFAULT_CONTEXTS up to the model's longest context (tiny: 4096), with a note for what was left out; a context
+    the user names is checked, never dropped."""
+    fits = [c for c in DEFAULT_CONTEXTS if c <= cfg.max_position_embeddings]
+    if len(fits) < len(DEFAULT_CONTEXTS):
+        left = [c for c in DEFAULT_CONTEXTS if c not in fits]
+        notes.append(f"default context(s) {left} left out: longer than {cfg.name}'s {cfg.max_position_embeddings} "
+                     "positions")
+    return fits or [cfg.max_position_embeddings]
+
+
 def run_rollup(a: RollupArgs, console: Console) -> dict[str, Any]:
     """Do the roll-up `a` asks for, printing the card and the table on `console`; return the summary document."""
     if a.modelled and a.from_run:
@@ -122,7 +133,7 @@ def run_rollup(a: RollupArgs, console: Console) -> dict[str, Any]:
         if a.gpu is None or a.model is None:
             raise ValueError("--modelled: give --model and --gpu (e.g. --model llama-3.1-8b --gpu h200 --modelled)")
         cfg, spec = load_model(a.model), resolve_gpu(a.gpu)
-        contexts, dtype = a.contexts or DEFAULT_CONTEXTS, a.dtype or "bf16"
+        contexts, dtype = a.contexts or default_contexts(cfg, notes), a.dtype or "bf16"
         card = _card(console, cfg, spec, contexts, dtype, tp)
         points = modelled(cfg, spec, a.batches or DEFAULT_BATCHES, contexts, dtype, a.efficiency, prices=a.prices,
                           tp=tp, collectives=a.collectives)
@@ -140,7 +151,7 @@ def run_rollup(a: RollupArgs, console: Console) -> dict[str, Any]:
         from tokprof.profiler.devices import detect_device
 
         cfg = load_model(a.model)
-        contexts, dtype = a.contexts or DEFAULT_CONTEXTS, a.dtype or "bf16"
+        contexts, dtype = a.contexts or default_contexts(cfg, notes), a.dtype or "bf16"
         key = detect_device(dev).spec_key
         card = _card(console, cfg, load_specs().get(key) if key else None, contexts, dtype, tp)
         timing_kwargs = None
@@ -151,7 +162,7 @@ def run_rollup(a: RollupArgs, console: Console) -> dict[str, Any]:
         points, run = bottom_up(cfg, a.batches or DEFAULT_BATCHES, contexts, a.backend or "triton", dev,
                                 dtype=dtype, energy=a.energy, timing_kwargs=timing_kwargs, prices=a.prices,
                                 out=a.output, command=a.command, tp=tp, collectives=a.collectives)
-        notes = [n for n in run.notes if n.startswith("batch ")]
+        notes += [n for n in run.notes if n.startswith("batch ")]
         mode = "measured"
     for note in notes:
         console.print(f"[yellow]{note}[/]")
