@@ -209,3 +209,17 @@ def test_an_interrupt_before_any_measurement_says_nothing_was_saved(tmp_path, mo
         run_main(out_dir=tmp_path, device="cpu", command=["tokprof", "run"], history_db=tmp_path / "h.db",
                  config_override=small_cpu_config(), console=Console(file=out, width=200))
     assert "interrupted: nothing was saved yet" in out.getvalue() and not list(tmp_path.glob("*.json"))
+
+
+def test_cli_run_interrupted_exits_130_without_a_traceback(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tokprof.cli import app
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tokprof.runner.run_main", interrupt)
+    result = CliRunner().invoke(app, ["run", "--device", "cpu", "--out", str(tmp_path / "o"),
+                                      "--db", str(tmp_path / "h.db")])
+    assert result.exit_code == 130 and "Traceback" not in result.output

@@ -65,6 +65,8 @@ def run(
         run_main(model=model, out_dir=out, device=device, console=console, history_db=db, report=not no_report)
     except ValueError as err:
         fail(str(err))
+    except KeyboardInterrupt:  # run_main has said which file keeps what was measured
+        raise typer.Exit(130) from None
 
 
 
