@@ -223,3 +223,17 @@ def test_cli_run_interrupted_exits_130_without_a_traceback(tmp_path, monkeypatch
     result = CliRunner().invoke(app, ["run", "--device", "cpu", "--out", str(tmp_path / "o"),
                                       "--db", str(tmp_path / "h.db")])
     assert result.exit_code == 130 and "Traceback" not in result.output
+
+
+def test_a_bad_history_file_is_refused_before_the_run(tmp_path, monkeypatch):
+    from tokprof.reports.history import HistoryDatabaseError
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured before the history file was checked")
+
+    monkeypatch.setattr("tokprof.profiler.ceilings.measure_ceilings", never)
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a database\n")
+    with pytest.raises(HistoryDatabaseError, match="not a tokprof history database"):
+        run_main(out_dir=tmp_path / "o", device="cpu", command=["tokprof", "run"], history_db=bad,
+                 config_override=small_cpu_config(), console=Console(file=io.StringIO()))

@@ -34,6 +34,7 @@ from tokprof.models.config import ModelConfig
 from tokprof.profiler.cpu_load import CpuLoad
 from tokprof.profiler.devices import resolve_device
 from tokprof.profiler.schema import RunResult, load_run, save_run
+from tokprof.reports.history import History
 
 REFERENCE_DIR = Path(__file__).parent / "data" / "reference"
 OTHER_GPUS = ("h100-sxm", "h200", "b200")
@@ -292,6 +293,8 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
     t0 = time.perf_counter()
     cpu_load = CpuLoad.start()
     dev = resolve_device(device)
+    history = History(history_db)
+    history.check()  # a bad history file is said before the run, not after it
     rc = config_override or RunConfig.for_device(dev, model)
     config = ModelConfig.from_name(rc.model)
     fit_notes = check_fits(config, rc)
@@ -349,9 +352,6 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
             rep = render_report([run_path], out / "report")
             summary["report_html"] = str(rep.html)
             summary["report_md"] = str(rep.markdown)
-        from tokprof.reports.history import History
-
-        history = History(history_db)
         history.record_run(run, run_path)
         summary["history_db"] = str(history.path)
         summary["seconds"] = round(time.perf_counter() - t0, 1)

@@ -162,6 +162,11 @@ class History:
                       "TOKPROF_HISTORY_DB")
         return HistoryDatabaseError(f"history database {self.path}: {what} failed ({text}); {advice}")
 
+    def check(self) -> None:
+        """Raise HistoryDatabaseError now when the file exists but is not a SQLite database (before a long run, not
+        after it)."""
+        self._check_header()
+
     def _check_header(self) -> None:
         try:
             with self.path.open("rb") as fh:
