@@ -137,6 +137,58 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _fix_interpreter_index() -> None:
+    """Let the interpreter turn scalar tensors into Python ints again under NumPy >= 2.4 (Triton <= 3.6).
+
+    The interpreter holds a scalar (an int argument, a value computed from one) as a 1-element 1-D array, and
+    `range(start, end, step)` in a kernel calls the tensor's `__index__`, which Triton 3.6 defines as
+    `int(self.handle.data)`. NumPy 2.4 made int() of a 1-D array a TypeError ("only 0-dimensional arrays can be
+    converted to Python scalars"), so every kernel loop with a runtime bound fails in the interpreter.
+    Later Triton (3.9 here) reads `int(self.handle.data.squeeze())` (triton-lang/triton#9171, fixed by #9172).
+
+    Feature-detected, not version-pinned: the interpreter's own `__index__` is tried on a 1-element scalar the
+    first time a kernel runs, and replaced (for that launch's patch scope, as Triton restores it) only if it fails.
+    Nothing changes for compiled kernels, nor in an interpreter that already copes.
+    """
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover - a Triton without its interpreter, or without NumPy
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_tokprof_index_fix", False):
+        return
+    broken: list[bool] = []  # filled on the first launch: whether Triton's __index__ fails on a 1-element scalar
+
+    def index(self: Any) -> int:
+        return int(np.asarray(self.handle.data).squeeze())
+
+    def patch_lang_tensor(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(tensor, *args, **kwargs)
+        if not broken:
+            probe = tensor.__new__(tensor)
+            probe.handle = interpreter.TensorHandle(np.array([1], dtype=np.int32), tl.int32)
+            try:
+                broken.append(tensor.__index__(probe) != 1)
+            except TypeError:
+                broken.append(True)
+        if broken[0]:
+            scope = args[0] if args else kwargs.get("scope")
+            if scope is not None and hasattr(scope, "set_attr"):
+                scope.set_attr(tensor, "__index__", index)  # restored with the rest after the launch
+            else:  # pragma: no cover - an interpreter without patch scopes
+                tensor.__index__ = index
+        return result
+
+    patch_lang_tensor._tokprof_index_fix = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if _TRITON_IMPORT_ERROR is None and triton_interpreted():
+    _fix_interpreter_index()
+
+
 def triton_status(device: torch.device) -> str | None:
     """None when Triton kernels can run on `device`, else why not."""
     if _TRITON_IMPORT_ERROR:
