@@ -18,7 +18,8 @@
 # Each step logs to its own file, runs under a time limit that never passes the budget (BUDGET_S, default 560 s,
 # minus RESERVE_S for stopping a step and packing), and the script goes on after a failing step. After every step
 # $OUT receives summary.txt (the step table and the last lines of each log) and gpu-check.tgz (every log, RunResult,
-# report and target file), so a call cut short still brings back what was done.
+# report and target file; split into gpu-check.tgz.part-* when over 15 MB), so a call cut short still brings back
+# what was done.
 set -u
 OUT=${OUT:-$PWD/gpu-check-out}
 WORK=${WORK:-/tmp/gpu-check}
@@ -38,9 +39,19 @@ collect() {  # summary.txt and gpu-check.tgz in $OUT, from what $WORK holds now
       [ -f "$WORK/$f.log" ] && { echo; echo "== $f (last 60 lines)"; tail -n 60 "$WORK/$f.log"; }
     done
   } >"$OUT/summary.txt"
-  tar czf "$OUT/gpu-check.tgz" -C "$WORK" --exclude cache . 2>/dev/null
-  if [ "$(stat -c %s "$OUT/gpu-check.tgz" 2>/dev/null || echo 0)" -gt 15000000 ]; then  # the tool brings <= 16 MiB
-    tar czf "$OUT/gpu-check.tgz" -C "$WORK" --exclude cache --exclude report --exclude '*.png' . 2>/dev/null
+  local tgz="$WORK.tgz"  # outside $WORK, so the archive does not take itself in
+  rm -f "$OUT"/gpu-check.tgz "$OUT"/gpu-check.tgz.part-*
+  tar czf "$tgz" -C "$WORK" --exclude cache . 2>/dev/null
+  if [ "$(stat -c %s "$tgz" 2>/dev/null || echo 0)" -gt 15000000 ]; then  # the tool brings files <= 16 MiB
+    # history.db holds a second copy of every RunResult (every timing sample).
+    tar czf "$tgz" -C "$WORK" --exclude cache --exclude report --exclude '*.png' --exclude history.db . 2>/dev/null
+  fi
+  if [ "$(stat -c %s "$tgz" 2>/dev/null || echo 0)" -gt 15000000 ]; then
+    # Still too big (RunResults keep every sample): 15 MB parts, 7 at most come back beside summary.txt.
+    # Rejoin with: cat gpu-check.tgz.part-* > gpu-check.tgz
+    split -b 15000000 "$tgz" "$OUT/gpu-check.tgz.part-"
+  else
+    cp "$tgz" "$OUT/gpu-check.tgz"
   fi
 }
 

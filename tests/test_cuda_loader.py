@@ -54,3 +54,53 @@ def test_launch_shape_checks_name_the_kernel_and_the_limit():
         _cuda._check_launch("k", (0,), (128,))
     with pytest.raises(ValueError, match="block of k: expected at most 1024 threads"):
         _cuda._check_launch("k", (1,), (32, 64))
+
+
+def test_launch_passes_c_typed_arguments_on_torchs_current_stream(monkeypatch, recwarn):
+    # A fake CuPy: what launch() hands to the kernel, and how often it wraps torch's stream (once per stream; CuPy 14
+    # warns on every ExternalStream it builds).
+    import sys
+    import warnings
+    from types import SimpleNamespace
+
+    import torch
+
+    built, launches = [], []
+
+    class ExternalStream:
+        def __init__(self, ptr, device_id):
+            warnings.warn("ExternalStream is deprecated", DeprecationWarning, stacklevel=2)
+            self.ptr, self.device_id = ptr, device_id
+            built.append(self)
+
+    class Device:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def kernel(grid, block, args, shared_mem=0, stream=None):
+        launches.append((grid, block, args, shared_mem, stream))
+
+    monkeypatch.setitem(sys.modules, "cupy", SimpleNamespace(cuda=SimpleNamespace(Device=Device,
+                                                                                  ExternalStream=ExternalStream)))
+    monkeypatch.setattr(_cuda, "_resolve", lambda stem, name, index: kernel)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index=None: SimpleNamespace(cuda_stream=0xBEEF))
+    _cuda._external_stream.cache_clear()
+    x = torch.ones(8)
+    try:
+        for _ in range(2):
+            _cuda.launch("rms_norm", "rms_norm_warp_bf16", torch.device("cuda", 0), (3,), (128,), (x, 5, 1e-6, True),
+                         shared_mem_bytes=256)
+    finally:
+        _cuda._external_stream.cache_clear()
+    assert len(built) == 1 and (built[0].ptr, built[0].device_id) == (0xBEEF, 0)
+    grid, block, args, shared_mem, stream = launches[-1]
+    assert (grid, block, shared_mem, stream) == ((3,), (128,), 256, built[0])
+    assert [type(a) for a in args] == [np.uint64, np.int32, np.float32, np.int32]
+    assert int(args[0]) == x.data_ptr()
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]

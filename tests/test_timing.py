@@ -5,6 +5,7 @@ GPU-only paths (CUDA events, CUDA graphs, NVML clocks) are marked `gpu` and run 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from types import SimpleNamespace
@@ -218,6 +219,39 @@ def test_sync_waits_for_the_whole_device_not_one_stream(monkeypatch):
     assert seen == [torch.device("cuda", 1)]
 
 
+def test_a_failed_graph_capture_gives_the_callers_stream_back(monkeypatch):
+    # torch.cuda.graph switches to its capture stream on entry; when the capture breaks, its __exit__ raises from
+    # capture_end before switching back. capture_graph must make the caller's stream current again itself, or every
+    # later measurement of the sweep runs on the capture stream.
+    caller, capture = SimpleNamespace(wait_stream=lambda s: None), SimpleNamespace(wait_stream=lambda s: None)
+    state = {"current": caller}
+
+    class BrokenCapture:
+        def __init__(self, graph):
+            pass
+
+        def __enter__(self):
+            state["current"] = capture
+
+        def __exit__(self, *exc):
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(L2_cache_size=4096))
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: SimpleNamespace(wait_stream=lambda s: None))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: state["current"])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: state.update(current=s))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", BrokenCapture)
+    monkeypatch.setattr(timing, "_events_time_us", lambda device, fn, repeats: 1.0)
+    inputs = {"x": torch.ones(256)}  # 1 KiB: ceil(5 * 4 KiB / 1 KiB) + 1 = 21 copies
+    with pytest.raises(RuntimeError, match="CUDA graph capture of the call failed"):
+        timing.capture_graph(lambda kw: kw["x"] * 2, inputs, device="cuda:0")
+    assert state["current"] is caller
+
+
 # ------------------------------------------------------------------------------------------------------- NVML
 
 
@@ -282,6 +316,35 @@ def test_throttled_unknown_without_clocks():
 ])
 def test_visible_devices_parsing(env, expect):
     assert nvml.visible_devices(env) == expect
+
+
+def test_nvml_finds_the_board_by_uuid_and_reads_watts(monkeypatch, fresh_nvml):
+    # A fake pynvml: torch's cuda:0 is NVML's board "GPU-<uuid>" whatever the NVML index; NVML reports mW.
+    class NVMLError(Exception):
+        pass
+
+    uuid = "8ff8d0c7-8d30-8e55-0980-ac69fc03a6b8"
+
+    def by_uuid(text):
+        if text != f"GPU-{uuid}":
+            raise NVMLError("not found")
+        return "board"
+
+    fake = SimpleNamespace(
+        NVMLError=NVMLError, NVMLError_LibraryNotFound=type("NotFound", (NVMLError,), {}), nvmlInit=lambda: None,
+        nvmlDeviceGetCount=lambda: 2, nvmlDeviceGetHandleByUUID=by_uuid,
+        nvmlDeviceGetHandleByIndex=lambda i: f"index {i}", NVML_CLOCK_SM=0, NVML_CLOCK_MEM=2, NVML_TEMPERATURE_GPU=0,
+        nvmlDeviceGetClockInfo=lambda h, clock: {0: 1755, 2: 2619}[clock], nvmlDeviceGetMaxClockInfo=lambda h, c: 1980,
+        nvmlDeviceGetTemperature=lambda h, sensor: 41, nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000,
+        nvmlDeviceGetPowerUsage=lambda h: 123_456)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(uuid=uuid))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert nvml.handle("cuda:0") == "board"
+    assert nvml.clocks("cuda:0") == Clocks(sm_mhz=1755, mem_mhz=2619, sm_max_mhz=1980, temperature_c=41,
+                                           power_limit_w=700.0, power_w=123.456)
 
 
 def test_visible_devices_unset(monkeypatch):

@@ -20,6 +20,7 @@ correctly with torch work and can be captured in a CUDA graph (after a first, ea
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -195,5 +196,17 @@ def launch(stem: str, name: str, device: torch.device, grid: tuple[int, ...], bl
     cargs = tuple(_arg(a) for a in args)
     with cupy.cuda.Device(index):  # the module loads (first call) and the launch both happen in this device's context
         kernel = _resolve(stem, name, index)
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream, index)
+        stream = _external_stream(torch.cuda.current_stream(index).cuda_stream, index)
         kernel(grid, block, cargs, shared_mem=shared_mem_bytes, stream=stream)
+
+
+@functools.lru_cache(maxsize=64)
+def _external_stream(ptr: int, index: int) -> Any:
+    """CuPy's handle on torch's stream `ptr` of device `index`: one per stream, not one per launch. CuPy 14 warns
+    that ExternalStream is deprecated (DeprecationWarning on each construction, host time inside a timed call);
+    it still works, and Stream.from_external is missing from older CuPy."""
+    import cupy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(ptr, index)

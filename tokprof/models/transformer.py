@@ -44,6 +44,7 @@ from tokprof.models.config import ModelConfig
 from tokprof.models.kv_cache import PagedKVCache
 from tokprof.models.loader import LayerWeights, ModelWeights, load_pretrained
 from tokprof.models.plan import DEFAULT_BLOCK_SIZE  # the plans' page size: both sides measure the same calls
+from tokprof.profiler.timing import restore_stream
 
 # Prefill runs in sub-batches of whole prompts of at most this many tokens, so that activations stay small
 # (Llama-3.1-8B gate-up output at 16k tokens: 16384 x 28672 x 2 bytes = 0.9 GiB).
@@ -365,10 +366,14 @@ class Transformer:
         with torch.cuda.stream(side):
             for _ in range(warmup_steps):
                 warm.append(self.decode_step())
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self._decode_body()  # recorded, not run: the state does not advance during the capture
+        try:
+            with torch.cuda.graph(graph):
+                out = self._decode_body()  # recorded, not run: the state does not advance during the capture
+        finally:
+            restore_stream(stream)  # a failed capture leaves the capture stream current otherwise
         self._graph, self._graph_out = graph, out
         return warm
 

@@ -228,6 +228,12 @@ def _events_time_us(device: torch.device, fn: Callable[[], None], repeats: int) 
     return start.elapsed_time(end) * 1000.0 / repeats
 
 
+def restore_stream(stream: Any) -> None:
+    """Make `stream` current again after a CUDA graph capture. A capture that fails makes torch.cuda.graph's
+    capture_end raise before it restores the stream it switched to, so later work would run on the capture stream."""
+    torch.cuda.set_stream(stream)
+
+
 def capture_graph(call: Callable[[Any], Any], inputs: Mapping[str, Any], *, device: torch.device | str | int,
                   rotate: bool = True, min_replay_us: float = MIN_REPLAY_US) -> CapturedGraph:
     """Capture `call` over rotating input copies into one CUDA graph (call `call(inputs)` once before: autotune).
@@ -262,6 +268,7 @@ def capture_graph(call: Callable[[Any], Any], inputs: Mapping[str, Any], *, devi
         passes = max(1, math.ceil(min_replay_us / max(n_copies * per_call_us, 1e-3)))
         touched = [0] * n_copies
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream(device)
         try:
             with torch.cuda.graph(graph):
                 for _ in range(passes):
@@ -271,6 +278,8 @@ def capture_graph(call: Callable[[Any], Any], inputs: Mapping[str, Any], *, devi
         except RuntimeError as err:
             raise RuntimeError(f"CUDA graph capture of the call failed ({err}); a call that synchronises or "
                                "copies to the host cannot be captured: time it with mode='events'") from err
+        finally:
+            restore_stream(stream)
         sync(device)
     distinct = check_rotation(copies, touched)
     return CapturedGraph(graph=graph, calls_per_replay=passes * n_copies, copies=n_copies, working_set_bytes=ws,
