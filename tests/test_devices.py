@@ -101,6 +101,19 @@ def test_detect_cuda_without_gpu_says_what_works():
         detect_device("cuda")
 
 
+def test_resolve_device_makes_an_explicit_gpu_current(monkeypatch):
+    # Events, graph captures and Triton launches use the current device: --device cuda:1 must become it.
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert devices.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert devices.resolve_device("cuda") == torch.device("cuda")  # no index: the current device, left as it is
+    assert chosen == [torch.device("cuda", 1)]
+    with pytest.raises(ValueError, match=r"--device: expected cuda:0 to cuda:1 \(2 GPU\(s\) visible here\)"):
+        devices.resolve_device("cuda:2")
+
+
 @pytest.mark.gpu
 def test_detect_gpu():
     info = detect_device("cuda")

@@ -224,6 +224,14 @@ def resolve_device(device: str | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device: {device!r} asked for a GPU but torch sees none (torch {torch.__version__}); "
                          "use --device cpu")
+    if dev.type == "cuda" and dev.index is not None:
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            raise ValueError(f"--device: expected cuda:0 to cuda:{count - 1} ({count} GPU(s) visible here), "
+                             f"got {device!r}")
+        # CUDA events, graph captures and Triton and CuPy launches go to the current device: make it this one, or
+        # cuda:1 would be timed with events on cuda:0 and its kernels launched there.
+        torch.cuda.set_device(dev)
     return dev
 
 
