@@ -104,6 +104,24 @@ def test_out_of_memory_is_a_failure_and_the_sweep_goes_on(tmp_path, monkeypatch)
     assert load_run(tmp_path / "r.json").failures[0].shape == {"T": 7, "I": 64}
 
 
+def test_a_failed_idle_power_read_keeps_the_timings_and_says_why(tmp_path, monkeypatch):
+    # NVML present (energy_status None) but its first read fails: the sweep measures time, energy is None with the
+    # reason, and the run says so once.
+    monkeypatch.setattr(bench.energy_mod, "energy_status", lambda device: None)
+
+    def broken_meter(device):
+        raise RuntimeError("NVML: nvmlDeviceGetTotalEnergyConsumption failed (Unknown Error)")
+
+    monkeypatch.setattr(bench.energy_mod, "make_meter", broken_meter)
+    run = new_run(["test"], "cpu")
+    calls = [("swiglu", {"T": 2, "I": 64}, "fp32", "torch")]
+    kernels, failures = bench_calls(calls, "cpu", energy=True, timing_kwargs=FAST, run=run, progress=False)
+    assert not failures and kernels[0].timing.median_us > 0 and kernels[0].energy is None
+    assert kernels[0].energy_reason == ("idle power measurement failed (RuntimeError: NVML: "
+                                        "nvmlDeviceGetTotalEnergyConsumption failed (Unknown Error))")
+    assert any(n.startswith("energy not measured: idle power measurement failed") for n in run.notes)
+
+
 def test_triton_resource_errors_are_failures_and_the_sweep_goes_on(tmp_path, monkeypatch):
     # Triton's OutOfResources (shared memory of a config too big for the GPU) derives from Exception, not
     # RuntimeError: a sweep that caught RuntimeError only would die with a traceback on the first such shape.

@@ -163,7 +163,7 @@ def test_a_failure_inside_an_e2e_energy_window_leaves_the_meter_usable(monkeypat
     # ~600 W x 10 ms per step, one token per step; the trace stays busy during the <= 100 ms wait for the counter's
     # next update, which the meter takes off at the 70 W idle: up to (600 - 70) W x 0.1 s more over the 10 tokens.
     assert 0.95 * 6.0 <= j <= 6.0 + 530 * 0.1 / 10 + 0.1, (j, how)
-    assert "NVML counter" in how
+    assert "NVML counter" in how and "after a 0.2 s cool-down" in how
 
 
 def test_idle_power_is_remembered_for_live_boards_only(monkeypatch):

@@ -139,10 +139,15 @@ def time_steps(step: Callable[[], Any], n: int, device: torch.device) -> list[fl
     return times
 
 
+E2E_COOLDOWN_S = 0.2  # sleep before the decode energy window: the timed steps just heated the GPU (MEASUREMENT.md
+# energy rule 4); as long as the kernel windows' cool-down in `tokprof run`
+
+
 def energy_per_token(session: DecodeSession, steps: int, batch: int, median_step_us: float, device: torch.device, *,
-                     window_s: float, meter: Any = None, idle_power_w: float | None = None
-                     ) -> tuple[float | None, str]:
-    """(J/token or None, how it was measured or why not) over rounds of the timed steps lasting >= window_s."""
+                     window_s: float, meter: Any = None, idle_power_w: float | None = None,
+                     cooldown_s: float = E2E_COOLDOWN_S) -> tuple[float | None, str]:
+    """(J/token or None, how it was measured or why not) over rounds of the timed steps lasting >= window_s, after a
+    `cooldown_s` sleep."""
     from tokprof.profiler.energy import energy_status, make_meter
 
     reason = energy_status(device)
@@ -151,6 +156,7 @@ def energy_per_token(session: DecodeSession, steps: int, batch: int, median_step
     meter = meter if meter is not None else make_meter(device)
     rounds = max(1, math.ceil(window_s * 1e6 / (steps * median_step_us)))
     session.rewind()
+    meter.source.sleep(cooldown_s)
     meter.begin_window("e2e_decode")
     try:
         for r in range(rounds):
@@ -166,8 +172,8 @@ def energy_per_token(session: DecodeSession, steps: int, batch: int, median_step
     except RuntimeError as err:  # a counter that never moved with no power readings, a failed NVML read
         return None, f"energy measurement failed ({err})"
     joules = window.energy.energy_j
-    how = (f"total energy over {rounds} round(s) of the {steps} timed steps ({window.energy.time_s:.2f} s window, "
-           f"NVML {window.energy.method})")
+    how = (f"total energy over {rounds} round(s) of the {steps} timed steps ({window.energy.time_s:.2f} s window "
+           f"after a {cooldown_s:.1f} s cool-down, NVML {window.energy.method})")
     idle = idle_power_w if idle_power_w is not None else meter.idle_power_w
     if idle is not None:
         joules -= idle * window.tail_s

@@ -334,14 +334,19 @@ def bench_calls(calls: Sequence[Call], device: str | torch.device = "cuda", *, m
 
     meter = None
     idle_power_w = None
+    energy_failed: str | None = None  # why energy was asked for but could not be measured for any call
     if energy and energy_mod.energy_status(dev) is None:
-        meter = energy_mod.make_meter(dev)
-        # Once per run, a sleeping window as long as a kernel window (MEASUREMENT.md, kernel energy 3), after the
-        # GPU has settled.
-        idle_power_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0),
-                                                     settle_s=IDLE_SETTLE_S if dev.type == "cuda" else 0.0)
+        try:
+            meter = energy_mod.make_meter(dev)
+            # Once per run, a sleeping window as long as a kernel window (MEASUREMENT.md, kernel energy 3), after
+            # the GPU has settled.
+            idle_power_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0),
+                                                         settle_s=IDLE_SETTLE_S if dev.type == "cuda" else 0.0)
+        except STEP_ERRORS as err:  # a failed NVML read: the timings still stand, energy is None with the reason
+            energy, meter, energy_failed = False, None, f"idle power measurement failed ({type(err).__name__}: {err})"
         if run is not None:
-            run.notes.append(f"idle power {idle_power_w:.1f} W (measured, once for this run); dynamic energy per "
+            run.notes.append(f"energy not measured: {energy_failed}" if energy_failed else
+                             f"idle power {idle_power_w:.1f} W (measured, once for this run); dynamic energy per "
                              "call = total - idle power x time per call")
 
     kernels: list[KernelMeasurement] = []
@@ -377,6 +382,8 @@ def bench_calls(calls: Sequence[Call], device: str | torch.device = "cuda", *, m
                                  error=f"{type(err).__name__}: {err}")
             if isinstance(result, Failure):
                 _free(dev)  # after the except block: its traceback held the failed call's tensors until now
+            elif energy_failed:
+                result.energy_reason = energy_failed
             cache[key] = result
             if isinstance(result, Failure):
                 failures.append(result)
