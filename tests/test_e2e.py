@@ -213,6 +213,34 @@ def test_a_failing_later_mode_keeps_the_earlier_one_and_frees_the_cache(monkeypa
         e2e.measure_e2e_modes(model, 1, 40, [], steps=4)  # checked at the call, before anything runs
 
 
+def test_ttft_excludes_the_kv_cache_allocation(monkeypatch, one_thread: object) -> None:
+    """The timed prefill fills a cache allocated before the clock started (a server allocates it at start-up)."""
+    from tokprof.models import e2e
+    from tokprof.models import transformer as transformer_mod
+
+    model = _tiny()
+    real_allocate, real_prefill = transformer_mod.PagedKVCache.allocate, model.prefill
+    timed = {"on": False, "allocations": 0}
+
+    def allocate(*args, **kwargs):
+        timed["allocations"] += timed["on"]
+        return real_allocate(*args, **kwargs)
+
+    def prefill(ids, max_new_tokens):
+        timed["on"] = ids.shape[0] == 3  # the whole batch: the timed call (the warm-up runs a sub-batch)
+        try:
+            return real_prefill(ids, max_new_tokens)
+        finally:
+            timed["on"] = False
+
+    monkeypatch.setattr(transformer_mod.PagedKVCache, "allocate", staticmethod(allocate))
+    monkeypatch.setattr(model, "prefill", prefill)
+    monkeypatch.setattr(model, "max_prefill_tokens", 40)  # sub-batches of one 40-token prompt: a warm-up of 1 row
+    prefilled = e2e.tokprof_prefill(model, batch=3, context=48, steps=4, warmup=2, seed=0)
+    assert timed["allocations"] == 0 and prefilled.ttft_ms > 0
+    assert "allocated before the clock started" in prefilled.notes[0]
+
+
 def test_run_e2e_measures_explicit_points_and_frameworks_where_asked(tmp_path: Path, one_thread: object) -> None:
     from rich.console import Console
 

@@ -196,13 +196,7 @@ class Transformer:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
         self.release_graph()
-        total = seq + max_new_tokens
-        if self.cache is None or not self.cache.fits(batch, total) or self.cache.capacity_tokens > 2 * total:
-            self.cache = None  # free the old pages before taking new ones
-            self.cache = PagedKVCache.allocate(
-                num_layers=self.config.num_layers, batch=batch, max_tokens=total,
-                num_kv_heads=self.config.num_kv_heads, head_dim=self.config.head_dim, dtype=self.dtype,
-                device=self.device, block_size=self.block_size)
+        self.reserve_cache(batch, seq + max_new_tokens)
         rows = max(1, min(batch, self.max_prefill_tokens // seq))
         firsts, all_logits = [], []
         for start in range(0, batch, rows):
@@ -330,6 +324,17 @@ class Transformer:
         self._seq_lens.copy_(snap.seq_lens)
         self._slots.copy_(snap.slots)
         self._steps_left = snap.steps_left
+
+    def reserve_cache(self, batch: int, max_tokens: int) -> None:
+        """Have a KV cache for `batch` sequences of up to `max_tokens` tokens: the one there if it fits (and is not
+        over twice the size), else a new zero-filled one. `prefill` calls it; call it first to keep the allocation
+        out of a timed prefill (a server allocates its KV cache once, at start-up)."""
+        if self.cache is None or not self.cache.fits(batch, max_tokens) or self.cache.capacity_tokens > 2 * max_tokens:
+            self.cache = None  # free the old pages before taking new ones
+            self.cache = PagedKVCache.allocate(
+                num_layers=self.config.num_layers, batch=batch, max_tokens=max_tokens,
+                num_kv_heads=self.config.num_kv_heads, head_dim=self.config.head_dim, dtype=self.dtype,
+                device=self.device, block_size=self.block_size)
 
     def free_cache(self) -> None:
         """Give the KV cache and the decode state back (the weights stay)."""
