@@ -4,17 +4,22 @@
 #   OUT=/path/to/results bash scripts/gpu_check.sh
 #   OUT=... STEPS="targets cputests" bash scripts/gpu_check.sh     # a second call for what the first had no time for
 #
-# Steps (STEPS, in this order of priority; default all):
+# Steps (STEPS, in this order of priority; default all but cputests):
 #   env       nvidia-smi, torch/triton versions, the GPU's architecture
 #   install   this checkout, offline, into the image's python3 (torch, triton, cupy, nvidia-ml-py are already there);
-#             setup.py builds the CUDA cubins for this GPU's architecture only (TOKPROF_CUDA_ARCHS)
+#             setup.py builds the CUDA cubins for this GPU's architecture only (TOKPROF_CUDA_ARCHS), in parallel
+#   run       a full `tokprof run` at its GPU defaults (ceilings, bottom-up, end to end, reconciliation, report):
+#             first, because its RunResult is the reference data the CPU default and the reports use (~5 min)
 #   gputests  the `gpu` tests (compiled Triton, the CUDA backend, graphs, NVML), one at a time on the one GPU
-#   run       a full `tokprof run` at its GPU defaults (ceilings, bottom-up, end to end, reconciliation, report)
 #   targets   the kernel targets of the kernel issue (a pass/fail table) and an A/A repeat of the Llama-3.1-8B decode
 #             shapes in events mode without energy (share of kernels SAME within noise; target >= 95%)
 #   compile   scripts/triton_compile_check.py for this GPU's architecture with the image's Triton (registers,
 #             spills, shared memory of every Triton kernel at the configs the wrappers choose)
-#   cputests  the rest of the suite (what CI also runs), in parallel where pytest-xdist is installed
+#   cputests  the rest of the suite (what CI also runs), in parallel where pytest-xdist is installed; only when
+#             named in STEPS
+# One 10-minute call fits env, install and run, and gputests as far as the budget goes; a second call
+# (STEPS="env install gputests targets compile") does the rest: a released machine comes back bare, so every call
+# installs again.
 # Each step logs to its own file, runs under a time limit that never passes the budget (BUDGET_S, default 560 s,
 # minus RESERVE_S for stopping a step and packing), and the script goes on after a failing step. After every step
 # $OUT receives summary.txt (the step table and the last lines of each log) and gpu-check.tgz (every log, RunResult,
@@ -23,7 +28,7 @@
 set -u
 OUT=${OUT:-$PWD/gpu-check-out}
 WORK=${WORK:-/tmp/gpu-check}
-STEPS=${STEPS:-env install gputests run targets compile cputests}
+STEPS=${STEPS:-env install run gputests targets compile}
 RESERVE_S=${RESERVE_S:-25}
 rm -rf "$WORK"; mkdir -p "$WORK" "$OUT"
 PY=${PYTHON:-python3}
@@ -82,8 +87,8 @@ $PY -c 'import xdist' 2>/dev/null && XDIST_OPT="-n 8"
 step env 60 bash -c "nvidia-smi; echo TOKPROF_CUDA_ARCHS=$TOKPROF_CUDA_ARCHS; $PY -c 'import torch, triton; \
 print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())'"
 step install 120 $PY -m pip install -e . --no-deps --no-build-isolation
+step run 330 $PY -m tokprof.cli run --out "$WORK/run"
 step gputests 150 $PY -m pytest -q -p no:cacheprovider -m gpu $TIMEOUT_OPT tests --junitxml="$WORK/gputests.xml"
-step run 300 $PY -m tokprof.cli run --out "$WORK/run"
 step targets 200 $PY -m tokprof.targets --out "$WORK/targets/targets.json" --repeat 2 --aa-modes events \
   --no-aa-energy --max-time-s 0.5
 step compile 120 env -u TRITON_INTERPRET $PY scripts/triton_compile_check.py --arch "$ARCH_NUM"

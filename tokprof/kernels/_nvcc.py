@@ -75,10 +75,17 @@ def compile_cubin(source: Path, arch: str, out: Path, nvcc: str = "nvcc") -> lis
     return parse_ptxas(proc.stdout + proc.stderr)
 
 
-def build_all(build_dir: Path, archs: tuple[str, ...] | None = None, nvcc: str = "nvcc") -> list[KernelReport]:
-    """Build every cuda/*.cu for every arch into build_dir/<stem>.<arch>.cubin."""
-    reports: list[KernelReport] = []
-    for source in sorted(CUDA_DIR.glob("*.cu")):
-        for arch in archs or archs_from_env():
-            reports += compile_cubin(source, arch, build_dir / f"{source.stem}.{arch}.cubin", nvcc)
-    return reports
+def build_all(build_dir: Path, archs: tuple[str, ...] | None = None, nvcc: str = "nvcc",
+              jobs: int | None = None) -> list[KernelReport]:
+    """Build every cuda/*.cu for every arch into build_dir/<stem>.<arch>.cubin, `jobs` nvcc processes at a time
+    (default: one per CPU core, at most one per cubin). Reports come in source, then arch, order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    work = [(source, arch) for source in sorted(CUDA_DIR.glob("*.cu")) for arch in archs or archs_from_env()]
+    if not work:
+        return []
+    workers = max(1, min(len(work), jobs or os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # threads wait on nvcc processes: no GIL contention
+        results = pool.map(lambda job: compile_cubin(job[0], job[1], build_dir / f"{job[0].stem}.{job[1]}.cubin",
+                                                     nvcc), work)
+        return [report for reports in results for report in reports]
