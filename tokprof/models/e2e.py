@@ -204,6 +204,9 @@ def busy_fraction(session: DecodeSession, steps: int, device: torch.device) -> t
                    if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
     if not spans:
         return None, "torch.profiler recorded no GPU kernels in the window (CUPTI unavailable?)"
+    if len(spans) < steps:  # every decode step launches dozens of kernels: the profiler missed most of them
+        return None, (f"torch.profiler recorded {len(spans)} GPU activities over {steps} steps (fewer than one a "
+                      "step: kernels launched from a CUDA graph may not be traced here), so no busy fraction")
     busy_us, cur_start, cur_end = 0.0, spans[0][0], spans[0][1]
     for s, e in spans[1:]:  # union of intervals: concurrent kernels count once
         if s > cur_end:
