@@ -221,8 +221,9 @@ def print_e2e(console: Console, results: list[E2EMeasurement]) -> None:
     for col in ("framework", "mode", "batch", "context", "median step us", "p90 us", "tokens/s/GPU",
                 "tokens/s/user", "TTFT ms", "J/token", "GPU busy"):
         table.add_column(col, justify="left" if col in ("framework", "mode") else "right")
-    for m in results:
-        table.add_row(f"{m.framework} [dim]({m.backend})[/]", m.mode, str(m.batch), str(m.context),
+    for m in results:  # "tokprof (triton)"; a framework's versioned backend ("transformers-5.23.0") alone
+        who = m.backend if m.backend.startswith(m.framework) else f"{m.framework} [dim]({m.backend})[/]"
+        table.add_row(who, m.mode, str(m.batch), str(m.context),
                       f"{m.median_step_us:,.1f}", f"{m.p90_step_us:,.1f}", f"{m.tokens_per_s_per_gpu:,.4g}",
                       f"{m.tokens_per_s_per_user:,.4g}", "-" if m.ttft_ms is None else f"{m.ttft_ms:,.1f}",
                       "-" if m.j_per_token is None else f"{m.j_per_token:.4g}",
