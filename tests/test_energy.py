@@ -350,7 +350,7 @@ def test_kernel_energy_rejects_bad_settings():
 
 def test_energy_status_on_cpu_is_a_reason():
     reason = energy.energy_status("cpu")
-    assert reason is not None and "cpu run" in reason and "None" in reason
+    assert reason is not None and reason.startswith("no energy counter on a cpu") and "never estimated" in reason
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tokprof.models.e2e import FRAMEWORKS, MODES, E2EMeasurement
@@ -151,57 +152,65 @@ def run_e2e(a: E2EArgs, console: Console, err_console: Console) -> tuple[list[E2
             gc.collect()
             torch.cuda.empty_cache()
 
-    for fw in a.frameworks:
-        fw_modes = []
-        for mode in modes:
-            if mode == "graph" and a.device.type != "cuda" and fw != "vllm":
-                skip(f"{fw} graph", "CUDA graphs need a CUDA device")
-            elif fw == "transformers" and mode == "graph":
-                skip("transformers graph", "the transformers adapter measures eager decoding only")
-            elif fw == "vllm" and (why := vllm_status() if a.device.type == "cuda" else "vLLM needs a CUDA GPU"):
-                skip(f"vllm {mode}", why)
-            else:
-                fw_modes.append(mode)
-        fw_points = points
-        if fw != "tokprof" and a.framework_points is not None:
-            wanted = {tuple(p) for p in a.framework_points}
-            fw_points = [p for p in points if p in wanted]
-            if fw_modes and len(fw_points) < len(points):
-                run.notes.append(f"e2e {fw}: measured at (batch, context) {fw_points} only, to keep the run short; "
-                                 "tokprof at every point")
-        for batch, context in fw_points:
-            if fw == "tokprof" and fw_modes:
-                # Eager first: a graph capture that fails after it leaves the point's eager measurement kept.
-                fw_modes = sorted(fw_modes, key=lambda mode: mode != "eager")
-                what = f"tokprof {'+'.join(fw_modes)} batch {batch} context {context}"
-                err_console.print(f"[dim]{what} ...[/]")
-                failed = False
-                try:  # the modes come one at a time: a graph capture that fails keeps the eager measurement
-                    for m in measure_e2e_modes(model, batch, context, fw_modes, meter=meter, idle_power_w=idle_w,
-                                               profile=a.profile, energy_window_s=a.energy_window_s, **kwargs):
-                        keep(m)
-                except SWEEP_ERRORS as err:  # does not fit, too short a context, a kernel error: say so, go on
-                    skip(what, f"{type(err).__name__}: {err}")
-                    failed = True
-                if failed:
-                    free()
-                continue
-            for mode in fw_modes:
-                what = f"{fw} {mode} batch {batch} context {context}"
-                err_console.print(f"[dim]{what} ...[/]")
-                m = None
-                try:
-                    if fw == "transformers":
-                        m = measure_transformers(model, batch, context, meter=meter, idle_power_w=idle_w,
-                                                 profile=a.profile, energy_window_s=a.energy_window_s, **kwargs)
-                    else:
-                        m = measure_vllm(model, batch, context, mode=mode, meter=meter, **kwargs)
-                except SWEEP_ERRORS as err:  # does not fit, too short a context: say so, go on
-                    skip(what, f"{type(err).__name__}: {err}")
-                if m is None:
-                    free()
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=err_console)
+    task = bar.add_task("end to end", total=0)
+    with bar:
+        for fw in a.frameworks:
+            fw_modes = []
+            for mode in modes:
+                if mode == "graph" and a.device.type != "cuda" and fw != "vllm":
+                    skip(f"{fw} graph", "CUDA graphs need a CUDA device")
+                elif fw == "transformers" and mode == "graph":
+                    skip("transformers graph", "the transformers adapter measures eager decoding only")
+                elif fw == "vllm" and (why := vllm_status() if a.device.type == "cuda" else "vLLM needs a CUDA GPU"):
+                    skip(f"vllm {mode}", why)
+                else:
+                    fw_modes.append(mode)
+            fw_points = points
+            if fw != "tokprof" and a.framework_points is not None:
+                wanted = {tuple(p) for p in a.framework_points}
+                fw_points = [p for p in points if p in wanted]
+                if fw_modes and len(fw_points) < len(points):
+                    run.notes.append(f"e2e {fw}: measured at (batch, context) {fw_points} only, to keep the run short; "
+                                     "tokprof at every point")
+            if fw_modes:  # the bar grows framework by framework: tokprof measures all its modes of a point at once
+                bar.update(task, total=bar.tasks[0].total + len(fw_points) * (1 if fw == "tokprof" else len(fw_modes)))
+            for batch, context in fw_points:
+                if fw == "tokprof" and fw_modes:
+                    # Eager first: a graph capture that fails after it leaves the point's eager measurement kept.
+                    fw_modes = sorted(fw_modes, key=lambda mode: mode != "eager")
+                    what = f"tokprof {'+'.join(fw_modes)} batch {batch} context {context}"
+                    bar.update(task, description=what)
+                    failed = False
+                    try:  # the modes come one at a time: a graph capture that fails keeps the eager measurement
+                        for m in measure_e2e_modes(model, batch, context, fw_modes, meter=meter, idle_power_w=idle_w,
+                                                   profile=a.profile, energy_window_s=a.energy_window_s, **kwargs):
+                            keep(m)
+                    except SWEEP_ERRORS as err:  # does not fit, too short a context, a kernel error: say so, go on
+                        skip(what, f"{type(err).__name__}: {err}")
+                        failed = True
+                    if failed:
+                        free()
+                    bar.advance(task)
                     continue
-                keep(m)
+                for mode in fw_modes:
+                    what = f"{fw} {mode} batch {batch} context {context}"
+                    bar.update(task, description=what)
+                    m = None
+                    try:
+                        if fw == "transformers":
+                            m = measure_transformers(model, batch, context, meter=meter, idle_power_w=idle_w,
+                                                     profile=a.profile, energy_window_s=a.energy_window_s, **kwargs)
+                        else:
+                            m = measure_vllm(model, batch, context, mode=mode, meter=meter, **kwargs)
+                    except SWEEP_ERRORS as err:  # does not fit, too short a context: say so, go on
+                        skip(what, f"{type(err).__name__}: {err}")
+                    bar.advance(task)
+                    if m is None:
+                        free()
+                        continue
+                    keep(m)
     print_e2e(console, results)
     return results, a.output
 

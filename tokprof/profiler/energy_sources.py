@@ -68,9 +68,7 @@ class ManualClock:
 
 def energy_not_asked(device: torch.device) -> str:
     """The reason of an energy figure that nobody asked for: a CPU cannot meter anyway, a GPU could have."""
-    if device.type != "cuda":
-        return f"no energy counter on a {device.type} (energy is metered on NVIDIA GPUs through NVML)"
-    return "not asked for (pass energy=True, or --energy)"
+    return energy_status(device) if device.type != "cuda" else "not asked for (pass energy=True, or --energy)"
 
 
 def energy_status(device: torch.device | str | int) -> str | None:
@@ -80,8 +78,7 @@ def energy_status(device: torch.device | str | int) -> str | None:
     except (RuntimeError, TypeError) as err:
         return f"device {device!r} is not a torch device ({err})"
     if dev.type != "cuda":
-        return (f"energy is measured on NVIDIA GPUs through NVML; this is a {dev.type} run, so energy is None "
-                "(never estimated)")
+        return f"no energy counter on a {dev.type} (energy is metered on NVIDIA GPUs through NVML, never estimated)"
     if not torch.cuda.is_available():
         return f"CUDA is not available here (torch {torch.__version__}), so no GPU energy is measured"
     reason = nvml.nvml_status()
