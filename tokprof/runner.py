@@ -47,11 +47,12 @@ class RunConfig:
     5 minutes of GPU time, and a CPU sweep that fits in under 3 minutes on 2 cores.
 
     GPU budget (llama-3.1-8b, batch {1, 8, 32, 128} x context {1k, 8k}), estimated for an H100 before the first
-    measured run; `estimate_gpu_seconds` holds the arithmetic (~280 s with these defaults):
-    - kernels: 60 distinct decode-step calls, each timed for up to 0.5 s (events, cold L2; calls under 10 us also in
-      graph mode), then an energy window of 1 s (MEASUREMENT.md: >= 1 s) after a 0.2 s cool-down (plus up to two
-      counter updates, ~0.1 s, to align the window) and ~0.3 s of set-up and captures: ~2.2 s a call, ~130 s,
-      plus Triton's first compilations (~30 s on a cold cache);
+    measured run; `estimate_gpu_seconds` holds the arithmetic (~295 s with these defaults):
+    - kernels: 60 distinct decode-step calls, each timed for up to 0.4 s (events, cold L2), then an energy window of
+      1 s (MEASUREMENT.md: >= 1 s) after a 0.2 s cool-down (plus up to two counter updates, ~0.1 s, to align the
+      window) and ~0.3 s of set-up: ~2.1 s a call, ~126 s; the 32 calls modelled under 10 us on the H100 datasheet
+      are also timed in graph mode, whose capture of ceil(5 x L2 / working set) + 1 input copies (16k-30k for
+      a 10 KB call) costs ~1 s each: ~32 s; plus Triton's first compilations (~30 s on a cold cache);
     - end to end, tokprof: 7 points (batch 128 at 8k context needs ~137 GB of KV cache and is dropped), graph and
       eager from one prefill per point: prefills of 505k prompt tokens in all (+ a warm-up sub-batch per point;
       ~10 PFLOP, ~25 s), then per mode 36 steps, a 1 s energy window and 32 profiled steps (~3.5 s): ~75 s;
@@ -89,7 +90,7 @@ class RunConfig:
                        batches=[1, 8, 32, 128], contexts=[1024, 8192], e2e_batches=[1, 8, 32, 128],
                        e2e_contexts=[1024, 8192], e2e_steps=32, e2e_modes=["graph", "eager"],
                        frameworks=["tokprof", "transformers"], energy=True,
-                       timing_kwargs={"max_time_s": 0.5}, energy_kwargs={"window_s": 1.0, "cooldown_s": 0.2},
+                       timing_kwargs={"max_time_s": 0.4}, energy_kwargs={"window_s": 1.0, "cooldown_s": 0.2},
                        e2e_energy_window_s=1.0, framework_points=[(1, 1024), (8, 8192)])
         # CPU: small enough for 2 cores in well under 3 minutes; the CPU has no energy counter.
         return cls(model=model or "tiny", device=device, backend="torch", dtype="fp32", batches=[1, 4],
@@ -101,7 +102,10 @@ class RunConfig:
 # Stated assumptions of the GPU-time estimate below (H100-class GPU, Triton kernels), not measurements; a measured
 # run's summary prints its real time ("seconds").
 EST_PREFILL_TFLOPS = 400.0  # a prefill's GEMMs and causal attention together
-EST_KERNEL_OVERHEAD_S = 0.3  # per kernel call: inputs, first call, graph-mode timing of a short call, captures
+EST_KERNEL_OVERHEAD_S = 0.3  # per kernel call: inputs, first call, the energy window's graph capture
+EST_GRAPH_CALL_S = 1.0  # per call under SHORT_KERNEL_US: capture of thousands of input copies, instantiation, replays
+EST_KERNEL_EFFICIENCY = 0.8  # to model which calls are short: this fraction of the H100 datasheet roofline ...
+EST_LAUNCH_US = 2.0  # ... plus a launch
 EST_ENERGY_ALIGN_S = 0.2  # per energy window: waiting for the counter's next update at both ends
 EST_COMPILE_S = 30.0  # Triton's first compilations on a cold cache
 EST_E2E_MODE_S = 3.0  # per end-to-end point and mode: capture or warm-up, 32 timed and 32 profiled steps, profile
@@ -114,13 +118,20 @@ def estimate_gpu_seconds(config: ModelConfig, rc: RunConfig) -> dict[str, float]
 
     kernels: distinct decode-step calls x (timing budget + energy window + cool-down + alignment + overhead) +
     compilation; prefill: every end-to-end point's prompt tokens (and one warm-up sub-batch) at EST_PREFILL_TFLOPS;
-    e2e: points x modes x EST_E2E_MODE_S; frameworks: other frameworks' points x EST_FRAMEWORK_POINT_S.
+    e2e: points x modes x (EST_E2E_MODE_S + the energy cool-down); frameworks: other frameworks' points x
+    EST_FRAMEWORK_POINT_S; graphs: calls modelled under SHORT_KERNEL_US on the H100 datasheet x EST_GRAPH_CALL_S.
     """
-    from tokprof.models.e2e import prompt_length
+    from tokprof.models.e2e import E2E_COOLDOWN_S, prompt_length
     from tokprof.models.plan import decode_plan
     from tokprof.models.transformer import DEFAULT_PREFILL_TOKENS
+    from tokprof.profiler.devices import load_specs
+    from tokprof.profiler.timing import SHORT_KERNEL_US
 
-    distinct = {c.key() for b in rc.batches for c_ in rc.contexts for c in decode_plan(config, b, c_, rc.dtype)}
+    distinct = {c.key(): c for b in rc.batches for c_ in rc.contexts for c in decode_plan(config, b, c_, rc.dtype)}
+    h100 = load_specs()["h100-sxm"]
+    peak_flops, peak_bw = (h100.peak_tflops(rc.dtype) or h100.bf16_tflops) * 1e12, h100.hbm_tbps * 1e12
+    short = sum(max(f / peak_flops, b / peak_bw) * 1e6 / EST_KERNEL_EFFICIENCY + EST_LAUNCH_US < SHORT_KERNEL_US
+                for f, b in (c.cost() for c in distinct.values()))
     per_kernel = float(rc.timing_kwargs.get("max_time_s", 5.0)) + EST_KERNEL_OVERHEAD_S
     if rc.energy:
         per_kernel += (float(rc.energy_kwargs.get("window_s", 1.0)) + float(rc.energy_kwargs.get("cooldown_s", 0.5))
@@ -140,8 +151,10 @@ def estimate_gpu_seconds(config: ModelConfig, rc: RunConfig) -> dict[str, float]
     modes = [m for m in rc.e2e_modes if m == "eager" or rc.device.type == "cuda"]
     parts = {
         "kernels": len(distinct) * per_kernel + EST_COMPILE_S,
+        "graphs": short * EST_GRAPH_CALL_S if rc.device.type == "cuda" else 0.0,
         "prefill": prefill_flop / (EST_PREFILL_TFLOPS * 1e12),
-        "e2e": len(points) * len(modes) * EST_E2E_MODE_S if "tokprof" in rc.frameworks else 0.0,
+        "e2e": len(points) * len(modes) * (EST_E2E_MODE_S + (E2E_COOLDOWN_S if rc.energy else 0.0))
+        if "tokprof" in rc.frameworks else 0.0,
         "frameworks": len(others) * len(fw_points) * EST_FRAMEWORK_POINT_S,
         "fixed": EST_FIXED_S,
     }
@@ -309,7 +322,7 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
     if dev.type == "cuda":
         est = estimate_gpu_seconds(config, rc)
         console.print(f"[dim]estimated GPU time ~{est['total'] / 60:.1f} min (modelled: kernels "
-                      f"{est['kernels']:.0f} s, prefill {est['prefill']:.0f} s, end to end "
+                      f"{est['kernels'] + est['graphs']:.0f} s, prefill {est['prefill']:.0f} s, end to end "
                       f"{est['e2e'] + est['frameworks']:.0f} s)[/]")
     if dev.type == "cpu":
         run.notes.append(f"CPU run on {run.provenance.device.name}: {rc.backend} backend, {rc.dtype}, model "
