@@ -60,17 +60,21 @@ def check_output(name: str, path: str | Path | None, folder: bool = False) -> No
 
 
 def check_device_index(device: str | None) -> None:
-    """Exit 2 when --device names a GPU index past the GPUs torch sees (torch would raise deep inside)."""
+    """Exit 2 when --device names a GPU index past the GPUs torch sees (torch would raise deep inside); other
+    problems with --device are left to the command's own check, which names them."""
     import torch
+
+    from tokprof.profiler.devices import check_cuda_index
 
     try:
         dev = torch.device(device) if device not in (None, "auto") else None
     except RuntimeError:
-        return  # not a device at all: the command's own check names it
-    if dev is not None and dev.type == "cuda" and dev.index is not None and torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        if dev.index >= count:
-            fail(f"--device: expected cuda:0 to cuda:{count - 1} ({count} GPU(s) visible here), got {device!r}")
+        return
+    if dev is not None and torch.cuda.is_available():
+        try:
+            check_cuda_index(dev, device)
+        except ValueError as err:
+            fail(str(err))
 
 
 def bench_device(device: str | None) -> object:
@@ -78,11 +82,9 @@ def bench_device(device: str | None) -> object:
     from tokprof.profiler.devices import resolve_device
 
     try:
-        dev = resolve_device(device)
+        return resolve_device(device)  # also refuses cuda:N past the visible GPUs
     except ValueError as err:
         fail(str(err))
-    check_device_index(device)
-    return dev
 
 
 def print_wide(table: Table) -> None:

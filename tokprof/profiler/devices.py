@@ -209,6 +209,14 @@ def _gpu_uuid(props: Any) -> str | None:
     return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
 
 
+def check_cuda_index(dev: torch.device, given: str | None = None) -> None:
+    """ValueError (naming --device) when `dev` is cuda:N past the GPUs torch sees (torch would fail deep inside)."""
+    count = torch.cuda.device_count()
+    if dev.type == "cuda" and dev.index is not None and dev.index >= count:
+        raise ValueError(f"--device: expected cuda:0 to cuda:{count - 1} ({count} GPU(s) visible here), "
+                         f"got {given if given is not None else str(dev)!r}")
+
+
 def resolve_device(device: str | None) -> torch.device:
     """A --device value as a torch.device: None or "auto" picks the GPU when torch sees one, else the CPU.
 
@@ -225,10 +233,7 @@ def resolve_device(device: str | None) -> torch.device:
         raise ValueError(f"--device: {device!r} asked for a GPU but torch sees none (torch {torch.__version__}); "
                          "use --device cpu")
     if dev.type == "cuda" and dev.index is not None:
-        count = torch.cuda.device_count()
-        if dev.index >= count:
-            raise ValueError(f"--device: expected cuda:0 to cuda:{count - 1} ({count} GPU(s) visible here), "
-                             f"got {device!r}")
+        check_cuda_index(dev, device)
         # CUDA events, graph captures and Triton and CuPy launches go to the current device: make it this one, or
         # cuda:1 would be timed with events on cuda:0 and its kernels launched there.
         torch.cuda.set_device(dev)
