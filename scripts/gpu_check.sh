@@ -44,6 +44,10 @@ collect() {  # summary.txt and gpu-check.tgz in $OUT, from what $WORK holds now
       [ -f "$WORK/$f.log" ] && { echo; echo "== $f (last 60 lines)"; tail -n 60 "$WORK/$f.log"; }
     done
   } >"$OUT/summary.txt"
+  local f
+  for f in "$WORK"/run/run-*.json; do  # the reference RunResult itself, beside the archive, when it fits
+    [ -f "$f" ] && [ "$(stat -c %s "$f")" -le 15000000 ] && cp "$f" "$OUT/"
+  done
   local tgz="$WORK.tgz"  # outside $WORK, so the archive does not take itself in
   rm -f "$OUT"/gpu-check.tgz "$OUT"/gpu-check.tgz.part-*
   tar czf "$tgz" -C "$WORK" --exclude cache . 2>/dev/null
