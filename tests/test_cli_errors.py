@@ -194,3 +194,23 @@ def test_energy_trace_durations(option, value, message, tmp_path):
 def test_fleet_refuses_before_starting_ray(args, message, tmp_path):
     _refused("fleet", "--gpus", "h100", "-o", str(tmp_path / "fleet"), *args, message=message)
     assert not (tmp_path / "fleet").exists()
+
+
+def test_e2e_interrupted_exits_130_and_says_where_the_points_are(tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tokprof.models.e2e_command.run_e2e", interrupt)
+    out = tmp_path / "e2e.json"
+    result, text = _invoke("e2e", "--model", "tiny", "--device", "cpu", "-o", str(out))
+    assert result.exit_code == 130 and f"the points measured so far are in {out}" in text
+
+
+def test_rollup_interrupted_exits_130_and_says_where_the_kernels_are(tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tokprof.rollup.command.run_rollup", interrupt)
+    out = tmp_path / "run.json"
+    result, text = _invoke("rollup", "--model", "tiny", "--device", "cpu", "--backend", "torch", "-o", str(out))
+    assert result.exit_code == 130 and f"the kernels measured so far are in {out}" in text

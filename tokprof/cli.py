@@ -15,7 +15,7 @@ import sys
 import typer
 from rich.table import Table
 
-from tokprof.commands._app import app, bench_device, check_output, console, fail
+from tokprof.commands._app import app, bench_device, check_output, console, fail, interrupted
 
 
 @app.command()
@@ -65,8 +65,8 @@ def run(
         run_main(model=model, out_dir=out, device=device, console=console, history_db=db, report=not no_report)
     except ValueError as err:
         fail(str(err))
-    except KeyboardInterrupt:  # run_main has said which file keeps what was measured
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt:
+        interrupted(None)  # run_main has said which file keeps what was measured
 
 
 

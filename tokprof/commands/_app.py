@@ -27,6 +27,13 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def interrupted(kept: str | None) -> None:
+    """Ctrl-C: say what was kept (None: nothing to say, already said) and exit 130, without a traceback."""
+    if kept:
+        err_console.print(f"[yellow]interrupted[/]: {kept}")
+    raise typer.Exit(130)
+
+
 def split_csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 

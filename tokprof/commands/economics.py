@@ -8,7 +8,15 @@ import sys
 
 import typer
 
-from tokprof.commands._app import app, check_device_index, check_output, console, fail, parse_int_list
+from tokprof.commands._app import (
+    app,
+    check_device_index,
+    check_output,
+    console,
+    fail,
+    interrupted,
+    parse_int_list,
+)
 
 
 @app.command()
@@ -84,6 +92,8 @@ def rollup(
         raise
     except (ValueError, RuntimeError) as err:  # bad arguments or files; a backend that cannot run here
         fail(str(err))
+    except KeyboardInterrupt:  # bottom_up saves --output after every kernel
+        interrupted(f"the kernels measured so far are in {output}" if output else "nothing written (no --output)")
     print(json.dumps(doc))
 
 

@@ -7,7 +7,17 @@ import sys
 
 import typer
 
-from tokprof.commands._app import app, bench_device, check_output, console, err_console, fail, parse_int_list, split_csv
+from tokprof.commands._app import (
+    app,
+    bench_device,
+    check_output,
+    console,
+    err_console,
+    fail,
+    interrupted,
+    parse_int_list,
+    split_csv,
+)
 
 
 @app.command()
@@ -57,6 +67,8 @@ def e2e(
         raise
     except (ValueError, RuntimeError) as err:  # bad arguments, a broken model directory, a backend missing here
         fail(str(err))
+    except KeyboardInterrupt:
+        interrupted(f"the points measured so far are in {output}" if output else "nothing written (no --output)")
     if path:
         console.print(f"wrote {path}")
     print(json.dumps({"command": "e2e", "output": path, "e2e": [m.to_dict() for m in results]}))

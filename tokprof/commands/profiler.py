@@ -15,6 +15,7 @@ from tokprof.commands._app import (
     console,
     err_console,
     fail,
+    interrupted,
     pct,
     print_wide,
     split_csv,
@@ -90,8 +91,7 @@ def bench(
             energy_kwargs={"window_s": energy_window_s}, spec=spec_for(run.provenance.device),
             ceilings=run.ceilings, out=path, run=run)
     except KeyboardInterrupt:
-        err_console.print(f"[yellow]interrupted[/]: {len(run.kernels)} measurement(s) saved to {path}")
-        raise typer.Exit(130) from None
+        interrupted(f"{len(run.kernels)} measurement(s) saved to {path}")
 
     how = f"mode {mode}" if dev.type == "cuda" else "perf_counter timing"
     table = Table(title=f"tokprof bench on {run.provenance.device.name} ({dev}, {how})")
