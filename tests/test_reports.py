@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from tokprof.cli import app
 from tokprof.profiler.schema import load_run, save_run
 from tokprof.reports import plots
-from tokprof.reports.render import Notes, Para, Table, footnote_unknowns, num, render_report, to_html, to_markdown
+from tokprof.reports.document import Notes, Para, Table, footnote_unknowns, num, to_html, to_markdown
+from tokprof.reports.render import render_report
 
 DATA = Path(__file__).resolve().parent / "data"
 H100, H200 = DATA / "run_h100.json", DATA / "run_h200.json"

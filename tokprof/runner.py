@@ -389,7 +389,7 @@ def _point_summary(p: Any) -> dict[str, Any]:
 
 
 def _fmt(value: Any, suffix: str = "") -> str:
-    from tokprof.reports.render import num
+    from tokprof.reports.document import num
 
     return "-" if value is None else num(value) + suffix
 

@@ -7,18 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokprof.reports.render import (
-    Block,
-    Heading,
-    LoadedRun,
-    Para,
-    Table,
-    is_collective,
-    na,
-    num,
-    pct,
-    tp_of,
-)
+from tokprof.reports.document import Block, Heading, Para, Table, na, num, pct
+from tokprof.reports.render import LoadedRun, is_collective, tp_of
 
 
 def collectives_blocks(runs: list[LoadedRun]) -> list[Block]:
