@@ -164,10 +164,7 @@ class History:
 
     def check(self) -> None:
         """Raise HistoryDatabaseError now when the file exists but is not a SQLite database (before a long run, not
-        after it)."""
-        self._check_header()
-
-    def _check_header(self) -> None:
+        after it); every connection checks it too."""
         try:
             with self.path.open("rb") as fh:
                 head = fh.read(len(SQLITE_MAGIC))
@@ -183,7 +180,7 @@ class History:
     def _connect(self, what: str, write: bool = False) -> Iterator[sqlite3.Connection]:
         """A connection with WAL, a busy timeout and the schema checked; `write` runs one BEGIN IMMEDIATE
         transaction (committed on success, rolled back on any error)."""
-        self._check_header()
+        self.check()
         if not write and not self.path.exists():
             raise HistoryDatabaseError(f"history database {self.path}: does not exist yet; record a run first "
                                        "(`tokprof history --record RUN.json`) or choose another with --db")
