@@ -136,8 +136,9 @@ def _linear_w4a16_triton(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Ten
     zero = qweight.zero if qweight.zero is not None else qweight.scale
     tensor_scale = qweight.tensor_scale if qweight.tensor_scale is not None else qweight.scale
     grid = (cdiv(n, block_n), cdiv(m, block_m))
+    scale = qweight.scale.view(torch.uint8) if qweight.format == "nvfp4" else qweight.scale
     _w4a16_kernel[grid](
-        x, qweight.data, qweight.scale.view(torch.uint8) if qweight.format == "nvfp4" else qweight.scale, zero, tensor_scale, out, m, n, k, x.stride(0), qweight.data.stride(0),
+        x, qweight.data, scale, zero, tensor_scale, out, m, n, k, x.stride(0), qweight.data.stride(0),
         qweight.scale.stride(0), out.stride(0), FMT=_FMT_CODE[qweight.format], GROUP=group, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
