@@ -87,7 +87,7 @@ def _quantize_fp8_triton(x: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     block = 128 if group else min(1024, triton.next_power_of_2(k))
     _quantize_fp8_kernel[(m, cdiv(k, span))](x, q, scale, k, x.stride(0), q.stride(0), scale.stride(0), span,
                                              FP8_MAX=FP8_E4M3_MAX, BLOCK=block, num_warps=4)
-    return q, scale[:, 0] if group == 0 else scale
+    return q, scale.view(m) if group == 0 else scale  # (M, 1) -> (M,); a view, no indexing kernel
 
 
 _IMPLS = {"torch": _quantize_fp8_torch, "triton": _quantize_fp8_triton}
