@@ -291,8 +291,11 @@ def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     scale = head_dim**-0.5 if scale is None else float(scale)
     d_pad = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dimension >= 16
     g_pad = max(16, triton.next_power_of_2(group))
-    block_n, num_warps, num_stages = _triton_config(d_pad, k_cache.element_size(), q.device)
+    # sized by q's dtype: an fp8 cache's tiles are converted to it in registers, where the size matters
+    block_n, num_warps, num_stages = _triton_config(d_pad, q.element_size(), q.device)
     scaled = k_scale is not None or v_scale is not None
+    if scaled and q.dtype == torch.float32:  # fp32 dots on converted fp8 tiles: half the tile, no spills on sm_90
+        block_n = max(16, block_n // 2)
     if scaled:  # one (Hkv,) fp32 tensor each, 1.0 where only the other scale was given
         k_scale = k_scale if k_scale is not None else torch.ones(num_kv_heads, device=q.device)
         v_scale = v_scale if v_scale is not None else torch.ones(num_kv_heads, device=q.device)
