@@ -54,10 +54,10 @@ class WeightFormat:
     zero_point_bits: int  # bits of a zero point per block (int4), 0 when symmetric
     tensor_scale_bytes: int  # a per-tensor fp32 scale (fp8, nvfp4), 0 when none
     activation: str  # "fp8": activations are quantised too (W8A8); "bf16": weight-only (the input dtype)
-    # arch -> the dtype whose tensor-core peak bounds this format's GEMM there (the spec table's *_tflops field);
-    # "native" is used where the GPU's spec row has that peak, "fallback" where it does not.
-    native_math: str
-    fallback_math: str
+    # the tensor-core dtype that runs this format natively (the spec table's *_tflops field): used as the roof where
+    # the GPU's spec row has that peak (fp4 on Blackwell); elsewhere a weight-only format runs in the activation
+    # dtype (W4A16 on Hopper). None: always the activation dtype (INT4 weight-only).
+    native_math: str | None
     op: str  # the kernel-registry op of a linear in this format
     description: str
     source: str
@@ -81,36 +81,30 @@ class WeightFormat:
         bits = n * k_pad * self.element_bits + scales * (self.scale_bits + self.zero_point_bits)
         return -(-bits // 8) + self.tensor_scale_bytes
 
-    def math_dtype(self, has_peak: dict[str, bool] | None = None) -> str:
-        """The dtype whose peak bounds a GEMM in this format on a GPU whose spec row has the peaks in `has_peak`."""
-        if has_peak is not None and has_peak.get(self.native_math):
-            return self.native_math
-        return self.fallback_math
-
 
 WEIGHT_FORMATS: dict[str, WeightFormat] = {
     "fp8": WeightFormat(
-        "fp8", 8, 0, 0, "fp32", 32, 0, 4, "fp8", "fp8", "fp8", "linear_fp8",
+        "fp8", 8, 0, 0, "fp32", 32, 0, 4, "fp8", "fp8", "linear_fp8",
         "FP8 e4m3 weights, per-tensor fp32 scale; activations per token (W8A8)",
         "OCP 8-bit Floating Point Specification (OFP8) rev 1.0, E4M3 (max 448)",
         "weight float8_e4m3fn (N, K) + weight_scale fp32 ()", aliases=("fp8-tensor", "w8a8")),
     "fp8-block": WeightFormat(
-        "fp8-block", 8, 128, 128, "fp32", 32, 0, 0, "fp8", "fp8", "fp8", "linear_fp8_block",
+        "fp8-block", 8, 128, 128, "fp32", 32, 0, 0, "fp8", "fp8", "linear_fp8_block",
         "FP8 e4m3 weights, fp32 scale per 128x128 tile; activations per token per 128-group (W8A8)",
         "DeepSeek-V3 Technical Report (arXiv:2412.19437), section 3.3.2 fine-grained quantisation",
         "weight float8_e4m3fn (N, K) + weight_scale_inv fp32 (ceil(N/128), ceil(K/128))"),
     "mxfp4": WeightFormat(
-        "mxfp4", 4, 32, 1, "e8m0", 8, 0, 0, "bf16", "fp4", "bf16", "linear_mxfp4",
+        "mxfp4", 4, 32, 1, "e8m0", 8, 0, 0, "bf16", "fp4", "linear_mxfp4",
         "MXFP4: e2m1 elements, e8m0 scale per 32 along K (weight-only on Hopper, FP4 tensor cores on Blackwell)",
         "OCP Microscaling Formats (MX) Specification v1.0 (2023-09), MXFP4",
         "*_blocks uint8 (N, K/32, 16) + *_scales uint8 (N, K/32) (gpt-oss)"),
     "nvfp4": WeightFormat(
-        "nvfp4", 4, 16, 1, "e4m3", 8, 0, 4, "bf16", "fp4", "bf16", "linear_nvfp4",
+        "nvfp4", 4, 16, 1, "e4m3", 8, 0, 4, "bf16", "fp4", "linear_nvfp4",
         "NVFP4: e2m1 elements, e4m3 scale per 16 along K, fp32 per-tensor scale",
         "NVIDIA technical blog 'Introducing NVFP4 for Efficient and Accurate Low-Precision Inference' (2025-06)",
         "weight uint8 (N, K/2) + weight_scale float8_e4m3fn (N, K/16) + weight_scale_2 fp32 ()"),
     "int4": WeightFormat(
-        "int4", 4, 128, 1, "fp16", 16, 8, 0, "bf16", "bf16", "bf16", "linear_int4",
+        "int4", 4, 128, 1, "fp16", 16, 8, 0, "bf16", None, "linear_int4",
         "INT4 weight-only, group 128 along K, fp16 scale and zero point per group (AWQ/GPTQ style, W4A16)",
         "Lin et al., AWQ (arXiv:2306.00978); Frantar et al., GPTQ (arXiv:2210.17323)",
         "qweight uint8 (N, K/2) + scales fp16 (N, K/128) + zeros uint8 (N, K/128) (AWQ packs zeros 8 per int32)",

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from tokprof.kernels._common import dtype_name, parse_dtype
 from tokprof.models.config import ModelConfig
 from tokprof.models.plan import COLLECTIVE_OPS, DEFAULT_BLOCK_SIZE, KernelCall
 from tokprof.profiler.devices import GpuSpec, load_specs, match_spec
 from tokprof.profiler.schema import KernelMeasurement, RunResult
+from tokprof.quant.precision import math_dtype, parse_precision
 from tokprof.rollup.economics import PriceOptions, check_positive
 from tokprof.rollup.interconnect import CollectiveOptions, interconnect_spec, time_collectives, tp_step
 from tokprof.rollup.records import OpShare, RollupPoint, build_point, check_sweep, points_from_run
@@ -122,7 +122,7 @@ def modelled(config: ModelConfig, gpu: str | GpuSpec, batches: list[int], contex
     tp = _check_tp(tp)
     options = collectives or CollectiveOptions()
     batches, contexts = check_sweep(batches, contexts)
-    dname = dtype_name(parse_dtype(dtype))
+    dname = parse_precision(dtype).label  # "bf16", or a low-precision label ("fp8", "nvfp4+kv-fp8")
     pricing = (prices or PriceOptions()).for_gpu(spec.key)
     stated = (f"{efficiency:g} for every op" if not isinstance(efficiency, Mapping)
               else ", ".join(f"{op} {e:g}" for op, e in efficiency.items()))
@@ -133,7 +133,7 @@ def modelled(config: ModelConfig, gpu: str | GpuSpec, batches: list[int], contex
             kernels, colls = tp_step(config, batch, context, dname, tp, block_size)
             for call in kernels:
                 eff = _efficiency_for(efficiency, call.op)
-                t_roof, bound = roof_time_us(*call.cost(), spec, dname)
+                t_roof, bound = roof_time_us(*call.cost(), spec, math_dtype(call.op, call.dtype, spec))
                 ops.append(_share(call, t_roof / eff, None, eff, bound))
             tp_kw, tp_notes = _with_collectives(ops, colls, spec, options) if tp > 1 else ({}, [])
             step_us = sum(o.total_us for o in ops)
@@ -199,7 +199,7 @@ def project(run: RunResult, target_gpu: str | GpuSpec, *, prices: PriceOptions |
         ops = []
         kernels, colls = tp_step(config, batch, context, dname, point_tp, block_size)
         for call in kernels:
-            m = table.get((call.op, tuple(sorted(call.shape.items())), dname, backend))
+            m = table.get((call.op, tuple(sorted(call.shape.items())), call.dtype, backend))
             if m is None:
                 raise ValueError(f"run: no measurement of {call.op} {call.shape} {dname} {backend} "
                                  f"(needed for batch {batch}, context {context}); measure it first")
@@ -207,7 +207,7 @@ def project(run: RunResult, target_gpu: str | GpuSpec, *, prices: PriceOptions |
             if eff is None:
                 raise ValueError(f"run: {call.op} {call.shape} has no datasheet efficiency "
                                  f"({m.roofline.note or 'unknown'}); it cannot be projected")
-            t_roof, bound = roof_time_us(*call.cost(), target, dname)
+            t_roof, bound = roof_time_us(*call.cost(), target, math_dtype(call.op, call.dtype, target))
             ops.append(_share(call, t_roof / eff, None, eff, bound))
         tp_kw, tp_notes = _with_collectives(ops, colls, target, options) if point_tp > 1 else ({}, [])
         step_us = sum(o.total_us for o in ops)
