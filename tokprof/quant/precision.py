@@ -7,8 +7,9 @@
 A label is a float dtype (fp32 | fp16 | bf16) or a weight format (tokprof.quant.formats: fp8, fp8-block, mxfp4,
 nvfp4, int4), optionally followed by "+kv-fp8" for an fp8 KV cache. A weight format runs its activations in bf16
 unless told otherwise (`activation=`, e.g. fp32 on a CPU, labelled "int4+act-fp32"). The LM head and the
-embedding stay in the activation dtype, as the published FP8/FP4/INT4 checkpoints keep them (DeepSeek-V3 fp8, gpt-oss MXFP4, NVIDIA ModelOpt NVFP4,
-AWQ). Plans' KernelCall.dtype stays the activation dtype; the format is in the op name (linear_fp8, ...).
+embedding stay in the activation dtype, as the published FP8/FP4/INT4 checkpoints keep them (DeepSeek-V3 fp8,
+gpt-oss MXFP4, NVIDIA ModelOpt NVFP4, AWQ). Plans' KernelCall.dtype stays the activation dtype; the format is
+in the op name (linear_fp8, ...).
 """
 
 from __future__ import annotations
