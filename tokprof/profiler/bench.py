@@ -45,6 +45,7 @@ from tokprof.profiler.schema import (
     RunResult,
     save_run,
 )
+from tokprof.quant.precision import math_dtype
 
 SHORT_KERNEL_US = timing.SHORT_KERNEL_US  # below this, event times carry launch jitter: graph time goes beside
 MODES = ("events", "graph")
@@ -165,7 +166,9 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
             captured = None  # one warm copy: the energy window needs the rotating copies
 
     flops, min_bytes = rec.cost(full_shape, torch_dtype)
-    point = roofline(int(flops), int(min_bytes), measured.median_us, spec=datasheet, ceilings=ceilings, dtype=dname)
+    # the roof of the op's math dtype: fp8 for W8A8, fp4 for MXFP4/NVFP4 where the GPU has FP4 tensor cores
+    point = roofline(int(flops), int(min_bytes), measured.median_us, spec=datasheet, ceilings=ceilings,
+                     dtype=math_dtype(op, dname, datasheet))
     if graph_timing is not None:
         extra = (f"graph-mode median {graph_timing.median_us:.3f} us beside the events median "
                  f"{measured.median_us:.3f} us; the roofline uses the events time")

@@ -160,3 +160,54 @@ def math_dtype(op: str, dtype: str, spec: object | None = None) -> str:
     if native is not None and spec is not None and getattr(spec, f"{native}_tflops", None) is not None:
         return native
     return dtype
+
+
+# ------------------------------------------------------------------------------------------- ops and devices
+
+
+def op_for(op: str, precision: Precision) -> str:
+    """The registry op that runs `op` at `precision`: linear -> the format's linear, append_kv / decode_attention ->
+    their fp8-cache forms with an fp8 KV cache; every other op unchanged (it runs in the activation dtype)."""
+    if op == "linear" and precision.weight_format is not None:
+        return WEIGHT_FORMATS[precision.weight_format].op
+    if op in _KV_OPS and precision.kv_dtype == "fp8":
+        return _KV_OPS[op]
+    return op
+
+
+def _uses_fp8_types(precision: Precision) -> str | None:
+    if precision.weight_format in ("fp8", "fp8-block"):
+        return f"--dtype {precision.weight_format} runs an fp8 x fp8 GEMM (W8A8) on fp8 tensor cores"
+    if precision.kv_dtype == "fp8":
+        return "--kv-dtype fp8 reads an e4m3 KV cache (fp8 conversions)"
+    if precision.weight_format == "nvfp4":
+        return "--dtype nvfp4 decodes e4m3 block scales"
+    return None
+
+
+def check_supported(precision: Precision, *, spec: object | None = None, device: torch.device | str | None = None,
+                    backend: str | None = None) -> None:
+    """ValueError with the reason when `precision` cannot run (measured on `device` with `backend`) or be modelled
+    (on the spec-table row `spec`) as asked.
+
+    Modelled: a W8A8 format needs an fp8 peak in the GPU's spec row (Ampere has no fp8 tensor cores).
+    Measured on a CUDA GPU: fp8 data (W8A8, an fp8 KV cache, NVFP4's e4m3 scales) needs sm_89 or later for the
+    Triton kernels (Triton has no e4m3 conversions before sm_89), and W8A8 needs fp8 tensor cores whatever the
+    backend (the torch path would time an fp32 emulation, not an fp8 GEMM). The CPU runs every format through the
+    torch references (and the Triton interpreter), labelled as a CPU run."""
+    fmt = precision.weight_format
+    if spec is not None and fmt in ("fp8", "fp8-block") and getattr(spec, "fp8_tflops", None) is None:
+        raise ValueError(f"dtype: {fmt} is W8A8 on fp8 tensor cores, and {getattr(spec, 'key', spec)} has none (no "
+                         "fp8 peak in tokprof/data/gpus.json); use a weight-only format (int4, mxfp4, nvfp4) or bf16")
+    if device is None or torch.device(device).type != "cuda":
+        return
+    why = _uses_fp8_types(precision)
+    if why is None:
+        return
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    if (major, minor) >= (8, 9):
+        return
+    name = torch.cuda.get_device_name(torch.device(device))
+    if fmt in ("fp8", "fp8-block") or backend in (None, "triton"):
+        raise ValueError(f"dtype: {why}, which needs sm_89 or later; {name} is sm_{major}{minor}. Use a weight-only "
+                         "format (int4, mxfp4) or bf16 on this GPU")
