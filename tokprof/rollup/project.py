@@ -25,7 +25,7 @@ from tokprof.models.config import ModelConfig
 from tokprof.models.plan import COLLECTIVE_OPS, DEFAULT_BLOCK_SIZE, KernelCall
 from tokprof.profiler.devices import GpuSpec, load_specs, match_spec
 from tokprof.profiler.schema import KernelMeasurement, RunResult
-from tokprof.quant.precision import math_dtype, parse_precision
+from tokprof.quant.precision import check_supported, math_dtype, parse_precision
 from tokprof.rollup.economics import PriceOptions, check_positive
 from tokprof.rollup.interconnect import CollectiveOptions, interconnect_spec, time_collectives, tp_step
 from tokprof.rollup.records import OpShare, RollupPoint, build_point, check_sweep, points_from_run
@@ -122,7 +122,9 @@ def modelled(config: ModelConfig, gpu: str | GpuSpec, batches: list[int], contex
     tp = _check_tp(tp)
     options = collectives or CollectiveOptions()
     batches, contexts = check_sweep(batches, contexts)
-    dname = parse_precision(dtype).label  # "bf16", or a low-precision label ("fp8", "nvfp4+kv-fp8")
+    precision = parse_precision(dtype)
+    check_supported(precision, spec=spec)  # e.g. W8A8 on a GPU without fp8 tensor cores
+    dname = precision.label  # "bf16", or a low-precision label ("fp8", "nvfp4+kv-fp8")
     pricing = (prices or PriceOptions()).for_gpu(spec.key)
     stated = (f"{efficiency:g} for every op" if not isinstance(efficiency, Mapping)
               else ", ".join(f"{op} {e:g}" for op, e in efficiency.items()))
