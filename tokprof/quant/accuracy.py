@@ -55,33 +55,54 @@ def prompt_set(vocab_size: int, prompts: int = DEFAULT_PROMPTS, prompt_len: int 
     return torch.randint(0, vocab_size, (prompts, prompt_len), generator=gen, dtype=torch.int64)
 
 
+@dataclass
+class ReferenceRun:
+    """The reference model's greedy decode of the prompt set: computed once, compared against many formats."""
+
+    label: str
+    ids: torch.Tensor  # (B, S) prompts
+    tokens: torch.Tensor  # (B, n) greedy tokens
+    logits: torch.Tensor  # (B, n, V) fp32 on the CPU
+    seed: int
+
+
+@torch.no_grad()
+def reference_run(reference: Any, *, prompts: int = DEFAULT_PROMPTS, prompt_len: int = DEFAULT_PROMPT_LEN,
+                  new_tokens: int = DEFAULT_NEW_TOKENS, seed: int = PROMPTS_SEED) -> ReferenceRun:
+    for name, value in (("prompts", prompts), ("prompt_len", prompt_len), ("new_tokens", new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    ids = prompt_set(reference.config.vocab_size, prompts, prompt_len, seed)
+    out, logits = reference.generate(ids, new_tokens, return_logits=True)  # (B, S+n), (B, n, V)
+    reference.free_cache()
+    return ReferenceRun(reference.precision.label, ids, out[:, prompt_len:].cpu(), logits.float().cpu(), seed)
+
+
 @torch.no_grad()
 def measure_accuracy(reference: Any, quantised: Any, *, prompts: int = DEFAULT_PROMPTS,
                      prompt_len: int = DEFAULT_PROMPT_LEN, new_tokens: int = DEFAULT_NEW_TOKENS,
                      seed: int = PROMPTS_SEED) -> AccuracyReport:
-    """Compare `quantised` with `reference` (tokprof.models.transformer.Transformer, same config and weights)."""
-    for name, value in (("prompts", prompts), ("prompt_len", prompt_len), ("new_tokens", new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    if reference.config.vocab_size != quantised.config.vocab_size:
+    """Compare `quantised` with `reference` (a Transformer of the same config and weights, or its ReferenceRun)."""
+    ref = reference if isinstance(reference, ReferenceRun) else reference_run(
+        reference, prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens, seed=seed)
+    prompts, prompt_len = ref.ids.shape
+    new_tokens = ref.tokens.shape[1]
+    if ref.logits.shape[-1] != quantised.config.vocab_size:
         raise ValueError("quantised: expected the reference's model (same vocabulary), got another config")
-    ids = prompt_set(reference.config.vocab_size, prompts, prompt_len, seed)
-    ref_out, ref_logits = reference.generate(ids, new_tokens, return_logits=True)  # (B, S+n), (B, n, V)
-    ref_tokens = ref_out[:, prompt_len:]  # (B, n)
-    first, lg = quantised.prefill(ids, new_tokens)
+    _, lg = quantised.prefill(ref.ids, new_tokens)
     logits = [lg.float().cpu()]
     for i in range(1, new_tokens):
-        quantised.force_next_tokens(ref_tokens[:, i - 1])
+        quantised.force_next_tokens(ref.tokens[:, i - 1])
         _, lg = quantised.decode_step()
         logits.append(lg.float().cpu())
+    quantised.free_cache()
     q_logits = torch.stack(logits, dim=1)  # (B, n, V)
-    r_logits = ref_logits.float().cpu()
-    err = (q_logits - r_logits).abs()
-    agree = (q_logits.argmax(-1) == r_logits.argmax(-1)).float().mean().item()
+    err = (q_logits - ref.logits).abs()
+    agree = (q_logits.argmax(-1) == ref.logits.argmax(-1)).float().mean().item()
     return AccuracyReport(
-        precision=quantised.precision.label, reference=reference.precision.label, prompts=prompts,
+        precision=quantised.precision.label, reference=ref.label, prompts=prompts,
         prompt_len=prompt_len, new_tokens=new_tokens, positions=prompts * new_tokens,
         max_abs_logit_error=err.max().item(), mean_abs_logit_error=err.mean().item(),
-        mean_abs_reference_logit=r_logits.abs().mean().item(), greedy_agreement=agree,
-        prompt_set=f"{prompts} prompts of {prompt_len} token ids drawn uniformly with seed {seed}; {new_tokens} "
+        mean_abs_reference_logit=ref.logits.abs().mean().item(), greedy_agreement=agree,
+        prompt_set=f"{prompts} prompts of {prompt_len} token ids drawn uniformly with seed {ref.seed}; {new_tokens} "
                    "teacher-forced greedy steps each")
