@@ -181,3 +181,15 @@ def test_cli_rollup_modelled_formats() -> None:
     assert doc["card"]["kv_bytes_per_token"] == LLAMA.kv_bytes_per_token("bf16") // 2
     proc = _cli("rollup", "--model", "llama-3.1-8b", "--gpu", "a100-sxm-80gb", "--modelled", "--dtype", "fp8")
     assert proc.returncode == 2 and "no fp8 peak" in " ".join((proc.stdout + proc.stderr).split())
+
+
+def test_bench_maps_formats_to_their_ops() -> None:
+    from tokprof.commands.profiler import _bench_plan
+
+    calls, _ = _bench_plan(["linear", "rms_norm"], ["torch"], ["int4", "fp32"], None, [{"M": 1, "N": 64, "K": 128}],
+                           torch.device("cpu"))
+    assert {(c[0], c[2]) for c in calls} == {("linear_int4", "fp32"), ("rms_norm", "fp32"), ("linear", "fp32")}
+    calls, _ = _bench_plan(["decode_attention"], ["torch"], ["fp32"], "fp8", [], torch.device("cpu"))
+    assert [c[0] for c in calls] == ["decode_attention_fp8kv"]
+    with pytest.raises(ValueError, match="weight format for --op linear"):
+        _bench_plan(["rms_norm"], ["torch"], ["mxfp4"], None, [], torch.device("cpu"))
