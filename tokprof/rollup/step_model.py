@@ -45,11 +45,11 @@ from tokprof.profiler.devices import GpuSpec
 EXECUTIONS = ("graph", "eager")
 ALGORITHMS = ("auto", "ring", "tree", "one_shot", "two_shot", "nvls")
 
-CALIBRATION = ("calibrated (grid search, median + 0.3 x max |error|) on the calibration rows of "
-               "tokprof/data/published_decode.json: gpt-fast README (Llama-2 7B/70B, A100, batch 1, tp 1-8) and "
-               "torchao README (batch 1); held out: the LMDeploy A100 rows (batch 1-64, tp 1 and 4) - tokprof validate")
-NCCL_TUNING = ("NCCL src/graph/tuning.cc (NVIDIA/nccl 2.19+): baseLat LL ring 6.6 us, tree 6.8 us; hwLat LL per "
-               "step NVLink 0.6 us, PCIe 1.0 us")
+# Calibration (grid search minimising median + 0.3 x max |error|) on the calibration rows of
+# tokprof/data/published_decode.json: gpt-fast README (Llama-2 7B/70B, A100, batch 1, tp 1-8) and torchao README
+# (batch 1); held out: the LMDeploy A100 rows (batch 1-64, tp 1 and 4). `tokprof validate` prints both errors.
+CALIBRATION = "calibrated on the gpt-fast and torchao rows of published_decode.json (tokprof validate)"
+NCCL_TUNING = "NCCL src/graph/tuning.cc (NVIDIA/nccl 2.19+, LL protocol)"
 
 
 @dataclass(frozen=True)
@@ -267,7 +267,7 @@ class StepModel:
                    f"{self.compute_efficiency:g})")
         return (f"step model: {ops}; {self.execution} execution, overhead {self.step_overhead_us[self.execution]:g} us "
                 f"per step + {self.launch_us[self.execution]:g} us per kernel call; collectives "
-                f"{self.collective_algorithm} (tokprof.rollup.step_model; print them with --assumptions)")
+                f"{self.collective_algorithm} (tokprof.rollup.step_model; override with --assumptions FILE.json)")
 
 
 @dataclass
@@ -287,24 +287,18 @@ class StepEstimate:
 
 
 DEFAULT_SOURCES = {
-    "memory_efficiency": ("large calls' fraction of the HBM roof: decode attention 0.85 (FlashInfer reports 88-89% "
-                          "of H100 bandwidth, blog 'Accelerating Self-Attentions for LLM Serving with FlashInfer', "
-                          "2024-02); linear and the rest 0.80, " + CALIBRATION),
-    "compute_efficiency": ("assumption: large bf16 GEMMs reach ~75-80% of the dense datasheet peak (cuBLAS on "
-                           "H100 ~800 of 989 TFLOP/s)"),
-    "call_latency_us": "GPU-side fixed cost per kernel (launch ramp, tail, dependency); " + CALIBRATION,
-    "execution": "CUDA graphs, as gpt-fast (torch.compile reduce-overhead), vLLM and TensorRT-LLM decode",
-    "step_overhead_us": "host work per step (scheduling, input prep, sampling sync); graph " + CALIBRATION
-                        + "; eager: assumption",
-    "launch_us": ("per kernel: graph node ~0.3 us (assumption); eager PyTorch dispatch + launch ~6 us "
-                  "(assumption; tokprof's CPU dispatch benchmark measures it on the host)"),
-    "collective_algorithm": "auto: the fastest algorithm for the message size, as NCCL's tuner and custom "
-                            "all-reduces choose",
-    "collective_base_us": (NCCL_TUNING + "; one_shot 15 us " + CALIBRATION + " (with it, tree/ring win at decode "
-                           "message sizes); nvls: NCCL hwLat NVLS 25 us"),
-    "collective_hop_us": NCCL_TUNING,
-    "collective_efficiency": "stated fraction of the link bandwidth (tokprof.profiler.collectives.DEFAULT_EFFICIENCY)",
-    "collective_latency_us": "unset: the algorithm model; a number replaces it with a fixed latency per collective",
+    "memory_efficiency": ("decode_attention: FlashInfer blog 'Accelerating Self-Attentions for LLM Serving with "
+                          "FlashInfer' (2024-02, 88-89% of H100 bandwidth); the rest " + CALIBRATION),
+    "compute_efficiency": "assumption: large bf16 GEMMs reach ~75% of the dense datasheet peak",
+    "call_latency_us": "GPU-side cost per kernel (ramp, tail, dependency); " + CALIBRATION,
+    "execution": "CUDA graphs, as gpt-fast (torch.compile), vLLM and TensorRT-LLM decode",
+    "step_overhead_us": "host work per step; graph " + CALIBRATION + "; eager: assumption",
+    "launch_us": "assumption: a graph node ~0.3 us, an eager PyTorch dispatch + launch ~6 us",
+    "collective_algorithm": "the fastest for the message size, as NCCL's tuner and custom all-reduces choose",
+    "collective_base_us": "ring, tree: " + NCCL_TUNING + " baseLat; one_shot " + CALIBRATION + "; nvls: assumption",
+    "collective_hop_us": NCCL_TUNING + " hwLat per step",
+    "collective_efficiency": "assumption (tokprof.profiler.collectives.DEFAULT_EFFICIENCY)",
+    "collective_latency_us": "unset: the algorithm model; a number replaces it with a fixed latency",
     "link": "auto: NVLink where the spec table has it, else PCIe x16",
 }
 

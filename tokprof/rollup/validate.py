@@ -5,9 +5,9 @@
     report.stats["held_out"].median_abs      # |error| statistics per split: all, calibration, held_out
 
 Each row is modelled at its batch and tp on its GPU's datasheet, at the mean context of its generation
-(input + output / 2), then converted to the row's metric (`tokens_per_s_per_user`, or
-`output_tokens_per_s_per_group` = tokens/s per GPU x tp, or `token_latency_p50_s`, compared as its inverse). A row whose point does not fit in memory is reported as
-such, without an error. The goal (issue 12): median |error| <= 15%, max <= 35% on dense bf16/fp16 rows.
+(input + output / 2), then converted to the row's metric: `tokens_per_s_per_user`, `output_tokens_per_s_per_group`
+(tokens/s per GPU x tp) or `token_latency_p50_s` (compared as its inverse). A row whose point does not fit in memory
+is reported as such, without an error. The goal (issue 12): median |error| <= 15%, max <= 35% on dense bf16/fp16.
 """
 
 from __future__ import annotations
