@@ -152,6 +152,7 @@ def validate(
 ) -> None:
     """Modelled vs published decode throughput (the step model against published measurements): each row with its
     signed error, then the median and max |error| for the calibration rows, the held-out rows and all. Offline."""
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
@@ -162,17 +163,19 @@ def validate(
         report = run_validation(step_model=_step_model(assumptions), path=published_file)
     except ValueError as err:
         fail(str(err))
-    table = Table(title="modelled vs published decode throughput (error = modelled / published - 1)",
-                  title_justify="left")
-    for col in ("source", "model", "gpu", "tp", "batch", "ctx", "published", "modelled", "error", "split"):
-        table.add_column(col, justify="left" if col in ("source", "model", "gpu", "split") else "right",
-                         no_wrap=col not in ("model", "gpu"))
+    table = Table(title="modelled vs published decode (error = modelled / published - 1)", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False, collapse_padding=True, title_justify="left")
+    for col in ("source", "model", "gpu", "tp", "batch", "ctx", "published", "modelled", "error"):
+        table.add_column(col, justify="left" if col in ("source", "model", "gpu") else "right", no_wrap=True)
     for r in report.rows:
-        unit = "/user" if r.metric != "output_tokens_per_s_per_group" else "/group"
-        table.add_row(escape(r.source), escape(r.model), escape(r.gpu), str(r.tp), str(r.batch), str(r.context),
+        unit = " g" if r.metric == "output_tokens_per_s_per_group" else " u"
+        table.add_row(escape(r.source) + ("*" if r.split == "calibration" else ""), escape(r.model),
+                      escape(r.gpu.replace("-sxm", "").replace("-80gb", "")), str(r.tp), str(r.batch), str(r.context),
                       f"{r.published:,.4g}{unit}", "no fit" if r.modelled is None else f"{r.modelled:,.4g}",
-                      "-" if r.error is None else f"{r.error:+.1%}", "cal" if r.split == "calibration" else "held")
+                      "-" if r.error is None else f"{r.error:+.1%}")
     console.print(table)
+    console.print("[dim]* calibration row; u: tokens/s per user (a latency row: its inverse), g: output tokens/s of "
+                  "the whole batch and tp group; ctx: the modelled mean context[/]")
     for r in report.rows:
         if r.reason:
             console.print(f"[yellow]{escape(r.source)} {escape(r.model)} batch {r.batch}: does not fit, "
