@@ -82,6 +82,9 @@ class RollupPoint:
     memory_capacity_bytes: int | None = None
     # set when the point does not fit ("needs 168 GB ..., has 141 GB"): step time, tokens/s and cost are then None
     infeasible_reason: str | None = None
+    # modelled / projected: the step model's per-step overhead (host work, launches, sampling; op "step_overhead"),
+    # part of step_time_us; tp > 1: step = kernel_time_us + collective_time_us + overhead_time_us
+    overhead_time_us: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -111,7 +114,8 @@ def _tp_figures(tp: int, ops: list[OpShare], step_us: float, collective_provenan
                 collective_reason: str | None) -> tuple[dict[str, Any], str]:
     """The tensor-parallel fields of a point and the note that explains its step time."""
     colls = [o for o in ops if o.op in COLLECTIVE_OPS]
-    kernel_us = step_us - sum(o.total_us for o in colls)
+    # the kernels' part: neither the collectives nor a modelled per-step overhead (op "step_overhead")
+    kernel_us = step_us - sum(o.total_us for o in colls) - sum(o.total_us for o in ops if o.op == "step_overhead")
     head = f"tensor parallel over {tp} GPUs: tokens/s per GPU = batch / step time / {tp}; J/token and $/M tokens " \
            f"count the {tp} GPUs; the step time is one GPU's"
     if not colls:
@@ -124,7 +128,7 @@ def _tp_figures(tp: int, ops: list[OpShare], step_us: float, collective_provenan
                 "upper bound")
     if collective_provenance not in PROVENANCES:
         raise ValueError(f"collective_provenance: expected one of {PROVENANCES}, got {collective_provenance!r}")
-    return ({"kernel_time_us": kernel_us, "collective_time_us": step_us - kernel_us,
+    return ({"kernel_time_us": kernel_us, "collective_time_us": sum(o.total_us for o in colls),
              "collective_provenance": collective_provenance, "collective_reason": None},
             f"{head}: kernels (kernel_time_us) + count x time of its collectives (collective_time_us, "
             f"{collective_provenance})")
@@ -193,7 +197,8 @@ def build_point(*, model: str, gpu: str, batch: int, context: int, dtype: str, b
                        energy_reason=energy_reason, usd_per_gpu_hour=usd, usd_per_million_tokens=cost,
                        all_in_kw_per_gpu=kw, tokens_per_s_per_mw=per_mw, energy_usd_per_million_tokens=energy_usd,
                        price_source=pricing.price_source if usd is not None else None, power_source=power_source,
-                       tp=tp, ops=ops, notes=notes, **tp_fields, **_memory_fields(memory))
+                       tp=tp, ops=ops, notes=notes, **tp_fields, **_memory_fields(memory),
+                       overhead_time_us=sum(o.total_us for o in ops if o.op == "step_overhead") or None)
 
 
 def _memory_fields(memory: Any) -> dict[str, Any]:
