@@ -197,3 +197,26 @@ def test_cli_rollup_step_model_options():
     fixed = CliRunner().invoke(app, [*base, "--collective-latency-us", "50"], env=env)
     pf = json.loads(fixed.stdout.strip().splitlines()[-1])["points"][0]
     assert pf["collective_time_us"] > 64 * 50 and math.isfinite(pf["step_time_us"])
+
+
+def test_efficiency_curves_fitted_to_reference_measurements():
+    from types import SimpleNamespace
+
+    from tokprof.rollup.step_model import fit_efficiency_curves, reference_step_model
+
+    def k(op: str, roof: float, t: float, bound: str = "memory") -> SimpleNamespace:
+        r = SimpleNamespace(bound=bound, t_roof_datasheet_us=roof, suspicious=False)
+        return SimpleNamespace(op=op, time_us=t, roofline=r)
+
+    # t = 2 us + roof / 0.7 exactly; a compute-bound call and an op with too few points are ignored
+    run = SimpleNamespace(kernels=[k("linear", r, 2.0 + r / 0.7) for r in (1.0, 10.0, 100.0, 1000.0)]
+                          + [k("linear", 5.0, 1e6, "compute"), k("rope", 1.0, 4.0)])
+    curves = fit_efficiency_curves(run)
+    assert set(curves) == {"linear"}
+    eff, latency = curves["linear"]
+    assert eff == pytest.approx(0.7) and latency == pytest.approx(2.0)
+    assert reference_step_model("no-such-gpu") is None  # no shipped reference: the defaults apply
+    fitted = StepModel().with_overrides({"memory_efficiency": {"linear": eff}, "op_call_latency_us": {"linear": 2.0}})
+    call = KernelCall("linear", {"M": 1, "N": 4096, "K": 4096}, "bf16", 1)
+    t, roof, _ = fitted.op_time_us(call, H100, "bf16")
+    assert t == pytest.approx(2.0 + roof / 0.7)

@@ -36,7 +36,7 @@ from tokprof.rollup.capacity import DEFAULT_MEMORY_UTILIZATION, memory_budget
 from tokprof.rollup.economics import PriceOptions
 from tokprof.rollup.interconnect import CollectiveOptions, tp_step
 from tokprof.rollup.records import OpShare, RollupPoint, build_point, check_sweep, infeasible_point, points_from_run
-from tokprof.rollup.step_model import StepEstimate, StepModel
+from tokprof.rollup.step_model import StepEstimate, StepModel, reference_step_model
 
 # Short names people type for a spec-table row: "H100" means the SXM part (the HGX boards clouds rent, and the
 # part the InferenceX price sheet prices).
@@ -108,7 +108,8 @@ def modelled(config: ModelConfig, gpu: str | GpuSpec, batches: list[int], contex
     spec = resolve_gpu(gpu)
     tp = _check_tp(tp)
     check_tp(config, tp)
-    model = _with_collective_options(step_model or StepModel(), collectives)
+    # the step model: the caller's, else one fitted to a shipped reference run of this GPU, else the defaults
+    model = _with_collective_options(step_model or reference_step_model(spec.key) or StepModel(), collectives)
     link_spec = _interconnect(collectives, spec)
     batches, contexts = check_sweep(batches, contexts)
     dname = dtype_name(parse_dtype(dtype))

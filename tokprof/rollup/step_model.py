@@ -25,6 +25,8 @@ Terms (all us; t_roof from the datasheet: max(flops / peak FLOP/s, bytes / HBM b
    and no tree)    auto:     the fastest of those the link offers (one/two-shot and NVLS need NVLink), as
                              NCCL's tuner and the custom all-reduces of vLLM / TensorRT-LLM choose by size.
 
+Where tokprof ships a measured reference run of the GPU (tokprof/data/reference/<gpu>/), `reference_step_model`
+fits each op's curve (efficiency and latency) to its kernels and `modelled()` uses it; else the defaults below.
 The defaults were calibrated on a documented subset of tokprof/data/published_decode.json (see CALIBRATION) and
 checked on the held-out rows (tokprof validate prints both errors).
 """
@@ -70,6 +72,7 @@ class StepModel:
         "linear": 0.80, "decode_attention": 0.85, "default": 0.80})
     compute_efficiency: float = 0.75
     call_latency_us: float = 3.5
+    op_call_latency_us: Mapping[str, float] = field(default_factory=dict)  # per op, where fitted (else the above)
     execution: str = "graph"
     step_overhead_us: Mapping[str, float] = field(default_factory=lambda: {"graph": 100.0, "eager": 400.0})
     launch_us: Mapping[str, float] = field(default_factory=lambda: {"graph": 0.3, "eager": 6.0})
@@ -104,6 +107,8 @@ class StepModel:
                     raise ValueError(f"{name}: expected entries for {list(EXECUTIONS)}, got "
                                      f"{dict(getattr(self, name))}")
                 _non_negative(f"{name}[{k}]", getattr(self, name)[k])
+        for op, v in self.op_call_latency_us.items():
+            _non_negative(f"op_call_latency_us[{op}]", v)
         for k in ("ring", "tree", "one_shot", "nvls"):
             _non_negative(f"collective_base_us[{k}]", self.collective_base_us.get(k))
         for k in ("nvlink", "pcie"):
@@ -148,7 +153,8 @@ class StepModel:
     def assumptions(self) -> list[Assumption]:
         """Every assumption with its value, unit and source (what `tokprof rollup --modelled` prints)."""
         units = {"memory_efficiency": "fraction of HBM roof", "compute_efficiency": "fraction of peak FLOP/s",
-                 "call_latency_us": "us per kernel call", "execution": "", "step_overhead_us": "us per step",
+                 "call_latency_us": "us per kernel call", "op_call_latency_us": "us per kernel call",
+                 "execution": "", "step_overhead_us": "us per step",
                  "launch_us": "us per kernel call", "collective_algorithm": "",
                  "collective_base_us": "us per collective", "collective_hop_us": "us per hop",
                  "collective_efficiency": "fraction of link bandwidth", "collective_latency_us": "us per collective",
@@ -175,7 +181,8 @@ class StepModel:
         if efficiency is not None:
             return roof / _flat(efficiency, call.op), roof, bound
         e_mem = self.memory_efficiency.get(call.op, self.memory_efficiency["default"])
-        return self.call_latency_us + max(t_comp / self.compute_efficiency, t_mem / e_mem), roof, bound
+        latency = self.op_call_latency_us.get(call.op, self.call_latency_us)
+        return latency + max(t_comp / self.compute_efficiency, t_mem / e_mem), roof, bound
 
     def overhead_us(self, kernel_calls: int, gpu_time_us: float) -> float:
         """Per-step time beyond the GPU's kernels and collectives (module docstring: step overhead)."""
@@ -286,11 +293,58 @@ class StepEstimate:
         return self.gpu_time_us + self.overhead_us
 
 
+def fit_efficiency_curves(run: Any, min_calls: int = 3) -> dict[str, tuple[float, float]]:
+    """op -> (memory efficiency, call latency in us) fitted to a run's memory-bound kernel measurements by least
+    squares on t = latency + t_roof_datasheet / efficiency (latency >= 0, efficiency <= 1); ops with fewer than
+    `min_calls` distinct roof times are left out (the defaults stay)."""
+    by_op: dict[str, list[tuple[float, float]]] = {}
+    for k in run.kernels:
+        r = k.roofline
+        if r.bound == "memory" and r.t_roof_datasheet_us and k.time_us > 0 and not r.suspicious:
+            by_op.setdefault(k.op, []).append((r.t_roof_datasheet_us, k.time_us))
+    out = {}
+    for op, pts in by_op.items():
+        if len({x for x, _ in pts}) < min_calls:
+            continue
+        n = len(pts)
+        mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+        sxx = sum((x - mx) ** 2 for x, _ in pts)
+        slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
+        slope = max(slope, 1.0)  # efficiency <= 1
+        latency = max(0.0, my - slope * mx)
+        out[op] = (1.0 / slope, latency)
+    return out
+
+
+def reference_step_model(gpu_key: str, base: StepModel | None = None) -> StepModel | None:
+    """The step model with efficiency curves fitted to the newest shipped reference run of `gpu_key`
+    (tokprof/data/reference/<gpu_key>/*.json), or None when there is none (the defaults then apply)."""
+    from importlib import resources
+
+    from tokprof.profiler.schema import load_run
+
+    folder = resources.files("tokprof.data").joinpath("reference", gpu_key)
+    if not folder.is_dir():
+        return None
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".json")), key=lambda f: f.name)
+    if not files:
+        return None
+    run = load_run(str(files[-1]))
+    curves = fit_efficiency_curves(run)
+    if not curves:
+        return None
+    model = base or StepModel()
+    source = f"fitted to the reference run {files[-1].name} ({run.provenance.device.name})"
+    return model.with_overrides({"memory_efficiency": {op: e for op, (e, _) in curves.items()},
+                                 "op_call_latency_us": {op: a for op, (_, a) in curves.items()}}, source=source)
+
+
 DEFAULT_SOURCES = {
     "memory_efficiency": ("decode_attention: FlashInfer blog 'Accelerating Self-Attentions for LLM Serving with "
                           "FlashInfer' (2024-02, 88-89% of H100 bandwidth); the rest " + CALIBRATION),
     "compute_efficiency": "assumption: large bf16 GEMMs reach ~75% of the dense datasheet peak",
     "call_latency_us": "GPU-side cost per kernel (ramp, tail, dependency); " + CALIBRATION,
+    "op_call_latency_us": "per-op latencies fitted to a shipped reference run, where one exists (none by default)",
     "execution": "CUDA graphs, as gpt-fast (torch.compile), vLLM and TensorRT-LLM decode",
     "step_overhead_us": "host work per step; graph " + CALIBRATION + "; eager: assumption",
     "launch_us": "assumption: a graph node ~0.3 us, an eager PyTorch dispatch + launch ~6 us",
