@@ -323,7 +323,7 @@ def reference_step_model(gpu_key: str, base: StepModel | None = None) -> StepMod
 
     from tokprof.profiler.schema import load_run
 
-    folder = resources.files("tokprof.data").joinpath("reference", gpu_key)
+    folder = resources.files("tokprof.data").joinpath("reference").joinpath(gpu_key)
     if not folder.is_dir():
         return None
     files = sorted((f for f in folder.iterdir() if f.name.endswith(".json")), key=lambda f: f.name)
