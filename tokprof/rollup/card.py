@@ -189,6 +189,10 @@ def print_interconnect(console: Console, points: list[RollupPoint]) -> None:
                       f"{all_reduce_us / p.step_time_us:.1%}" if known else "-",
                       p.collective_provenance if known else "unknown")
     console.print(table)
+    overheads = [p for p in tp_points if p.overhead_time_us]
+    if overheads:
+        console.print(f"[dim]step us = kernels + collectives + the step model's per-step overhead "
+                      f"({', '.join(f'{p.overhead_time_us:,.0f}' for p in overheads)} us: overhead_time_us)[/]")
     for reason in dict.fromkeys(p.collective_reason for p in tp_points if p.collective_reason):
         console.print(f"[yellow]collective time unknown: {reason}[/]")
 
