@@ -188,6 +188,11 @@ def validate(
         console.print(f"{name} ({st.rows} rows): median |error| {st.median_abs:.1%}, max |error| {st.max_abs:.1%}, "
                       f"median signed {st.median_signed:+.1%} - {mark} the goal (median <= {GOAL_MEDIAN_ABS:.0%}, "
                       f"max <= {GOAL_MAX_ABS:.0%})")
+    for c in report.claims:
+        frac = "unknown" if c.modelled_bandwidth_fraction is None else f"{c.modelled_bandwidth_fraction:.0%}"
+        verdict = {True: "[green]consistent[/]", False: "[red]contradicts it[/]", None: "cannot check"}[c.holds]
+        console.print(f"claim ({escape(c.source_title)}): {escape(c.statement)}; modelled: {frac} of the HBM "
+                      f"bandwidth - {verdict}")
     console.print(f"[dim]calibrated on: {', '.join(report.calibration_sources)}; sources and metrics in "
                   "tokprof/data/published_decode.json[/]")
     print(json.dumps({"command": "validate", **report.to_dict()}))

@@ -343,7 +343,9 @@ DEFAULT_SOURCES = {
     "memory_efficiency": ("decode_attention: FlashInfer blog 'Accelerating Self-Attentions for LLM Serving with "
                           "FlashInfer' (2024-02, 88-89% of H100 bandwidth); the rest " + CALIBRATION),
     "compute_efficiency": "assumption: large bf16 GEMMs reach ~75% of the dense datasheet peak",
-    "call_latency_us": "GPU-side cost per kernel (ramp, tail, dependency); " + CALIBRATION,
+    "call_latency_us": ("GPU-side cost per kernel (launch, ramp, tail; Hazy Research's megakernel blog, 2025-05-27, "
+                        "reports ~1.3 us launch per kernel on an H100 even in CUDA graphs, plus the bubbles); "
+                        + CALIBRATION),
     "op_call_latency_us": "per-op latencies fitted to a shipped reference run, where one exists (none by default)",
     "execution": "CUDA graphs, as gpt-fast (torch.compile), vLLM and TensorRT-LLM decode",
     "step_overhead_us": "host work per step; graph " + CALIBRATION + "; eager: assumption",

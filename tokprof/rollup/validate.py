@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tokprof.models.config import ModelConfig
-from tokprof.rollup.project import modelled
+from tokprof.rollup.project import modelled, resolve_gpu
 from tokprof.rollup.step_model import StepModel
 
 METRICS = ("tokens_per_s_per_user", "output_tokens_per_s_per_group", "token_latency_p50_s")
@@ -97,14 +97,26 @@ class ErrorStats:
 
 
 @dataclass
+class ClaimCheck:
+    """A published bound (not a measured row): the modelled bandwidth fraction against the stated maximum."""
+
+    source_title: str
+    statement: str
+    modelled_bandwidth_fraction: float | None
+    max_bandwidth_fraction: float
+    holds: bool | None
+
+
+@dataclass
 class ValidationReport:
     rows: list[RowResult]
     stats: dict[str, ErrorStats] = field(default_factory=dict)
     sources: dict[str, Any] = field(default_factory=dict)
     calibration_sources: list[str] = field(default_factory=list)
+    claims: list[ClaimCheck] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": [vars(r) for r in self.rows],
+        return {"rows": [vars(r) for r in self.rows], "claims": [vars(c) for c in self.claims],
                 "stats": {k: {**vars(v), "meets_goal": v.meets_goal()} for k, v in self.stats.items()},
                 "goal": {"median_abs": GOAL_MEDIAN_ABS, "max_abs": GOAL_MAX_ABS},
                 "calibration_sources": self.calibration_sources, "sources": self.sources}
@@ -134,4 +146,24 @@ def validate(step_model: StepModel | None = None, path: str | Path | None = None
     stats = {"all": ErrorStats.of([x.error for x in results if x.error is not None])}
     for split in ("calibration", "held_out"):
         stats[split] = ErrorStats.of([x.error for x in results if x.error is not None and x.split == split])
-    return ValidationReport(rows=results, stats=stats, sources=doc["sources"], calibration_sources=calibration)
+    claims = [_check_claim(c, step_model) for c in doc.get("claims") or []]
+    return ValidationReport(rows=results, stats=stats, sources=doc["sources"], calibration_sources=calibration,
+                            claims=claims)
+
+
+def _check_claim(c: dict[str, Any], step_model: StepModel | None) -> ClaimCheck:
+    """The modelled fraction of the datasheet HBM bandwidth one decode step uses (decode weight + KV bytes of the
+    plan / step time), against the claim's stated maximum."""
+    config = ModelConfig.from_name(c["model"])
+    context = int(c["input_tokens"]) + int(c["output_tokens"]) // 2
+    (point,) = modelled(config, c["gpu"], [int(c["batch"])], [context], c["dtype"], tp=int(c["tp"]),
+                        step_model=step_model)
+    fraction = None
+    if point.step_time_us is not None:
+        spec = resolve_gpu(c["gpu"])
+        roof_us = sum(o.count * o.efficiency_datasheet * o.time_us for o in point.ops
+                      if o.bound == "memory" and o.efficiency_datasheet is not None)
+        fraction = roof_us / point.step_time_us if spec.hbm_tbps else None
+    bound = float(c["max_bandwidth_fraction"])
+    return ClaimCheck(c["source_title"], c["statement"], fraction, bound,
+                      None if fraction is None else fraction <= bound)
