@@ -211,3 +211,13 @@ def check_supported(precision: Precision, *, spec: object | None = None, device:
     if fmt in ("fp8", "fp8-block") or backend in (None, "triton"):
         raise ValueError(f"dtype: {why}, which needs sm_89 or later; {name} is sm_{major}{minor}. Use a weight-only "
                          "format (int4, mxfp4) or bf16 on this GPU")
+
+
+def base_op(op: str) -> str:
+    """The op a low-precision op stands in for (linear_int4 -> linear, decode_attention_fp8kv -> decode_attention):
+    for tables keyed by op, such as per-op efficiencies."""
+    from tokprof.kernels import OPS
+
+    if op in OPS and "base_op" in OPS[op].extra:
+        return OPS[op].extra["base_op"]
+    return {v: k for k, v in _KV_OPS.items()}.get(op, op)
