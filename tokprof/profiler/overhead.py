@@ -238,7 +238,7 @@ def measure_dispatch(config: Any, device: torch.device | str, dtype: str, backen
 
 
 def measure_overhead(config: Any, batches: Sequence[int], device: torch.device | str, *, dtype: str,
-                     backend: str) -> Overhead:
+                     backend: str, steps: int = HOST_STEPS, calls: int = DISPATCH_CALLS) -> Overhead:
     """Host work per step at each of `batches` and dispatch per call of each op, on `device` (module docstring)."""
     from tokprof.kernels._common import dtype_name, parse_dtype
     from tokprof.profiler.cpu_load import CpuLoad
@@ -250,12 +250,12 @@ def measure_overhead(config: Any, batches: Sequence[int], device: torch.device |
     torch_dtype = parse_dtype(dtype)
     meter = CpuLoad.start()
     with torch.no_grad():
-        host = [measure_host_work(config, b, dev, torch_dtype) for b in sorted(set(batches))]
-        dispatch = measure_dispatch(config, dev, dtype_name(torch_dtype), backend)
+        host = [measure_host_work(config, b, dev, torch_dtype, steps) for b in sorted(set(batches))]
+        dispatch = measure_dispatch(config, dev, dtype_name(torch_dtype), backend, calls)
     load = meter.stop() if dev.type == "cpu" else None
     notes = [f"host work: tokprof's decode step with its {host[0].kernel_calls} kernel calls stubbed, on a narrowed "
-             f"copy of {config.name} (hidden/intermediate/vocab {NARROW_SIZE}), {HOST_STEPS} steps per batch",
-             f"dispatch: {DISPATCH_CALLS} calls per op, host time, "
+             f"copy of {config.name} (hidden/intermediate/vocab {NARROW_SIZE}), {steps} steps per batch",
+             f"dispatch: {calls} calls per op, host time, "
              + ("narrowed batch-1 shapes (compute negligible)" if dev.type == "cpu" else
                 "the model's batch-1 shapes, without waiting for the GPU")]
     if load is not None:
