@@ -347,7 +347,7 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
         phases["kernels"] = phase.stop()
         phase = CpuLoad.start()
         run.overhead = measure_overhead(config, rc.e2e_batches or rc.batches, dev, dtype=rc.dtype,
-                                        backend=rc.backend).to_dict()
+                                        backend=rc.backend, context=min(rc.contexts)).to_dict()
         phases["overhead"] = phase.stop()
         host = ", ".join(f"batch {h['batch']} {h['per_step_us']:.0f} us" for h in run.overhead["host_work"])
         console.print(f"    eager-loop overhead (measured): host work per step {host}")

@@ -201,8 +201,10 @@ def measure_host_work(config: Any, batch: int, device: torch.device | str, dtype
 
 
 def measure_dispatch(config: Any, device: torch.device | str, dtype: str, backend: str,
-                     calls: int = DISPATCH_CALLS) -> list[DispatchCost]:
-    """Host time per call of each op of the decode plan (module docstring, term 2)."""
+                     calls: int = DISPATCH_CALLS, context: int = 16) -> list[DispatchCost]:
+    """Host time per call of each op of the decode plan (module docstring, term 2). On a GPU the plan's batch-1
+    calls at `context` (the sweep's shortest: its kernels are compiled already); on the CPU the narrowed model's at
+    context 16."""
     from tokprof.kernels import OPS
     from tokprof.kernels._common import parse_dtype, skip_value_checks
     from tokprof.models.plan import COLLECTIVE_OPS, decode_plan
@@ -211,7 +213,7 @@ def measure_dispatch(config: Any, device: torch.device | str, dtype: str, backen
     plan_config = _narrow(config) if dev.type == "cpu" else config
     out: list[DispatchCost] = []
     seen: set[str] = set()
-    for call in decode_plan(plan_config, 1, 16, dtype):
+    for call in decode_plan(plan_config, 1, 16 if dev.type == "cpu" else context, dtype):
         if call.op in seen or call.op in COLLECTIVE_OPS or call.op not in OPS:
             continue
         seen.add(call.op)
@@ -238,7 +240,8 @@ def measure_dispatch(config: Any, device: torch.device | str, dtype: str, backen
 
 
 def measure_overhead(config: Any, batches: Sequence[int], device: torch.device | str, *, dtype: str,
-                     backend: str, steps: int = HOST_STEPS, calls: int = DISPATCH_CALLS) -> Overhead:
+                     backend: str, steps: int = HOST_STEPS, calls: int = DISPATCH_CALLS,
+                     context: int = 16) -> Overhead:
     """Host work per step at each of `batches` and dispatch per call of each op, on `device` (module docstring)."""
     from tokprof.kernels._common import dtype_name, parse_dtype
     from tokprof.profiler.cpu_load import CpuLoad
@@ -251,7 +254,7 @@ def measure_overhead(config: Any, batches: Sequence[int], device: torch.device |
     meter = CpuLoad.start()
     with torch.no_grad():
         host = [measure_host_work(config, b, dev, torch_dtype, steps) for b in sorted(set(batches))]
-        dispatch = measure_dispatch(config, dev, dtype_name(torch_dtype), backend, calls)
+        dispatch = measure_dispatch(config, dev, dtype_name(torch_dtype), backend, calls, context)
     load = meter.stop() if dev.type == "cpu" else None
     notes = [f"host work: tokprof's decode step with its {host[0].kernel_calls} kernel calls stubbed, on a narrowed "
              f"copy of {config.name} (hidden/intermediate/vocab {NARROW_SIZE}), {steps} steps per batch",
