@@ -13,9 +13,17 @@ For one (model, GPU, batch, context, dtype) point (ARCHITECTURE.md, "The iceberg
     L5 served               L4 (else L3) x a utilisation the user states; not applied unless given
 
 Each layer: tokens/s per GPU (batch / step time), $/M tokens (the point's $/GPU-hour), J/token. The gap from one
-known layer to the next known one is named after the layers it crosses; gaps telescope, so their shares of the whole
-L0 -> last gap sum to 100% (a negative share means a lower layer beat the one above it). Inside L1 -> L2, each op's
-lost time (measured - time at the measured roof) and its share of that gap. Bottom-up error, signed, in tokens/s:
+known layer to the next known one is named after the layers it crosses; each loss's share is of the sum of the
+losses, so the shares add up to 100%. The reconciliation cannot contradict itself silently: a layer faster than the
+known layer above it is `inverted`, has no share, and is flagged (`flags`) with its likely cause (INVERSION_CAUSES);
+a CPU run that other processes competed with is `reliable = False` with the reason, so none of its gaps is a
+finding. Inside L1 -> L2, each op's lost time (measured - time at the measured roof) and its share of the ops'
+losses (adding up to 100%); an op faster than its roof is not a negative loss but a flag (`finding = False`), and
+`op_gains_us` / `op_unexplained_us` say what separates the losses from the gap.
+
+L4 (eager; and L3, graphs, on a GPU) also gets `predicted_step_time_us`: the kernel sum plus the overheads the
+run measured (tokprof.rollup.step_prediction, tokprof.profiler.overhead), computed from the roll-up point and the
+overhead record only, and `prediction_error_pct` against the measured step. Bottom-up error, signed, in tokens/s:
 (L2 - L3) / L3 x 100 (against L4 when no graph run; positive = the kernel sum promises more than the loop gives).
 J/token at L0/L1 is modelled at the GPU's TDP for the roofline time (an upper bound for that time); at L5 the idle
 share of the time is charged at the datasheet idle power.
