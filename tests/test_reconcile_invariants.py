@@ -143,6 +143,12 @@ def test_a_contended_cpu_run_is_unreliable_and_says_why() -> None:
     idle = _run([point], [_e2e(1, 128, point.step_time_us * 1.9)],
                 cpu_load={**load, "other_cores": 0.05, "contended": False, "phases": {}})
     assert reconcile(idle)[0].reliable
+    # A file from before cpu_load was recorded: the run's note says the CPU was shared.
+    old = _run([point], [], cpu_load=None)
+    old.notes = ["other processes kept 0.70 of 2 cores busy over the 42 s run (tokprof 1.06): the CPU was shared, so "
+                 "these CPU figures are slower and noisier than on an idle CPU"]
+    rec = reconcile(old)[0]
+    assert not rec.reliable and rec.unreliable_reason.startswith("other processes kept 0.70 of 2 cores busy over")
 
 
 # --------------------------------------------------------------------------------------------------- predictions

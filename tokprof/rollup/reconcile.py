@@ -426,7 +426,11 @@ def _contention(run: RunResult) -> str | None:
     """How other processes competed for a CPU run's cores, or None (a GPU run, an idle CPU, not recorded)."""
     from tokprof.profiler.cpu_load import describe_record
 
-    return describe_record(run.cpu_load) if run.provenance.device.kind == "cpu" else None
+    if run.provenance.device.kind != "cpu":
+        return None
+    if run.cpu_load is None:  # a file from before cpu_load was recorded: its note says whether the CPU was shared
+        return next((n.split(": the CPU was shared")[0] for n in run.notes if "the CPU was shared" in n), None)
+    return describe_record(run.cpu_load)
 
 
 def _op_invariants(rec: Reconciliation, gap_us: float, roof_name: str) -> None:
