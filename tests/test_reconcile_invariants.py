@@ -18,7 +18,8 @@ from tokprof.profiler.overhead import DispatchCost, HostWork, Overhead
 from tokprof.profiler.schema import Ceilings, DeviceInfo, Provenance, RunResult
 from tokprof.rollup.reconcile import reconcile
 from tokprof.rollup.records import OpShare, RollupPoint
-from tokprof.rollup.step_prediction import GPU_BOOKKEEPING_KERNELS, GPU_TINY_KERNEL_US, GRAPH_NODE_GAP_US
+from tokprof.rollup.step_model import StepModel
+from tokprof.rollup.step_prediction import GPU_BOOKKEEPING_KERNELS, GPU_TINY_KERNEL_US
 from tokprof.runner import prediction_line, prediction_summary
 
 CPU = "AMD EPYC"
@@ -182,7 +183,9 @@ def test_gpu_predictions_for_graphs_and_eager() -> None:
     rec = reconcile(run)[0]
     calls = sum(o.count for o in point.ops)
     book = GPU_BOOKKEEPING_KERNELS * GPU_TINY_KERNEL_US
-    graph = point.step_time_us + book + (calls + GPU_BOOKKEEPING_KERNELS) * GRAPH_NODE_GAP_US
+    sm = StepModel(execution="graph")  # the step model's graph overhead: per step + per node
+    graph = point.step_time_us + book + sm.step_overhead_us["graph"] + (calls + GPU_BOOKKEEPING_KERNELS) * \
+        sm.launch_us["graph"]
     assert rec.layer("L3").predicted_step_time_us == pytest.approx(graph, rel=1e-12)
     host = calls * 5.0 + HOST_US
     assert rec.layer("L4").predicted_step_time_us == pytest.approx(max(point.step_time_us + book, host), rel=1e-12)

@@ -11,8 +11,11 @@ The inputs are a roll-up point (its kernel sum, op by op with counts) and the ov
     GPU, eager   max(kernel sum + bookkeeping kernels, dispatch sum + host work)
                  (the host issues calls while the GPU runs them: the slower of the two sets the step; dispatch sum =
                  sum over the plan of count x the op's measured dispatch)
-    GPU, graphs  kernel sum + bookkeeping kernels + kernel calls x GRAPH_NODE_GAP_US
-                 (a replay issues no host work; each kernel node still costs a gap on the GPU)
+    GPU, graphs  kernel sum + bookkeeping kernels + the step model's graph overhead
+                 (tokprof.rollup.step_model.StepModel(execution="graph").overhead_us: a per-step cost for the
+                 host work and sampling around the replay, plus a launch per graph node; its sources print with it)
+
+Only measured kernel calls count (a modelled point's "step_overhead" op is not a kernel).
 """
 
 from __future__ import annotations
@@ -20,9 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# A CUDA-graph kernel node costs ~0.5 us beyond its own execution: NVIDIA Developer Blog, "Getting Started with CUDA
-# Graphs" (A. Gray, 2019): 3.4 us per kernel in a graph for kernels that run 2.9 us (3.8 us launched from a stream).
-GRAPH_NODE_GAP_US = 0.5
 # The decode step's bookkeeping ops on a GPU: 4 tiny kernels (tokprof.models.transformer) of ~2 us each, launch
 # included (an assumption of the size of a one-warp kernel on an H100-class GPU; they are not timed by the roll-up).
 GPU_BOOKKEEPING_KERNELS = 4
@@ -59,18 +59,23 @@ def predict_step(point: Any, overhead: Any, *, mode: str, device_kind: str) -> t
         return None, "no roll-up point: no kernel sum to predict from"
     if getattr(point, "tp", 1) != 1:
         return None, "end-to-end runs are single-GPU: no prediction at tp > 1"
-    kernels = point.step_time_us
-    calls = sum(o.count for o in point.ops)
+    kernel_ops = [o for o in point.ops if o.op != "step_overhead"]
+    kernels = sum(o.total_us for o in kernel_ops)
+    calls = sum(o.count for o in kernel_ops)
     if mode == "graph":
         if device_kind != "cuda":
             return None, "CUDA graphs need a GPU"
+        from tokprof.rollup.step_model import StepModel
+
+        model = StepModel(execution="graph")
         book = GPU_BOOKKEEPING_KERNELS * GPU_TINY_KERNEL_US
-        gaps = (calls + GPU_BOOKKEEPING_KERNELS) * GRAPH_NODE_GAP_US
-        terms = {"bookkeeping kernels": book, "graph node gaps": gaps}
-        return StepPrediction(mode, kernels + book + gaps, kernels, terms,
+        graph = model.overhead_us(calls + GPU_BOOKKEEPING_KERNELS, kernels + book)
+        terms = {"bookkeeping kernels": book, "graph overhead": graph}
+        return StepPrediction(mode, kernels + book + graph, kernels, terms,
                               f"kernel sum + {GPU_BOOKKEEPING_KERNELS} bookkeeping kernels x {GPU_TINY_KERNEL_US:g} us "
-                              f"(stated) + {calls + GPU_BOOKKEEPING_KERNELS} graph nodes x {GRAPH_NODE_GAP_US:g} us "
-                              "(NVIDIA, Getting Started with CUDA Graphs, 2019)"), None
+                              f"(stated) + the step model's graph overhead {graph:.4g} us ("
+                              f"{model.step_overhead_us['graph']:g} us per step + {calls + GPU_BOOKKEEPING_KERNELS} "
+                              f"nodes x {model.launch_us['graph']:g} us; {model.sources['step_overhead_us']})"), None
     oh = _overhead(overhead)
     if oh is None:
         return None, "no overhead micro-benchmark in this run (tokprof run measures it): no host work to add"
@@ -83,10 +88,10 @@ def predict_step(point: Any, overhead: Any, *, mode: str, device_kind: str) -> t
         return StepPrediction(mode, kernels + host, kernels, {"host work": host},
                               f"kernel sum + host work per step ({host:.4g} us at batch "
                               f"{point.batch}, measured); each kernel time holds its dispatch already"), None
-    missing = sorted({o.op for o in point.ops if oh.dispatch_us(o.op) is None})
+    missing = sorted({o.op for o in kernel_ops if oh.dispatch_us(o.op) is None})
     if missing:
         return None, f"no dispatch measured for {', '.join(missing)}"
-    dispatch = sum(o.count * oh.dispatch_us(o.op) for o in point.ops)
+    dispatch = sum(o.count * oh.dispatch_us(o.op) for o in kernel_ops)
     book = GPU_BOOKKEEPING_KERNELS * GPU_TINY_KERNEL_US
     gpu_side, host_side = kernels + book, dispatch + host
     bound = "host" if host_side > gpu_side else "GPU"
