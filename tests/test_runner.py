@@ -56,6 +56,8 @@ def test_run_main_writes_run_report_and_history(tmp_path, capsys):
     assert run.provenance.device.kind == "cpu"
     assert run.ceilings is not None and run.ceilings.copy_gbps > 0
     assert {k.op for k in run.kernels} >= {"linear", "decode_attention", "rms_norm", "swiglu"}
+    # On the CPU each point's calls are timed round-robin in step order: the cache state of the eager loop.
+    assert {k.timing.mode for k in run.kernels} == {"sequence"}
     measured = [p for p in run.rollup if p["provenance"] == "measured"]
     assert {(p["batch"], p["context"]) for p in measured} == {(1, 64), (2, 64)}
     assert all(p["tokens_per_s_per_gpu"] > 0 for p in measured)
