@@ -339,3 +339,16 @@ def test_energy_path_with_a_replayed_h100_trace():
     # off at the idle 70 W, but the trace is still at ~600 W then: up to 530 W x 0.1 s more in the window.
     assert 0.95 * 600 * busy_s_per_call <= e.total_j_per_call <= (605 * e.window_s + 535 * 0.1) / e.calls
     assert e.dynamic_j_per_call == pytest.approx(e.total_j_per_call - 70 * busy_s_per_call, rel=1e-9)
+
+
+def test_graph_time_is_gated_on_the_modelled_time_not_the_event_time():
+    from tokprof.profiler.bench import wants_graph_time
+    from tokprof.profiler.devices import load_specs
+
+    h200 = load_specs()["h200"]
+    # RMSNorm of one 4096-wide bf16 row: 16 KiB, modelled ~2 us; an event time the host inflated to 25 us must not
+    # take away its graph time
+    assert wants_graph_time(4 * 4096, 2 * 2 * 4096 + 2 * 4096, h200, "bf16", events_us=25.0)
+    # a 4096x14336 bf16 GEMV reads 117 MB: ~30 us at the roof, no graph time even if the events said 9 us
+    assert not wants_graph_time(2 * 4096 * 14336, 2 * 4096 * 14336, h200, "bf16", events_us=9.0)
+    assert wants_graph_time(0, 1 << 30, None, "bf16", events_us=9.0)  # no datasheet row: the event time decides

@@ -62,6 +62,14 @@ class Timing:
     clocks_after: Clocks | None = None
     throttled: bool | None = None  # None where clocks are unknown (CPU)
     note: str = ""
+    # GPU events mode: host time of one call (validation, allocation, launches), kept off the timed window by a
+    # sleep kernel queued after the flush; None on the CPU and in graph mode.
+    host_us_per_call: float | None = None
+    flush: str | None = None  # cold-L2 flush before each timed call: "read" | "write"; None when none
+    # NVML clock-event reasons seen while sampling (e.g. "sw_power_cap", "hw_thermal_slowdown"), sampled between
+    # sample batches, and the lowest SM clock seen then; empty / None without NVML.
+    clock_reasons: list[str] = field(default_factory=list)
+    sm_mhz_min: int | None = None
 
 
 @dataclass
@@ -123,7 +131,13 @@ class KernelMeasurement:
 
     @property
     def time_us(self) -> float:
-        return self.timing.median_us
+        """The best-founded time of one call: the graph-mode median where one was taken (no launch jitter, no host
+        time: what a call costs inside a captured decode step), else the main timing's median."""
+        return self.best_timing.median_us
+
+    @property
+    def best_timing(self) -> Timing:
+        return self.graph_timing if self.graph_timing is not None else self.timing
 
     def key(self) -> tuple[str, tuple[tuple[str, int], ...], str, str]:
         return (self.op, tuple(sorted(self.shape.items())), self.dtype, self.backend)
