@@ -352,3 +352,21 @@ def test_graph_time_is_gated_on_the_modelled_time_not_the_event_time():
     # a 4096x14336 bf16 GEMV reads 117 MB: ~30 us at the roof, no graph time even if the events said 9 us
     assert not wants_graph_time(2 * 4096 * 14336, 2 * 4096 * 14336, h200, "bf16", events_us=9.0)
     assert wants_graph_time(0, 1 << 30, None, "bf16", events_us=9.0)  # no datasheet row: the event time decides
+
+
+def test_idle_power_is_bracketed_after_the_sweep():
+    # a replayed NVML trace (idle ~70 W): the second idle reading after the sweep is compared with the first, the
+    # run says how far apart they were, and the meter keeps the first (the sweep's calls were computed with it)
+    from pathlib import Path
+
+    from tokprof.profiler.energy import EnergyMeter, ManualClock, ReplaySource, measure_idle_power
+
+    trace = Path(__file__).parent / "data" / "nvml_energy_trace_h100.json"
+    meter = EnergyMeter(ReplaySource.from_file(trace, clock=ManualClock(0.5)))
+    before = measure_idle_power(meter, seconds=1.0)
+    run = new_run(["test"], "cpu")
+    after = bench._bracket_idle(meter, before, torch.device("cpu"), {"window_s": 0.5}, run)
+    assert after == pytest.approx(70.0, rel=0.05) and meter.idle_power_w == before
+    assert [n for n in run.notes if n.startswith(f"idle power bracketed: {before:.1f} W before")], run.notes
+    assert bench._bracket_idle(meter, 2 * after, torch.device("cpu"), {"window_s": 0.5}, run) is not None
+    assert "uncertain" in run.notes[-1]  # 50% apart: flagged

@@ -55,8 +55,12 @@ MODES = ("events", "graph")
 AUTO = "auto"  # spec=AUTO: the spec-table row of the device, None for a CPU or an unknown GPU
 
 Call = tuple[str, Mapping[str, int], Any, str]  # (op, shape, dtype, backend)
-# Settle time before the run's idle-power window: a GPU just out of the ceilings' GEMM still draws above idle.
-IDLE_SETTLE_S = 1.0
+# Settle time before an idle-power window: a GPU just out of the ceilings' GEMM still draws above idle (a hot GPU
+# also leaks more), which biases dynamic energy low and can push it to <= 0.
+IDLE_SETTLE_S = 3.0
+# Idle power is bracketed (before and after the sweep); a difference above this share says the card's idle state
+# moved during the run, and dynamic energy is uncertain by about that much.
+IDLE_DRIFT_WARN = 0.10
 
 
 def _sweep_errors() -> tuple[type[BaseException], ...]:
@@ -207,7 +211,8 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
             if meter is None:
                 meter = energy_mod.make_meter(dev)
             if idle_power_w is None:  # an idle window as long as the kernel window (MEASUREMENT.md, energy 3)
-                idle_power_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0))
+                idle_power_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0),
+                                                             settle_s=IDLE_SETTLE_S if dev.type == "cuda" else 0.0)
             try:
                 kernel_energy = energy_mod.measure_kernel_energy(call, inputs, device=dev, meter=meter,
                                                                  idle_power_w=idle_power_w, graph=captured,
@@ -418,4 +423,28 @@ def bench_calls(calls: Sequence[Call], device: str | torch.device = "cuda", *, m
             if on_result is not None:
                 on_result(result)
             bar.advance(task)
+    if meter is not None and idle_power_w is not None and kernels:
+        _bracket_idle(meter, idle_power_w, dev, energy_kwargs, run)
+        save()
     return kernels, failures
+
+
+def _bracket_idle(meter: Any, before_w: float, dev: torch.device, energy_kwargs: dict[str, Any] | None,
+                  run: RunResult | None) -> float | None:
+    """Idle power again after the sweep (after a settle), so the run says whether the idle baseline it subtracted
+    held; returns the second reading (None when it failed: the first one stands)."""
+    try:
+        after_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0),
+                                                settle_s=IDLE_SETTLE_S if dev.type == "cuda" else 0.0)
+    except STEP_ERRORS as err:
+        if run is not None:
+            run.notes.append(f"idle power after the sweep not measured ({type(err).__name__}: {err})")
+        return None
+    meter.idle_power_w = before_w  # the sweep's calls were computed against the first reading: keep it
+    drift = abs(after_w - before_w) / before_w if before_w > 0 else 0.0
+    if run is not None:
+        run.notes.append(f"idle power bracketed: {before_w:.1f} W before the kernels, {after_w:.1f} W after "
+                         f"({drift:.1%} apart)" + (f"; above {IDLE_DRIFT_WARN:.0%}: dynamic energy per call is "
+                                                  "uncertain by about that share of idle power x time"
+                                                  if drift > IDLE_DRIFT_WARN else ""))
+    return after_w
