@@ -185,6 +185,14 @@ class Ceilings:
     measured_utc: str
     provenance: str = "measured"
     note: str = ""
+    # read-only bandwidth (GB/s of bytes read by a reduction over the copy's source buffer): a read-mostly kernel
+    # can beat a copy, so the measured memory roof is the larger of the two; None in runs from before it existed
+    read_gbps: float | None = None
+
+    @property
+    def bandwidth_gbps(self) -> float:
+        """The measured memory roof: max(copy, read-only)."""
+        return max(self.copy_gbps, self.read_gbps or 0.0)
 
 
 @dataclass
