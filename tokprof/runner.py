@@ -259,7 +259,7 @@ def other_gpu_rows(run: RunResult, rc: RunConfig, console: Console) -> list[str]
             gpu_rc = RunConfig.for_device(torch.device("cuda"), GPU_DEFAULT_MODEL)
             points = modelled(config, gpu, gpu_rc.batches, gpu_rc.contexts, dtype=gpu_rc.dtype)
             if ref is None:
-                notes.append(f"{gpu}: {GPU_DEFAULT_MODEL} modelled from the datasheet at the stated efficiency (no "
+                notes.append(f"{gpu}: {GPU_DEFAULT_MODEL} modelled from the datasheet by the step model (no "
                              "shipped reference run)")
         merge_points(run.rollup, points)
     for note in notes:
@@ -388,6 +388,14 @@ def _point_summary(p: Any) -> dict[str, Any]:
             "usd_per_million_tokens": r(p.usd_per_million_tokens), "provenance": p.provenance}
 
 
+def _no_fit(p: dict[str, Any]) -> str:
+    """An infeasible point's cell: what it needs and what the GPU has, never a number of tokens/s."""
+    need, has = p.get("memory_bytes_per_gpu"), p.get("memory_capacity_bytes")
+    if isinstance(need, (int, float)) and isinstance(has, (int, float)):
+        return f"needs {need / 1e9:.0f} GB, has {has / 1e9:.0f} GB"
+    return "does not fit"
+
+
 def _fmt(value: Any, suffix: str = "") -> str:
     from tokprof.reports.document import num
 
@@ -427,8 +435,9 @@ def _print_story(console: Console, run: RunResult) -> None:
         cells = {(p["gpu"], p["batch"], p["context"]): p for p in others}
         first = others[0]
         table = Table(title=f"other GPUs, {first['model']} {first['dtype']}: tokens/s per GPU · $/M tokens",
-                      caption="modelled: datasheet roofline at the stated efficiency; projected: this run's measured "
-                              "efficiencies on the other GPU's datasheet", title_justify="left",
+                      caption="modelled: datasheet roofline through the step model; projected: this run's measured "
+                              "efficiencies on the other GPU's datasheet; rows stop at memory capacity",
+                      title_justify="left",
                       caption_justify="left")
         table.add_column("batch", justify="right")
         table.add_column("context", justify="right")
@@ -437,8 +446,8 @@ def _print_story(console: Console, run: RunResult) -> None:
             table.add_column(f"{gpu} ({kind})", justify="right")
         for batch, context in dict.fromkeys((p["batch"], p["context"]) for p in others):
             row = [cells.get((gpu, batch, context)) for gpu in gpus]
-            table.add_row(str(batch), str(context), *("-" if p is None else
-                                                      f"{_fmt(p['tokens_per_s_per_gpu'])} · "
+            table.add_row(str(batch), str(context), *("-" if p is None else _no_fit(p) if p.get("infeasible_reason")
+                                                      else f"{_fmt(p['tokens_per_s_per_gpu'])} · "
                                                       f"${_fmt(p.get('usd_per_million_tokens'))}" for p in row))
         console.print(table)
 

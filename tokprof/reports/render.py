@@ -294,7 +294,8 @@ def _cost_section(runs: list[LoadedRun]) -> tuple[list[Block], list[str]]:
         blocks.append(Heading(f"{prov} rows", 3))
         blocks.append(Table(_COST_HEADERS, [
             [r.label, prov, _gpu_cell(p), str(p.get("model")), num(p.get("batch")), num(p.get("context")),
-             f"{p.get('dtype')} / {p.get('backend')}", num(p.get("step_time_us")), num(p.get("tokens_per_s_per_gpu")),
+             f"{p.get('dtype')} / {p.get('backend')}", num(p.get("step_time_us")),
+             na(p.get("tokens_per_s_per_gpu"), p.get("infeasible_reason")),  # an infeasible point says why
              num(p.get("tokens_per_s_per_user")), num(p.get("usd_per_gpu_hour")), num(p.get("usd_per_million_tokens")),
              na(p.get("j_per_token_total"), p.get("energy_reason")),
              na(p.get("energy_usd_per_million_tokens"), p.get("energy_reason")), num(p.get("tokens_per_s_per_mw")),

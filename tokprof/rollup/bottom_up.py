@@ -157,8 +157,22 @@ def rollup_points(config: ModelConfig, batches: Sequence[int], contexts: Sequenc
             points.append(build_point(model=config.name, gpu=gpu, batch=batch, context=context, dtype=dname,
                                       backend=backend, provenance="measured", ops=ops, pricing=pricing,
                                       j_per_step_total=j_total, j_per_step_dynamic=j_dynamic, energy_reason=reason,
-                                      notes=point_notes, tp=tp, **tp_kw))
+                                      notes=point_notes, tp=tp, memory=_run_memory(run, config, batch, context,
+                                                                                   dname, tp, block_size), **tp_kw))
     return points, notes
+
+
+def _run_memory(run: RunResult, config: ModelConfig, batch: int, context: int, dtype: str, tp: int,
+                block_size: int) -> Any:
+    """The point's memory on the run's GPU (its reported memory, else the spec table's; a CPU: capacity unknown).
+    The kernels were measured one by one, so a kernel sum exists even for a point whose model and KV cache would not
+    fit on the GPU: such a point is infeasible like a modelled one."""
+    from tokprof.rollup.capacity import memory_budget
+
+    info = run.provenance.device
+    spec = load_specs().get(info.spec_key) if info.spec_key else None
+    device_bytes = info.memory_bytes if info.kind == "cuda" else None
+    return memory_budget(config, spec, batch, context, dtype, tp, block_size=block_size, capacity_bytes=device_bytes)
 
 
 def _same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -403,7 +403,7 @@ def reconcile(run: RunResult, utilisation: float | None = None, *,
         raise ValueError(f"utilisation: expected a fraction in (0, 1] (the duty cycle served), got {utilisation!r}")
     if l4_framework is not None and l4_framework not in FRAMEWORKS:
         raise ValueError(f"l4_framework: expected one of {list(FRAMEWORKS)}, got {l4_framework!r}")
-    points = points_from_run(run.rollup)
+    points = [p for p in points_from_run(run.rollup) if p.infeasible_reason is None]  # no step time to reconcile
     e2e = [E2EMeasurement.from_dict(d) for d in run.e2e]
     keys: dict[tuple[str, str, int, int, str, int], None] = {}
     for x in [*points, *e2e]:
