@@ -196,7 +196,8 @@ def test_cpu_ceilings_are_positive_plausible_and_cached(tmp_path, monkeypatch):
                          timing_kwargs={"max_time_s": 0.1, "min_time_s": 0.02})
     assert c.gemm_dtype == "fp32" and c.copy_bytes == 16 << 20 and c.gemm_shape == [128, 128, 128]
     assert 0.1 < c.copy_gbps < 2000  # a CPU memory copy: from a slow shared core to HBM-class machines
-    assert 1e-4 < c.gemm_tflops < 100
+    assert 1e-6 < c.gemm_tflops < 100  # a 128^3 GEMM on 2 cores shared with 8 busy processes ran at 78 MFLOP/s
+    assert c.read_gbps is not None and c.read_gbps > 0.01
     assert "CPU ceilings" in c.note and c.device == detect_device("cpu").name
     path = tmp_path / "cache" / "ceilings" / f"{cache_key(detect_device('cpu'))}.json"
     assert json.loads(path.read_text())["copy_gbps"] == c.copy_gbps
