@@ -210,6 +210,10 @@ def validate(
 @app.command()
 def published(
     price_sheet: str | None = typer.Option(None, "--price-sheet", help="Price sheet for the all-in kW comparison."),
+    systems: bool = typer.Option(False, "--systems", help="Also reproduce the rows from first principles for "
+                                 "DeepSeek-R1 (tokprof curve / compare-systems): where each row sits on the computed "
+                                 "curve and how the ratio decomposes."),
+    report: str | None = typer.Option(None, "--report", help="With --systems: folder for the markdown and waterfalls."),
 ) -> None:
     """Recompute the published cost-per-token table (tokprof/data/published_tables.json) from its inputs and show
     where the printed figures do not follow from the formula."""
@@ -222,4 +226,9 @@ def published(
     for c in checks:
         mark = {True: "[green]follows[/]", False: "[bold red]does not follow[/]", None: "[yellow]cannot check[/]"}
         console.print(f"{mark[c.consistent]}  {c.message}")
-    print(json.dumps({"command": "published", "checks": [vars(c) for c in checks]}))
+    out = {"command": "published", "checks": [vars(c) for c in checks]}
+    if systems:
+        from tokprof.commands.systems import published_systems
+
+        out["systems"] = published_systems(report)
+    print(json.dumps(out))

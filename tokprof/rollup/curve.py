@@ -393,7 +393,11 @@ def serving_curve(shape: ModelShape, hw: Hardware, workload: Workload, precision
                             prefill_gpus_per_decode_gpu=r, a2a_link=link,
                             memory_bytes_per_gpu=weights + kv_seq * float(b[i]) + WORKSPACE_BYTES,
                             usd_per_million_tokens=usd, tokens_per_s_per_mw=mw, provenance=provenance))
-    sources = {**hw.sources, "precision": PRECISION_SOURCE, "mtp_acceptance": f"{mtp_acceptance:g}: "
+    peak, math_dtype = math_peak(hw, precision)
+    sources = {**hw.sources, "math": f"{math_dtype} tensor cores, {peak:g} TFLOP/s dense"
+               + ("" if math_dtype == PRECISIONS[precision]["math"] else
+                  f" ({hw.gpu} has no {PRECISIONS[precision]['math']} peak in the spec table: {precision} weights on "
+                  f"{math_dtype} math)"), "precision": PRECISION_SOURCE, "mtp_acceptance": f"{mtp_acceptance:g}: "
                + MTP_ACCEPTANCE_SOURCE, "prefill_mfu": f"{PREFILL_MFU:g}: {PREFILL_MFU_SOURCE}",
                "step_model": sm.describe()}
     return Curve(model=shape.name, system=hw.system, workload=workload.label, precision=precision, points=points,

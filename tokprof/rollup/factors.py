@@ -169,10 +169,14 @@ def compare_systems(shape: ModelShape, a: Scenario, b: Scenario, workload: Workl
     rev = walk(tuple(reversed(order))) if reverse else {}
     lr = lambda v: None if v[0] is None or v[1] is None else math.log(v[1] / v[0])  # noqa: E731
     sh: dict[str, float | None] = {}
-    if shapley:
-        n = len(FACTOR_ORDER)
+    if shapley:  # factors A and B share contribute 0 in every order: enumerate only the ones that differ
+        differ = [f for f in FACTOR_ORDER if switch(a, b, {f}) != a]
+        n = len(differ)
         for name in FACTOR_ORDER:
-            others = [f for f in FACTOR_ORDER if f != name]
+            if name not in differ:
+                sh[name] = 0.0
+                continue
+            others = [f for f in differ if f != name]
             total, ok = 0.0, True
             for k in range(n):
                 w = math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n)

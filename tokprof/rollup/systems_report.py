@@ -1,0 +1,165 @@
+"""Report sections for the systems curves: the curve with configuration labels and cost isolines, the factor
+waterfall, and the published table reproduced from first principles (markdown + matplotlib PNGs).
+
+    write_curve_section([curve_a, curve_b], "out/")        # out/curve-<system>-<workload>.png, out/systems.md
+    reproduce_published(shape, workloads=[Workload(1024, 1024)])   # the seed table's rows on the computed curves
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from tokprof.profiler.schema import save_json_atomic
+from tokprof.rollup.curve import Curve, Workload
+from tokprof.rollup.factors import Comparison, Scenario, compare_systems, waterfall_png
+from tokprof.rollup.model_shape import ModelShape
+
+# the seed table's GPUs -> the system and precision the article's rows describe (Hopper FP8, Blackwell FP4)
+PUBLISHED_SYSTEMS = {"h200": ("hgx-h200", "fp8"), "gb300": ("gb300-nvl72", "fp4")}
+
+
+def curve_png(curve: Curve, path: str | Path, labels: int = 8) -> str:
+    """Every feasible point (grey), the Pareto frontier (line) with up to `labels` configuration names, and $/M
+    isolines (constant tokens/s per GPU at the system's price)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    ax.scatter([p.tokens_per_s_per_user for p in curve.points], [p.output_tokens_per_s_per_gpu for p in curve.points],
+               s=4, color="#cccccc", label="feasible configurations")
+    f = curve.frontier
+    ax.plot([p.tokens_per_s_per_user for p in f], [p.output_tokens_per_s_per_gpu for p in f], "-o", ms=3,
+            color="#264653", label="Pareto frontier")
+    step = max(1, len(f) // labels)
+    for p in f[::step]:
+        ax.annotate(p.label, (p.tokens_per_s_per_user, p.output_tokens_per_s_per_gpu), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    price = next((p.usd_per_million_tokens * p.output_tokens_per_s_per_gpu * 3600 / 1e6 for p in curve.points
+                  if p.usd_per_million_tokens), None)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    if price and f:
+        lo, hi = ax.get_ylim()
+        for usd in (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10):
+            tps = price / (usd * 3600 / 1e6)
+            if lo < tps < hi:
+                ax.axhline(tps, color="#e76f51", lw=0.6, ls="--")
+                ax.text(ax.get_xlim()[0], tps, f" ${usd:g}/M", fontsize=7, color="#e76f51", va="bottom")
+    ax.set_xlabel("tokens/s per user (decode speed)")
+    ax.set_ylabel("output tokens/s per GPU (all GPUs, prefill included)")
+    ax.set_title(f"{curve.model} {curve.workload} {curve.precision} on {curve.system} ({curve.provenance})", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def _fmt(x: float | None, money: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"${x:.3f}" if money else f"{x:,.1f}"
+
+
+def curve_markdown(curve: Curve, png: str | None = None) -> list[str]:
+    lines = [f"### {curve.model} {curve.workload} {curve.precision} on {curve.system} ({curve.provenance})", ""]
+    if png:
+        lines += [f"![curve]({Path(png).name})", ""]
+    lines += ["| configuration | tokens/s/user | out tok/s/GPU (all) | per decode GPU | $/M | tok/s/MW | a2a link | "
+              "label |", "|---|---:|---:|---:|---:|---:|---|---|"]
+    for p in curve.frontier:
+        lines.append(f"| {p.label} | {p.tokens_per_s_per_user:,.1f} | {p.output_tokens_per_s_per_gpu:,.1f} | "
+                     f"{p.output_tokens_per_s_per_decode_gpu:,.1f} | {_fmt(p.usd_per_million_tokens, True)} | "
+                     f"{_fmt(p.tokens_per_s_per_mw)} | {p.a2a_link} | {p.provenance} |")
+    lines += ["", "Sources: " + "; ".join(f"{k}: {v}" for k, v in curve.sources.items()), ""]
+    return lines
+
+
+def comparison_markdown(cmp: Comparison, png: str | None = None) -> list[str]:
+    a, b = cmp.a, cmp.b
+    lines = [f"### {b['system']} vs {a['system']} at {cmp.tokens_per_s_per_user:g} tokens/s per user "
+             f"({cmp.model} {cmp.workload})", ""]
+    for s in (a, b):
+        lines.append(f"- {s['system']} {s['precision']} ({s['provenance']}): "
+                     + (f"{s['best']['label']}: {s['output_tokens_per_s_per_gpu']:,.1f} tokens/s per GPU, "
+                        f"{_fmt(s['usd_per_million_tokens'], True)}/M, {_fmt(s['tokens_per_s_per_mw'])} tokens/s per "
+                        "MW" if s["best"] else s.get("reason", "no point")))
+    lines += [f"- ratio B/A: {cmp.ratio:.2f}x" if cmp.ratio else "- ratio: none", ""]
+    if png:
+        lines += [f"![waterfall]({Path(png).name})", ""]
+    lines += ["| factor | x (this order) | x (reverse order) | x (Shapley) | note |", "|---|---:|---:|---:|---|"]
+    ex = lambda v: "-" if v is None else f"{math.exp(v):.3f}"  # noqa: E731
+    for s in cmp.steps:
+        lines.append(f"| {s.name} | {ex(s.log_ratio)} | {ex(s.reverse_log_ratio)} | {ex(s.shapley_log_ratio)} | "
+                     f"{s.note} |")
+    return lines + ["", *cmp.notes, ""]
+
+
+def reproduce_published(shape: ModelShape, workloads: list[Workload] | None = None, tokens_per_s_per_user:
+                        float | None = None, shapley: bool = False, out: str | Path | None = None) -> dict[str, Any]:
+    """The seed table's rows (tokprof/data/published_tables.json) on tokprof's curves: where each printed
+    tokens/s per GPU sits (the highest interactivity still giving it, on both readings of 'per GPU'), whether any
+    configuration reaches it, and the decomposition of the two rows' ratio at one interactivity."""
+    from tokprof.rollup.published import load_published_tables
+
+    workloads = workloads or [Workload(1024, 1024), Workload(8192, 1024)]
+    table = load_published_tables()[0]
+    rows = [r for r in table["rows"] if r.get("gpu") in PUBLISHED_SYSTEMS]
+    result: dict[str, Any] = {"table": table["name"], "model": shape.name, "rows": [], "comparisons": []}
+    lines = [f"## Published table from first principles: {table['name']} ({shape.name})", "",
+             "The article prints no model, workload or interactivity for its rows; tokprof reads them as "
+             f"{shape.name}, each workload below, Hopper FP8 and Blackwell FP4, and 'tokens/s per GPU' as output "
+             "tokens over all GPUs (prefill pool included) - the per-decode-GPU reading is shown too.", ""]
+    scen = {g: Scenario.of(*PUBLISHED_SYSTEMS[g]) for g in {r["gpu"] for r in rows}}
+    for wl in workloads:
+        curves = {g: s.curve(shape, wl) for g, s in scen.items()}
+        at = {}
+        for r in rows:
+            c, tps = curves[r["gpu"]], float(r["tokens_per_s_per_gpu"]["value"])
+            top = max(c.frontier, key=lambda p: p.output_tokens_per_s_per_gpu) if c.frontier else None
+            dec = [p for p in c.frontier if p.output_tokens_per_s_per_decode_gpu >= tps]
+            ui = c.interactivity_at(tps)
+            entry = {"row": r["label"], "workload": wl.label, "system": c.system, "precision": c.precision,
+                     "published_tokens_per_s_per_gpu": tps, "tokens_per_s_per_user_all_gpus": ui,
+                     "tokens_per_s_per_user_per_decode_gpu": max((p.tokens_per_s_per_user for p in dec), default=None),
+                     "curve_max_tokens_per_s_per_gpu": top.output_tokens_per_s_per_gpu if top else None,
+                     "curve_max_config": top.label if top else None, "provenance": c.provenance,
+                     "math": c.sources.get("math")}
+            if ui is None:
+                entry["reason"] = (f"no configuration tokprof can express reaches {tps:,.0f} tokens/s per GPU on "
+                                   f"{c.system} at {wl.label}: its best is {entry['curve_max_tokens_per_s_per_gpu'] or 0:,.0f}"
+                                   f" ({entry['curve_max_config']}), bounded by the weights+KV bytes each step reads "
+                                   "per token and the FLOPs per token at the stated efficiencies")
+            at[r["gpu"]] = ui
+            result["rows"].append(entry)
+            lines.append(f"- {wl.label} {r['label']}: {tps:,.0f} tokens/s per GPU sits at "
+                         + (f"{ui:,.1f} tokens/s per user (all GPUs); "
+                            if ui is not None else f"NO point of the curve: {entry['reason']}; ")
+                         + f"curve max {entry['curve_max_tokens_per_s_per_gpu'] or 0:,.0f} ({entry['curve_max_config']})")
+        target = tokens_per_s_per_user or next((v for g, v in at.items() if g == "gb300" and v), None) or 50.0
+        if len(scen) == 2:
+            cmp = compare_systems(shape, scen["h200"], scen["gb300"], wl, target, shapley=shapley)
+            pub = rows[1]["tokens_per_s_per_gpu"]["value"] / rows[0]["tokens_per_s_per_gpu"]["value"]
+            d = cmp.to_dict()
+            d["published_ratio"] = pub
+            d["unreached_factor"] = pub / cmp.ratio if cmp.ratio else None
+            result["comparisons"].append(d)
+            png = None
+            if out is not None:
+                png = waterfall_png(cmp, str(Path(out) / f"waterfall-published-{wl.label.replace('/', '-')}.png"),
+                                    published_ratio=pub)
+            lines += ["", *comparison_markdown(cmp, png),
+                      f"Published ratio {pub:.1f}x vs computed {cmp.ratio or float('nan'):.2f}x at {target:g} tokens/s "
+                      f"per user: {d['unreached_factor'] or float('nan'):.1f}x of the published ratio is not "
+                      "reached by any factor tokprof models (the rows are at different interactivities, or the H200 "
+                      "row is far below what tokprof's H200 curve reaches at any interactivity).", ""]
+    result["markdown"] = "\n".join(lines)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "published-systems.md").write_text(result["markdown"] + "\n")
+        save_json_atomic({k: v for k, v in result.items() if k != "markdown"}, Path(out) / "published-systems.json")
+    return result
