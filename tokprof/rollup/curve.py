@@ -45,7 +45,7 @@ import numpy as np
 from tokprof.rollup.capacity import DEFAULT_MEMORY_UTILIZATION, WORKSPACE_BYTES
 from tokprof.rollup.model_shape import ModelShape
 from tokprof.rollup.step_model import StepModel
-from tokprof.rollup.systems import SCALE_OUT_EFFICIENCY, Hardware, all_to_all_us, transfer_us
+from tokprof.rollup.systems import SCALE_OUT_EFFICIENCY, Hardware, all_to_all_us
 
 MTP_ACCEPTANCE = 0.85
 MTP_ACCEPTANCE_SOURCE = ("DeepSeek-V3 technical report (arXiv 2412.19437) section 5.4.3: the second token's "
@@ -256,7 +256,8 @@ def _decode_step(shape: ModelShape, hw: Hardware, precision: str, sm: StepModel,
     t = _op(4 * L, 2 * L * shape.attn_params * q / tp, L * shape.attn_params * wb / tp, peak, hw.hbm_tbps, sm,
             "linear")
     kv_read = b * context * shape.kv_elems_per_token * L * kvb / min(tp, shape.kv_split_max)
-    attn_flops = (b * (1 + mtp) * context + prefill_tokens * prefill_ctx) * shape.attn_flops_per_ctx * L / tp
+    attn_flops = (b * (1 + mtp) * context * shape.attn_flops_per_ctx
+                  + prefill_tokens * prefill_ctx * shape.prefill_attn_flops_per_ctx) * L / tp
     t = t + _op(L, attn_flops, kv_read, peak_bf16, hw.hbm_tbps, sm, "decode_attention")
     t = t + _op(2 * L, 0.0, b * (1 + mtp) * shape.hidden * 2 * 4 * L, peak, hw.hbm_tbps, sm, "default")  # norms
     if Ld:
@@ -297,7 +298,7 @@ def _prefill_tokens_per_s_per_gpu(shape: ModelShape, hw: Hardware, precision: st
     """Prefill throughput of one GPU of a `gpus`-wide EP prefill instance: compute at PREFILL_MFU, the
     all-to-all of its tokens overlapped (the slower of the two per token)."""
     peak, _ = math_peak(hw, precision)
-    flops = 2 * shape.active_params + shape.layers * shape.attn_flops_per_ctx * isl / 2
+    flops = 2 * shape.active_params + shape.layers * shape.prefill_attn_flops_per_ctx * isl / 2
     t_compute = flops / (peak * 1e12 * PREFILL_MFU)
     if not shape.is_moe or gpus == 1:
         return 1.0 / t_compute

@@ -12,7 +12,8 @@ n_routed experts `num_experts`, `num_experts_per_tok`, `moe_intermediate_size`, 
   KV per token MLA: kv_lora + rope elements (one latent row shared by all heads: tensor parallelism does not split
                it, each TP rank holds the whole cache);  GQA: 2 Hkv d elements (split over min(tp, Hkv) ranks)
   attention    FLOPs per query token per attended token: MLA absorbed (DeepSeek-V2 paper, 'absorbed' decode):
-  FLOPs        2 H (2 kv_lora + rope) (scores over kv_lora + rope, values over kv_lora);  GQA: 4 Hq d
+  FLOPs        2 H (2 kv_lora + rope) (scores over kv_lora + rope, values over kv_lora);  GQA: 4 Hq d. Prefill
+               runs MLA unabsorbed (per-head keys and values decompressed): 2 H (qk_nope + rope + v)
   MLP          dense layers 3 h I; MoE layers: E routed experts of 3 h I_moe each, top-k per token, and
                n_shared always-on experts of 3 h I_moe
 
@@ -56,7 +57,8 @@ class ModelShape:
     vocab: int
     kv_elems_per_token: int  # per layer
     kv_split_max: int  # tensor-parallel ranks the KV cache splits over at most (1 for MLA)
-    attn_flops_per_ctx: int  # per query token, per attended token, per layer
+    attn_flops_per_ctx: int  # per query token, per attended token, per layer (decode; MLA absorbed)
+    prefill_attn_flops_per_ctx: int  # the same in prefill (MLA not absorbed: 2 H (qk_nope + rope + v))
     has_mtp: bool  # the model ships a multi-token-prediction module
     mla: bool
 
@@ -87,10 +89,12 @@ class ModelShape:
             q = (h * q_lora + q_lora * heads * (nope + rope)) if q_lora else h * heads * (nope + rope)
             attn = q + h * (kv_lora + rope) + kv_lora * heads * (nope + v) + heads * v * h
             kv, split, flops = kv_lora + rope, 1, 2 * heads * (2 * kv_lora + rope)
+            pflops = 2 * heads * (nope + rope + v)
         else:
             d, hkv = cfg.head_dim, cfg.num_kv_heads
             attn = h * (heads + 2 * hkv) * d + heads * d * h
             kv, split, flops = 2 * hkv * d, hkv, 4 * heads * d
+            pflops = flops
         experts = g("num_experts")
         if experts:
             moe_i = g("moe_intermediate_size")
@@ -106,6 +110,7 @@ class ModelShape:
                    expert_params=3 * h * moe_i, n_experts=experts, top_k=g("num_experts_per_tok"),
                    shared_params=g("n_shared_experts") * 3 * h * moe_i, vocab=cfg.vocab_size,
                    kv_elems_per_token=kv, kv_split_max=split, attn_flops_per_ctx=flops,
+                   prefill_attn_flops_per_ctx=pflops,
                    has_mtp=arch == "deepseek_v3", mla=bool(kv_lora))
 
 
@@ -123,8 +128,9 @@ def deepseek_r1_shape() -> ModelShape:
                       dense_mlp_params=3 * h * c["intermediate_size"], expert_params=3 * h * c["moe_intermediate_size"],
                       n_experts=c["n_routed_experts"], top_k=c["num_experts_per_tok"],
                       shared_params=c["n_shared_experts"] * 3 * h * c["moe_intermediate_size"], vocab=c["vocab_size"],
-                      kv_elems_per_token=kv_lora + rope, kv_split_max=1, attn_flops_per_ctx=2 * heads * (2 * kv_lora
-                                                                                                        + rope),
+                      kv_elems_per_token=kv_lora + rope, kv_split_max=1,
+                      attn_flops_per_ctx=2 * heads * (2 * kv_lora + rope),
+                      prefill_attn_flops_per_ctx=2 * heads * (nope + rope + v),
                       has_mtp=c["num_nextn_predict_layers"] > 0, mla=True)
 
 
