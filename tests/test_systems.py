@@ -234,3 +234,33 @@ def test_cli_curve_and_compare(tmp_path):
     assert sum(s["log_ratio"] for s in out["steps"]) == pytest.approx(math.log(out["ratio"]))
     assert (tmp_path / "waterfall.png").exists()
     assert np.isfinite(out["a"]["usd_per_million_tokens"])
+
+
+def test_a_measured_run_anchors_the_curve(monkeypatch):
+    from types import SimpleNamespace
+
+    import tokprof.profiler.schema as schema
+
+    def k(op: str, roof: float, t: float) -> SimpleNamespace:
+        return SimpleNamespace(op=op, time_us=t, roofline=SimpleNamespace(bound="memory", t_roof_datasheet_us=roof,
+                                                                          suspicious=False))
+
+    def fake_run(spec_key: str) -> SimpleNamespace:  # linear kernels at 40% of the HBM roof, 2 us latency
+        return SimpleNamespace(kernels=[k("linear", r, 2.0 + r / 0.4) for r in (1.0, 10.0, 100.0, 1000.0)],
+                               provenance=SimpleNamespace(device=SimpleNamespace(spec_key=spec_key, name="H200")))
+
+    monkeypatch.setattr(schema, "load_run", lambda path: fake_run("h200"))
+    feats = Features(disaggregation=False, mtp_depths=(0,))
+    anchored = Scenario.of("hgx-h200", "bf16", feats, run="h200-run.json")
+    assert anchored.provenance == "projected"
+    assert anchored.step_model.memory_efficiency["linear"] == pytest.approx(0.4)
+    plain = Scenario(hw=H200, precision="bf16", features=feats)
+    ca, cp = anchored.curve(LLAMA, Workload(1024, 1024)), plain.curve(LLAMA, Workload(1024, 1024))
+    assert {p.provenance for p in ca.points} == {"projected"} and ca.provenance == "projected"
+    # batch 1 is weight-read bound: 0.4 of the roof instead of the default 0.8 is slower
+    slow = next(p for p in ca.points if p.batch == 1 and p.tp == 1)
+    fast = next(p for p in cp.points if p.batch == 1 and p.tp == 1)
+    assert slow.step_time_us > 1.5 * fast.step_time_us
+    monkeypatch.setattr(schema, "load_run", lambda path: fake_run("b200"))
+    with pytest.raises(ValueError, match="measured on 'b200'"):
+        Scenario.of("hgx-h200", "bf16", feats, run="b200-run.json")

@@ -31,12 +31,12 @@ def _features(no_disagg: bool, mtp: str | None, max_gpus: int):
     return Features(disaggregation=not no_disagg, mtp_depths=depths, max_gpus=max_gpus)
 
 
-def _scenario(text: str, features, option: str):
+def _scenario(text: str, features, option: str, run: str | None = None):
     from tokprof.rollup.factors import Scenario
 
     system, _, precision = text.partition(":")
     try:
-        return Scenario.of(system, precision or "fp8", features)
+        return Scenario.of(system, precision or "fp8", features, run=run)
     except ValueError as err:
         fail(f"{option}: {err}")
 
@@ -78,6 +78,8 @@ def curve(
     report: Path | None = typer.Option(None, "--report", help="Folder for the curve PNG and markdown section."),  # noqa: B008
     all_points: bool = typer.Option(False, "--all-points", help="Every feasible point in the JSON, not only the "
                                     "frontier."),
+    run: str | None = typer.Option(None, "--run", help="A measured RunResult of this system's GPU: its kernels' "
+                                   "efficiency curves anchor the curve (labelled projected)."),
 ) -> None:
     """Output tokens/s per GPU vs tokens/s per user for a model on a system: every serving configuration searched
     (TP, EP, DP attention, MTP, aggregated or disaggregated, capacity), the Pareto frontier, $/M and tokens/s per MW."""
@@ -90,7 +92,7 @@ def curve(
     try:
         shape, shape_source = shape_for(model)
         wl = Workload.parse(workload)
-        scen = _scenario(system, feats, "--system")
+        scen = _scenario(system, feats, "--system", run)
         from dataclasses import replace
 
         scen = replace(scen, precision=precision)
@@ -133,6 +135,8 @@ def compare_systems_cmd(
     shapley: bool = typer.Option(False, "--shapley", help="Also average each factor over all orders (2^n curves "
                                  "for the n factors that differ; slower)."),
     report: Path | None = typer.Option(None, "--report", help="Folder for the waterfall PNG and markdown."),  # noqa: B008
+    a_run: str | None = typer.Option(None, "--a-run", help="A measured RunResult of A's GPU anchoring A's curve."),
+    b_run: str | None = typer.Option(None, "--b-run", help="A measured RunResult of B's GPU anchoring B's curve."),
 ) -> None:
     """Iso-interactivity comparison of two systems: each one's best tokens/s per GPU, $/M and tokens/s per MW at the
     stated tokens/s per user, the ratio, and the ratio decomposed into factors (a waterfall)."""
@@ -144,8 +148,8 @@ def compare_systems_cmd(
     check_output("--report", report, folder=True)
     if not interactivity > 0:
         fail(f"--interactivity: expected a positive number of tokens/s per user, got {interactivity}")
-    sa = _scenario(a, _features(a_no_disagg, a_mtp, 72), "--a")
-    sb = _scenario(b, _features(False, None, 72), "--b")
+    sa = _scenario(a, _features(a_no_disagg, a_mtp, 72), "--a", a_run)
+    sb = _scenario(b, _features(False, None, 72), "--b", b_run)
     try:
         shape, _ = shape_for(model)
         cmp = compare_systems(shape, sa, sb, Workload.parse(workload), interactivity, shapley=shapley)

@@ -57,18 +57,46 @@ class Scenario:
 
     @classmethod
     def of(cls, system: str, precision: str, features: Features | None = None,
-           step_model: StepModel | None = None) -> Scenario:
-        """A system by name; its step model fitted to a shipped reference run of its GPU when there is one (the
-        curve is then 'projected' from measurements), else the step model's defaults ('modelled')."""
+           step_model: StepModel | None = None, run: str | None = None) -> Scenario:
+        """A system by name. Its step model: `step_model` if given; else fitted to the RunResult file `run` (a
+        measured run on this system's GPU); else to a shipped reference run of its GPU (tokprof/data/reference/);
+        else the defaults. A curve from measured efficiency curves is 'projected', from the defaults 'modelled'."""
         hw = hardware(resolve_system(system))
-        ref = None if step_model is not None else reference_step_model(hw.gpu)
-        sm = step_model or ref or StepModel()
+        fitted = None
+        if step_model is None and run is not None:
+            fitted = step_model_from_run(run, hw.gpu)
+        elif step_model is None:
+            fitted = reference_step_model(hw.gpu)
+        sm = step_model or fitted or StepModel()
         return cls(hw=hw, precision=precision, features=features or Features(), step_model=sm,
-                   provenance="projected" if ref is not None else "modelled")
+                   provenance="projected" if fitted is not None else "modelled")
 
     def curve(self, shape: ModelShape, workload: Workload) -> Curve:
         return serving_curve(shape, self.hw, workload, self.precision, features=self.features,
                              step_model=self.step_model, provenance=self.provenance)
+
+
+def step_model_from_run(path: str, gpu: str) -> StepModel:
+    """The step model with each op's efficiency curve fitted to a measured RunResult of `gpu` (the hook
+    reference_step_model uses for shipped reference runs); ValueError when the run is of another GPU or has no
+    memory-bound kernels to fit."""
+    from tokprof.profiler.schema import load_run
+    from tokprof.rollup.step_model import fit_efficiency_curves
+
+    try:
+        run = load_run(path)
+    except (OSError, KeyError, TypeError) as err:
+        raise ValueError(f"run: cannot read a RunResult from {path!r}: {err}") from err
+    key = run.provenance.device.spec_key
+    if key != gpu:
+        raise ValueError(f"run: {path!r} was measured on {key or run.provenance.device.name!r}, not {gpu!r}; its "
+                         "kernels cannot anchor this system's curve")
+    curves = fit_efficiency_curves(run)
+    if not curves:
+        raise ValueError(f"run: {path!r} has no memory-bound kernel measurements to fit efficiency curves to")
+    return StepModel().with_overrides({"memory_efficiency": {op: e for op, (e, _) in curves.items()},
+                                       "op_call_latency_us": {op: a for op, (_, a) in curves.items()}},
+                                      source=f"fitted to the measured run {path} ({run.provenance.device.name})")
 
 
 def switch(a: Scenario, b: Scenario, factors: set[str] | frozenset[str]) -> Scenario:
@@ -205,6 +233,9 @@ def compare_systems(shape: ModelShape, a: Scenario, b: Scenario, workload: Workl
              f"{tokens_per_s_per_user:g} tokens/s per user; factors switched A -> B in the order shown; "
              "contributions are log-ratios and add up to the total; 'reverse' is the same in the reverse order "
              "(the difference is the order-dependence)" + ("; 'shapley' averages over all orders" if shapley else "")]
+    for key in ("usd_per_million_tokens", "tokens_per_s_per_mw"):
+        va, vb = sa[key], sb[key]
+        sb[f"{key}_ratio_b_over_a"] = vb / va if va and vb else None
     return Comparison(model=shape.name, workload=workload.label, tokens_per_s_per_user=tokens_per_s_per_user,
                       a=sa, b=sb, ratio=ratio, steps=steps, order=tuple(order), notes=notes)
 
