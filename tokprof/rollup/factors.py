@@ -269,19 +269,23 @@ def waterfall_png(cmp: Comparison, path: str, published_ratio: float | None = No
     highs.append(cmp.b["output_tokens_per_s_per_gpu"] or 1.0)
     colors.append("#777777")
     if published_ratio is not None and a0:
-        names.append("published, not reached")
+        names.append(f"published: A x {published_ratio:.1f}")
         target = a0 * published_ratio
         lows.append(min(level, target))
         highs.append(max(level, target))
         colors.append("#bbbbbb")
-    x = range(len(names))
+    x = list(range(len(names)))
     ax.bar(x, [h - lo for lo, h in zip(lows, highs, strict=True)], bottom=lows, color=colors)
+    for i, s in enumerate(cmp.steps, start=1):  # each factor's multiplier over its bar
+        text = "n/a" if s.log_ratio is None else f"x{math.exp(s.log_ratio):.2f}"
+        ax.text(i, highs[i] * 1.08, text, ha="center", fontsize=7)
     ax.set_yscale("log")
-    ax.set_xticks(list(x), names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylim(max(0.5, min(v for v in lows if v > 0) * 0.5), max(highs) * 2.5)
+    ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("output tokens/s per GPU (all GPUs)")
-    ax.set_title(f"{cmp.model} {cmp.workload}: {cmp.b['system']} / {cmp.a['system']} at {cmp.tokens_per_s_per_user:g}"
-                 f" tokens/s per user = {cmp.ratio:.2f}x (modelled)" if cmp.ratio else f"{cmp.model}: no ratio",
-                 fontsize=9)
+    ax.set_title(f"{cmp.model} {cmp.workload}: {cmp.b['system']} / {cmp.a['system']} at {cmp.tokens_per_s_per_user:.0f}"
+                 f" tokens/s per user = {cmp.ratio:.2f}x ({cmp.a['provenance']} / {cmp.b['provenance']}; factors in "
+                 "this order)" if cmp.ratio else f"{cmp.model}: no ratio at this interactivity", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
