@@ -274,3 +274,43 @@ def test_a_measured_run_anchors_the_curve(monkeypatch):
     monkeypatch.setattr(schema, "load_run", lambda path: fake_run("b200"))
     with pytest.raises(ValueError, match="measured on 'b200'"):
         Scenario.of("hgx-h200", "bf16", feats, run="b200-run.json")
+
+
+FAST = Features(disaggregation=False, mtp_depths=(0,), gpu_counts=(8, 16, 32))
+
+
+@pytest.mark.parametrize("factor,a_changes,b_changes,target", [
+    ("precision", {"precision": "fp8"}, {"precision": "fp4"}, 30.0),
+    ("scale-up domain -> EP", {}, {"hw": H200.with_(gpus_per_domain=72)}, 30.0),
+    ("scale-out network", {}, {"hw": H200.with_(scale_out_gbps=400.0)}, 30.0),
+    ("disaggregation", {}, {"features": replace(FAST, disaggregation=True)}, 30.0),
+    ("MTP", {}, {"features": replace(FAST, mtp_depths=(0, 1, 2))}, 60.0),
+])
+def test_each_factor_in_isolation_on_deepseek(factor, a_changes, b_changes, target):
+    shape = deepseek_r1_shape()
+    base = Scenario(hw=GB300 if factor == "precision" else H200, precision="fp8", features=FAST)
+    a, b = replace(base, **a_changes), replace(base, **b_changes)
+    cmp = compare_systems(shape, a, b, Workload(1024, 1024), target)
+    assert cmp.ratio is not None and cmp.ratio > 1.0
+    for s in cmp.steps:
+        assert s.log_ratio == pytest.approx(math.log(cmp.ratio) if s.name == factor else 0.0, abs=1e-12)
+
+
+def test_reproduce_published_places_each_row_on_its_curve(tmp_path):
+    from tokprof.rollup.systems_report import reproduce_published
+
+    res = reproduce_published(deepseek_r1_shape(), workloads=[Workload(1024, 1024)], tokens_per_s_per_user=50.0,
+                              out=tmp_path)
+    assert {r["system"] for r in res["rows"]} == {"hgx-h200", "gb300-nvl72"}
+    for r in res["rows"]:
+        if r["tokens_per_s_per_user_all_gpus"] is None:
+            assert "no configuration" in r["reason"]
+            assert r["curve_max_tokens_per_s_per_gpu"] < r["published_tokens_per_s_per_gpu"]
+        else:
+            assert r["curve_max_tokens_per_s_per_gpu"] >= r["published_tokens_per_s_per_gpu"]
+    (cmp,) = res["comparisons"]
+    assert cmp["published_ratio"] == pytest.approx(6000 / 90)
+    assert cmp["published_over_computed"] == pytest.approx(cmp["published_ratio"] / cmp["ratio"])
+    assert sum(s["log_ratio"] for s in cmp["steps"]) == pytest.approx(math.log(cmp["ratio"]))
+    assert res["scale_check"]["published_tokens_per_s_per_decode_gpu"] == 1850.0
+    assert (tmp_path / "published-systems.md").exists() and (tmp_path / "published-systems.json").exists()

@@ -176,13 +176,15 @@ def compare_systems(shape: ModelShape, a: Scenario, b: Scenario, workload: Workl
     unknown = set(order) - set(FACTOR_ORDER)
     if unknown or len(set(order)) != len(FACTOR_ORDER):
         raise ValueError(f"order: expected a permutation of {list(FACTOR_ORDER)}, got {list(order)}")
-    cache: dict[frozenset[str], float | None] = {}
+    cache: dict[str, float | None] = {}
 
     def value(switched: frozenset[str]) -> float | None:
-        if switched not in cache:
-            best = switch(a, b, switched).curve(shape, workload).best_at(tokens_per_s_per_user)
-            cache[switched] = best.output_tokens_per_s_per_gpu if best else None
-        return cache[switched]
+        scenario = switch(a, b, switched)
+        key = repr(scenario)  # switching a factor A and B share gives the same scenario: computed once
+        if key not in cache:
+            best = scenario.curve(shape, workload).best_at(tokens_per_s_per_user)
+            cache[key] = best.output_tokens_per_s_per_gpu if best else None
+        return cache[key]
 
     def walk(seq: tuple[str, ...]) -> dict[str, tuple[float | None, float | None]]:
         done: frozenset[str] = frozenset()
