@@ -314,3 +314,16 @@ def test_reproduce_published_places_each_row_on_its_curve(tmp_path):
     assert sum(s["log_ratio"] for s in cmp["steps"]) == pytest.approx(math.log(cmp["ratio"]))
     assert res["scale_check"]["published_tokens_per_s_per_decode_gpu"] == 1850.0
     assert (tmp_path / "published-systems.md").exists() and (tmp_path / "published-systems.json").exists()
+
+
+def test_dense_step_agrees_with_the_plan_based_step_model():
+    """The curve's aggregated op groups against tokprof's per-kernel decode plan timed by the same step model
+    (rollup.project.modelled): a dense model, decode only (the disaggregated step has no prefill in it)."""
+    from tokprof.rollup.project import modelled
+
+    cfg = ModelConfig.from_name("llama-3.1-8b")
+    c = serving_curve(LLAMA, H200, Workload(1024, 1024), "bf16", features=Features(mtp_depths=(0,)))
+    for tp in (1, 2):
+        for ref in modelled(cfg, "h200", [1, 64, 256], [1536], "bf16", tp=tp):  # context = ISL + OSL / 2
+            ours = next(p for p in c.points if p.tp == tp and p.batch == ref.batch and p.mode == "disaggregated")
+            assert ours.step_time_us == pytest.approx(ref.step_time_us, rel=0.06)
