@@ -148,7 +148,7 @@ def test_disaggregated_pool_ratio_by_hand():
     wl = Workload(8192, 1024)
     c = serving_curve(shape, GB300, wl, "fp8", features=Features(mtp_depths=(0,), gpu_counts=(16,)))
     p = next(p for p in c.points if p.mode == "disaggregated" and p.tp == 1 and p.batch == 64)
-    rate = _prefill_tokens_per_s_per_gpu(shape, GB300, "fp8", SM, wl.isl, 16)
+    rate = _prefill_tokens_per_s_per_gpu(shape, GB300, "fp8", SM, wl.prefill_context, 16)
     r = p.output_tokens_per_s_per_decode_gpu * wl.isl / wl.osl / rate
     assert p.prefill_gpus_per_decode_gpu == pytest.approx(r)
     assert p.output_tokens_per_s_per_gpu == pytest.approx(p.output_tokens_per_s_per_decode_gpu / (1 + r))
@@ -221,7 +221,15 @@ def test_switch_takes_each_factor_from_b():
 def test_workload_parse():
     assert Workload.parse("8k/1k") == Workload(8192, 1024)
     assert Workload.parse("1000/200") == Workload(1000, 200)
-    for bad in ("1k", "a/b", "0/1k", "1k/1k/1k"):
+    wl = Workload(8192, 1024)
+    assert (wl.prefill_per_output, wl.decode_context, wl.prefill_context, wl.seq_tokens) == (8, 8704, 4096, 9216)
+    mix = Workload.parse("1k/1k:3,8k/1k:1")  # weights normalised: 3/4 short and 1/4 long requests
+    assert mix.mix == ((1024, 1024, 0.75), (8192, 1024, 0.25)) and (mix.isl, mix.osl) == (2816, 1024)
+    assert mix.prefill_per_output == pytest.approx((0.75 * 1024 + 0.25 * 8192) / 1024)
+    assert mix.decode_context == pytest.approx(0.75 * 1536 + 0.25 * 8704) and mix.seq_tokens == 9216
+    assert mix.prefill_context == pytest.approx((0.75 * 1024 * 512 + 0.25 * 8192 * 4096) / (0.75 * 1024 + 0.25 * 8192))
+    assert mix.label == "1k/1k:0.75+8k/1k:0.25"
+    for bad in ("1k", "a/b", "0/1k", "1k/1k/1k", "1k/1k:0", "1k/1k:x,8k/1k:1"):
         with pytest.raises(ValueError, match="workload"):
             Workload.parse(bad)
 

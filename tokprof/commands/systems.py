@@ -12,7 +12,12 @@ from rich.table import Table
 from tokprof.commands._app import app, check_output, console, fail, print_wide, split_csv
 
 MODEL_HELP = "Model preset or HF config.json (default deepseek-r1)."
-WORKLOAD_HELP = "ISL/OSL tokens, e.g. 1k/1k, 8k/1k, 1k/8k."
+WORKLOAD_HELP = ("ISL/OSL tokens, e.g. 1k/1k, 8k/1k, 1k/8k, or a mix of request kinds with their fractions, "
+                 "e.g. 1k/1k:0.7,8k/1k:0.3 (served mean-field).")
+
+
+def _slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in label)
 
 
 def _features(no_disagg: bool, mtp: str | None, max_gpus: int):
@@ -115,8 +120,8 @@ def curve(
     out = {"command": "curve", **c.to_dict(all_points=all_points), "model_source": shape_source}
     if report is not None:
         report.mkdir(parents=True, exist_ok=True)
-        png = curve_png(c, report / f"curve-{c.system}-{c.workload.replace('/', '-')}.png")
-        (report / f"curve-{c.system}-{c.workload.replace('/', '-')}.md").write_text(
+        png = curve_png(c, report / f"curve-{c.system}-{_slug(c.workload)}.png")
+        (report / f"curve-{c.system}-{_slug(c.workload)}.md").write_text(
             "\n".join(curve_markdown(c, png)) + "\n")
         out["report"] = str(report)
         console.print(f"report: {escape(str(report))}")

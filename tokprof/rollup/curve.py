@@ -73,36 +73,93 @@ MTP_DEPTHS = (0, 1, 2, 3)
 
 @dataclass(frozen=True)
 class Workload:
-    """Input and output tokens per request (ISL / OSL)."""
+    """Input and output tokens per request (ISL / OSL), or a mix of request kinds (`mix`: (isl, osl, weight), the
+    weights request fractions; isl/osl then hold the rounded means).
+
+    A mix is served mean-field: the decode step attends the output-token-weighted mean context, the prefill load is
+    sum(w isl) / sum(w osl) prompt tokens per output token, and memory holds the longest kind's ISL + OSL per
+    sequence (conservative, as for a single kind)."""
 
     isl: int
     osl: int
+    mix: tuple[tuple[int, int, float], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("isl", "osl"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}: expected a positive int of tokens, got {v!r}")
+        for isl, osl, w in self.mix:
+            if isl <= 0 or osl <= 0 or not w > 0:
+                raise ValueError(f"mix: expected (isl > 0, osl > 0, weight > 0) entries, got {(isl, osl, w)!r}")
+
+    @property
+    def kinds(self) -> tuple[tuple[int, int, float], ...]:
+        return self.mix or ((self.isl, self.osl, 1.0),)
+
+    @property
+    def prefill_per_output(self) -> float:
+        """Prompt tokens prefilled per output token."""
+        return sum(w * i for i, _, w in self.kinds) / sum(w * o for _, o, w in self.kinds)
+
+    @property
+    def decode_context(self) -> float:
+        """Mean attended tokens of a decode step (each kind weighted by its output tokens)."""
+        return sum(w * o * (i + o / 2) for i, o, w in self.kinds) / sum(w * o for _, o, w in self.kinds)
+
+    @property
+    def prefill_context(self) -> float:
+        """Mean attended tokens of a prompt token in prefill (half its prompt, weighted by prompt tokens)."""
+        return sum(w * i * i / 2 for i, _, w in self.kinds) / sum(w * i for i, _, w in self.kinds)
+
+    @property
+    def seq_tokens(self) -> int:
+        """KV tokens one sequence may hold at most (memory is sized for it)."""
+        return max(i + o for i, o, _ in self.kinds)
 
     @property
     def label(self) -> str:
         k = lambda n: f"{n // 1024}k" if n % 1024 == 0 else str(n)  # noqa: E731
+        if self.mix:
+            return "+".join(f"{k(i)}/{k(o)}:{w:g}" for i, o, w in self.mix)
         return f"{k(self.isl)}/{k(self.osl)}"
 
     @classmethod
     def parse(cls, text: str) -> Workload:
-        """'1k/1k', '8192/1024'."""
+        """'1k/1k', '8192/1024', or a mix of request kinds with their fractions: '1k/1k:0.7,8k/1k:0.3'."""
         def tokens(part: str) -> int | None:
             part = part.strip().lower()
             scale = 1024 if part.endswith("k") else 1
             digits = part[:-1] if scale > 1 else part
             return int(digits) * scale if digits.isdigit() and int(digits) > 0 else None
 
-        parts = str(text).split("/")
-        sizes = [tokens(p) for p in parts] if len(parts) == 2 else [None]
-        if None in sizes:
-            raise ValueError(f"workload: expected ISL/OSL such as 1k/1k or 8192/1024, got {text!r}")
-        return cls(sizes[0], sizes[1])
+        def one(item: str) -> tuple[int, int] | None:
+            parts = item.split("/")
+            sizes = [tokens(p) for p in parts] if len(parts) == 2 else [None]
+            return None if None in sizes else (sizes[0], sizes[1])
+
+        bad = f"workload: expected ISL/OSL such as 1k/1k or 8192/1024, or a mix like 1k/1k:0.7,8k/1k:0.3, got {text!r}"
+        items = [x for x in str(text).split(",")]
+        if len(items) == 1 and ":" not in items[0]:
+            pair = one(items[0])
+            if pair is None:
+                raise ValueError(bad)
+            return cls(*pair)
+        mix = []
+        for item in items:
+            kind, _, weight = item.partition(":")
+            pair = one(kind)
+            try:
+                w = float(weight)
+            except ValueError:
+                w = -1.0
+            if pair is None or not w > 0:
+                raise ValueError(bad)
+            mix.append((pair[0], pair[1], w))
+        total = sum(w for *_, w in mix)
+        isl = round(sum(w * i for i, _, w in mix) / total)
+        osl = round(sum(w * o for _, o, w in mix) / total)
+        return cls(isl, osl, tuple((i, o, w / total) for i, o, w in mix))
 
 
 @dataclass(frozen=True)
@@ -293,12 +350,12 @@ def _decode_step(shape: ModelShape, hw: Hardware, precision: str, sm: StepModel,
     return t, coll, link
 
 
-def _prefill_tokens_per_s_per_gpu(shape: ModelShape, hw: Hardware, precision: str, sm: StepModel, isl: int,
-                                  gpus: int) -> float:
+def _prefill_tokens_per_s_per_gpu(shape: ModelShape, hw: Hardware, precision: str, sm: StepModel,
+                                  context: float, gpus: int) -> float:
     """Prefill throughput of one GPU of a `gpus`-wide EP prefill instance: compute at PREFILL_MFU, the
     all-to-all of its tokens overlapped (the slower of the two per token)."""
     peak, _ = math_peak(hw, precision)
-    flops = 2 * shape.active_params + shape.layers * shape.prefill_attn_flops_per_ctx * isl / 2
+    flops = 2 * shape.active_params + shape.layers * shape.prefill_attn_flops_per_ctx * context
     t_compute = flops / (peak * 1e12 * PREFILL_MFU)
     if not shape.is_moe or gpus == 1:
         return 1.0 / t_compute
@@ -327,8 +384,8 @@ def serving_curve(shape: ModelShape, hw: Hardware, workload: Workload, precision
     feats = features or Features()
     sm = step_model or StepModel()
     capacity = hw.memory_gb * 1e9 * memory_utilization - WORKSPACE_BYTES
-    context = workload.isl + workload.osl / 2  # mean attended tokens while decoding
-    seq_tokens = workload.isl + workload.osl
+    context = workload.decode_context  # mean attended tokens while decoding
+    seq_tokens = workload.seq_tokens
     b_all = np.array(BATCHES, dtype=float)
     points: list[CurvePoint] = []
     dropped: dict[str, int] = {}
@@ -351,9 +408,9 @@ def serving_curve(shape: ModelShape, hw: Hardware, workload: Workload, precision
                 b = b_all[b_all <= b_max]
                 tps = sum(mtp_acceptance ** i for i in range(mtp + 1))
                 for mode in ("aggregated", "disaggregated") if feats.disaggregation else ("aggregated",):
-                    pre = b * tps * workload.isl / workload.osl if mode == "aggregated" else np.zeros_like(b)
+                    pre = b * tps * workload.prefill_per_output if mode == "aggregated" else np.zeros_like(b)
                     comp, coll, link = _decode_step(shape, hw, precision, sm, gpus, tp, b, mtp, context, pre,
-                                                    workload.isl / 2)
+                                                    workload.prefill_context)
                     if mtp:  # n draft passes of the MTP module: one layer and the head, at batch b
                         dc, dcoll, _ = _decode_step(shape, hw, precision, sm, gpus, tp, b, 0, context,
                                                     np.zeros_like(b), 0.0, layers_scale=1.0 / shape.layers)
@@ -366,14 +423,14 @@ def serving_curve(shape: ModelShape, hw: Hardware, workload: Workload, precision
                     if mode == "disaggregated":
                         if gpus not in prefill_rate:
                             prefill_rate[gpus] = max(_prefill_tokens_per_s_per_gpu(
-                                shape, hw, precision, sm, workload.isl, g)
+                                shape, hw, precision, sm, workload.prefill_context, g)
                                 for g in {1, min(8, hw.gpus_per_domain), min(gpus, 72)} if g <= max(gpus, 8))
-                        ratio = per_decode_gpu * workload.isl / workload.osl / prefill_rate[gpus]
+                        ratio = per_decode_gpu * workload.prefill_per_output / prefill_rate[gpus]
                         per_gpu = per_decode_gpu / (1 + ratio)
                         # KV of each request into the decode pool: over NVLink when both pools fit in one domain
                         same = gpus * (1 + ratio) <= hw.gpus_per_domain
-                        kv_req = kv_bytes_per_sequence(shape, precision, workload.isl, 1)
-                        inflow = per_decode_gpu / workload.osl * kv_req / 1e9  # GB/s per decode GPU
+                        kv_tok = kv_bytes_per_sequence(shape, precision, 1, 1)  # per prompt token
+                        inflow = per_decode_gpu * workload.prefill_per_output * kv_tok / 1e9  # GB/s per decode GPU
                         limit = np.where(same, hw.nvlink_gbps, hw.scale_out_gbps * SCALE_OUT_EFFICIENCY)
                         ok = inflow <= limit
                         if not ok.all():
