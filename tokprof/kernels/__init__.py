@@ -14,7 +14,7 @@ from tokprof.kernels._common import BACKENDS, DTYPES, Op, dtype_name, parse_dtyp
 
 # Ops in decode-step order; each module defines the public function of the same name and an `OP` record.
 _OP_MODULES = ("embedding", "rms_norm", "linear", "rope", "append_kv", "decode_attention", "prefill_attention",
-               "swiglu", "greedy_sample")
+               "paged_prefill_attention", "swiglu", "greedy_sample")
 
 OPS: dict[str, Op] = {}
 for _name in _OP_MODULES:
@@ -45,6 +45,7 @@ __all__ = [
     "embedding",
     "greedy_sample",
     "linear",
+    "paged_prefill_attention",
     "parse_dtype",
     "prefill_attention",
     "rms_norm",
