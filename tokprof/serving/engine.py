@@ -29,6 +29,24 @@ from tokprof.serving.scheduler import Request, Scheduler, SchedulerConfig, StepP
 from tokprof.serving.traffic import Driver, Workload
 
 
+class ThreadCpuClock:
+    """A clock that advances with this thread's CPU time, and jumps over sleeps: on a CPU shared with other
+    processes, a server measured on it sees every step take what it takes on a core of its own (the waits for a
+    scheduler slice left out), and arrivals keep their spacing. Needs one intra-op torch thread (all the work on
+    the calling thread). Figures measured on it say "clock: thread CPU time"."""
+
+    name = "thread CPU time"
+
+    def __init__(self) -> None:
+        self.offset_s = 0.0
+
+    def __call__(self) -> float:
+        return time.thread_time() + self.offset_s
+
+    def sleep(self, seconds: float) -> None:
+        self.offset_s += max(0.0, seconds)
+
+
 class ModelRunner:
     """Executes StepPlans on `model` over a pool of `num_blocks` KV blocks (per layer, K and V)."""
 
@@ -67,15 +85,14 @@ class ModelRunner:
             ids += toks
             positions += range(c.start, c.start + c.num_tokens)
         n_dec, decs, pres = plan.num_decode, plan.decodes, plan.prefills
-        width = max(len(c.request.blocks) for c in chunks)
         ids_t = torch.tensor(ids, dtype=torch.int64, device=device)  # (T,)
         pos_t = torch.tensor(positions, dtype=torch.int64, device=device)  # (T,)
         slots_t = torch.tensor(slots, dtype=torch.int64, device=device)  # (T,)
         if decs:
-            table_d = self._table(decs, width)  # (n_dec, width)
+            table_d = self._table(decs, max(len(c.request.blocks) for c in decs))  # (n_dec, max blocks)
             lens_d = torch.tensor([c.start + 1 for c in decs], dtype=torch.int32, device=device)
         if pres:
-            table_p = self._table(pres, width)  # (n_pre, width)
+            table_p = self._table(pres, max(len(c.request.blocks) for c in pres))  # (n_pre, max blocks)
             cu = [0]
             for c in pres:
                 cu.append(cu[-1] + c.num_tokens)
@@ -124,7 +141,7 @@ class ModelRunner:
 def step_record(plan: StepPlan, start_s: float, end_s: float) -> StepRecord:
     recompute = sum(max(0, min(c.start + c.num_tokens, c.request.recompute_until) - c.start) for c in plan.prefills)
     return StepRecord(start_s, end_s, plan.num_decode, plan.num_prefill_tokens, len(plan.prefills),
-                      plan.decode_context_mean, plan.prefill_context_tokens, recompute)
+                      plan.decode_context_mean, plan.prefill_context_tokens, recompute, plan.decode_context_max)
 
 
 @dataclass

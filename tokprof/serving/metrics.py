@@ -80,6 +80,7 @@ class StepRecord:
     decode_context_mean: float
     prefill_context_tokens: int
     recompute_tokens: int  # prefill tokens of requests recomputing after a preemption
+    decode_context_max: int = 0
 
     @property
     def time_s(self) -> float:

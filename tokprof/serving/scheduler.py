@@ -110,6 +110,11 @@ class StepPlan:
         return sum(c.start + 1 for c in self.decodes) / len(self.decodes) if self.decodes else 0.0
 
     @property
+    def decode_context_max(self) -> int:
+        """The longest KV length of the decode rows (a padded attention kernel costs this for every row)."""
+        return max((c.start + 1 for c in self.decodes), default=0)
+
+    @property
     def prefill_context_tokens(self) -> int:
         """Tokens already cached before the prefill chunks (the prefixes the chunks attend to)."""
         return sum(c.start for c in self.prefills)

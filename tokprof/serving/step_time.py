@@ -18,7 +18,7 @@ import functools
 import random
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -33,11 +33,21 @@ class StepShape:
     num_prefill_tokens: int
     num_prefill_seqs: int
     prefill_context_tokens: int  # tokens cached before the chunks, summed
+    decode_context_max: float = 0.0  # the longest decode row's KV length (0: take the mean)
 
     @classmethod
     def of(cls, plan: StepPlan) -> StepShape:
         return cls(plan.num_decode, plan.decode_context_mean, plan.num_prefill_tokens, len(plan.prefills),
-                   plan.prefill_context_tokens)
+                   plan.prefill_context_tokens, plan.decode_context_max)
+
+    @classmethod
+    def of_record(cls, st: Any) -> StepShape:
+        """The shape of a recorded step (tokprof.serving.metrics.StepRecord)."""
+        return cls(st.num_decode, st.decode_context_mean, st.num_prefill_tokens, st.num_prefill_seqs,
+                   st.prefill_context_tokens, st.decode_context_max)
+
+    def decode_only(self) -> StepShape:
+        return StepShape(self.num_decode, self.decode_context_mean, 0, 0, 0, self.decode_context_max)
 
 
 class StepTimeModel(Protocol):
@@ -69,6 +79,9 @@ class MeasuredStepTable:
     device: str
     repeats: int
     cpu_load_note: str | None = None
+    # "max": a step's decode cost follows its longest row (the torch reference pads every row's gather to it);
+    # "mean": it follows the mean (the Triton and CUDA kernels stop at each row's own length)
+    context_axis: str = "mean"
     provenance: str = "measured"
     notes: list[str] = field(default_factory=list)
 
@@ -85,11 +98,16 @@ class MeasuredStepTable:
 
     def step_time_s(self, shape: StepShape) -> float:
         if shape.num_prefill_tokens == 0:
-            return self.decode_time_s(shape.num_decode, shape.decode_context_mean) if shape.num_decode else 0.0
+            return self.decode_time_s(shape.num_decode, self._context(shape)) if shape.num_decode else 0.0
         pre = self.prefill_time_s(shape.num_prefill_tokens)
         if not shape.num_decode:
             return pre
-        return self.decode_time_s(shape.num_decode, shape.decode_context_mean) + max(0.0, pre - self.fixed_s)
+        return self.decode_time_s(shape.num_decode, self._context(shape)) + max(0.0, pre - self.fixed_s)
+
+    def _context(self, shape: StepShape) -> float:
+        if self.context_axis == "max" and shape.decode_context_max:
+            return shape.decode_context_max
+        return shape.decode_context_mean
 
     def describe(self) -> str:
         return (f"measured on {self.device}: decode steps over batch {self.batches} x context {self.contexts}, "
@@ -111,7 +129,8 @@ def _fake_request(rid: int, tokens: int, vocab: int, rng: random.Random, decode:
 
 
 def measure_step_table(runner: Any, *, batches: Sequence[int], contexts: Sequence[int], chunks: Sequence[int],
-                       repeats: int = 5, seed: int = 0) -> MeasuredStepTable:
+                       repeats: int = 5, seed: int = 0, clock: Callable[[], float] = time.perf_counter,
+                       clock_name: str = "wall") -> MeasuredStepTable:
     """Time `runner.execute` (tokprof.serving.engine.ModelRunner) on synthetic steps of each shape.
 
     Block ids are handed out from 0 for every shape (their contents are whatever the pool holds: timing only);
@@ -131,9 +150,9 @@ def measure_step_table(runner: Any, *, batches: Sequence[int], contexts: Sequenc
         runner.execute(plan)  # warm
         samples = []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = clock()
             runner.execute(plan)
-            samples.append(time.perf_counter() - t0)
+            samples.append(clock() - t0)
         return statistics.median(samples)
 
     meter = CpuLoad.start()
@@ -156,7 +175,9 @@ def measure_step_table(runner: Any, *, batches: Sequence[int], contexts: Sequenc
         prefill_s.append(timed(StepPlan([], [Chunk(r, 0, n, True)])))
     load = meter.stop()
     return MeasuredStepTable(list(batches), list(contexts), decode_s, list(chunks), prefill_s,
-                             device=str(model.device), repeats=repeats, cpu_load_note=load.note())
+                             device=str(model.device), repeats=repeats, cpu_load_note=load.note(),
+                             context_axis="max" if model.backend == "torch" else "mean",
+                             notes=[f"clock: {clock_name}"])
 
 
 @dataclass
