@@ -172,7 +172,7 @@ def cost_at(tokens_per_s: float | None, gpu: str | None, opts: BenchOptions) -> 
 
 
 def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
-              log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+              log: Callable[[str], None] = lambda _: None, slo: Slo | None = None) -> dict[str, Any]:
     """The sweep; `save(doc)` is called after every rate (and at the end) with the document so far."""
     import torch
 
@@ -180,7 +180,7 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
 
     config = ModelConfig.from_name(opts.model)
     cfg = scheduler_config(opts)
-    slo = GPU_SLO if opts.gpu or opts.device != "cpu" else CPU_SLO
+    slo = slo or (GPU_SLO if opts.gpu or opts.device != "cpu" else CPU_SLO)
     doc: dict[str, Any] = {"kind": "serve-bench", "model": config.name, "options": asdict(opts),
                            "scheduler": asdict(cfg), "slo": asdict(slo), "slo_text": slo.describe(),
                            "goal": {k: f"within {v:.0%}" for k, v in GOAL.items()}, "points": []}
