@@ -11,7 +11,8 @@
 The L4 -> L5 gap is split into its causes, in seconds of the served run and as shares of the gap:
     idle between arrivals     time with no request in flight
     batching below capacity   decode time beyond what the same tokens cost at the full batch at L4's step time
-    prefill interference      the part of mixed steps that their prefill chunks cost (new prompts)
+    prefill interference      the part of steps that prefill chunks cost (new prompts), less L4's time for the
+                              first tokens they sample
     preemption                the prefill cost of recomputing preempted requests
     other                     the remainder (scheduler host time, context lengths off the point's), may be < 0
 `reconcile(run, served=provider(...))` fills L5 with this; a stated utilisation stays an explicit override.
@@ -64,13 +65,16 @@ def gap_split(run: ServeRun, step_time: StepTimeModel, l4_step_s: float, batch: 
     for st in run.steps:
         shape = StepShape.of_record(st)
         total = step_time.step_time_s(shape)
-        decode_only = step_time.step_time_s(shape.decode_only())
+        decode_only = step_time.step_time_s(shape.decode_only()) if st.num_decode else 0.0
         scale = st.time_s / total if total > 0 else 1.0
         pre = max(0.0, total - decode_only) * scale if st.num_prefill_tokens else 0.0
         rec = pre * st.recompute_tokens / st.num_prefill_tokens if st.num_prefill_tokens else 0.0
         preempt += rec
         prefill += pre - rec
         batching += st.time_s - pre - st.num_decode * l4_step_s / batch
+    # tokens sampled by prefill chunks (first tokens) count in the ideal too: their share of L4's time is credited
+    # back to the prefill that made them, so that with exact step times `other` is 0
+    prefill -= (s.output_tokens - sum(st.num_decode for st in run.steps)) * l4_step_s / batch
     gap = s.duration_s - ideal_s
     other = gap - idle - batching - prefill - preempt
     gap_tps = None
