@@ -116,3 +116,18 @@ def test_slo_rate_bisection_is_monotone_and_met():
     rate, run = max_rate_meeting_slo(make, 10.0, iterations=8)
     assert rate is not None and run.summary.slo_met
     assert not make(rate * 1.5).summary.slo_met
+
+
+def test_fast_forward_changes_nothing():
+    inp, out = loadgen.LengthDist.parse("i", "uniform:3:30"), loadgen.LengthDist.parse("o", "uniform:1:40")
+    wl = loadgen.poisson(30.0, 40, inp, out, vocab_size=100, seed=5)
+    small = SchedulerConfig(num_blocks=40, block_size=4, max_num_seqs=6, max_num_batched_tokens=16)
+    for c in (cfg(16), small):
+        fast = simulate(wl, c, Linear(), SLO, overhead=Overhead(stated_s=0.0005))
+        slow = simulate(wl, c, Linear(), SLO, overhead=Overhead(stated_s=0.0005), fast_forward=False)
+        assert [t for r in fast.requests for t in r.token_times_s] == \
+            pytest.approx([t for r in slow.requests for t in r.token_times_s])
+        assert [r.request_id for r in fast.requests] == [r.request_id for r in slow.requests]
+        assert [(s.num_decode, s.num_prefill_tokens) for s in fast.steps] == \
+            [(s.num_decode, s.num_prefill_tokens) for s in slow.steps]
+        assert fast.summary.preemptions == slow.summary.preemptions

@@ -296,8 +296,9 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str, int], p
 
     # L5: served at a stated utilisation.
     base = layers["L4"] if layers["L4"].tokens_per_s_per_gpu is not None else layers["L3"]
-    if utilisation is None and served is not None and base.step_time_us is not None:
-        _served_layer(layers["L5"], served(run, key, base.step_time_us), fill, batch, tp)
+    below = next((layers[n] for n in ("L4", "L3", "L2") if layers[n].step_time_us is not None), None)
+    if utilisation is None and served is not None and below is not None:
+        _served_layer(layers["L5"], served(run, key, below.step_time_us), fill, batch, tp)
     elif utilisation is None:
         layers["L5"].reason = "no utilisation stated: not applied (pass --utilisation, e.g. 0.6)"
         notes.append("L5 not applied: no utilisation was stated")

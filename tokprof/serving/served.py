@@ -6,7 +6,7 @@
   the decode steps measured over the run's batches and contexts (end to end, else the kernel sum), interpolated; a
   prefill chunk of n tokens costed as a decode step of n rows at the smallest measured context (its GEMM rows
   dominate); Poisson arrivals of requests whose context ends at the point's context (prompt = context - output,
-  output = min(256, context / 2)), the highest rate that meets the SLO found by bisection.
+  output = min(128, context / 2)), 32 requests, the highest rate that meets the SLO found by bisection.
 
 The L4 -> L5 gap is split into its causes, in seconds of the served run and as shares of the gap:
     idle between arrivals     time with no request in flight
@@ -149,7 +149,7 @@ def max_rate_meeting_slo(make: Callable[[float], ServeRun], hi_rate: float, *,
 
 
 def predicted_l5(run: Any, model: str, gpu: str, dtype: str, batch: int, context: int, l4_step_us: float, *,
-                 slo: Slo | None = None, num_requests: int = 120, seed: int = 0) -> ServedL5:
+                 slo: Slo | None = None, num_requests: int = 32, seed: int = 0) -> ServedL5:
     """L5 predicted by the simulator from the run's own step times (see the module docstring)."""
     from tokprof.serving import loadgen
     from tokprof.serving.scheduler import SchedulerConfig
@@ -160,7 +160,7 @@ def predicted_l5(run: Any, model: str, gpu: str, dtype: str, batch: int, context
         return ServedL5(None, None, "", reason=label)
     cpu = run.provenance.device.kind == "cpu"
     slo = slo or (Slo(ttft_s=10.0, tpot_s=1.0) if cpu else DEFAULT_GPU_SLO)
-    out_len = max(1, min(256, context // 2))
+    out_len = max(1, min(128, context // 2))
     in_len = max(1, context - out_len)
     block = 16
     cfg = SchedulerConfig(num_blocks=batch * (-(-(context + 1) // block)) + batch, block_size=block,
@@ -173,7 +173,7 @@ def predicted_l5(run: Any, model: str, gpu: str, dtype: str, batch: int, context
         wl = loadgen.poisson(rate, num_requests, inp, outp, vocab_size=1 << 16, seed=seed)
         return simulate(wl, cfg, table, slo, overhead=Overhead(stated_s=0.0))
 
-    rate, sim = max_rate_meeting_slo(make, capacity)
+    rate, sim = max_rate_meeting_slo(make, capacity, iterations=6)
     src = (f"predicted by the simulator: Poisson arrivals of {in_len}-token prompts and {out_len}-token outputs, "
            f"max {batch} running, at the highest rate meeting {slo.describe()}; step times from the run's {label}")
     if sim is None:
