@@ -22,7 +22,7 @@ from tokprof.kernels._common import cdiv
 from tokprof.serving.blocks import BlockPool
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler looks requests up in its lists
 class Request:
     request_id: int
     prompt: list[int]
