@@ -61,3 +61,28 @@ def test_prefix_cache_hits_and_outputs_unchanged(model):
     assert r1.cached_tokens == 12  # (10 + 5 - 1 = 14 tokens cached) -> 3 full blocks of 4
     assert r0.output == expected(model, first, 5)
     assert r1.output == expected(model, r1.prompt, 4)
+
+
+def test_simulator_schedules_the_server_steps_exactly(model):
+    # closed loop (fixed concurrency): arrivals are completions, so the schedule does not depend on step times
+    from tokprof.serving import loadgen
+    from tokprof.serving.simulator import Overhead, simulate
+    from tokprof.serving.step_time import StepShape
+
+    class Unit:
+        provenance = "modelled"
+
+        def step_time_s(self, shape: StepShape) -> float:
+            return 0.001
+
+        def describe(self) -> str:
+            return "1 ms"
+
+    wl = loadgen.concurrency(3, 7, loadgen.LengthDist.parse("i", "uniform:2:12"),
+                             loadgen.LengthDist.parse("o", "uniform:1:6"), vocab_size=512, seed=2)
+    cfg = SchedulerConfig(num_blocks=10, block_size=4, max_num_seqs=3, max_num_batched_tokens=6)
+    served = Server(model, cfg).run(wl, SLO)
+    sim = simulate(wl, cfg, Unit(), SLO, overhead=Overhead(stated_s=0.0))
+    shape = [(s.num_decode, s.num_prefill_tokens, s.recompute_tokens) for s in served.steps]
+    assert shape == [(s.num_decode, s.num_prefill_tokens, s.recompute_tokens) for s in sim.steps]
+    assert served.summary.requests == sim.summary.requests == 7

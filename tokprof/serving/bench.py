@@ -189,7 +189,8 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
         step_time: StepTimeModel = ModelledStepTime(config, opts.gpu, dtype=opts.dtype, efficiency=opts.efficiency,
                                                     overhead_s=(opts.overhead_us or 0.0) * 1e-6,
                                                     block_size=opts.block_size)
-        doc.update(gpu=opts.gpu, mode="modelled", step_time=step_time.describe())
+        gpu_key = step_time.spec_key
+        doc.update(gpu=gpu_key, mode="modelled", step_time=step_time.describe())
         overhead = Overhead(stated_s=0.0)  # inside the modelled step time
     else:
         from tokprof.models.transformer import Transformer
@@ -218,7 +219,8 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
         log("warm-up and step table")
         server.warmup()
         meter = CpuLoad.start()
-        longest = cfg.num_blocks // opts.max_num_seqs * cfg.block_size  # tokens per sequence the pool holds at the full batch
+        # tokens per sequence the pool holds at the full batch
+        longest = cfg.num_blocks // opts.max_num_seqs * cfg.block_size
         contexts = sorted({c for c in (16, 64, 256, 1024) if c <= longest} | {min(longest, 1024)})
         batches = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < opts.max_num_seqs} | {opts.max_num_seqs})
         chunks = sorted({c for c in (16, 64) if c < opts.max_num_batched_tokens} | {opts.max_num_batched_tokens})
@@ -259,7 +261,7 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
         tps = best.summary.output_tokens_per_s_per_gpu if best else None
         doc["slo_search"] = {"provenance": "predicted", "max_rate_per_s": best_rate,
                              "summary": best.summary.to_dict() if best else None,
-                             "cost": cost_at(tps, opts.gpu, opts)}
+                             "cost": cost_at(tps, gpu_key if opts.gpu else None, opts)}
     else:
         doc["slo_search"] = {"max_rate_per_s": None, "reason": f"mode {opts.mode} has no request rate to search"}
     if server is not None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,8 +168,8 @@ def read_trace(path: str | Path, *, vocab_size: int, seed: int = 0) -> Workload:
             raise ValueError(f"trace: {where} line {number}: not JSON ({err.msg})") from err
         if not isinstance(row, dict):
             raise ValueError(f"trace: {where} line {number}: expected a JSON object, got {type(row).__name__}")
-        check: Callable[[str], int] = lambda key: _trace_len(row, key, where, number)  # noqa: E731
-        turn = Turn(_ids(rng, check("input_len"), vocab_size), check("output_len"))
+        turn = Turn(_ids(rng, _trace_len(row, "input_len", where, number), vocab_size),
+                    _trace_len(row, "output_len", where, number))
         key = row.get("session")
         session = sessions.get(str(key)) if key is not None else None
         if session is None:

@@ -70,7 +70,8 @@ def markdown(doc: dict[str, Any]) -> str:
             summ = s["summary"]
             cost = s["cost"]
             lines.append(f"{s['max_rate_per_s']:.3g} requests/s: {summ['output_tokens_per_s_per_gpu']:.1f} tokens/s "
-                         f"per GPU, TTFT p90 {_ms(summ['ttft_s']['p90'])} ms, TPOT p90 {_ms(summ['tpot_s']['p90'])} ms.")
+                         f"per GPU, TTFT p90 {_ms(summ['ttft_s']['p90'])} ms, "
+                         f"TPOT p90 {_ms(summ['tpot_s']['p90'])} ms.")
             usd = cost.get("usd_per_million_tokens")
             mw = cost.get("tokens_per_s_per_mw")
             lines.append(f"Cost at the SLO: {'-' if usd is None else f'${usd:.3g} per million tokens'}"

@@ -2,11 +2,12 @@
 chunked prefill under a token budget, KV blocks per request, preemption by recomputation, optional prefix caching.
 
 Every step (after vLLM's V1 scheduler):
-1. Running requests, decodes first, then those in prefill, each in admission order. A request with one uncomputed token (the token it sampled last) decodes it;
-   a request still in prefill (or recomputing after a preemption) gets a chunk of its uncomputed tokens, up to the
-   token budget left. Blocks for the new tokens are allocated; when none are left, the most recently admitted
-   running request not yet scheduled in this step is preempted: its blocks are freed and it goes back to the head of the queue, to be recomputed
-   (its prompt and the tokens it generated so far prefilled again) when blocks free up.
+1. Running requests, decodes first, then those in prefill, each in admission order. A request with one uncomputed
+   token (the token it sampled last) decodes it; a request still in prefill (or recomputing after a preemption) gets
+   a chunk of its uncomputed tokens, up to the token budget left. Blocks for the new tokens are allocated; when none
+   are left, the most recently admitted running request not yet scheduled in this step is preempted: its blocks are
+   freed and it goes back to the head of the queue, to be recomputed (its prompt and the tokens it generated so far
+   prefilled again) when blocks free up.
 2. Waiting requests in arrival order while the budget, `max_num_seqs` and the blocks allow: the cached prefix is
    matched (prefix caching), the first chunk scheduled.
 The plan lists decodes first, then prefill chunks; the engine packs the rows in that order. A row whose chunk

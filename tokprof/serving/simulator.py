@@ -39,8 +39,9 @@ class Overhead:
 def _fast_forward(sched: Scheduler, driver: Driver, step_time: StepTimeModel, now: float, overhead_s: float,
                   steps: list[StepRecord]) -> float:
     """Run the decode-only steps that follow without the scheduler, while nothing can change the batch: nobody
-    admitted (nobody waiting, or the batch full), every running request decoding, no arrival due, no request at its last token, blocks to spare (no
-    preemption), no prefix cache to update. What schedule() + update() would do, step by step, without them."""
+    admitted (nobody waiting, or the batch full), every running request decoding, no arrival due, no request at
+    its last token, blocks to spare (no preemption), no prefix cache to update. What schedule() + update() would do,
+    step by step, without them."""
     cfg, pool, running = sched.config, sched.pool, sched.running
     admitting = sched.waiting and len(running) < cfg.max_num_seqs  # a waiting request would join the next step
     if cfg.prefix_caching or admitting or not running or len(running) > cfg.max_num_batched_tokens:

@@ -232,6 +232,10 @@ class ModelledStepTime:
     def __hash__(self) -> int:
         return id(self)
 
+    @property
+    def spec_key(self) -> str:
+        return self._spec.key
+
     def describe(self) -> str:
         return (f"modelled for {self._spec.name} from the datasheet roofline ({self._spec.source}) at a stated "
                 f"efficiency {self.efficiency:g}, {self.dtype}, plus {self.overhead_s * 1e6:g} us per step (stated)")
