@@ -335,3 +335,16 @@ def test_dense_step_agrees_with_the_plan_based_step_model():
         for ref in modelled(cfg, "h200", [1, 64, 256], [1536], "bf16", tp=tp):  # context = ISL + OSL / 2
             ours = next(p for p in c.points if p.tp == tp and p.batch == ref.batch and p.mode == "disaggregated")
             assert ours.step_time_us == pytest.approx(ref.step_time_us, rel=0.06)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["curve", "--precision", "fp3"], "precision: expected one of"),
+    (["curve", "--system", "tpu-v9"], "system: expected one of"),
+    (["curve", "--mtp", "x"], "--mtp"),
+    (["curve", "--max-gpus", "0"], "--max-gpus"),
+    (["compare-systems", "--interactivity", "0"], "--interactivity"),
+    (["compare-systems", "--a", "h200:fp9"], "precision"),
+])
+def test_cli_bad_input_exits_2(args, message):
+    r = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
+    assert r.exit_code == 2 and message in " ".join(r.output.split()) and "Traceback" not in r.output

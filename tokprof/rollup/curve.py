@@ -29,6 +29,8 @@ reference run's fitted curves) + collectives + the step model's per-step overhea
 all-to-alls overlap the computation of the other micro-batch (two-batch overlap, DeepSeek-V3 report section 3.4):
 step = max(compute, all-to-all) + overhead; otherwise they add.
 
+Workloads: ISL/OSL (1k/1k, 8k/1k, 1k/8k) or a mix of request kinds served mean-field (Workload).
+
 Reported per point: output tokens/s per GPU over ALL GPUs (prefill GPUs included: the figure the published cost
 tables divide a system's price by) and per decode GPU (what single-pool benchmarks print); tokens/s per user
 (decode speed, TTFT excluded); $/M tokens and tokens/s per MW from the system's price and all-in power.
