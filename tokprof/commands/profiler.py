@@ -85,6 +85,10 @@ def bench(
     if with_ceilings:
         err_console.print(f"ceilings on {run.provenance.device.name} (cached per device) ...")
         run.ceilings = measure_ceilings(dev)
+    from tokprof.profiler.cpu_load import CpuLoad
+    from tokprof.profiler.schema import save_run
+
+    meter = CpuLoad.start()
     try:
         kernels_done, failures = bench_mod.bench_calls(
             calls, dev, mode=mode, energy=energy, seed=seed, timing_kwargs=_timing(timeout_s),
@@ -92,6 +96,12 @@ def bench(
             ceilings=run.ceilings, out=path, run=run)
     except KeyboardInterrupt:
         interrupted(f"{len(run.kernels)} measurement(s) saved to {path}")
+    if dev.type == "cpu":  # how shared the CPU was: `tokprof compare` will not call a change on a shared CPU SLOW
+        load = meter.stop()
+        run.notes.append(load.note())
+        save_run(run, path)
+        if load.contended:
+            err_console.print(f"[yellow]warning:[/] {load.note()}")
 
     how = f"mode {mode}" if dev.type == "cuda" else "perf_counter timing"
     table = Table(title=f"tokprof bench on {run.provenance.device.name} ({dev}, {how})")
