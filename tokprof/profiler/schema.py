@@ -17,7 +17,9 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tempfile
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -276,6 +278,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{path}: expected a number, got {_got(value)}")
+        if not math.isfinite(value):
+            raise ValueError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -293,10 +297,64 @@ def _got(value: Any) -> str:
     return f"{type(value).__name__} {text[:60]}"
 
 
-def save_json_atomic(data: Any, path: str | Path) -> Path:
-    """Write JSON so that a reader never sees a half-written file: temp file in the same folder, fsync, rename."""
+def find_non_finite(value: Any, path: str) -> str | None:
+    """The path of the first NaN or infinite float in `value` (a dataclass tree, dicts, lists), else None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} = {value!r}"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items: Any = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+    elif isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for key, v in items:
+        found = find_non_finite(v, f"{path}{key}" if str(key).startswith("[") else f"{path}.{key}")
+        if found:
+            return found
+    return None
+
+
+def check_finite(value: Any, what: str) -> None:
+    """ValueError naming the field when `value` holds NaN or infinity: JSON has neither, and a NaN median would
+    compare as anything (an all-NaN run compared with itself said FAST)."""
+    found = find_non_finite(value, what)
+    if found:
+        raise ValueError(f"{found}: expected a finite number (NaN and infinity are not measurements; a figure that "
+                         "is unknown is None with a reason)")
+
+
+STALE_TMP_S = 600.0  # a temporary file of an atomic save older than this was left by a killed process
+
+
+def remove_stale_tmp(folder: Path, now: float | None = None) -> list[Path]:
+    """Remove `.*.tmp` files of atomic saves (ours: `.<name>.<random>.tmp`) older than STALE_TMP_S in `folder`:
+    what a SIGKILL between the write and the rename leaves. A save in progress is younger, so it is never touched."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        candidates = list(folder.glob(".*.json.*.tmp"))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        try:
+            if now - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            continue  # gone already, or not ours to remove
+    return removed
+
+
+def save_json_atomic(data: Any, path: str | Path, *, exclusive: bool = False) -> Path:
+    """Write JSON so that a reader never sees a half-written file: temp file in the same folder, fsync, rename.
+    ValueError (naming the field) on NaN or infinity; `exclusive`: FileExistsError when `path` exists (never
+    replace another run's file); OSError (disk full, no permission) leaves no file behind, not even an empty one."""
+    check_finite(data, Path(path).name)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -308,15 +366,67 @@ def save_json_atomic(data: Any, path: str | Path) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        if exclusive:
+            try:
+                os.link(tmp, path)  # atomic, and fails when `path` exists (os.replace would overwrite it)
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: reserve the name exclusively, then replace it
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+                os.replace(tmp, path)
+            else:
+                os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
-def save_run(run: RunResult, path: str | Path) -> Path:
-    return save_json_atomic(run.to_dict(), path)
+def save_run(run: RunResult, path: str | Path, *, exclusive: bool = False) -> Path:
+    """Save `run` atomically; ValueError naming the field when a figure is NaN or infinite (see save_json_atomic)."""
+    check_finite(run, "RunResult")
+    return save_json_atomic(run.to_dict(), path, exclusive=exclusive)
+
+
+def file_part(value: Any, limit: int = 64) -> str:
+    """`value` as a safe piece of a file name: letters, digits, '.', '_' and '-' only, no leading dot, bounded.
+    File names built from a RunResult's fields go through this, so that a field such as "1/../../x" cannot name a
+    path outside the output folder."""
+    text = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9._-]+|\.{2,}", "-", str(value))).strip(".-")[:limit]
+    return text or "x"
+
+
+# Fields of the free-form sections (rollup, e2e, reconciliation and their nested records) that other code uses as
+# numbers or in names: checked at load, so that a hostile or corrupt file cannot pass a string where an int goes.
+_INT_FIELDS = ("batch", "context", "tp", "count", "steps")
+_STR_FIELDS = ("model", "gpu", "dtype", "backend", "framework", "mode", "provenance", "op", "label", "name")
+_NUMBER_SUFFIXES = ("_us", "_s", "_w", "_j", "_kw", "_gbps", "_tflops", "_pct", "share", "_per_gpu", "_per_user",
+                    "_tokens", "_per_mw", "_bytes", "_hour")
+
+
+def check_section(records: Any, path: str) -> None:
+    """Type-check the named fields of a free-form section, recursively; ValueError naming the field."""
+    if isinstance(records, list):
+        for i, v in enumerate(records):
+            check_section(v, f"{path}[{i}]")
+        return
+    if not isinstance(records, dict):
+        return
+    for key, v in records.items():
+        where = f"{path}.{key}"
+        if v is None:
+            continue
+        if key in _INT_FIELDS and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{where}: expected an integer, got {_got(v)}")
+        if key in _STR_FIELDS and not isinstance(v, str):
+            raise ValueError(f"{where}: expected a string, got {_got(v)}")
+        if key.endswith(_NUMBER_SUFFIXES) and not isinstance(v, (list, dict)) and (
+                isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"{where}: expected a number, got {_got(v)}")
+        if isinstance(v, (dict, list)):
+            check_section(v, where)
 
 
 def run_from_dict(data: Any, source: str = "RunResult") -> RunResult:
@@ -330,7 +440,10 @@ def run_from_dict(data: Any, source: str = "RunResult") -> RunResult:
                          "upgrade tokprof")
     if version < 1:
         raise ValueError(f"{source}: schema_version: expected 1..{SCHEMA_VERSION}, got {version}")
+    check_finite(data, source)
     run = from_dict(RunResult, data, source)
+    for name in ("rollup", "e2e", "reconciliation"):
+        check_section(getattr(run, name), f"{source}.{name}")
     for i, k in enumerate(run.kernels):
         if k.provenance not in PROVENANCES:
             raise ValueError(f"{source}.kernels[{i}].provenance: expected one of {PROVENANCES}, got {k.provenance!r}")

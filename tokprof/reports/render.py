@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tokprof.profiler.schema import RunResult, load_run
+from tokprof.profiler.schema import RunResult, file_part, load_run
 from tokprof.reports import plots
 from tokprof.reports.document import (
     Block,
@@ -399,7 +399,9 @@ def _iceberg_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], lis
                                   str(lv.get("provenance") or "unknown"), lv.get("gap_name"), _layer_reason(lv))
                       for lv in layers]
             if any(lv.tokens_per_s_per_gpu is not None for lv in levels):
-                path = plots.iceberg_chart(out / f"iceberg_{r.label}_b{b}_c{c}{suffix}.png",
+                # Names from sanitised parts: a field of the file can never name a path outside `out`.
+                name = "_".join(file_part(x) for x in ("iceberg", r.label, f"b{b}", f"c{c}")) + suffix
+                path = plots.iceberg_chart(out / f"{name}.png",
                                            title=f"Iceberg: {where} [{r.label} {r.run.run_id}]", levels=levels)
                 blocks.append(Image(path, f"iceberg {r.label} batch {b} context {c}",
                                     f"{r.ref}: tokens/s per GPU at each layer (bar colour = provenance); red: lost "
