@@ -33,7 +33,7 @@ from rich.console import Console
 from tokprof.models.config import ModelConfig
 from tokprof.profiler.cpu_load import CpuLoad
 from tokprof.profiler.devices import resolve_device
-from tokprof.profiler.schema import RunResult, load_run, save_run
+from tokprof.profiler.schema import RunResult, file_part, load_run, mark_interrupted, save_run
 from tokprof.reports.history import History
 
 REFERENCE_DIR = Path(__file__).parent / "data" / "reference"
@@ -307,15 +307,15 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
     cpu_load = CpuLoad.start()
     dev = resolve_device(device)
     history = History(history_db)
-    history.check()  # a bad history file is said before the run, not after it
+    history.check(write=True)  # a foreign, newer or unwritable history is said before the run, not after it
     rc = config_override or RunConfig.for_device(dev, model)
     config = ModelConfig.from_name(rc.model)
     fit_notes = check_fits(config, rc)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = new_run(list(command) if command is not None else sys.argv, dev)
-    stamp = run.provenance.timestamp_utc.replace(":", "").replace("-", "")
-    run_path = out / f"run-{config.name}-{run.provenance.device.spec_key or dev.type}-{stamp}.json"
+    run_path = reserve_run_path(run, out, config.name, run.provenance.device.spec_key or dev.type)
+    stage = "set-up"
     label = "GPU" if dev.type == "cuda" else "CPU run: CPU figures"
     console.rule(f"tokprof run: {config.name} on {run.provenance.device.name} [{label}]")
     run.notes.extend(fit_notes)
@@ -329,12 +329,14 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
                          f"{config.name}; no energy counter on a CPU")
 
     try:
+        stage = "ceilings"
         console.print("[bold]1/5[/] ceilings")
         ceilings = measure_ceilings(dev)
         run.ceilings = ceilings
         console.print(f"    copy {ceilings.copy_gbps:.1f} GB/s, GEMM {ceilings.gemm_tflops:.2f} TFLOP/s "
                       f"({ceilings.gemm_dtype})")
 
+        stage = "kernel benchmarks"
         console.print(f"[bold]2/5[/] kernels of the decode plan: batch {rc.batches} x context {rc.contexts}")
         points, run = bottom_up(config, rc.batches, rc.contexts, rc.backend, dev, dtype=rc.dtype, energy=rc.energy,
                                 timing_kwargs=rc.timing_kwargs, energy_kwargs=rc.energy_kwargs or None,
@@ -342,6 +344,7 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
 
         e2e_where = (f"(batch, context) {rc.e2e_points}" if rc.e2e_points is not None
                      else f"batch {rc.e2e_batches} x context {rc.e2e_contexts}")
+        stage = "end-to-end measurements"
         console.print(f"[bold]3/5[/] end to end: {e2e_where}, {', '.join(rc.frameworks)} ({', '.join(rc.e2e_modes)})")
         run_e2e_points(run, rc, run_path, console)
 
@@ -351,11 +354,13 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
             if load.contended:
                 console.print(f"[yellow]warning: {load.note()}[/]")
 
+        stage = "reconciliation"
         console.print("[bold]4/5[/] reconciliation and other GPUs")
         run.reconciliation = [r.to_dict() for r in reconcile(run)]
         run.notes.extend(other_gpu_rows(run, rc, console))
         save_run(run, run_path)
 
+        stage = "report and history"
         console.print("[bold]5/5[/] report and history")
         summary: dict[str, Any] = {"run": str(run_path), "device": run.provenance.device.name, "model": config.name,
                                    "kind": dev.type}
@@ -374,10 +379,30 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
         print(json.dumps(summary))
         return run_path
     except KeyboardInterrupt:
-        kept = (f"{run_path} keeps what was measured up to the last finished kernel or end-to-end point"
-                if run_path.exists() else "nothing was saved yet")
-        console.print(f"[yellow]interrupted[/]: {kept}")
+        # The file is what was saved (end to end extends the file, not `run`); it says that the run was cut short.
+        try:
+            saved = load_run(run_path)
+        except ValueError:
+            saved = run
+        mark_interrupted(saved, stage)
+        save_run(saved, run_path)
+        console.print(f"[yellow]interrupted[/] during {stage}: {run_path} keeps what was measured up to the last "
+                      "finished kernel or end-to-end point, and says that the run was interrupted")
         raise
+
+
+def reserve_run_path(run: RunResult, out: Path, model: str, device: str) -> Path:
+    """Create `out/run-<model>-<device>-<run id>.json` exclusively (the run id ends in a random part): runs started in
+    the same second, in other processes, never write one file. A clash, however unlikely, takes a new id."""
+    import uuid
+
+    for _ in range(5):
+        path = out / f"run-{file_part(model)}-{file_part(device)}-{file_part(run.run_id)}.json"
+        try:
+            return save_run(run, path, exclusive=True)
+        except FileExistsError:
+            run.run_id = f"{run.run_id.rsplit('-', 1)[0]}-{uuid.uuid4().hex[:8]}"
+    raise ValueError(f"--out {out}: could not create a new run file there (names kept clashing)")
 
 
 def _point_summary(p: Any) -> dict[str, Any]:

@@ -13,15 +13,19 @@ measured unless its record says otherwise (`provenance`). The schema is document
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
+import signal
 import tempfile
+import threading
 import time
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -199,6 +203,9 @@ class RunResult:
     reconciliation: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     run_id: str = ""
+    # Set when the run was stopped before its end (Ctrl-C): when, during what, and that the file keeps everything
+    # measured up to then. None: the run finished (or the file predates this field).
+    interrupted: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -355,6 +362,35 @@ def save_json_atomic(data: Any, path: str | Path, *, exclusive: bool = False) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(path.parent)
+    with _sigint_deferred():  # Ctrl-C during a save lands after it: the file keeps the last measurement
+        return _write_atomic(data, path, exclusive)
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold SIGINT while the block runs (main thread only; elsewhere signals go to the main thread anyway), then
+    deliver it: KeyboardInterrupt after the block, or the handler that was installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous) and previous is not signal.default_int_handler:
+                previous(signal.SIGINT, None)
+            elif previous is not signal.SIG_IGN:
+                raise KeyboardInterrupt
+
+
+def _write_atomic(data: Any, path: Path, exclusive: bool) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -382,6 +418,15 @@ def save_json_atomic(data: Any, path: str | Path, *, exclusive: bool = False) ->
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def mark_interrupted(run: RunResult, during: str) -> None:
+    """Record in `run` that it was stopped by Ctrl-C `during` a stage (what it holds is all that was measured)."""
+    from datetime import datetime, timezone
+
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    run.interrupted = (f"interrupted (Ctrl-C) at {when} during {during}; this file keeps everything measured up to "
+                       "then, and nothing after it was measured")
 
 
 def save_run(run: RunResult, path: str | Path, *, exclusive: bool = False) -> Path:
