@@ -32,8 +32,8 @@ ROW = re.compile(r"^\| \*\*(SAME|AMBIGUOUS|SLOW|FAST)\*\* \| (\w+) \|.*\| (yes|n
 
 
 def tokprof(args: list[str], env: dict[str, str], timeout_s: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from tokprof.cli import main; main()", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+    return subprocess.run([sys.executable, "-c", "from tokprof.cli import main; main()", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
 
 
 def verdicts_of(markdown: str) -> Counter:
