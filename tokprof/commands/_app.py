@@ -64,6 +64,29 @@ def check_output(name: str, path: str | Path | None, folder: bool = False) -> No
             if not parent.is_dir():
                 fail(f"{name}: expected a path under a folder, got {path} ({parent} is a file)")
             break
+    _check_writable(name, path, p, folder)
+
+
+MIN_FREE_BYTES = 16 << 20  # less free space than this where results go: refused up front, not after measuring
+
+
+def _check_writable(name: str, path: str | Path, p: Path, folder: bool) -> None:
+    """Exit 2 when this process cannot create or replace `p` (permissions, a read-only or full file system)."""
+    import os
+    import shutil
+
+    where = p if folder and p.is_dir() else p.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not os.access(where, os.W_OK | os.X_OK) or (not folder and p.exists() and not os.access(p, os.W_OK)):
+        fail(f"{name}: cannot write {path} ({where} is not writable by this user)")
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return
+    if free < MIN_FREE_BYTES:
+        fail(f"{name}: cannot write {path}: only {free >> 20} MiB free on the file system of {where} (at least "
+             f"{MIN_FREE_BYTES >> 20} MiB needed)")
 
 
 def check_device_index(device: str | None) -> None:

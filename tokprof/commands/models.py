@@ -56,6 +56,14 @@ def e2e(
         fail(f"--framework: expected some of {list(FRAMEWORKS)}, got {framework!r}")
     if set(split_csv(mode)) == {"graph"} and dev.type != "cuda":  # eager,graph measures eager and skips graph
         fail(f"--mode graph: CUDA graphs need a CUDA device, got --device {dev}; use --mode eager")
+    if backend is not None:  # refused up front (exit 2): a backend that cannot run here is bad input, not a skip
+        from tokprof.kernels import BACKENDS, OPS
+
+        if backend not in BACKENDS:
+            fail(f"--backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        why = next((r for op in OPS.values() if (r := op.available_backends(dev).get(backend)) is not None), None)
+        if why is not None:
+            fail(f"--backend {backend}: cannot run on {dev}: {why}")
     try:
         args = E2EArgs(model=model, model_dir=model_dir, batches=parse_int_list("--batch", batch),
                        contexts=parse_int_list("--context", context), modes=split_csv(mode) or None,

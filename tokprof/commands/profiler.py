@@ -21,6 +21,8 @@ from tokprof.commands._app import (
     split_csv,
 )
 
+MAX_SECONDS = 3600.0  # the longest sampling or energy window one call may ask for (1e308 would never return)
+
 
 @app.command()
 def bench(
@@ -59,10 +61,11 @@ def bench(
     dev = bench_device(device)
     if mode not in bench_mod.MODES:
         fail(f"--mode: expected one of {list(bench_mod.MODES)}, got {mode!r}")
-    if not timeout_s > 0:
-        fail(f"--timeout-s: expected a positive number of seconds, got {timeout_s}")
-    if energy and not energy_window_s > 0:
-        fail(f"--energy-window-s: expected a positive number of seconds, got {energy_window_s}")
+    if not 0 < timeout_s <= MAX_SECONDS:
+        fail(f"--timeout-s: expected a positive number of seconds up to {MAX_SECONDS:.0f}, got {timeout_s}")
+    if energy and not 0 < energy_window_s <= MAX_SECONDS:
+        fail(f"--energy-window-s: expected a positive number of seconds up to {MAX_SECONDS:.0f}, got "
+             f"{energy_window_s}")
     ops, shape = split_csv(op), shape or []
     try:
         # Default backends: every one that runs at least one of the ops here (the others are reported as skipped).
@@ -157,8 +160,18 @@ def ceilings(
     for name, value in (("--copy-mib", copy_mib), ("--gemm-n", gemm_n)):
         if value is not None and value <= 0:
             fail(f"{name}: expected a positive int, got {value}")
-    c = measure_ceilings(dev, cache=not no_cache, copy_buffer_bytes=copy_mib << 20 if copy_mib else None,
-                         gemm_n=gemm_n)
+    from tokprof.runner import available_memory_bytes
+
+    memory, has = available_memory_bytes(dev)
+    # The copy holds a source and a destination buffer; the GEMM three n x n matrices of up to 4 bytes.
+    for name, need in (("--copy-mib", 2 * (copy_mib or 0) << 20), ("--gemm-n", 3 * 4 * (gemm_n or 0) ** 2)):
+        if memory is not None and need > memory:
+            fail(f"{name}: needs about {need / 1e9:.1f} GB, {has} {memory / 1e9:.1f} GB")
+    try:
+        c = measure_ceilings(dev, cache=not no_cache, copy_buffer_bytes=copy_mib << 20 if copy_mib else None,
+                             gemm_n=gemm_n)
+    except (RuntimeError, MemoryError) as err:  # out of memory all the same (the machine's other tenants)
+        fail(f"ceilings could not be measured on {dev}: {type(err).__name__}: {err}")
     spec = spec_for(detect_device(dev))
     sheet_gbps = spec.hbm_tbps * 1e3 if spec and spec.hbm_tbps else None
     sheet_tflops = spec.peak_tflops(c.gemm_dtype) if spec else None
@@ -278,8 +291,8 @@ def _bench_collectives(ops: list[str], dtype: str | None, shapes: list[str], dev
     if others or not ops:
         fail(f"--op: collectives ({', '.join(coll.COLLECTIVES)}) are measured on their own (with --world-size), "
              f"not mixed with kernel ops; got {','.join(ops) or 'none'}")
-    if not timeout_s > 0:
-        fail(f"--timeout-s: expected a positive number of seconds, got {timeout_s}")
+    if not 0 < timeout_s <= MAX_SECONDS:
+        fail(f"--timeout-s: expected a positive number of seconds up to {MAX_SECONDS:.0f}, got {timeout_s}")
     dtypes = split_csv(dtype)
     if len(dtypes) > 1:
         fail(f"--dtype: one dtype per collective benchmark, got {dtype!r}")

@@ -44,7 +44,7 @@ def compare(
     record: bool = typer.Option(False, "--record", help="Record NEW.json in the history after comparing."),
 ) -> None:
     """Regression gate: SAME / FAST / SLOW / AMBIGUOUS per kernel and roll-up point (exit 1 on SLOW, 2 on bad input)."""
-    from tokprof.profiler.schema import load_run
+    from tokprof.profiler.schema import load_run, save_text_atomic
     from tokprof.reports.compare import CompareInputError, compare_against_history, compare_files, parse_threshold
     from tokprof.reports.history import History, HistoryDatabaseError
 
@@ -70,8 +70,10 @@ def compare(
     text = result.to_markdown()
     print(text)  # plain print: the markdown's brackets are not rich markup
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        try:
+            save_text_atomic(text, out)
+        except OSError as err:
+            fail(f"--out: cannot write {out} ({err.strerror or err}); the summary is above")
     raise typer.Exit(result.exit_code)
 
 

@@ -58,9 +58,9 @@ IDLE_SETTLE_S = 1.0
 def _sweep_errors() -> tuple[type[BaseException], ...]:
     """What a failing kernel call raises, recorded as a Failure so that a sweep goes on: RuntimeError (CUDA errors,
     torch.OutOfMemoryError; the cuda backend wraps NVRTC's CompileException in one), ValueError (arguments),
-    MemoryError (CuPy's out of memory), and where importable Triton's compile and resource errors (TritonError:
+    MemoryError (CuPy's out of memory), ArithmeticError (a shape that divides by zero in an input's set-up), and where importable Triton's compile and resource errors (TritonError:
     OutOfResources, CompilationError, PTXASError), which derive from Exception only."""
-    errors: list[type[BaseException]] = [RuntimeError, ValueError, MemoryError]
+    errors: list[type[BaseException]] = [RuntimeError, ValueError, MemoryError, ArithmeticError]
     try:
         from triton.errors import TritonError
 
@@ -261,6 +261,11 @@ def parse_shape(text: str) -> dict[str, int]:
     return shape
 
 
+# Shape keys that divide (block_size, heads) or size the cache: 0 is refused up front (a ZeroDivisionError in the
+# inputs' set-up otherwise); other zeros reach the op, whose own check records a Failure.
+POSITIVE_SHAPE_KEYS = ("block_size", "num_blocks", "Hq", "Hkv", "D")
+
+
 def plan_calls(ops: Sequence[str], backends: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Mapping[str, int]],
                device: str | torch.device) -> tuple[list[Call], list[str]]:
     """The checked cross product of ops x shapes x dtypes x backends, and the combinations skipped (with why).
@@ -282,6 +287,10 @@ def plan_calls(ops: Sequence[str], backends: Sequence[str], dtypes: Sequence[str
         if unknown:
             takes = "; ".join(f"{rec.name}: {', '.join(rec.shape_keys)}" for rec in recs)
             raise ValueError(f"shape: unknown key(s) {unknown}; the ops take ({takes})")
+    for shape in shapes:
+        for key in POSITIVE_SHAPE_KEYS:
+            if shape.get(key) == 0:  # a divisor or a tensor dimension of the inputs: 0 can never be measured
+                raise ValueError(f"shape: {key} expected a positive int, got 0")
     dev = torch.device(device)
     calls: list[Call] = []
     skipped: list[str] = []

@@ -420,6 +420,26 @@ def _write_atomic(data: Any, path: Path, exclusive: bool) -> Path:
     return path
 
 
+def save_text_atomic(text: str, path: str | Path) -> Path:
+    """Write a text file atomically (a failed write leaves the old file or none, never an empty one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def mark_interrupted(run: RunResult, during: str) -> None:
     """Record in `run` that it was stopped by Ctrl-C `during` a stage (what it holds is all that was measured)."""
     from datetime import datetime, timezone
