@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -23,14 +24,14 @@ def _root() -> None:
 
 def fail(message: str, code: int = 2) -> None:
     """Print a clear error (no traceback) and exit with `code`."""
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {escape(message)}")  # messages quote the user's text
     raise typer.Exit(code)
 
 
 def interrupted(kept: str | None) -> None:
     """Ctrl-C: say what was kept (None: nothing to say, already said) and exit 130, without a traceback."""
     if kept:
-        err_console.print(f"[yellow]interrupted[/]: {kept}")
+        err_console.print(f"[yellow]interrupted[/]: {escape(kept)}")
     raise typer.Exit(130)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tokprof.commands._app import DB_HELP, app, check_output, console, fail
@@ -17,7 +18,6 @@ def report(
                              help="Folder for report.md, report.html and the PNGs."),
 ) -> None:
     """Write report.md, a self-contained report.html (images embedded) and PNG figures from RunResult files."""
-    from rich.markup import escape
 
     from tokprof.reports.render import render_report
 
@@ -95,7 +95,7 @@ def history(
     try:
         for path in record or []:
             added = hist.record_run(load_run(path), path)
-            console.print(f"{'recorded' if added else 'already recorded'}: {path}")
+            console.print(f"{'recorded' if added else 'already recorded'}: {escape(str(path))}")
         if not hist.path.exists():
             console.print(f"no history yet at {hist.path}: record runs with `tokprof history --record RUN.json`")
             return
@@ -104,13 +104,13 @@ def history(
         point_trends = hist.point_trends(gpu=gpu, model=model)
     except (HistoryDatabaseError, ValueError) as err:
         fail(str(err))
-    table = Table(title=f"runs in {hist.path}" + (f" (gpu ~ {gpu})" if gpu else "") + (f" (model ~ {model})"
-                                                                                      if model else ""))
+    table = Table(title=escape(f"runs in {hist.path}" + (f" (gpu ~ {gpu})" if gpu else "")
+                               + (f" (model ~ {model})" if model else "")))
     for name in ("run_id", "timestamp (UTC)", "device", "model", "kernels", "points", "git sha", "file"):
         table.add_column(name)
     for r in runs:
-        table.add_row(r.run_id, r.timestamp_utc, r.device, r.model or "-", str(r.kernels), str(r.points),
-                      r.git_sha or "-", r.source or "-")
+        table.add_row(*(escape(str(x)) for x in (r.run_id, r.timestamp_utc, r.device, r.model or "-", r.kernels,
+                                                  r.points, r.git_sha or "-", r.source or "-")))
     console.print(table)
     for title, trends in ((f"kernel trends: {op}", kernel_trends), ("roll-up trends (measured)", point_trends)):
         if not trends:
@@ -121,7 +121,8 @@ def history(
             t.add_column(name)
         for tr in trends[:limit]:
             prev, best = tr.delta_vs_previous, tr.delta_vs_best
-            t.add_row(tr.item, tr.device, tr.metric, str(len(tr.values)), f"{tr.last:.4g}", f"{tr.best:.4g}",
+            t.add_row(escape(tr.item), escape(tr.device), tr.metric, str(len(tr.values)), f"{tr.last:.4g}",
+                      f"{tr.best:.4g}",
                       f"{prev:+.1%}" if prev is not None else "-", f"{best:+.1%}" if best is not None else "-",
                       tr.spark)
         console.print(t)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -253,12 +254,12 @@ def print_reconciliation(console: Console, recs: list[Any], top_ops: int = 5) ->
         tp = getattr(rec, "tp", 1) or 1
         title = (f"{rec.model} on {rec.gpu}, batch {rec.batch}, context {rec.context}, {rec.dtype}"
                  + (f", tp={tp}" if tp > 1 else ""))
-        table = Table(title=title, show_lines=False)
+        table = Table(title=escape(title), show_lines=False)  # the model and GPU names are the user's text
         rows = waterfall_rows(rec)
         for col in rows[0]:
             table.add_column(col, justify="left" if col in ("layer", "gap", "provenance / why") else "right")
         for row in rows:
-            table.add_row(*row.values())
+            table.add_row(*(escape(str(v)) for v in row.values()))
         console.print(table)
         if rec.op_inefficiency:
             where = "L1i -> L2 (kernels and collectives)" if tp > 1 else "L1 -> L2"
@@ -266,7 +267,7 @@ def print_reconciliation(console: Console, recs: list[Any], top_ops: int = 5) ->
             for col in ("op", "where", "measured us", "at roof us", "lost us", "share of gap"):
                 ops.add_column(col, justify="left" if col in ("op", "where") else "right")
             for o in rec.op_inefficiency[:top_ops]:
-                ops.add_row(o.op, o.label, f"{o.time_us_measured:,.1f}", f"{o.time_us_at_roof:,.1f}",
+                ops.add_row(escape(o.op), escape(o.label), f"{o.time_us_measured:,.1f}", f"{o.time_us_at_roof:,.1f}",
                             f"{o.lost_us:,.1f}", "-" if o.share_of_L1_L2_gap is None else
                             f"{o.share_of_L1_L2_gap:.1%}")
             console.print(ops)
@@ -276,4 +277,4 @@ def print_reconciliation(console: Console, recs: list[Any], top_ops: int = 5) ->
             console.print(f"bottom-up error (L2 vs {rec.bottom_up_error_against}, tokens/s): "
                           f"[bold]{rec.bottom_up_error_pct:+.1f}%[/]{energy}")
         for note in rec.notes:
-            console.print(f"[dim]{note}[/]")
+            console.print(f"[dim]{escape(note)}[/]")

@@ -58,7 +58,8 @@ IDLE_SETTLE_S = 1.0
 def _sweep_errors() -> tuple[type[BaseException], ...]:
     """What a failing kernel call raises, recorded as a Failure so that a sweep goes on: RuntimeError (CUDA errors,
     torch.OutOfMemoryError; the cuda backend wraps NVRTC's CompileException in one), ValueError (arguments),
-    MemoryError (CuPy's out of memory), ArithmeticError (a shape that divides by zero in an input's set-up), and where importable Triton's compile and resource errors (TritonError:
+    MemoryError (CuPy's out of memory), ArithmeticError (a shape that divides by zero in an input's set-up), and
+    where importable Triton's compile and resource errors (TritonError:
     OutOfResources, CompilationError, PTXASError), which derive from Exception only."""
     errors: list[type[BaseException]] = [RuntimeError, ValueError, MemoryError, ArithmeticError]
     try:

@@ -15,6 +15,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tokprof.kernels._common import parse_dtype
@@ -63,17 +64,19 @@ def _count_params(n: int) -> str:
 
 
 def print_card(console: Console, card: dict[str, Any]) -> None:
-    console.print(f"[bold]{card['model']}[/] ({card['dtype']}): {_count_params(card['params'])} parameters, "
+    console.print(f"[bold]{escape(str(card['model']))}[/] ({escape(str(card['dtype']))}): "
+                  f"{_count_params(card['params'])} parameters, "
                   f"weights {_gb(card['weight_bytes'])}, read per decode step {_gb(card['decode_weight_bytes'])}; "
                   f"KV cache {card['kv_bytes_per_token'] / 1024:.0f} KiB per token")
     if card.get("tp"):
         console.print(f"tensor parallel over {card['tp']} GPUs: each reads {_gb(card['linear_weight_bytes_per_gpu'])} "
                       "of linear weights per step and pays 2 all-reduces per layer; the bound below is one GPU's")
     if not card["batch1"]:
-        console.print(f"batch-1 bandwidth bound: unknown ({card.get('batch1_reason')})")
+        console.print(f"batch-1 bandwidth bound: unknown ({escape(str(card.get('batch1_reason')))})")
         return
     bounds = ", ".join(f"{b['tokens_per_s_max']:.1f} tokens/s at context {b['context']}" for b in card["batch1"])
-    console.print(f"batch-1 bound on the {card['gpu']} datasheet ({card['hbm_tbps']} TB/s, modelled): {bounds}")
+    console.print(f"batch-1 bound on the {escape(str(card['gpu']))} datasheet ({card['hbm_tbps']} TB/s, modelled): "
+                  f"{bounds}")
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -90,7 +93,7 @@ def _count(x: float | None) -> str:
 
 def print_points(console: Console, points: list[RollupPoint], title: str) -> None:
     # two-line headers and no vertical rules keep the 8 columns inside the 80 columns rich gives a pipe
-    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+    table = Table(title=escape(title), box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
                   collapse_padding=True)
     for col in ("batch", "context", "tokens/s\nper GPU", "tokens/s\nper user", "J/token", "$ per M\ntokens",
                 "tokens/s\nper MW", "provenance"):
@@ -98,18 +101,18 @@ def print_points(console: Console, points: list[RollupPoint], title: str) -> Non
     for p in points:
         table.add_row(str(p.batch), str(p.context), _count(p.tokens_per_s_per_gpu), _count(p.tokens_per_s_per_user),
                       _fmt(p.j_per_token_total, ".3g"), _fmt(p.usd_per_million_tokens, ".4g"),
-                      _count(p.tokens_per_s_per_mw), p.provenance)
+                      _count(p.tokens_per_s_per_mw), escape(p.provenance))
     console.print(table)
     first = points[0] if points else None
     if first is not None:
         console.print(f"price: {first.usd_per_gpu_hour if first.usd_per_gpu_hour is not None else '-'} $/GPU-h "
-                      f"({first.price_source or 'none'}); power: {first.all_in_kw_per_gpu or '-'} kW per GPU all-in "
-                      f"({first.power_source or 'none'})")
+                      f"({escape(first.price_source or 'none')}); power: {first.all_in_kw_per_gpu or '-'} kW per GPU "
+                      f"all-in ({escape(first.power_source or 'none')})")
         for note in dict.fromkeys(n for p in points for n in p.notes):
-            console.print(f"[dim]note: {note}[/]")
+            console.print(f"[dim]note: {escape(note)}[/]")
         reasons = {p.energy_reason for p in points if p.energy_reason}
         if len(reasons) == 1:
-            console.print(f"[dim]J/token: {reasons.pop()}[/]")
+            console.print(f"[dim]J/token: {escape(reasons.pop())}[/]")
 
 
 def print_interconnect(console: Console, points: list[RollupPoint]) -> None:

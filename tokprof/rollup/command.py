@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from tokprof.models.config import ModelConfig
 from tokprof.profiler.devices import GpuSpec, load_specs
@@ -165,7 +166,7 @@ def run_rollup(a: RollupArgs, console: Console) -> dict[str, Any]:
         notes += [n for n in run.notes if n.startswith("batch ")]
         mode = "measured"
     for note in notes:
-        console.print(f"[yellow]{note}[/]")
+        console.print(f"[yellow]{escape(note)}[/]")
     if not points:
         raise ValueError("no roll-up point could be computed (see the notes above)")
     at_tp = f", tp={points[0].tp}" if points[0].tp > 1 else ""
