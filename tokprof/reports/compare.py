@@ -5,14 +5,24 @@
 
 What is compared, item by item (matched by key; items in only one run are counted, not judged):
   kernels          by (op, shape, dtype, backend): median time, samples' p10-p90, relative noise
-  roll-up points   measured ones only, by (model, batch, context, dtype, backend): step time (no samples: noise 0)
+  roll-up points   measured ones only, by (model, batch, context, dtype, backend, tp): step time; its noise is the
+                   sum of its kernels' noise weighted by their share of the step, its p10-p90 the step at the
+                   kernels' p10/p90 (an op without a kernel measurement, a modelled collective, adds no spread)
   end to end       by (model, framework, mode, backend, dtype, batch, context): median step time over its samples
+Items whose time is zero, negative or not finite are left out with a note (no ratio can be formed).
 
 Verdict per item, with delta = new / base - 1 of the metric:
-  SAME       |delta| <= max(noise_base, noise_new, threshold)
-  AMBIGUOUS  otherwise, when the two sample sets overlap heavily: their p10-p90 ranges overlap by more than 50% of
-             the narrower range (the medians differ, but most samples of one run fall among the other's)
+  SAME       |delta| <= tolerance = max(noise_base, noise_new, threshold, 2 x between-run scatter)
+  AMBIGUOUS  otherwise, when the two sample sets overlap heavily (p10-p90 ranges overlapping by more than 50% of
+             the narrower range), when the change is within the whole run's drift, or when either run was measured
+             on a shared CPU (RunResult.cpu_load, else its note): a co-tenant's time slice moves a whole sampling
+             window, so it is no evidence about the code
   FAST/SLOW  otherwise, by the sign of delta (for efficiency, higher is better)
+Between-run drift: within-run noise does not see what moves between two runs (clocks, caches, co-tenants). The
+median kernel's change is the run's drift (a uniform shift of the whole run is drift, reported once, not N
+regressions) and the robust scatter of the kernels' changes around it (1.4826 x MAD of the log ratios, >= 5
+kernels) is the between-run noise. A SLOW or FAST verdict needs the change beyond the tolerance both as measured and
+after the drift is taken out. The summary says when a run was made on a shared CPU or a throttled GPU.
 
 Across GPU generations (different device names) raw time says nothing about the code, so kernels and roll-up points
 are compared by roofline efficiency (time at each GPU's own roof / time; the measured roof when both runs have
