@@ -180,7 +180,9 @@ class History:
                                        "path and its permissions, or choose another with --db") from err
         if head and head[:len(SQLITE_MAGIC)] != SQLITE_MAGIC:
             raise self._fail("opening", sqlite3.DatabaseError("file is not a database (no SQLite header)"))
-        if head and len(head) >= 72:
+        # Bytes 21-23 of every valid SQLite header are 64, 32, 32: a header without them is corrupt, and its other
+        # fields say nothing (the connection reports the corruption).
+        if head and len(head) >= 72 and head[21:24] == b"\x40\x20\x20":
             version = int.from_bytes(head[60:64], "big")
             app_id = int.from_bytes(head[68:72], "big")
             if app_id not in (0, APPLICATION_ID) or (app_id == 0 and self._has_tables()):
