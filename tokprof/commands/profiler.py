@@ -88,7 +88,7 @@ def bench(
     if with_ceilings:
         err_console.print(f"ceilings on {run.provenance.device.name} (cached per device) ...")
         run.ceilings = measure_ceilings(dev)
-    from tokprof.profiler.cpu_load import CpuLoad
+    from tokprof.profiler.cpu_load import CpuLoad, load_record
     from tokprof.profiler.schema import save_run
 
     meter = CpuLoad.start()
@@ -101,6 +101,7 @@ def bench(
         interrupted(f"{len(run.kernels)} measurement(s) saved to {path}")
     if dev.type == "cpu":  # how shared the CPU was: `tokprof compare` will not call a change on a shared CPU SLOW
         load = meter.stop()
+        run.cpu_load = load_record(load, {})
         run.notes.append(load.note())
         save_run(run, path)
         if load.contended:
@@ -185,6 +186,10 @@ def ceilings(
     table.add_row(f"copy ({c.copy_bytes} B read + written)", f"{c.copy_gbps:.1f} GB/s",
                   f"{sheet_gbps:.0f} GB/s" if sheet_gbps else "-",
                   pct(c.copy_gbps / sheet_gbps) if sheet_gbps else "-")
+    if c.read_gbps is not None:
+        table.add_row("read-only (amax over the buffer)", f"{c.read_gbps:.1f} GB/s",
+                      f"{sheet_gbps:.0f} GB/s" if sheet_gbps else "-",
+                      pct(c.read_gbps / sheet_gbps) if sheet_gbps else "-")
     table.add_row(f"GEMM {c.gemm_dtype} {'x'.join(map(str, c.gemm_shape))}", f"{c.gemm_tflops:.2f} TFLOP/s",
                   f"{sheet_tflops:.0f} TFLOP/s" if sheet_tflops else "-",
                   pct(c.gemm_tflops / sheet_tflops) if sheet_tflops else "-")
