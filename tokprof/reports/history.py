@@ -165,8 +165,7 @@ class History:
     def check(self, write: bool = False) -> None:
         """Raise HistoryDatabaseError now (before a long run, not after it) when the file cannot serve: not a SQLite
         database, another program's database, a newer schema, or (`write`) a file or folder this process cannot
-        write. The header says most of it without opening the database (SQLite header: user_version at byte 60,
-        application_id at byte 68); every connection checks it too."""
+        write (the schema read through a read-only connection); every connection checks the header too."""
         try:
             with self.path.open("rb") as fh:
                 head = fh.read(100)
@@ -180,31 +179,31 @@ class History:
                                        "path and its permissions, or choose another with --db") from err
         if head and head[:len(SQLITE_MAGIC)] != SQLITE_MAGIC:
             raise self._fail("opening", sqlite3.DatabaseError("file is not a database (no SQLite header)"))
-        # Bytes 21-23 of every valid SQLite header are 64, 32, 32: a header without them is corrupt, and its other
-        # fields say nothing (the connection reports the corruption).
-        if head and len(head) >= 72 and head[21:24] == b"\x40\x20\x20":
-            version = int.from_bytes(head[60:64], "big")
-            app_id = int.from_bytes(head[68:72], "big")
-            if app_id not in (0, APPLICATION_ID) or (app_id == 0 and self._has_tables()):
-                raise HistoryDatabaseError(f"history database {self.path}: an SQLite database of another program "
-                                           f"(application_id {app_id:#x}, not tokprof's {APPLICATION_ID:#x}); "
-                                           "choose another file with --db or TOKPROF_HISTORY_DB")
-            if app_id == APPLICATION_ID and version > SCHEMA_VERSION:
-                raise HistoryDatabaseError(f"history database {self.path}: schema version {version} is newer than "
-                                           f"this tokprof reads ({SCHEMA_VERSION}); upgrade tokprof or use another "
-                                           "--db")
+        if write and head:
+            self._check_schema_read_only()
         if write:
             self._check_writable(exists=head is not None)
 
-    def _has_tables(self) -> bool:
+    def _check_schema_read_only(self) -> None:
+        """Another program's database or a newer tokprof's, refused before a run that would record into it. Read
+        through SQLite (read-only), not from the file header: in WAL mode the header lags the last transactions."""
         try:
             con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=self.timeout_s)
             try:
-                return con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
+                app_id = con.execute("PRAGMA application_id").fetchone()[0]
+                version = con.execute("PRAGMA user_version").fetchone()[0]
+                tables = con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             finally:
                 con.close()
         except sqlite3.Error:
-            return False  # unreadable here: the connection's own checks will say why
+            return  # corrupt or locked: the connection that writes says which, with its advice
+        if app_id != APPLICATION_ID and (app_id != 0 or tables > 0):
+            raise HistoryDatabaseError(f"history database {self.path}: an SQLite database of another program "
+                                       f"(application_id {app_id:#x}, not tokprof's {APPLICATION_ID:#x}); choose "
+                                       "another file with --db or TOKPROF_HISTORY_DB")
+        if version > SCHEMA_VERSION:
+            raise HistoryDatabaseError(f"history database {self.path}: schema version {version} is newer than this "
+                                       f"tokprof reads ({SCHEMA_VERSION}); upgrade tokprof or use another --db")
 
     def _check_writable(self, exists: bool) -> None:
         """The file (and its folder: SQLite writes -wal and -shm files beside it), or the nearest folder above a
