@@ -43,6 +43,7 @@ from tokprof.profiler.schema import (
     KernelMeasurement,
     Provenance,
     RunResult,
+    mark_interrupted,
     save_run,
 )
 
@@ -480,6 +481,7 @@ def bench_calls(calls: Sequence[Call], device: str | torch.device = "cuda", *, m
                 if run is not None:
                     run.failures.append(failure)
                     run.notes.append(f"interrupted at {label}: the calls after it were not measured")
+                    mark_interrupted(run, f"the kernel benchmark of {label}")
                 save()
                 raise
             except SWEEP_ERRORS as err:  # torch.OutOfMemoryError is a RuntimeError; Triton's errors are not
