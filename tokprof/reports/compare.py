@@ -122,6 +122,10 @@ def _finite_or_none(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
+def _positive_or_none(x: Any) -> float | None:
+    return float(x) if _finite_positive(x) else None
+
+
 def _point_spread(p: dict, kernels: dict[tuple, KernelMeasurement]) -> tuple[float | None, float | None,
                                                                               float | None, int, int]:
     """A roll-up point's relative noise, p10 and p90 from the kernels it sums (matched in the same run by op, shape,
@@ -171,8 +175,8 @@ def observations(run: RunResult, run_ref: str) -> tuple[dict[tuple, Observation]
         mhz, source = _clock_of(run, (t.clocks_before, t.clocks_after))
         out[key] = Observation("kernel", key, _kernel_label(k), t.median_us, _finite_or_none(t.p10_us),
                                _finite_or_none(t.p90_us), _finite_or_none(t.noise),
-                               _finite_or_none(k.roofline.t_roof_measured_us),
-                               _finite_or_none(k.roofline.t_roof_datasheet_us), mhz, source, run_ref)
+                               _positive_or_none(k.roofline.t_roof_measured_us),
+                               _positive_or_none(k.roofline.t_roof_datasheet_us), mhz, source, run_ref)
     by_key = {k.key(): k for k in reversed(run.kernels)}  # the first measurement of a key wins, as above
     run_mhz, run_source = _clock_of(run)
     skipped = 0
@@ -197,7 +201,8 @@ def observations(run: RunResult, run_ref: str) -> tuple[dict[tuple, Observation]
         for which in ("measured", "datasheet"):
             effs = [(o.get("total_us"), o.get(f"efficiency_{which}")) for o in ops]
             ok = ops and all(_finite_or_none(t) is not None and _finite_or_none(e) is not None for t, e in effs)
-            roofs[which] = sum(t * e for t, e in effs) if ok else None  # t_roof per op = efficiency x time
+            roof = sum(t * e for t, e in effs) if ok else None  # t_roof per op = efficiency x time
+            roofs[which] = roof if _finite_positive(roof) else None
         noise, p10, p90, _, _ = _point_spread(p, by_key)
         out[key] = Observation("point", key, label + (f" tp={tp}" if tp > 1 else ""), float(step), p10, p90,
                                noise, roofs["measured"], roofs["datasheet"], run_mhz, run_source, run_ref)
@@ -277,7 +282,7 @@ class Row:
 
 def _row(kind: str, item: str, metric: str, base: float, new: float, ranges: tuple | None, noises: tuple,
          threshold: float, higher_is_better: bool, gating: bool, base_ref: str, note: str = "") -> Row:
-    delta = new / base - 1.0
+    delta = new / base - 1.0  # observations() keeps only positive, finite times and roofs
     tolerance = max([threshold, *[n for n in noises if n is not None]])
     overlap = range_overlap(*ranges) if ranges is not None else None
     return Row(kind, item, metric, base, new, delta, tolerance, overlap,
@@ -307,7 +312,7 @@ def estimate_drift(rows: Sequence[Row]) -> Drift | None:
     a few regressed kernels do not move it, a uniform shift of the machine (clocks, co-tenants, thermals) does."""
     # In time terms: an efficiency (higher is better) ratio is the inverse of the time ratio.
     logs = np.array([math.log(r.new / r.base) * (-1.0 if r.higher_is_better else 1.0)
-                     for r in rows if r.kind == "kernel" and r.gating])
+                     for r in rows if r.kind == "kernel" and r.gating and r.base > 0 and r.new > 0])
     if logs.size < DRIFT_MIN_KERNELS:
         return None
     center = float(np.median(logs))
