@@ -35,6 +35,7 @@ from tokprof.profiler.cpu_load import CpuLoad
 from tokprof.profiler.devices import resolve_device
 from tokprof.profiler.schema import RunResult, load_run, save_run
 from tokprof.reports.history import History
+from tokprof.term import OutputConsole
 
 REFERENCE_DIR = Path(__file__).parent / "data" / "reference"
 OTHER_GPUS = ("h100-sxm", "h200", "b200")
@@ -286,7 +287,7 @@ def run_e2e_points(run: RunResult, rc: RunConfig, run_path: Path, console: Conso
                    backend=rc.backend, dtype=rc.dtype, output=str(run_path), energy=rc.energy,
                    command=list(run.provenance.command), points=points, framework_points=rc.framework_points,
                    energy_window_s=rc.e2e_energy_window_s)
-    run_e2e_command(args, console, Console(stderr=True))
+    run_e2e_command(args, console, OutputConsole(stderr=True))
     fresh = load_run(run_path)
     run.e2e = fresh.e2e
     run.notes = fresh.notes
@@ -302,7 +303,7 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
     from tokprof.rollup import bottom_up
     from tokprof.rollup.reconcile import reconcile
 
-    console = console or Console()
+    console = console or OutputConsole()
     t0 = time.perf_counter()
     cpu_load = CpuLoad.start()
     dev = resolve_device(device)

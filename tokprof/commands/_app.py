@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from tokprof.term import OutputConsole
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="tokprof: GPU kernel-level throughput profiler, from kernels to cost per million tokens.")
-console = Console()
+console = OutputConsole()  # a terminal's width, else a fixed width (tokprof/term.py)
 DB_HELP = ("History database (default: TOKPROF_HISTORY_DB, else $XDG_DATA_HOME or ~/.local/share, "
            "tokprof/history.db).")
-err_console = Console(stderr=True)
+err_console = OutputConsole(stderr=True)
 
 
 @app.callback()
@@ -95,8 +96,8 @@ def bench_device(device: str | None) -> object:
 
 
 def print_wide(table: Table) -> None:
-    """Print a wide table whole: a terminal wraps it to its width, a pipe or a file gets 160 columns, not 80."""
-    (console if console.is_terminal else Console(width=160)).print(table)
+    """Print a wide table: a terminal wraps it to its width, a pipe or a file gets term.PIPE_WIDTH columns."""
+    console.print(table)
 
 
 def pct(value: float | None) -> str:
