@@ -94,7 +94,7 @@ step install 120 $PY -m pip install -e . --no-deps --no-build-isolation
 step run 330 $PY -m tokprof.cli run --out "$WORK/run"
 step gputests 150 $PY -m pytest -q -p no:cacheprovider -m gpu $TIMEOUT_OPT tests --junitxml="$WORK/gputests.xml"
 step targets 200 $PY -m tokprof.targets --out "$WORK/targets/targets.json" --repeat 2 --aa-modes events \
-  --no-aa-energy --max-time-s 0.5
+  --no-aa-energy --timeout-s 0.5
 step compile 120 env -u TRITON_INTERPRET $PY scripts/triton_compile_check.py --arch "$ARCH_NUM"
 step cputests 300 $PY -m pytest -q -p no:cacheprovider -m "not gpu" $TIMEOUT_OPT $XDIST_OPT tests \
   --junitxml="$WORK/cputests.xml"

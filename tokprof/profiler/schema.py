@@ -43,7 +43,11 @@ class Clocks:
 
 @dataclass
 class Timing:
-    """Every sample of one kernel call's time, and the statistics over them (MEASUREMENT.md, kernel time)."""
+    """One kernel call's time: the statistics over every sample, and a bounded sample of the raw times.
+
+    The statistics (median, percentiles, noise) are computed over all `n_samples` samples; `samples_us` keeps at
+    most stats.MAX_STORED_SAMPLES of them, evenly spaced in time order (all of them when there were fewer). Files
+    written before the bound hold every sample and no `n_samples` (None: len(samples_us) is the count)."""
 
     samples_us: list[float]
     timer: str  # "cuda_events" | "cuda_graph" | "perf_counter"
@@ -62,6 +66,12 @@ class Timing:
     clocks_after: Clocks | None = None
     throttled: bool | None = None  # None where clocks are unknown (CPU)
     note: str = ""
+    n_samples: int | None = None  # samples the statistics are over; None in older files (every sample is stored)
+
+    @property
+    def samples_taken(self) -> int:
+        """How many samples the statistics are over (older files: the stored samples, which were all of them)."""
+        return self.n_samples if self.n_samples is not None else len(self.samples_us)
 
 
 @dataclass

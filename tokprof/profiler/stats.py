@@ -170,3 +170,20 @@ class StopRule:
             return (f"noise target missed: {100 * noise:.2f}% > {100 * self.noise_target:.2f}% at the "
                     f"{self.max_time_s:g} s timeout ({n} samples)")
         return f"continuing: noise {100 * noise:.2f}% > {100 * self.noise_target:.2f}% after {n} samples"
+
+
+# A RunResult keeps at most this many raw samples per Timing: the statistics are computed over every sample first,
+# and a CPU call of a few microseconds can take a million samples in its time budget (a 100 MB file otherwise).
+MAX_STORED_SAMPLES = 256
+
+
+def bounded_sample(samples_us: Sequence[float], k: int = MAX_STORED_SAMPLES) -> list[float]:
+    """At most `k` of `samples_us`, evenly spaced in time order (the first and the last always in), so that a drift
+    or a throttled stretch stays visible in what is kept. Deterministic: the same samples give the same subset."""
+    n = len(samples_us)
+    if k < 2:
+        raise ValueError(f"k: expected at least 2 samples to keep, got {k!r}")
+    if n <= k:
+        return [float(v) for v in samples_us]
+    return [float(samples_us[round(i * (n - 1) / (k - 1))]) for i in range(k)]
+

@@ -31,7 +31,7 @@ import torch
 
 from tokprof.profiler import nvml
 from tokprof.profiler.schema import Timing
-from tokprof.profiler.stats import StopRule, summarize
+from tokprof.profiler.stats import StopRule, bounded_sample, summarize
 
 MODES = ("events", "graph")
 
@@ -372,7 +372,8 @@ def _sample_cuda(step: Callable[[Any, Any], None], device: torch.device, rule: S
 def _timing(samples: list[float], rule: StopRule, elapsed_s: float, *, timer: str, mode: str, cold_l2: bool,
             calls_per_sample: int, notes: list[str]) -> Timing:
     stats = summarize(samples, rule.noise_target)
-    return Timing(samples_us=list(samples), timer=timer, mode=mode, cold_l2=cold_l2, median_us=stats["median_us"],
+    return Timing(samples_us=bounded_sample(samples), n_samples=len(samples), timer=timer, mode=mode,
+                  cold_l2=cold_l2, median_us=stats["median_us"],
                   p10_us=stats["p10_us"], p90_us=stats["p90_us"], mean_us=stats["mean_us"], noise=stats["noise"],
                   n_outliers=stats["n_outliers"], noise_target=rule.noise_target,
                   met_noise_target=stats["met_noise_target"], calls_per_sample=calls_per_sample,
