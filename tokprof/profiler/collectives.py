@@ -361,7 +361,8 @@ def measure_collective(op: str, nbytes: int, dtype: str | torch.dtype, device: t
     timer, mode = ("cuda_events", "events") if cuda else ("perf_counter", "cpu")
     note = (f"{rule.reason(samples, elapsed)}; {world} ranks, each sample the slowest rank's time, a barrier and a "
             f"device sync before each; {warm_calls} warm-up calls; {checked}")
-    timing = Timing(samples_us=bounded_sample(samples), n_samples=len(samples), timer=timer, mode=mode, cold_l2=False, median_us=stats["median_us"],
+    timing = Timing(samples_us=bounded_sample(samples), n_samples=len(samples), timer=timer, mode=mode,
+                    cold_l2=False, median_us=stats["median_us"],
                     p10_us=stats["p10_us"], p90_us=stats["p90_us"], mean_us=stats["mean_us"], noise=stats["noise"],
                     n_outliers=stats["n_outliers"], noise_target=noise_target,
                     met_noise_target=stats["met_noise_target"], calls_per_sample=1, clocks_before=before,
