@@ -67,7 +67,8 @@ def test_run_main_writes_run_report_and_history(tmp_path, capsys):
     assert run.reconciliation and run.reconciliation[0]["layers"][0]["name"] == "L0"
     assert any("CPU run" in n for n in run.notes)
     assert any("cores busy over the" in n for n in run.notes)  # how shared the CPU was, as found
-    report = tmp_path / "out" / "report" / "report.html"
+    report = tmp_path / "out" / "report" / path.stem / "report.html"  # one folder per run
+    assert (tmp_path / "out" / "report" / "index.html").read_text().count(f"{path.stem}/report.html") == 1
     assert report.stat().st_size > 10_000
     assert db.exists()
     printed = capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tokprof.term import OutputConsole
@@ -23,15 +24,16 @@ def _root() -> None:
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print a clear error (no traceback) and exit with `code`."""
-    err_console.print(f"[bold red]error:[/] {message}")
+    """Print a clear error (no traceback) and exit with `code`; the message is text, never rich markup (a hint such
+    as pip install 'tokprof[fleet]' keeps its brackets)."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
 def interrupted(kept: str | None) -> None:
     """Ctrl-C: say what was kept (None: nothing to say, already said) and exit 130, without a traceback."""
     if kept:
-        err_console.print(f"[yellow]interrupted[/]: {kept}")
+        err_console.print(f"[yellow]interrupted[/]: {escape(kept)}")
     raise typer.Exit(130)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from tokprof.commands._app import (
     app,
@@ -22,10 +24,11 @@ from tokprof.commands._app import (
 
 @app.command()
 def e2e(
-    model: str | None = typer.Option(None, "--model", help="Preset (tiny, llama-3.1-8b, ...): random weights on the "
-                                     "device; with --model-dir, the name the results carry."),
-    model_dir: str | None = typer.Option(None, "--model-dir", help="Local Hugging Face directory (config.json + "
-                                         "safetensors) to load instead of random weights."),
+    model: str | None = typer.Option(None, "--model", help="Preset (tiny, llama-3.1-8b, ...: random weights on the "
+                                     "device) or a local Hugging Face directory (config.json + safetensors)."),
+    name: str | None = typer.Option(None, "--name", help="The model name the results carry (default: the preset, or "
+                                    "the directory's name)."),
+    model_dir: str | None = typer.Option(None, "--model-dir", hidden=True, help="Deprecated: --model DIR."),
     batch: str = typer.Option("1", "--batch", help="Batch sizes, e.g. 1,8,32."),
     context: str = typer.Option("128", "--context", help="KV tokens the timed steps attend (their median), e.g. "
                                 "1k,8k."),
@@ -52,6 +55,9 @@ def e2e(
 
     check_output("--output", output)  # up front: a bad path would lose the measurements
     dev = bench_device(device)
+    if model_dir is None and model is not None and Path(model).expanduser().is_dir():
+        model_dir, model = str(Path(model).expanduser()), None  # --model DIR: one flag for presets and directories
+    model = name or model  # with a directory: the name the results carry (old form: --model-dir DIR --model NAME)
     if not split_csv(framework):
         fail(f"--framework: expected some of {list(FRAMEWORKS)}, got {framework!r}")
     if set(split_csv(mode)) == {"graph"} and dev.type != "cuda":  # eager,graph measures eager and skips graph
@@ -83,7 +89,11 @@ def reconcile(
                                              "(default: not applied)."),
     l4: str | None = typer.Option(None, "--l4", help="Framework for L4: tokprof, vllm or transformers (default: "
                                   "tokprof eager, else the first measured)."),
-    write: bool = typer.Option(True, "--write/--no-write", help="Store the reconciliation in the run file."),
+    write: bool = typer.Option(False, "--write/--no-write", help="Also store the reconciliation in RUN_FILE itself "
+                               "(default: RUN_FILE is only read)."),
+    output: str | None = typer.Option(None, "-o", "--output", help="Write a copy of the run with the reconciliation "
+                                      "to this file (overwrites it); RUN_FILE is left as it was."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON document (no tables)."),
 ) -> None:
     """The iceberg: datasheet roofline -> measured roofline -> kernel sum -> end to end -> served, with each gap."""
     from tokprof.models.e2e import FRAMEWORKS
@@ -93,6 +103,7 @@ def reconcile(
 
     if l4 is not None and l4 not in FRAMEWORKS:
         fail(f"--l4: expected one of {list(FRAMEWORKS)}, got {l4!r}")
+    check_output("--output", output)
     try:
         run = load_run(run_file)
         recs = reconcile_run(run, utilisation, l4_framework=l4)
@@ -101,9 +112,14 @@ def reconcile(
     if not recs:
         fail(f"{run_file}: no roll-up point and no end-to-end measurement to reconcile; run `tokprof rollup` and/or "
              "`tokprof e2e -o` into it first")
-    print_reconciliation(console, recs)
-    if write:
+    if not as_json:
+        print_reconciliation(console, recs)
+    written = [p for p in (run_file if write else None, output) if p]
+    if written:  # a reading command changes no file unless asked (--write, -o)
         run.reconciliation = [r.to_dict() for r in recs]
-        save_run(run, run_file)
-        console.print(f"wrote the reconciliation into {run_file}")
-    print(json.dumps({"command": "reconcile", "run": run_file, "reconciliation": [r.to_dict() for r in recs]}))
+        for path in written:
+            save_run(run, path)
+            if not as_json:
+                console.print(f"wrote the reconciliation into {escape(str(path))}")
+    print(json.dumps({"command": "reconcile", "run": run_file, "written": written,
+                      "reconciliation": [r.to_dict() for r in recs]}))

@@ -14,6 +14,7 @@ interconnect layer. Both appear only when the runs hold such data.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -275,10 +276,30 @@ _COST_HEADERS = ["run", "provenance", "GPU", "model", "batch", "context", "dtype
                  "energy $/M tokens", "tokens/s per MW", "price source"]
 
 
+# rollup/project.py's reason for a modelled point's J/token: "...; upper bound at TDP (700 W ...): 3.96 J/token"
+_TDP_BOUND = re.compile(r"^(?P<why>.*?)[;:,]?\s*upper bound at TDP \((?P<what>[^)]*)\): (?P<j>[^ ]+) J/token$")
+
+
+def _energy_reason(p: dict[str, Any]) -> Any:
+    """The energy reason without a point's own TDP bound, so that one note serves every modelled row."""
+    m = _TDP_BOUND.match(str(p.get("energy_reason") or ""))
+    return (m.group("why") or "no energy measured") if m else p.get("energy_reason")
+
+
+def _energy_cell(p: dict[str, Any]) -> str:
+    """J/token, or a modelled row's TDP upper bound as '<= x (TDP bound)' in the cell, not in a note of its own."""
+    m = _TDP_BOUND.match(str(p.get("energy_reason") or ""))
+    if p.get("j_per_token_total") is None and m:
+        return f"<= {m.group('j')} (TDP bound)"
+    return na(p.get("j_per_token_total"), p.get("energy_reason"))
+
+
 def _cost_section(runs: list[LoadedRun]) -> tuple[list[Block], list[str]]:
     blocks: list[Block] = [Heading("Cost across GPUs"), Para(COST_FORMULA + ". Measured, modelled and projected "
                                                              "rows are in separate tables; none stands in for "
-                                                             "another.")]
+                                                             "another. '<= x (TDP bound)': no energy was measured "
+                                                             "for that row; x is the GPU's TDP over the whole step "
+                                                             "time, per token, an upper bound, not an estimate.")]
     points = _points(runs)
     if not points:
         reason = "no roll-up in any run"
@@ -296,8 +317,8 @@ def _cost_section(runs: list[LoadedRun]) -> tuple[list[Block], list[str]]:
             [r.label, prov, _gpu_cell(p), str(p.get("model")), num(p.get("batch")), num(p.get("context")),
              f"{p.get('dtype')} / {p.get('backend')}", num(p.get("step_time_us")), num(p.get("tokens_per_s_per_gpu")),
              num(p.get("tokens_per_s_per_user")), num(p.get("usd_per_gpu_hour")), num(p.get("usd_per_million_tokens")),
-             na(p.get("j_per_token_total"), p.get("energy_reason")),
-             na(p.get("energy_usd_per_million_tokens"), p.get("energy_reason")), num(p.get("tokens_per_s_per_mw")),
+             _energy_cell(p), na(p.get("energy_usd_per_million_tokens"), _energy_reason(p)),
+             num(p.get("tokens_per_s_per_mw")),
              str(p.get("price_source") or "n/a")] for r, p in rows], [f"prov-{prov}"] * len(rows)))
     from tokprof.reports.tp_tables import tp_blocks
 
@@ -471,5 +492,28 @@ def render_report(paths: Sequence[str | Path], out_dir: str | Path) -> Report:
     html_path = out / "report.html"
     md_path.write_text(to_markdown(blocks))
     html_path.write_text(to_html(blocks, "tokprof report: " + ", ".join(r.ref for r in runs)))
-    figures = [b.path for b in blocks if isinstance(b, Image)]
+    figures = list(dict.fromkeys(b.path for b in blocks if isinstance(b, Image)))  # each PNG once
     return Report(md_path, html_path, figures, omitted)
+
+
+def write_index(folder: str | Path) -> Path:
+    """index.html in `folder`: a link to each report one level below it (one folder per run), newest first, with the
+    run's first heading line; rewritten after every run so that it lists every report the folder holds."""
+    import html
+
+    root = Path(folder)
+    reports = sorted(root.glob("*/report.html"), key=lambda p: p.stat().st_mtime, reverse=True)
+    items = []
+    for path in reports:
+        when = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        name = html.escape(path.parent.name)
+        items.append(f'<li><a href="{html.escape(path.parent.name)}/report.html">{name}</a> '
+                     f'<span class="when">({when})</span></li>')
+    page = ["<!DOCTYPE html>", '<html lang="en">', '<head><meta charset="utf-8"><title>tokprof reports</title>',
+            "<style>body { font-family: system-ui, sans-serif; max-width: 900px; margin: 1.5em auto; } "
+            ".when { color: #666; font-size: 12px; }</style></head>", "<body>", "<h1>tokprof reports</h1>",
+            f"<p>{len(reports)} report(s), newest first; each folder holds one run's report.md, report.html and "
+            "PNGs.</p>", "<ul>", *items, "</ul>", "</body>", "</html>"]
+    out = root / "index.html"
+    out.write_text("\n".join(page) + "\n")
+    return out
