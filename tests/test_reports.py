@@ -42,7 +42,8 @@ def test_every_kind_of_figure_is_a_valid_png(full_report):
     assert "op_share_R1.png" in names and "op_share_R2.png" in names
     # Two reconciled (batch, context) points per fixture run: one iceberg each.
     assert sorted(n for n in names if n.startswith("iceberg_")) == [
-        "iceberg_R1_b1_c1024.png", "iceberg_R1_b64_c8192.png", "iceberg_R2_b1_c1024.png", "iceberg_R2_b64_c8192.png"]
+        "iceberg_R1_b1_c1024_h100-sxm.png", "iceberg_R1_b64_c8192_h100-sxm.png", "iceberg_R2_b1_c1024_h200.png",
+        "iceberg_R2_b64_c8192_h200.png"]
     for path in full_report.figures:
         data = path.read_bytes()
         assert len(data) > 5000, f"{path.name}: only {len(data)} bytes"

@@ -251,7 +251,8 @@ def test_report_of_a_tp2_run_shows_the_interconnect_layer(tmp_path: Path):
                                            "bf16", link)]
     report = render_report([save_run(run, tmp_path / "run.json")], tmp_path / "out")
     names = [f.name for f in report.figures]
-    assert names == ["pareto.png", "op_share_R1.png", "iceberg_R1_b8_c1024_tp2.png"]  # no roofline: collectives
+    # no roofline: collectives only
+    assert names == ["pareto.png", "op_share_R1.png", "iceberg_R1_b8_c1024_h100-sxm_tp2.png"]
     md = report.markdown.read_text()
     assert "L1i" in md and "interconnect (all-reduce)" in md and "interconnect at the link roof" in md
     assert "llama-3.1-8b on h100-sxm x2 (tp=2), batch 8, context 1024" in md

@@ -15,7 +15,17 @@ import sys
 import typer
 from rich.table import Table
 
-from tokprof.commands._app import app, bench_device, check_output, console, fail, interrupted
+from tokprof.commands._app import (
+    DB_HELP,
+    app,
+    bench_device,
+    check_output,
+    console,
+    fail,
+    interrupted,
+    parse_int_list,
+    split_csv,
+)
 
 
 @app.command()
@@ -49,25 +59,51 @@ def kernels(
 
 @app.command()
 def run(
-    model: str = typer.Option(None, help="Model preset (default: llama-3.1-8b on a GPU, tiny on the CPU)."),
-    out: str = typer.Option("tokprof-out", "--out", "-o", help="Folder for the RunResult, report and plots."),
+    model: str = typer.Option(None, "--model", help="Preset or a local Hugging Face directory (default: "
+                              "llama-3.1-8b on a GPU, tiny on the CPU)."),
+    batch: str | None = typer.Option(None, "--batch", help="Batch sizes, e.g. 1,8,32 (default 1,8,32,128 on a GPU, "
+                                     "1,4 on the CPU); measured bottom-up and end to end."),
+    context: str | None = typer.Option(None, "--context", help="KV tokens per sequence, e.g. 1k,8k (default 1024,8192 "
+                                       "on a GPU, 128,512 on the CPU)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default bf16 on a GPU, fp32 on the "
+                                     "CPU)."),
+    backend: str | None = typer.Option(None, "--backend", help="Kernel backend: torch, triton or cuda (default triton "
+                                       "on a GPU, torch on the CPU)."),
+    price_sheet: str | None = typer.Option(None, "--price-sheet", help="Your price sheet (format of "
+                                           "tokprof/data/prices.json)."),
+    usd_per_gpu_hour: float | None = typer.Option(None, "--usd-per-gpu-hour", help="Stated $ per GPU-hour (overrides "
+                                                  "the sheet)."),
+    utilisation: float | None = typer.Option(None, "--utilisation", help="Duty cycle served, in (0, 1]: the "
+                                             "iceberg's L5 (default: not applied)."),
+    skip: str | None = typer.Option(None, "--skip", help="Stages to leave out, comma-separated: e2e, other-gpus, "
+                                    "report, history."),
+    out: str = typer.Option("tokprof-out", "--out", "-o", help="Folder for the RunResult and report/ (extended: each "
+                            "run adds its own file and report folder)."),
     device: str = typer.Option("auto", help="auto (a GPU when torch sees one), cpu or cuda[:N]."),
-    db: str = typer.Option(None, help="History database (default: TOKPROF_HISTORY_DB or the user's data dir)."),
-    no_report: bool = typer.Option(False, "--no-report", help="Skip the report (RunResult and history only)."),
+    db: str = typer.Option(None, help=DB_HELP),
+    no_report: bool = typer.Option(False, "--no-report", hidden=True, help="Deprecated: --skip report."),
 ) -> None:
-    """The whole chain: ceilings, kernel benchmarks of the decode plan, roll-up, end to end, reconciliation, report."""
+    """The whole chain: ceilings, kernel benchmarks of the decode plan, roll-up, end to end, reconciliation, report.
+    The last stdout line is one JSON document (the run, report and history paths, the measured points)."""
+    from tokprof.rollup.economics import PriceOptions, load_price_sheet
     from tokprof.runner import run_main
 
     bench_device(device)  # a GPU that is not there, up front
     check_output("--out", out, folder=True)
     check_output("--db", db)  # the history is written last: a bad path would fail after the whole run
     try:
-        run_main(model=model, out_dir=out, device=device, console=console, history_db=db, report=not no_report)
+        prices = None
+        if price_sheet or usd_per_gpu_hour is not None:
+            prices = PriceOptions(sheet=load_price_sheet(price_sheet) if price_sheet else None,
+                                  usd_per_gpu_hour=usd_per_gpu_hour)
+        run_main(model=model, out_dir=out, device=device, console=console, history_db=db, report=not no_report,
+                 batches=parse_int_list("--batch", batch) if batch else None,
+                 contexts=parse_int_list("--context", context) if context else None, dtype=dtype, backend=backend,
+                 prices=prices, utilisation=utilisation, skip=split_csv(skip))
     except ValueError as err:
         fail(str(err))
     except KeyboardInterrupt:
         interrupted(None)  # run_main has said which file keeps what was measured
-
 
 
 # The other commands register on import, after these two, so that `tokprof --help` lists the main job first.

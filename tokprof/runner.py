@@ -17,13 +17,13 @@ Steps, each saved to the RunResult as soon as it is measured (an interrupted run
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
 import sys
 import time
 from collections.abc import Sequence
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,9 +256,8 @@ def reference_runs(directory: Path | None = None) -> dict[str, Path]:
 def other_gpu_rows(run: RunResult, rc: RunConfig, console: Console) -> list[str]:
     """Projected or modelled roll-up rows for H100, H200 and B200, appended to run.rollup; returns notes."""
     from tokprof.rollup import modelled, project
-    from tokprof.rollup.records import merge_points
-
     from tokprof.rollup.command import load_model
+    from tokprof.rollup.records import merge_points
 
     notes: list[str] = []
     # A CPU run of the default tiny model shows the GPUs with the GPU default model; a model the user named is the
@@ -316,7 +315,8 @@ def run_e2e_points(run: RunResult, rc: RunConfig, run_path: Path, console: Conso
         gc.collect()
         torch.cuda.empty_cache()
     from_dir = Path(rc.model).expanduser().is_dir()  # a Hugging Face directory: its real weights end to end
-    args = E2EArgs(model=None if from_dir else rc.model, model_dir=rc.model if from_dir else None, batches=rc.e2e_batches, contexts=rc.e2e_contexts,
+    args = E2EArgs(model=None if from_dir else rc.model, model_dir=rc.model if from_dir else None,
+                   batches=rc.e2e_batches, contexts=rc.e2e_contexts,
                    modes=rc.e2e_modes, frameworks=rc.frameworks, steps=rc.e2e_steps, warmup=4, device=rc.device,
                    backend=rc.backend, dtype=rc.dtype, output=str(run_path), energy=rc.energy,
                    command=list(run.provenance.command), points=points, framework_points=rc.framework_points,

@@ -87,6 +87,7 @@ def history(
 ) -> None:
     """Runs recorded in the history database and their trends (last, best, change, sparkline)."""
     from tokprof.profiler.schema import load_run
+    from tokprof.reports.document import num
     from tokprof.reports.history import History, HistoryDatabaseError
 
     hist = History(db)
@@ -119,7 +120,7 @@ def history(
             t.add_column(name)
         for tr in trends[:limit]:
             prev, best = tr.delta_vs_previous, tr.delta_vs_best
-            t.add_row(tr.item, tr.device, tr.metric, str(len(tr.values)), f"{tr.last:.4g}", f"{tr.best:.4g}",
+            t.add_row(tr.item, tr.device, tr.metric, str(len(tr.values)), num(tr.last), num(tr.best),
                       f"{prev:+.1%}" if prev is not None else "-", f"{best:+.1%}" if best is not None else "-",
                       tr.spark)
         console.print(t)

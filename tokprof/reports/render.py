@@ -413,7 +413,9 @@ def _iceberg_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], lis
             b, c, tp = rec.get("batch"), rec.get("context"), int(rec.get("tp") or 1)
             where = f"{rec.get('model')} on {rec.get('gpu')}" + (f" x{tp} (tp={tp})" if tp > 1 else "") + \
                 f", batch {b}, context {c}"
-            suffix = f"_tp{tp}" if tp > 1 else ""
+            # the GPU in the name: a run holds the same (batch, context) measured here and modelled on other GPUs
+            gpu_slug = re.sub(r"[^A-Za-z0-9.-]+", "-", str(rec.get("gpu"))).strip("-")[:40] or "gpu"
+            suffix = f"_{gpu_slug}" + (f"_tp{tp}" if tp > 1 else "")
             blocks.append(Heading(f"{r.label}: {where}", 3))
             layers = [lv for lv in rec.get("layers") or [] if isinstance(lv, dict)]
             levels = [plots.Level(str(lv.get("name")), str(lv.get("title") or ""), lv.get("tokens_per_s_per_gpu"),

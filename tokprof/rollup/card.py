@@ -20,6 +20,7 @@ from rich.table import Table
 from tokprof.kernels._common import parse_dtype
 from tokprof.models.config import ModelConfig
 from tokprof.profiler.devices import GpuSpec
+from tokprof.reports.document import num, num_bytes
 from tokprof.rollup.pareto import InteractivityCost
 from tokprof.rollup.records import RollupPoint
 
@@ -55,7 +56,7 @@ def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int]
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+    return f"{num(n / 1e9)} GB" if n >= 1e9 else f"{num(n / 1e6)} MB"
 
 
 def _count_params(n: int) -> str:
@@ -65,7 +66,7 @@ def _count_params(n: int) -> str:
 def print_card(console: Console, card: dict[str, Any]) -> None:
     console.print(f"[bold]{card['model']}[/] ({card['dtype']}): {_count_params(card['params'])} parameters, "
                   f"weights {_gb(card['weight_bytes'])}, read per decode step {_gb(card['decode_weight_bytes'])}; "
-                  f"KV cache {card['kv_bytes_per_token'] / 1024:.0f} KiB per token")
+                  f"KV cache {num_bytes(card['kv_bytes_per_token'])} per token")
     if card.get("tp"):
         console.print(f"tensor parallel over {card['tp']} GPUs: each reads {_gb(card['linear_weight_bytes_per_gpu'])} "
                       "of linear weights per step and pays 2 all-reduces per layer; the bound below is one GPU's")
@@ -76,16 +77,13 @@ def print_card(console: Console, card: dict[str, Any]) -> None:
     console.print(f"batch-1 bound on the {card['gpu']} datasheet ({card['hbm_tbps']} TB/s, modelled): {bounds}")
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+def _fmt(x: float | None, spec: str = "") -> str:
+    """One number format for every table (reports/document.num); `spec` is kept for the callers' reading."""
+    return "-" if x is None else num(x)
 
 
 def _count(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if x >= 1e6:
-        return f"{x / 1e6:.3g}M"
-    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+    return "-" if x is None else num(x)
 
 
 def print_points(console: Console, points: list[RollupPoint], title: str) -> None:

@@ -430,8 +430,10 @@ def waterfall_rows(rec: Reconciliation) -> list[dict[str, Any]]:
     """The table `tokprof reconcile` prints: one row per layer, figures formatted, None as '-' with the reason."""
     rows = []
     for layer in rec.layers:
-        def fmt(x: float | None, spec: str) -> str:
-            return "-" if x is None else format(x, spec)
+        def fmt(x: float | None, spec: str) -> str:  # one number format for every table (reports/document.num)
+            from tokprof.reports.document import num, pct
+
+            return "-" if x is None else (pct(x) if spec.endswith("%") else num(x))
         rows.append({
             "layer": f"{layer.name} {layer.title}",
             "tokens/s/GPU": fmt(layer.tokens_per_s_per_gpu, ",.4g"),
