@@ -287,12 +287,9 @@ class Comparison:
 
 
 def _fmt(value: float) -> str:
-    mag = abs(value)
-    if mag >= 1e5:
-        return f"{value:.4g}"
-    if mag >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.3g}"
+    from tokprof.reports.document import num  # one number format in every table
+
+    return num(value)
 
 
 def _table(rows: list[Row]) -> list[str]:

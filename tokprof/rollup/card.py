@@ -73,7 +73,7 @@ def print_card(console: Console, card: dict[str, Any]) -> None:
     if not card["batch1"]:
         console.print(f"batch-1 bandwidth bound: unknown ({card.get('batch1_reason')})")
         return
-    bounds = ", ".join(f"{b['tokens_per_s_max']:.1f} tokens/s at context {b['context']}" for b in card["batch1"])
+    bounds = ", ".join(f"{num(b['tokens_per_s_max'])} tokens/s at context {b['context']}" for b in card["batch1"])
     console.print(f"batch-1 bound on the {card['gpu']} datasheet ({card['hbm_tbps']} TB/s, modelled): {bounds}")
 
 
