@@ -13,6 +13,7 @@ import json
 import sys
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tokprof.commands._app import (
@@ -43,14 +44,26 @@ def kernels(
     if as_json:
         print(json.dumps({"device": str(dev), "ops": rows}))
         return
+    if console.width < 120:  # a narrow terminal: one block per op, wrapped at words, never cut
+        console.print(f"[bold]tokprof kernels on {dev}[/]")
+        for name, row in rows.items():
+            backends = ", ".join(f"[green]{b}[/]" if why is None else f"[red]{b}[/] ({escape(why)})"
+                                 for b, why in row["backends"].items())
+            console.print(f"\n[bold]{name}[/]: {escape(row['description'])}")
+            console.print(f"  [dim]shape:[/] {escape(row['shape'])}")
+            console.print(f"  [dim]backends here:[/] {backends}")
+            console.print(f"  [dim]cost:[/] {escape(row['cost_formula'])}")
+        return
     table = Table(title=f"tokprof kernels on {dev}", show_lines=True)
     table.add_column("op", style="bold")
     table.add_column("what")
     table.add_column("backends here")
     table.add_column("cost (flops; min bytes)")
     for name, row in rows.items():
-        lines = [f"[green]{b}[/]" if why is None else f"[red]{b}[/]: {why}" for b, why in row["backends"].items()]
-        table.add_row(name, f"{row['description']}\n[dim]{row['shape']}[/]", "\n".join(lines), row["cost_formula"])
+        lines = [f"[green]{b}[/]" if why is None else f"[red]{b}[/]: {escape(why)}"
+                 for b, why in row["backends"].items()]
+        table.add_row(name, f"{escape(row['description'])}\n[dim]{escape(row['shape'])}[/]", "\n".join(lines),
+                      escape(row["cost_formula"]))
     console.print(table)
 
 
