@@ -118,7 +118,7 @@ def test_gpu_defaults_fit_the_five_minute_budget(h100_memory):
     rc = RunConfig.for_device(torch.device("cuda"))
     check_fits(cfg, rc)
     est = estimate_gpu_seconds(cfg, rc)
-    # 60 distinct decode-step calls, each: 0.4 s timing + 1 s energy window (MEASUREMENT.md: >= 1 s) + 0.2 s cool-down
+    # 60 distinct decode-step calls, each: 0.4 s timing + 1 s energy window (>= 1 s) + 0.2 s cool-down
     # + alignment + set-up.
     assert est["kernels"] == pytest.approx(60 * (0.4 + 1.0 + 0.2 + EST_ENERGY_ALIGN_S + EST_KERNEL_OVERHEAD_S)
                                            + EST_COMPILE_S)

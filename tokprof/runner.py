@@ -52,7 +52,7 @@ class RunConfig:
     GPU budget (llama-3.1-8b, batch {1, 8, 32, 128} x context {1k, 8k}), estimated for an H100 before the first
     measured run; `estimate_gpu_seconds` holds the arithmetic (~295 s with these defaults):
     - kernels: 60 distinct decode-step calls, each timed for up to 0.4 s (events, cold L2), then an energy window of
-      1 s (MEASUREMENT.md: >= 1 s) after a 0.2 s cool-down (plus up to two counter updates, ~0.1 s, to align the
+      1 s (docs/measurement.md: >= 1 s) after a 0.2 s cool-down (plus up to two counter updates, ~0.1 s, to align the
       window) and ~0.3 s of set-up: ~2.1 s a call, ~126 s; the 32 calls modelled under 10 us on the H100 datasheet
       are also timed in graph mode, whose capture of ceil(5 x L2 / working set) + 1 input copies (16k-30k for
       a 10 KB call) costs ~1 s each: ~32 s; plus Triton's first compilations (~30 s on a cold cache);

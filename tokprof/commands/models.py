@@ -29,9 +29,9 @@ def e2e(
     name: str | None = typer.Option(None, "--name", help="The model name the results carry (default: the preset, or "
                                     "the directory's name)."),
     model_dir: str | None = typer.Option(None, "--model-dir", hidden=True, help="Deprecated: --model DIR."),
-    batch: str = typer.Option("1", "--batch", help="Batch sizes, e.g. 1,8,32."),
-    context: str = typer.Option("128", "--context", help="KV tokens the timed steps attend (their median), e.g. "
-                                "1k,8k."),
+    batch: str | None = typer.Option(None, "--batch", help="Batch sizes, e.g. 1,8,32 (default 1,8,64, as rollup)."),
+    context: str | None = typer.Option(None, "--context", help="KV tokens the timed steps attend (their median), "
+                                       "e.g. 1k,8k (default 1024,8192 up to the model's longest, as rollup)."),
     mode: str | None = typer.Option(None, "--mode", help="eager and/or graph (default eager,graph on a GPU, eager "
                                     "on the CPU)."),
     framework: str = typer.Option("tokprof,transformers", "--framework", help="Comma-separated: tokprof, "
@@ -63,8 +63,9 @@ def e2e(
     if set(split_csv(mode)) == {"graph"} and dev.type != "cuda":  # eager,graph measures eager and skips graph
         fail(f"--mode graph: CUDA graphs need a CUDA device, got --device {dev}; use --mode eager")
     try:
-        args = E2EArgs(model=model, model_dir=model_dir, batches=parse_int_list("--batch", batch),
-                       contexts=parse_int_list("--context", context), modes=split_csv(mode) or None,
+        batches, contexts = sweep_defaults(model_dir or model, batch, context)
+        args = E2EArgs(model=model, model_dir=model_dir, batches=batches, contexts=contexts,
+                       modes=split_csv(mode) or None,
                        frameworks=split_csv(framework), steps=steps, warmup=warmup, device=dev,
                        backend=backend, dtype=dtype, output=output, seed=seed, energy=energy, profile=profile,
                        command=list(sys.argv))
@@ -80,6 +81,20 @@ def e2e(
     print(json.dumps({"command": "e2e", "output": path, "e2e": [m.to_dict() for m in results]}))
     if not results:
         raise typer.Exit(1)  # every point skipped (see above): nothing measured is no success
+
+
+def sweep_defaults(model: str | None, batch: str | None, context: str | None) -> tuple[list[int], list[int]]:
+    """--batch and --context as ints, defaulting as `tokprof rollup` does: batches 1,8,64; contexts 1024,8192 up to
+    the model's longest (a model that cannot be read yet is left to the command's own error)."""
+    from tokprof.rollup.command import DEFAULT_BATCHES, DEFAULT_CONTEXTS, default_contexts, load_model
+
+    batches = parse_int_list("--batch", batch) if batch is not None else list(DEFAULT_BATCHES)
+    if context is not None:
+        return batches, parse_int_list("--context", context)
+    try:
+        return batches, default_contexts(load_model(model), []) if model else list(DEFAULT_CONTEXTS)
+    except (ValueError, OSError):
+        return batches, list(DEFAULT_CONTEXTS)
 
 
 @app.command()

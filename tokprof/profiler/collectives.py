@@ -5,7 +5,7 @@
     torchrun --nproc-per-node 8 -m tokprof.profiler.collectives --op all_reduce --bytes 64k,1M -o run.json
     t_us = modelled_all_reduce_us(65536, 8, load_specs()["h100-sxm"])                 # no GPUs needed
 
-Measured (MEASUREMENT.md, kernel time): seeded random buffers; one untimed call, then a warm-up of about
+Measured (docs/measurement.md, kernel time): seeded random buffers; one untimed call, then a warm-up of about
 `warmup_ms` (the same call count on every rank); then samples, each one a barrier, a whole-device sync, the timed
 collective, a sync. Each rank times its own call; a sample is the slowest rank's time (all ranks then hold the same
 samples, so they stop together: StopRule over the samples, >= 10 samples and 0.1 s, 0.5% noise or the timeout).

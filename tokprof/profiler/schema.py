@@ -86,7 +86,7 @@ class Energy:
 
 @dataclass
 class KernelEnergy:
-    """Energy per call from back-to-back replays over a window of >= 1 s (MEASUREMENT.md, kernel energy)."""
+    """Energy per call from back-to-back replays over a window of >= 1 s (docs/measurement.md, kernel energy)."""
 
     total_j_per_call: float
     dynamic_j_per_call: float  # total minus idle power x time per call

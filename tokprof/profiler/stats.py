@@ -1,9 +1,9 @@
 """Statistics over timing samples: outlier removal, summaries and the adaptive stopping rule.
 
-MEASUREMENT.md, kernel time, rule 5: keep every sample; report median, p10, p90 and the relative noise (standard
-deviation over mean) after removing outliers outside 1.5x the interquartile range; stop sampling once at least
-10 samples and 0.1 s are in and the noise is <= 0.5%, or at a timeout (default 5 s), and then say the target was
-missed.
+docs/measurement.md, kernel time, rule 5: statistics over every sample (a bounded sample of them is stored); report
+median, p10, p90 and the relative noise (standard deviation over mean) after removing outliers outside 1.5x the
+interquartile range; stop sampling once at least 10 samples and 0.1 s are in and the noise is <= 0.5%, or at a
+timeout (default 5 s), and then say the target was missed.
 
     kept, n_removed = remove_outliers(samples_us)
     stats = summarize(samples_us, noise_target=0.005)   # median_us, p10_us, p90_us, mean_us, noise, ...
@@ -119,7 +119,7 @@ def summarize(samples_us: Sequence[float], noise_target: float = 0.005) -> dict[
 
 @dataclass(frozen=True)
 class StopRule:
-    """When to stop sampling (MEASUREMENT.md rule 5).
+    """When to stop sampling (docs/measurement.md rule 5).
 
     Stop when at least `min_samples` samples and `min_time_s` seconds are in and the noise after outlier removal
     is <= `noise_target`; or, once those minimums are in, when `max_time_s` has passed (the noise target is then

@@ -1,4 +1,4 @@
-"""Kernel time, measured the way MEASUREMENT.md says (kernel time, rules 1-7).
+"""Kernel time, measured the way docs/measurement.md says (kernel time, rules 1-7).
 
     timing = measure(lambda kw: op.run(kw, "triton"), inputs, device="cuda:0")                # CUDA events
     timing = measure(lambda kw: op.run(kw, "triton"), inputs, device="cuda:0", mode="graph")  # CUDA graph
@@ -12,7 +12,8 @@
 3. graph mode: no flush; clone the inputs into ceil(5 * L2 / working_set) + 1 copies, capture one CUDA graph that
    calls the kernel on every copy in turn (checking each copy is touched), time replays with events, divide by
    the calls per replay;
-4. keep every sample; stop by `StopRule` (>= 10 samples and >= 0.1 s, noise <= 0.5%, or the 5 s timeout);
+4. summarise every sample (store a bounded sample of them); stop by `StopRule` (>= 10 samples and >= 0.1 s,
+   noise <= 0.5%, or the 5 s timeout);
 5. record NVML clocks before and after, and `throttled` when the SM clock fell below 75% of its max;
 6. synchronise the whole device before reading a host clock.
 
@@ -137,7 +138,7 @@ def working_set_bytes(inputs: Mapping[str, Any]) -> int:
 
 
 def rotation_copies(l2_cache_bytes: int, working_set: int) -> int:
-    """Input copies for graph mode: ceil(5 * L2 / working_set) + 1 (MEASUREMENT.md rule 3).
+    """Input copies for graph mode: ceil(5 * L2 / working_set) + 1 (docs/measurement.md rule 3).
 
     Between two uses of one copy the kernel then streams >= 5x the L2 through the cache, so no call finds its
     inputs in L2. E.g. L2 50 MiB, working set 16 MiB -> ceil(15.6) + 1 = 17 copies.

@@ -1,4 +1,4 @@
-"""`tokprof compare`: the regression gate between two runs (MEASUREMENT.md, "Regression verdicts").
+"""`tokprof compare`: the regression gate between two runs (docs/measurement.md, "Regression verdicts").
 
     result = compare_runs(load_run("base.json"), load_run("new.json"), threshold=0.05)
     print(result.to_markdown()); sys.exit(result.exit_code)        # 1 when anything gating is SLOW, else 0

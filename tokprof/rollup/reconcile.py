@@ -3,7 +3,7 @@
     recs = reconcile(load_run("run.json"), utilisation=0.6)
     recs[0].layers[2].tokens_per_s_per_gpu, recs[0].bottom_up_error_pct, recs[0].op_inefficiency[0].lost_us
 
-For one (model, GPU, batch, context, dtype) point (ARCHITECTURE.md, "The iceberg"):
+For one (model, GPU, batch, context, dtype) point (docs/design.md, "The iceberg"):
 
     L0 datasheet roofline   sum over the decode plan of count x max(flops / peak FLOP/s, bytes / peak HBM B/s)
     L1 measured roofline    the same at the copy bandwidth and GEMM FLOP/s measured in the run
