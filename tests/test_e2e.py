@@ -269,15 +269,17 @@ def test_cli_e2e_from_a_model_directory(tmp_path: Path, one_thread: object) -> N
     from tokprof.models.adapters import save_hf_dir
 
     directory = save_hf_dir(_tiny(seed=7), tmp_path / "hf")
-    res = CliRunner().invoke(app, ["e2e", "--model", str(directory), "--name", "my-tiny", "--context", "40",
-                                   "--steps", "4", "--warmup", "2", "--framework", "tokprof,vllm", "--device", "cpu"])
+    res = CliRunner().invoke(app, ["e2e", "--model", str(directory), "--name", "my-tiny", "--batch", "1", "--context",
+                                   "40", "--steps", "4", "--warmup", "2", "--framework", "tokprof,vllm", "--device",
+                                   "cpu"])
     assert res.exit_code == 0, res.output
     (m,) = json.loads(res.stdout.strip().splitlines()[-1])["e2e"]
     assert (m["model"], m["framework"], m["batch"], m["context"]) == ("my-tiny", "tokprof", 1, 40)
     assert "skipped vllm eager: vLLM needs a CUDA GPU" in " ".join(res.output.split())
     # --model-dir DIR --model NAME: the old spelling still works (a hidden, deprecated alias)
-    res = CliRunner().invoke(app, ["e2e", "--model-dir", str(directory), "--model", "old-form", "--context", "40",
-                                   "--steps", "4", "--warmup", "2", "--framework", "tokprof", "--device", "cpu"])
+    res = CliRunner().invoke(app, ["e2e", "--model-dir", str(directory), "--model", "old-form", "--batch", "1",
+                                   "--context", "40", "--steps", "4", "--warmup", "2", "--framework", "tokprof",
+                                   "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["e2e"][0]["model"] == "old-form"
     res = CliRunner().invoke(app, ["e2e", "--model-dir", str(tmp_path / "nowhere"), "--device", "cpu"])

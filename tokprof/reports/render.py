@@ -184,6 +184,15 @@ def _kernel_row(r: LoadedRun, k: Any) -> list[str]:
             "; ".join(flags)]
 
 
+# The shape keys that tell calls of one op apart on a roofline (rows or batch first, then the matrix sizes).
+_TAG_KEYS = ("B", "T", "M", "N", "K", "context")
+
+
+def _roof_tag(k: Any) -> str:
+    """A point's label on the roofline: its op's varying sizes, e.g. 'M=8 N=4096' or 'B=64 context=8192'."""
+    return " ".join(f"{key}={k.shape[key]}" for key in _TAG_KEYS if key in k.shape)[:28]
+
+
 def _roofline_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], list[str]]:
     blocks: list[Block] = [Heading("Roofline and kernels")]
     omitted: list[str] = []
@@ -207,7 +216,7 @@ def _roofline_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], li
         if sheet is not None:
             roofs.append(sheet)
         points = [plots.RoofPoint(k.op, k.roofline.intensity_flop_per_byte, k.roofline.achieved_tflops,
-                                  k.roofline.suspicious) for k in kernels
+                                  k.roofline.suspicious, _roof_tag(k)) for k in kernels
                   if k.roofline.intensity_flop_per_byte > 0 and k.roofline.achieved_tflops > 0]
         left_out = sorted({k.op for k in kernels if k.roofline.intensity_flop_per_byte <= 0
                            or k.roofline.achieved_tflops <= 0})
@@ -254,7 +263,9 @@ def _pareto_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], list
         prov = str(p.get("provenance", "unknown"))
         key = (r.label, p.get("gpu"), p.get("model"), p.get("context"), prov, tp_of(p))
         label = f"{r.label} {_gpu_cell(p)} {p.get('model')} ctx {p.get('context')}"
-        series.setdefault(key, plots.Series(label, prov)).points.append((float(x), float(y), int(batch or 0)))
+        on_cpu = prov == "measured" and r.run.provenance.device.kind == "cpu"  # other rows are GPUs' figures
+        series.setdefault(key, plots.Series(label, prov, axes="CPU" if on_cpu else "GPU")).points.append(
+            (float(x), float(y), int(batch or 0)))
         usd = p.get("usd_per_gpu_hour")
         if isinstance(usd, (int, float)) and usd > 0:
             prices.setdefault((usd, p.get("gpu")), plots.Price(float(usd), str(p.get("gpu"))))
@@ -262,10 +273,11 @@ def _pareto_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], list
         reason = "no roll-up points with tokens/s in any run"
         return blocks + [Omitted(reason)], [f"throughput vs interactivity: {reason}"]
     shown = list(prices.values())[:4]
-    path = plots.pareto_chart(out / "pareto.png", title="Throughput vs interactivity per (run, GPU, context); "
+    path = plots.pareto_chart(out / "pareto.png", title="Throughput vs interactivity per (run, device, context); "
                               "dotted: cost per million tokens", series=list(series.values()), prices=shown)
     caption = ("Each curve one (run, GPU, model, context) across batch sizes (labels b1, b16, ...), marked by "
-               f"provenance; dotted lines: {COST_FORMULA}.")
+               f"provenance; dotted lines: {COST_FORMULA}. A CPU's measured curves, when present, have a panel of "
+               "their own (no price, and orders of magnitude below a GPU).")
     if len(prices) > len(shown):
         caption += f" Isolines drawn for the first {len(shown)} of {len(prices)} prices only."
     return blocks + [Image(path, "throughput vs interactivity", caption)], []

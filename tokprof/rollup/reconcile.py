@@ -39,6 +39,7 @@ from typing import Any
 
 from tokprof.profiler.schema import Ceilings, RunResult, from_dict, to_dict
 
+MODELLED_L2_GAP = "assumed kernel efficiency (modelled)"
 LAYERS = (
     ("L0", "datasheet roofline", None),
     ("L1", "measured roofline", "hardware derate"),
@@ -381,7 +382,9 @@ def _gaps(layers: list[Layer], defs: tuple[tuple[str, str, str | None], ...] = L
     order = [layer.name for layer in layers]
     for prev, cur in zip(known, known[1:], strict=False):
         crossed = order[order.index(prev.name) + 1:order.index(cur.name) + 1]
-        cur.gap_name = " + ".join(gap_names[n] for n in crossed)
+        # a modelled L2 is the roofline at a stated efficiency: its gap is that assumption, not a measured loss
+        cur.gap_name = " + ".join(MODELLED_L2_GAP if n == "L2" and cur.provenance == "modelled" else gap_names[n]
+                                  for n in crossed)
         cur.gap_tokens_per_s = prev.tokens_per_s_per_gpu - cur.tokens_per_s_per_gpu
         cur.gap_share = cur.gap_tokens_per_s / total if total else None
 
