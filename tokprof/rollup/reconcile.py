@@ -39,7 +39,13 @@ from typing import Any
 
 from tokprof.profiler.schema import Ceilings, RunResult, from_dict, to_dict
 
-MODELLED_L2_GAP = "assumed kernel efficiency (modelled)"
+
+def modelled_gap(name: str) -> str:
+    """A modelled L2 is the roofline at a stated efficiency: its gap is that assumption, not a measured loss
+    ("kernel inefficiency" -> "assumed kernel efficiency (modelled)")."""
+    return f"assumed {name.replace('inefficiency', 'efficiency')} (modelled)"
+
+
 LAYERS = (
     ("L0", "datasheet roofline", None),
     ("L1", "measured roofline", "hardware derate"),
@@ -318,7 +324,8 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str, int], p
         # L1i stands on L0 here: the gap above it is the interconnect alone, the derate falls in the next gap
         layers["L1i"].gap_name = INTERCONNECT_LAYER[2]
         if layers["L2"].gap_name is not None:
-            layers["L2"].gap_name = f"{LAYERS[1][2]} + {TP_L2_GAP}"
+            layers["L2"].gap_name = f"{LAYERS[1][2]} + " + (modelled_gap(TP_L2_GAP)
+                                                            if layers["L2"].provenance == "modelled" else TP_L2_GAP)
     rec = Reconciliation(model=model, gpu=gpu, batch=batch, context=context, dtype=dtype, utilisation=utilisation,
                          layers=ordered, tp=tp, notes=notes)
     l1, l2 = layers["L1"], layers["L2"]
@@ -383,8 +390,8 @@ def _gaps(layers: list[Layer], defs: tuple[tuple[str, str, str | None], ...] = L
     for prev, cur in zip(known, known[1:], strict=False):
         crossed = order[order.index(prev.name) + 1:order.index(cur.name) + 1]
         # a modelled L2 is the roofline at a stated efficiency: its gap is that assumption, not a measured loss
-        cur.gap_name = " + ".join(MODELLED_L2_GAP if n == "L2" and cur.provenance == "modelled" else gap_names[n]
-                                  for n in crossed)
+        cur.gap_name = " + ".join(modelled_gap(gap_names[n]) if n == "L2" and cur.provenance == "modelled"
+                                  else gap_names[n] for n in crossed)
         cur.gap_tokens_per_s = prev.tokens_per_s_per_gpu - cur.tokens_per_s_per_gpu
         cur.gap_share = cur.gap_tokens_per_s / total if total else None
 
