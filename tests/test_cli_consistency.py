@@ -176,3 +176,11 @@ def test_e2e_and_rollup_sweep_defaults_agree():
     assert sweep_defaults("tiny", None, None) == (DEFAULT_BATCHES, default_contexts(load_model("tiny"), []))
     assert sweep_defaults("llama-3.1-8b", None, None) == ([1, 8, 64], [1024, 8192])
     assert sweep_defaults("tiny", "2", "1k") == ([2], [1024])
+
+
+def test_paths_with_brackets_print_whole(tmp_path):
+    out = tmp_path / "[fleet]" / "r.json"
+    result = runner.invoke(app, ["rollup", "--model", "tiny", "--gpu", "h200", "--modelled", "--context", "1024",
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output and out.is_file()

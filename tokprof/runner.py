@@ -498,9 +498,11 @@ def _print_story(console: Console, run: RunResult) -> None:
 
 def _print_summary(console: Console, summary: dict[str, Any]) -> None:
     console.rule("done")
-    console.print(f"RunResult: {summary['run']}")
+    from rich.markup import escape  # paths are text, not markup
+
+    console.print(escape(f"RunResult: {summary['run']}"))
     if "report_html" in summary:
-        console.print(f"report:    {summary['report_html']} (and {summary['report_md']})")
+        console.print(escape(f"report:    {summary['report_html']} (and {summary['report_md']})"))
     if "history_db" in summary:
-        console.print(f"history:   {summary['history_db']}")
+        console.print(escape(f"history:   {summary['history_db']}"))
     console.print(f"time:      {summary['seconds']} s")

@@ -77,7 +77,7 @@ def e2e(
     except KeyboardInterrupt:
         interrupted(f"the points measured so far are in {output}" if output else "nothing written (no --output)")
     if path:
-        console.print(f"wrote {path}")
+        console.print(f"wrote {escape(str(path))}")
     print(json.dumps({"command": "e2e", "output": path, "e2e": [m.to_dict() for m in results]}))
     if not results:
         raise typer.Exit(1)  # every point skipped (see above): nothing measured is no success

@@ -138,7 +138,7 @@ def bench(
         console.print(f"[dim]energy: {why}[/]")
     for f in failures:
         err_console.print(f"[red]failed[/] {f.op} {f.shape} {f.dtype} {f.backend}: {f.error}")
-    console.print(f"wrote {path} ({len(kernels_done)} measured, {len(failures)} failed)")
+    console.print(f"wrote {escape(str(path))} ({len(kernels_done)} measured, {len(failures)} failed)")
     if failures and not kernels_done:
         raise typer.Exit(1)  # nothing measured is no success
 
@@ -366,4 +366,4 @@ def _bench_collectives(ops: list[str], dtype: str | None, shapes: list[str], dev
     if records[0].roofline.t_roof_datasheet_us is None:
         console.print("[dim]% link: no interconnect figure for this device (a CPU, or a GPU missing from the spec "
                       "table)[/]")
-    console.print(f"wrote {path} ({len(records)} measured)")
+    console.print(f"wrote {escape(str(path))} ({len(records)} measured)")

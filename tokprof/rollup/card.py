@@ -137,9 +137,9 @@ def print_interactivity(console: Console, costs: list[InteractivityCost]) -> Non
         if c.tokens_per_s_per_gpu is None:
             console.print(f"at {c.target_tokens_per_s_per_user:g} tokens/s per user, context {c.context}: {c.reason}")
             continue
-        cost = f"${c.usd_per_million_tokens:.4g} per M tokens" if c.usd_per_million_tokens is not None else c.reason
+        cost = f"${num(c.usd_per_million_tokens)} per M tokens" if c.usd_per_million_tokens is not None else c.reason
         console.print(f"at {c.target_tokens_per_s_per_user:g} tokens/s per user, context {c.context}: "
-                      f"{c.tokens_per_s_per_gpu:,.1f} tokens/s per GPU, {cost} ({c.provenance}, "
+                      f"{num(c.tokens_per_s_per_gpu)} tokens/s per GPU, {cost} ({c.provenance}, "
                       f"between batch {' and '.join(map(str, c.between))})")
 
 

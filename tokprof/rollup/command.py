@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from tokprof.models.config import ModelConfig
 from tokprof.profiler.devices import GpuSpec, load_specs
@@ -187,6 +188,6 @@ def run_rollup(a: RollupArgs, console: Console) -> dict[str, Any]:
         merge_points(run.rollup, points)
         save_run(run, a.output)
     if a.output:
-        console.print(f"wrote {a.output}")
+        console.print(f"wrote {escape(str(a.output))}")
     return rcard.summary(card, points, command="rollup", mode=mode,
                          model=cfg.name, output=a.output, interactivity=[vars(c) for c in costs])
