@@ -184,3 +184,19 @@ def test_paths_with_brackets_print_whole(tmp_path):
                                  "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.output and out.is_file()
+
+
+def test_compare_says_when_a_run_was_made_on_a_shared_cpu(tmp_path):
+    from tokprof.profiler.schema import load_run, save_run
+
+    run = load_run(H100)
+    run.notes.append("other processes kept 1.42 of 2 cores busy over the 50 s run (tokprof 0.58): the CPU was "
+                     "shared, so these CPU figures are slower and noisier than on an idle CPU")
+    new = save_run(run, tmp_path / "new.json")
+    result = runner.invoke(app, ["compare", str(H100), str(new), "--json"])
+    doc = json.loads(result.stdout)
+    assert len(doc["conditions"]) == 1 and "new.json was measured on a shared CPU" in doc["conditions"][0]
+    result = runner.invoke(app, ["compare", str(H100), str(new)])
+    assert "> Caution: new.json was measured on a shared CPU" in result.stdout
+    result = runner.invoke(app, ["compare", str(H100), str(H100), "--json"])
+    assert json.loads(result.stdout)["conditions"] == []

@@ -85,19 +85,43 @@ def compare(
             History(db).record_run(load_run(runs[-1]), runs[-1])
     except (CompareInputError, HistoryDatabaseError, ValueError) as err:
         fail(str(err))
+    try:
+        paths = runs if not against else runs[-1:]
+        conditions = [w for path in paths for w in run_conditions(load_run(path), path)]
+    except ValueError:
+        conditions = []
     text = result.to_markdown()
+    if conditions:  # the verdict holds for the conditions the runs were made in: say when those were poor
+        text += "\n" + "\n".join(f"> Caution: {w}" for w in conditions) + "\n"
     if as_json:
         print(json.dumps({"command": "compare", "exit_code": result.exit_code, "base": result.base_ref,
                           "new": result.new_ref, "cross_generation": result.cross_generation,
                           "threshold": result.threshold, "counts": result.counts(),
                           "rows": [dataclasses.asdict(r) for r in result.rows], "notes": result.notes,
-                          "only_in_base": result.only_in_base, "only_in_new": result.only_in_new}, default=str))
+                          "only_in_base": result.only_in_base, "only_in_new": result.only_in_new,
+                          "conditions": conditions}, default=str))
     else:
         print(text)  # plain print: the markdown's brackets are not rich markup
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
     raise typer.Exit(result.exit_code)
+
+
+CPU_SHARED_MARK = "the CPU was shared"  # profiler/cpu_load.py's note on a contended CPU run
+
+
+def run_conditions(run: Any, path: Path) -> list[str]:
+    """What makes a run's figures less trustworthy than they look: measured on a shared CPU, or throttled."""
+    out = []
+    if any(CPU_SHARED_MARK in n for n in run.notes):
+        out.append(f"{path.name} was measured on a shared CPU (other processes competed with it): its times are "
+                   "slower and noisier than on an idle CPU")
+    throttled = sorted({k.op for k in run.kernels if k.timing.throttled})
+    if throttled:
+        out.append(f"{path.name}: the GPU was throttled (SM clock below 75% of its max) while timing "
+                   f"{', '.join(throttled)}")
+    return out
 
 
 @app.command()
