@@ -195,6 +195,10 @@ def ceilings(
     table.add_row(f"copy ({num_bytes(c.copy_bytes)} read + written)", f"{num(c.copy_gbps)} GB/s",
                   f"{num(sheet_gbps)} GB/s" if sheet_gbps else "-",
                   pct(c.copy_gbps / sheet_gbps) if sheet_gbps else "-")
+    if c.read_gbps is not None:
+        table.add_row("read-only (amax over the buffer)", f"{num(c.read_gbps)} GB/s",
+                      f"{num(sheet_gbps)} GB/s" if sheet_gbps else "-",
+                      pct(c.read_gbps / sheet_gbps) if sheet_gbps else "-")
     table.add_row(f"GEMM {c.gemm_dtype} {'x'.join(map(str, c.gemm_shape))}", f"{num(c.gemm_tflops)} TFLOP/s",
                   f"{num(sheet_tflops)} TFLOP/s" if sheet_tflops else "-",
                   pct(c.gemm_tflops / sheet_tflops) if sheet_tflops else "-")
