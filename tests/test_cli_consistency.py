@@ -200,3 +200,19 @@ def test_compare_says_when_a_run_was_made_on_a_shared_cpu(tmp_path):
     assert "> Caution: new.json was measured on a shared CPU" in result.stdout
     result = runner.invoke(app, ["compare", str(H100), str(H100), "--json"])
     assert json.loads(result.stdout)["conditions"] == []
+
+
+def test_bench_json_and_csv(tmp_path):
+    args = ["bench", "--op", "swiglu", "--device", "cpu", "--backend", "torch", "--dtype", "fp32", "--no-ceilings",
+            "--shape", "T=2,I=64", "--timeout-s", "0.05"]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "a.json"), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    (row,) = doc["kernels"]
+    assert (row["op"], row["backend"], row["dtype"], row["shape"]) == ("swiglu", "torch", "fp32", "T=2,I=64")
+    assert row["median_us"] > 0 and row["n_samples"] >= 10 and doc["failures"] == []
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "b.json"), "--csv"])
+    lines = result.stdout.strip().splitlines()
+    assert result.exit_code == 0 and lines[0].startswith("op,backend,dtype,shape,median_us") and len(lines) == 2
+    result = runner.invoke(app, [*args, "--json", "--csv"])
+    assert result.exit_code == 2 and "choose one output format" in result.output
