@@ -79,7 +79,8 @@ def run(
     context: str | None = typer.Option(None, "--context", help="KV tokens per sequence, e.g. 1k,8k (default 1024,8192 "
                                        "on a GPU, 128,512 on the CPU)."),
     dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default bf16 on a GPU, fp32 on the "
-                                     "CPU)."),
+                                     "CPU), or a weight format: fp8, fp8-block, mxfp4, nvfp4, int4 (activations stay "
+                                     "in the default)."),
     backend: str | None = typer.Option(None, "--backend", help="Kernel backend: torch, triton or cuda (default triton "
                                        "on a GPU, torch on the CPU)."),
     price_sheet: str | None = typer.Option(None, "--price-sheet", help="Your price sheet (format of "
@@ -95,6 +96,7 @@ def run(
     device: str = typer.Option("auto", help="auto (a GPU when torch sees one), cpu or cuda[:N]."),
     db: str = typer.Option(None, help=DB_HELP),
     no_report: bool = typer.Option(False, "--no-report", hidden=True, help="Deprecated: --skip report."),
+    kv_dtype: str = typer.Option(None, "--kv-dtype", help="fp8: an e4m3 KV cache."),
 ) -> None:
     """The whole chain: ceilings, kernel benchmarks of the decode plan, roll-up, end to end, reconciliation, report.
     The last stdout line is one JSON document (the run, report and history paths, the measured points)."""
@@ -111,8 +113,8 @@ def run(
                                   usd_per_gpu_hour=usd_per_gpu_hour)
         run_main(model=model, out_dir=out, device=device, console=console, history_db=db, report=not no_report,
                  batches=parse_int_list("--batch", batch) if batch else None,
-                 contexts=parse_int_list("--context", context) if context else None, dtype=dtype, backend=backend,
-                 prices=prices, utilisation=utilisation, skip=split_csv(skip))
+                 contexts=parse_int_list("--context", context) if context else None, dtype=dtype, kv_dtype=kv_dtype,
+                 backend=backend, prices=prices, utilisation=utilisation, skip=split_csv(skip))
     except ValueError as err:
         fail(str(err))
     except KeyboardInterrupt:

@@ -35,6 +35,7 @@ from tokprof.models.config import ModelConfig
 from tokprof.profiler.cpu_load import CpuLoad, describe_record, load_record
 from tokprof.profiler.devices import resolve_device
 from tokprof.profiler.schema import RunResult, load_run, save_run
+from tokprof.quant.precision import check_supported, parse_precision
 from tokprof.reports.history import History
 from tokprof.term import OutputConsole
 
@@ -170,7 +171,8 @@ def estimate_gpu_seconds(config: ModelConfig, rc: RunConfig) -> dict[str, float]
 
     distinct = {c.key(): c for b in rc.batches for c_ in rc.contexts for c in decode_plan(config, b, c_, rc.dtype)}
     h100 = load_specs()["h100-sxm"]
-    peak_flops, peak_bw = (h100.peak_tflops(rc.dtype) or h100.bf16_tflops) * 1e12, h100.hbm_tbps * 1e12
+    math = parse_precision(rc.dtype).activation  # a low-precision label's activation dtype bounds the estimate
+    peak_flops, peak_bw = (h100.peak_tflops(math) or h100.bf16_tflops) * 1e12, h100.hbm_tbps * 1e12
     timing_s = float(rc.timing_kwargs.get("max_time_s", 5.0))
     graphs_s = 0.0
     for f, b in (c.cost() for c in distinct.values()):
@@ -207,7 +209,7 @@ def estimate_gpu_seconds(config: ModelConfig, rc: RunConfig) -> dict[str, float]
     return parts
 
 
-def memory_needed_bytes(config: ModelConfig, dtype: torch.dtype, batch: int, context: int) -> int:
+def memory_needed_bytes(config: ModelConfig, dtype: torch.dtype | str, batch: int, context: int) -> int:
     """Weights, the KV cache of the largest point, and a 10% + 2 GiB allowance for activations and the allocator."""
     weights = config.weight_bytes(dtype)
     kv = config.kv_bytes_per_token(dtype) * batch * context
@@ -230,9 +232,7 @@ def available_memory_bytes(device: torch.device) -> tuple[int | None, str]:
 
 def check_fits(config: ModelConfig, rc: RunConfig) -> list[str]:
     """Refuse a model whose weights do not fit; drop end-to-end points whose KV cache does not (and say so)."""
-    from tokprof.kernels import parse_dtype
-
-    dtype = parse_dtype(rc.dtype)
+    dtype = rc.dtype  # a float dtype or a low-precision label: ModelConfig counts the bytes of either
     total, has = available_memory_bytes(rc.device)
     if total is None:
         return [f"memory not checked: the available memory of {rc.device} is unknown"]
@@ -349,10 +349,12 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
              console: Console | None = None, command: Sequence[str] | None = None,
              history_db: str | Path | None = None, report: bool = True,
              config_override: RunConfig | None = None, batches: list[int] | None = None,
-             contexts: list[int] | None = None, dtype: str | None = None, backend: str | None = None,
-             prices: Any = None, utilisation: float | None = None, skip: Sequence[str] = ()) -> Path:
+             contexts: list[int] | None = None, dtype: str | None = None, kv_dtype: str | None = None,
+             backend: str | None = None, prices: Any = None, utilisation: float | None = None,
+             skip: Sequence[str] = ()) -> Path:
     """Run the whole chain and return the RunResult path. See the module docstring. `model` is a preset or a
-    Hugging Face directory; `batches` .. `skip` override RunConfig.for_device's defaults (RunConfig.with_options)."""
+    Hugging Face directory; `batches` .. `skip` override RunConfig.for_device's defaults (RunConfig.with_options);
+    `dtype` may be a low-precision format and `kv_dtype` fp8 (tokprof.quant.precision)."""
     from tokprof.profiler.bench import new_run
     from tokprof.profiler.ceilings import measure_ceilings
     from tokprof.profiler.overhead import measure_overhead
@@ -369,10 +371,16 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
     from tokprof.rollup.command import load_model
 
     rc = (config_override or RunConfig.for_device(dev, model)).with_options(
-        batches=batches, contexts=contexts, dtype=dtype, backend=backend, prices=prices, utilisation=utilisation,
+        batches=batches, contexts=contexts, backend=backend, prices=prices, utilisation=utilisation,
         skip=[*skip, *([] if report else ["report"])])
     if model is not None and rc.other_gpu_model is None:
         rc.other_gpu_model = model  # the other GPUs' rows show the model asked for
+    if dtype is not None or kv_dtype is not None:  # a low-precision run (tokprof.quant.precision)
+        precision = parse_precision(dtype or rc.dtype, kv_dtype=kv_dtype)
+        if precision.weight_format is not None and "+act-" not in (dtype or ""):
+            precision = parse_precision(precision, activation=parse_precision(rc.dtype).activation)
+        check_supported(precision, device=dev, backend=rc.backend)
+        rc = dataclasses.replace(rc, dtype=precision.label)
     config = load_model(rc.model)
     fit_notes = check_fits(config, rc)
     out = Path(out_dir)
