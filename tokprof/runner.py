@@ -456,7 +456,9 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
                               "CPU figures are slower and noisier than on an idle CPU[/]")
 
         console.print("[bold]4/5[/] reconciliation and other GPUs")
-        run.reconciliation = [r.to_dict() for r in reconcile(run, rc.utilisation)]
+        from tokprof.serving.served import provider as served_provider  # L5: the simulator on the run's step times
+
+        run.reconciliation = [r.to_dict() for r in reconcile(run, rc.utilisation, served=served_provider())]
         if "other-gpus" not in rc.skip:
             run.notes.extend(other_gpu_rows(run, rc, console))
         lap("reconcile")

@@ -111,6 +111,10 @@ def reconcile(
     output: str | None = typer.Option(None, "-o", "--output", help="Write a copy of the run with the reconciliation "
                                       "to this file (overwrites it); RUN_FILE is left as it was."),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON document (no tables)."),
+    served: bool = typer.Option(True, "--served/--no-served", help="L5 from tokprof's server (--served-from) or "
+                                "predicted by its simulator from the run's step times (--utilisation overrides)."),
+    served_from: str | None = typer.Option(None, "--served-from", help="A serve-bench.json whose measured sweep "
+                                           "gives L5 for its model, device and batch."),
 ) -> None:
     """The iceberg: datasheet roofline -> measured roofline -> kernel sum -> end to end -> served, with each gap."""
     from tokprof.models.e2e import FRAMEWORKS
@@ -123,7 +127,13 @@ def reconcile(
     check_output("--output", output)
     try:
         run = load_run(run_file)
-        recs = reconcile_run(run, utilisation, l4_framework=l4)
+        provider = None
+        if served:
+            from tokprof.profiler.schema import read_json
+            from tokprof.serving.served import provider as served_provider
+
+            provider = served_provider(read_json(served_from, "serve-bench result") if served_from else None)
+        recs = reconcile_run(run, utilisation, l4_framework=l4, served=provider)
     except ValueError as err:
         fail(str(err))
     if not recs:

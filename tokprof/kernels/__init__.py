@@ -14,8 +14,8 @@ from tokprof.kernels._common import BACKENDS, DTYPES, Op, dtype_name, parse_dtyp
 
 # Ops in decode-step order; each module defines the public function of the same name and an `OP` record.
 _OP_MODULES = ("embedding", "rms_norm", "linear", "rope", "append_kv", "decode_attention", "prefill_attention",
-               "swiglu", "greedy_sample", "quantize_fp8", "linear_w8a8", "linear_w4a16", "append_kv_fp8",
-               "decode_attention_fp8kv")
+               "paged_prefill_attention", "swiglu", "greedy_sample", "quantize_fp8", "linear_w8a8", "linear_w4a16",
+               "append_kv_fp8", "decode_attention_fp8kv")
 
 OPS: dict[str, Op] = {}
 for _name in _OP_MODULES:
@@ -52,6 +52,7 @@ __all__ = [
     "linear",
     "linear_w4a16",
     "linear_w8a8",
+    "paged_prefill_attention",
     "parse_dtype",
     "prefill_attention",
     "quantize_fp8",
