@@ -20,7 +20,7 @@ README = Path(__file__).parent.parent / "README.md"
 runner = CliRunner()
 
 # Commands whose last stdout line is one JSON document (the rule README states); every other command takes --json.
-LAST_LINE_JSON = {"run", "e2e", "published", "validate", "energy-trace", "fleet"}
+LAST_LINE_JSON = {"run", "e2e", "published", "validate", "serve-bench", "energy-trace", "fleet"}
 CSV = {"bench", "rollup", "history"}
 # concept -> the one visible flag name; a visible option whose name matches the pattern must be that flag
 CONCEPTS = {
