@@ -71,7 +71,8 @@ def test_run_main_writes_run_report_and_history(tmp_path, capsys):
     assert run.reconciliation and run.reconciliation[0]["layers"][0]["name"] == "L0"
     assert any("CPU run" in n for n in run.notes)
     assert any("cores busy over the" in n for n in run.notes)  # how shared the CPU was, as found
-    report = tmp_path / "out" / "report" / "report.html"
+    report = tmp_path / "out" / "report" / path.stem / "report.html"  # one folder per run
+    assert (tmp_path / "out" / "report" / "index.html").read_text().count(f"{path.stem}/report.html") == 1
     assert report.stat().st_size > 10_000
     assert db.exists()
     printed = capsys.readouterr().out
@@ -129,7 +130,7 @@ def test_gpu_defaults_fit_the_five_minute_budget(h100_memory):
     rc = RunConfig.for_device(torch.device("cuda"))
     check_fits(cfg, rc)
     est = estimate_gpu_seconds(cfg, rc)
-    # 60 distinct decode-step calls, each: 0.4 s timing + 1 s energy window (MEASUREMENT.md: >= 1 s) + 0.2 s cool-down
+    # 60 distinct decode-step calls, each: 0.4 s timing + 1 s energy window (>= 1 s) + 0.2 s cool-down
     # + alignment + set-up.
     assert est["kernels"] == pytest.approx(60 * (0.4 + 1.0 + 0.2 + EST_ENERGY_ALIGN_S + EST_KERNEL_OVERHEAD_S)
                                            + EST_COMPILE_S)
@@ -200,6 +201,41 @@ def test_cpu_run_projects_other_gpus_from_a_shipped_reference(tmp_path, monkeypa
     ref = load_run(tmp_path / "h100-sxm" / "run-h100.json")
     measured = {(p["batch"], p["context"]) for p in ref.rollup if p["provenance"] == "measured"}
     assert {(p["batch"], p["context"]) for p in run.rollup if p["gpu"] == "h100-sxm"} == measured
+
+
+def test_other_gpus_show_the_model_asked_for(tmp_path, monkeypatch):
+    """`tokprof run --model llama-3.2-1b` on a CPU: the other GPUs' rows are llama-3.2-1b, and a shipped reference
+    of another model (the fixture measured llama-3.1-8b) is not projected in its place."""
+    (tmp_path / "h100-sxm").mkdir()
+    shutil.copy(FIXTURES / "run_h100.json", tmp_path / "h100-sxm" / "run-h100.json")
+    monkeypatch.setattr("tokprof.runner.REFERENCE_DIR", tmp_path)
+    run = load_run(FIXTURES / "run_h200.json")
+    run.rollup = []
+    rc = RunConfig.for_device(torch.device("cpu"), "llama-3.2-1b")
+    rc.other_gpu_model = "llama-3.2-1b"  # run_main sets it when --model is given
+    notes = other_gpu_rows(run, rc, Console(file=io.StringIO()))
+    assert {p["model"] for p in run.rollup} == {"llama-3.2-1b"}
+    assert {(p["gpu"], p["provenance"]) for p in run.rollup} == {("h100-sxm", "modelled"), ("h200", "modelled"),
+                                                                 ("b200", "modelled")}
+    assert any("h100-sxm: the shipped reference" in n and "llama-3.1-8b, not llama-3.2-1b" in n for n in notes)
+    # the modelled rows are those of a modelled roll-up of that model at the GPU sweep
+    from tokprof.rollup import modelled
+
+    want = modelled(ModelConfig.from_name("llama-3.2-1b"), "h200", [1, 8, 32, 128], [1024, 8192], "bf16")
+    got = {(p["batch"], p["context"]): p["tokens_per_s_per_gpu"] for p in run.rollup if p["gpu"] == "h200"}
+    assert got == pytest.approx({(p.batch, p.context): p.tokens_per_s_per_gpu for p in want})
+
+
+def test_run_options_override_the_device_defaults():
+    rc = RunConfig.for_device(torch.device("cpu")).with_options(batches=[2], contexts=[64], dtype="fp16",
+                                                                 backend="triton", utilisation=0.5,
+                                                                 skip=["e2e", "report"])
+    assert (rc.batches, rc.contexts, rc.e2e_batches, rc.e2e_contexts) == ([2], [64], [2], [64])
+    assert (rc.dtype, rc.backend, rc.utilisation, rc.skip) == ("fp16", "triton", 0.5, {"e2e", "report"})
+    with pytest.raises(ValueError, match="--skip: expected some of"):
+        RunConfig.for_device(torch.device("cpu")).with_options(skip=["kernels"])
+    with pytest.raises(ValueError, match="--utilisation: expected a fraction"):
+        RunConfig.for_device(torch.device("cpu")).with_options(utilisation=1.5)
 
 
 def test_a_broken_reference_falls_back_to_modelled_rows(tmp_path, monkeypatch):

@@ -2,29 +2,65 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import sys
 from pathlib import Path
+from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tokprof.term import OutputConsole
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="tokprof: GPU kernel-level throughput profiler, from kernels to cost per million tokens.")
-console = Console()
+console = OutputConsole()  # a terminal's width, else a fixed width (tokprof/term.py)
 DB_HELP = ("History database (default: TOKPROF_HISTORY_DB, else $XDG_DATA_HOME or ~/.local/share, "
            "tokprof/history.db).")
-err_console = Console(stderr=True)
+err_console = OutputConsole(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from tokprof import __version__
+
+        print(f"tokprof {__version__}")
+        raise typer.Exit(0)
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print tokprof's version and exit."),
+) -> None:
     """tokprof: GPU kernel-level throughput profiler, from kernels to cost per million tokens."""
 
 
+def quiet_console() -> OutputConsole:
+    """A console that prints nowhere: for --json and --csv, whose stdout is the document alone."""
+    return OutputConsole(file=io.StringIO())
+
+
+def print_csv(rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+    """`rows` as CSV on stdout (a header line, then one line per row; None as an empty cell): for --csv."""
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in columns})
+
+
+def check_one_format(as_json: bool, as_csv: bool) -> None:
+    if as_json and as_csv:
+        fail("--json and --csv: choose one output format")
+
+
 def fail(message: str, code: int = 2) -> None:
-    """Print a clear error (no traceback) and exit with `code`."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}")  # messages quote the user's text
+    """Print a clear error (no traceback) and exit with `code`; the message is text, never rich markup (a hint such
+    as pip install 'tokprof[fleet]' keeps its brackets)."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -119,8 +155,8 @@ def bench_device(device: str | None) -> object:
 
 
 def print_wide(table: Table) -> None:
-    """Print a wide table whole: a terminal wraps it to its width, a pipe or a file gets 160 columns, not 80."""
-    (console if console.is_terminal else Console(width=160)).print(table)
+    """Print a wide table: a terminal wraps it to its width, a pipe or a file gets term.PIPE_WIDTH columns."""
+    console.print(table)
 
 
 def pct(value: float | None) -> str:

@@ -1,6 +1,6 @@
 """The decode-step kernels of an LLM, one op per file, each with torch (reference), Triton and CUDA backends.
 
-The public functions follow ARCHITECTURE.md ("The kernel API"); `OPS[name]` is the registry record that the
+The public functions follow docs/design.md ("The kernel API"); `OPS[name]` is the registry record that the
 profiler and the model plans use (inputs, cost formula, implementations per backend).
 """
 

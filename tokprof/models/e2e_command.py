@@ -273,6 +273,8 @@ def _wide(console: Console) -> Console:
 
 
 def print_e2e(console: Console, results: list[E2EMeasurement]) -> None:
+    from tokprof.reports.document import num
+
     console = _wide(console)
     if not results:
         console.print("[yellow]no end-to-end measurement[/]")
@@ -285,9 +287,9 @@ def print_e2e(console: Console, results: list[E2EMeasurement]) -> None:
     for m in results:  # "tokprof (triton)"; a framework's versioned backend ("transformers-5.23.0") alone
         who = m.backend if m.backend.startswith(m.framework) else f"{m.framework} [dim]({m.backend})[/]"
         table.add_row(who, m.mode, str(m.batch), str(m.context),
-                      f"{m.median_step_us:,.1f}", f"{m.p90_step_us:,.1f}", f"{m.tokens_per_s_per_gpu:,.4g}",
-                      f"{m.tokens_per_s_per_user:,.4g}", "-" if m.ttft_ms is None else f"{m.ttft_ms:,.1f}",
-                      "-" if m.j_per_token is None else f"{m.j_per_token:.4g}",
+                      num(m.median_step_us), num(m.p90_step_us), num(m.tokens_per_s_per_gpu),
+                      num(m.tokens_per_s_per_user), "-" if m.ttft_ms is None else num(m.ttft_ms),
+                      "-" if m.j_per_token is None else num(m.j_per_token),
                       "-" if m.gpu_busy_fraction is None else f"{m.gpu_busy_fraction:.0%}")
     console.print(table)
     reasons = {r for m in results for r in (m.energy_reason if m.j_per_token is None else None,

@@ -217,7 +217,7 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
         if energy_reason is None:
             if meter is None:
                 meter = energy_mod.make_meter(dev)
-            if idle_power_w is None:  # an idle window as long as the kernel window (MEASUREMENT.md, energy 3)
+            if idle_power_w is None:  # an idle window as long as the kernel window (docs/measurement.md, energy 3)
                 idle_power_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0),
                                                              settle_s=IDLE_SETTLE_S if dev.type == "cuda" else 0.0)
             try:
@@ -449,7 +449,7 @@ def bench_calls(calls: Sequence[Call], device: str | torch.device = "cuda", *, m
     if energy and energy_mod.energy_status(dev) is None:
         try:
             meter = energy_mod.make_meter(dev)
-            # Once per run, a sleeping window as long as a kernel window (MEASUREMENT.md, kernel energy 3), after
+            # Once per run, a sleeping window as long as a kernel window (docs/measurement.md, kernel energy 3), after
             # the GPU has settled.
             idle_power_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0),
                                                          settle_s=IDLE_SETTLE_S if dev.type == "cuda" else 0.0)

@@ -49,7 +49,11 @@ class Clocks:
 
 @dataclass
 class Timing:
-    """Every sample of one kernel call's time, and the statistics over them (MEASUREMENT.md, kernel time)."""
+    """One kernel call's time: the statistics over every sample, and a bounded sample of the raw times.
+
+    The statistics (median, percentiles, noise) are computed over all `n_samples` samples; `samples_us` keeps at
+    most stats.MAX_STORED_SAMPLES of them, evenly spaced in time order (all of them when there were fewer). Files
+    written before the bound hold every sample and no `n_samples` (None: len(samples_us) is the count)."""
 
     samples_us: list[float]
     timer: str  # "cuda_events" | "cuda_graph" | "perf_counter"
@@ -76,6 +80,12 @@ class Timing:
     # sample batches, and the lowest SM clock seen then; empty / None without NVML.
     clock_reasons: list[str] = field(default_factory=list)
     sm_mhz_min: int | None = None
+    n_samples: int | None = None  # samples the statistics are over; None in older files (every sample is stored)
+
+    @property
+    def samples_taken(self) -> int:
+        """How many samples the statistics are over (older files: the stored samples, which were all of them)."""
+        return self.n_samples if self.n_samples is not None else len(self.samples_us)
 
 
 @dataclass
@@ -90,7 +100,7 @@ class Energy:
 
 @dataclass
 class KernelEnergy:
-    """Energy per call from back-to-back replays over a window of >= 1 s (MEASUREMENT.md, kernel energy)."""
+    """Energy per call from back-to-back replays over a window of >= 1 s (docs/measurement.md, kernel energy)."""
 
     total_j_per_call: float
     dynamic_j_per_call: float  # total minus idle power x time per call

@@ -1,4 +1,4 @@
-"""`tokprof compare`: the regression gate between two runs (MEASUREMENT.md, "Regression verdicts").
+"""`tokprof compare`: the regression gate between two runs (docs/measurement.md, "Regression verdicts").
 
     result = compare_runs(load_run("base.json"), load_run("new.json"), threshold=0.05)
     print(result.to_markdown()); sys.exit(result.exit_code)        # 1 when anything gating is SLOW, else 0
@@ -419,12 +419,9 @@ class Comparison:
 
 
 def _fmt(value: float) -> str:
-    mag = abs(value)
-    if mag >= 1e5:
-        return f"{value:.4g}"
-    if mag >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.3g}"
+    from tokprof.reports.document import num  # one number format in every table
+
+    return num(value)
 
 
 def _table(rows: list[Row]) -> list[str]:

@@ -23,6 +23,7 @@ from tokprof.models.config import ModelConfig
 from tokprof.models.tp import check_tp
 from tokprof.profiler.devices import GpuSpec
 from tokprof.quant.precision import parse_precision
+from tokprof.reports.document import num, num_bytes
 from tokprof.rollup.capacity import DEFAULT_MEMORY_UTILIZATION, max_batch
 from tokprof.rollup.pareto import InteractivityCost
 from tokprof.rollup.records import RollupPoint
@@ -86,7 +87,7 @@ def _max_batches(config: ModelConfig, spec: GpuSpec | None, contexts: list[int],
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+    return f"{num(n / 1e9)} GB" if n >= 1e9 else f"{num(n / 1e6)} MB"
 
 
 def _count_params(n: int) -> str:
@@ -97,7 +98,7 @@ def print_card(console: Console, card: dict[str, Any]) -> None:
     console.print(f"[bold]{escape(str(card['model']))}[/] ({escape(str(card['dtype']))}): "
                   f"{_count_params(card['params'])} parameters, "
                   f"weights {_gb(card['weight_bytes'])}, read per decode step {_gb(card['decode_weight_bytes'])}; "
-                  f"KV cache {card['kv_bytes_per_token'] / 1024:.0f} KiB per token")
+                  f"KV cache {num_bytes(card['kv_bytes_per_token'])} per token")
     if card.get("weight_format"):
         from tokprof.quant.formats import WEIGHT_FORMATS
 
@@ -114,7 +115,7 @@ def print_card(console: Console, card: dict[str, Any]) -> None:
     if not card["batch1"]:
         console.print(f"batch-1 bandwidth bound: unknown ({escape(str(card.get('batch1_reason')))})")
         return
-    bounds = ", ".join(f"{b['tokens_per_s_max']:.1f} tokens/s at context {b['context']}" for b in card["batch1"])
+    bounds = ", ".join(f"{num(b['tokens_per_s_max'])} tokens/s at context {b['context']}" for b in card["batch1"])
     console.print(f"batch-1 bound on the {escape(str(card['gpu']))} datasheet ({card['hbm_tbps']} TB/s, modelled): "
                   f"{bounds}")
 
@@ -140,16 +141,13 @@ def _print_max_batch(console: Console, card: dict[str, Any]) -> None:
             break
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+def _fmt(x: float | None, spec: str = "") -> str:
+    """One number format for every table (reports/document.num); `spec` is kept for the callers' reading."""
+    return "-" if x is None else num(x)
 
 
 def _count(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if x >= 1e6:
-        return f"{x / 1e6:.3g}M"
-    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+    return "-" if x is None else num(x)
 
 
 def print_points(console: Console, points: list[RollupPoint], title: str) -> None:
@@ -214,9 +212,9 @@ def print_interactivity(console: Console, costs: list[InteractivityCost]) -> Non
         if c.tokens_per_s_per_gpu is None:
             console.print(f"at {c.target_tokens_per_s_per_user:g} tokens/s per user, context {c.context}: {c.reason}")
             continue
-        cost = f"${c.usd_per_million_tokens:.4g} per M tokens" if c.usd_per_million_tokens is not None else c.reason
+        cost = f"${num(c.usd_per_million_tokens)} per M tokens" if c.usd_per_million_tokens is not None else c.reason
         console.print(f"at {c.target_tokens_per_s_per_user:g} tokens/s per user, context {c.context}: "
-                      f"{c.tokens_per_s_per_gpu:,.1f} tokens/s per GPU, {cost} ({c.provenance}, "
+                      f"{num(c.tokens_per_s_per_gpu)} tokens/s per GPU, {cost} ({c.provenance}, "
                       f"between batch {' and '.join(map(str, c.between))})")
 
 
