@@ -289,4 +289,8 @@ OP = Op(
                   "+ B*H*(2*L + R)*dtype_bytes (q_latent, q_rope, out) + 4*B*ceil(context/block_size) + 4*B"),
     description="absorbed MLA decode: q_latent (B,H,L), q_rope (B,H,R) over a paged latent cache -> (B,H,L)",
     shape_doc="B sequences, H heads, L kv_lora_rank, R rope dims, context tokens each, block_size tokens per page",
+    extra={"compile_check_shapes": (
+        {"B": 1, "H": 16},  # DeepSeek-R1 at TP 8 (16 heads per GPU), batch 1: split over context
+        {"B": 256, "H": 128},  # 2048 programs: one pass, no split
+    )},
 )
