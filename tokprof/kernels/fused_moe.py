@@ -200,15 +200,20 @@ if triton is not None:
                  mask=row_ok[:, None] & n_ok[None, :])
 
 
-def _moe_config(num_pairs: int, num_experts: int, device: torch.device) -> tuple[int, int, int, int]:
+def _moe_config(num_pairs: int, num_experts: int, elem_bytes: int,
+                device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps), by rule. Decode batches put ~T*k/E pairs on each active expert
     (1-2 for DeepSeek-R1 at B <= 64), so BLOCK_M is tl.dot's minimum of 16 until experts hold more rows; the weight
-    tiles (BLOCK_N x BLOCK_K) are what streams from HBM. On the CPU interpreter: small tiles that still cover
-    several N tiles and K steps of the tiny test shapes."""
+    tiles (BLOCK_N x BLOCK_K, 16 KB in 16-bit) are what streams from HBM. fp32 runs its dots as exact FMAs from
+    registers: half the K step (at BLOCK_K 128 the gate/up kernel with 32 rows spilled 376 B per thread, triton 3.9,
+    sm_90). Not yet tuned by measurement. On the CPU interpreter: small tiles that still cover several N tiles and
+    K steps of the tiny test shapes."""
     if device.type != "cuda":
         return 16, 32, 32, 4
     rows_per_expert = num_pairs / max(1, min(num_experts, num_pairs))
     block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64
+    if elem_bytes == 4:
+        return min(block_m, 32), 64, 32, 4
     return block_m, 64, 128, 4
 
 
@@ -249,7 +254,7 @@ def _fused_moe_triton(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Te
     inter = two_i // 2
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
-    block_m, block_n, block_k, num_warps = _moe_config(num_pairs, num_experts, x.device)
+    block_m, block_n, block_k, num_warps = _moe_config(num_pairs, num_experts, x.element_size(), x.device)
     sorted_pairs, block_expert, block_row, block_end = _route_blocks(topk_ids, num_experts, block_m)
     max_blocks = block_expert.numel()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
