@@ -226,3 +226,16 @@ def test_prefill_bad_inputs_name_the_argument():
         mla_prefill_attention(q_latent, q_rope, kv, kv_lora_rank=8, scale=0.1, causal=1, backend="torch")
     with pytest.raises(ValueError, match="scale: expected a positive finite number"):
         mla_prefill_attention(q_latent, q_rope, kv, kv_lora_rank=8, scale=-1.0, backend="torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [{"B": 1, "H": 16}, {"B": 64, "H": 16, "context": 1000}, {"B": 300, "H": 128,
+                                                                                            "context": 100}])
+def test_gpu_decode_matches_reference(shape, dtype):
+    op = OPS["mla_decode_attention"]
+    inputs = op.make_inputs(op.full_shape(shape), dtype, "cuda", seed=5)
+    with poisoned_outputs():
+        out = mla_decode_attention(**inputs, backend="triton")
+    torch.cuda.synchronize()
+    assert_close(out, decode_reference(**inputs), dtype)
