@@ -157,8 +157,11 @@ if triton is not None:
         seq_len = tl.load(seq_lens_ptr + b)
         start = split * tokens_per_split
         end = tl.minimum(seq_len, start + tokens_per_split)
-        if WINDOW:  # gpt-oss sliding window: only the last `window` positions, t >= seq_len - window
-            start = tl.maximum(start, seq_len - window)
+        if WINDOW:
+            # gpt-oss sliding window: only the last `window` positions, t >= seq_len - window. The splits share the
+            # window (their ranges count from its first token), so no program is spent on tokens before it.
+            start = tl.maximum(seq_len - window, 0) + split * tokens_per_split
+            end = tl.minimum(seq_len, start + tokens_per_split)
 
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D_PAD)
@@ -303,8 +306,10 @@ def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     d_pad = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dimension >= 16
     g_pad = max(16, triton.next_power_of_2(group))
     block_n, num_warps, num_stages = _triton_config(d_pad, q.element_size(), q.device)
-    num_splits, tokens_per_split = _split_plan(batch, num_kv_heads, block_table.shape[1] * block_size, block_n,
-                                               q.device)
+    capacity = block_table.shape[1] * block_size
+    if sliding_window is not None:  # at most `sliding_window` tokens per sequence to split
+        capacity = min(capacity, sliding_window)
+    num_splits, tokens_per_split = _split_plan(batch, num_kv_heads, capacity, block_n, q.device)
     out, part_o, part_lse = _outputs(q, num_splits)
     # fp32 inputs: "ieee" keeps the dot in full fp32 (the default would round to tf32, ~1e-3 relative error).
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
