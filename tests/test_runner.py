@@ -56,6 +56,8 @@ def test_run_main_writes_run_report_and_history(tmp_path, capsys):
     assert run.provenance.device.kind == "cpu"
     assert run.ceilings is not None and run.ceilings.copy_gbps > 0
     assert {k.op for k in run.kernels} >= {"linear", "decode_attention", "rms_norm", "swiglu"}
+    # On the CPU each point's calls are timed round-robin in step order: the cache state of the eager loop.
+    assert {k.timing.mode for k in run.kernels} == {"sequence"}
     measured = [p for p in run.rollup if p["provenance"] == "measured"]
     assert {(p["batch"], p["context"]) for p in measured} == {(1, 64), (2, 64)}
     assert all(p["tokens_per_s_per_gpu"] > 0 for p in measured)
@@ -73,6 +75,14 @@ def test_run_main_writes_run_report_and_history(tmp_path, capsys):
     printed = capsys.readouterr().out
     summary = json.loads(printed.strip().splitlines()[-1])
     assert summary["run"] == str(path) and summary["kind"] == "cpu"
+    # The eager loop's overheads are measured and recorded; L4 gets a prediction and the summary its error.
+    assert run.overhead is not None and [h["batch"] for h in run.overhead["host_work"]] == [2]
+    assert run.overhead["host_work"][0]["per_step_us"] >= 0 and run.overhead["dispatch"]
+    assert run.cpu_load is not None and set(run.cpu_load["phases"]) == {"ceilings", "kernels", "overhead", "e2e"}
+    l4 = next(lv for lv in run.reconciliation[-1]["layers"] if lv["name"] == "L4")
+    assert l4["predicted_step_time_us"] > 0 and l4["prediction_error_pct"] is not None
+    assert summary["prediction"]["points"] == 1 and summary["prediction"]["layer"] == "L4"
+    assert "L4 pred" in printed and "L4 prediction" in printed
     # The findings on the console: the measured layers of each point, then the other GPUs' rows.
     assert "tokens/s per GPU by layer" in printed and "L2 vs e2e" in printed
     assert "other GPUs, llama-3.1-8b bf16" in printed and "h200 (modelled)" in printed

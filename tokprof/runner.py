@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 
 from tokprof.models.config import ModelConfig
-from tokprof.profiler.cpu_load import CpuLoad
+from tokprof.profiler.cpu_load import CpuLoad, describe_record, load_record
 from tokprof.profiler.devices import resolve_device
 from tokprof.profiler.schema import RunResult, load_run, save_run
 from tokprof.reports.history import History
@@ -259,7 +259,7 @@ def other_gpu_rows(run: RunResult, rc: RunConfig, console: Console) -> list[str]
             gpu_rc = RunConfig.for_device(torch.device("cuda"), GPU_DEFAULT_MODEL)
             points = modelled(config, gpu, gpu_rc.batches, gpu_rc.contexts, dtype=gpu_rc.dtype)
             if ref is None:
-                notes.append(f"{gpu}: {GPU_DEFAULT_MODEL} modelled from the datasheet at the stated efficiency (no "
+                notes.append(f"{gpu}: {GPU_DEFAULT_MODEL} modelled from the datasheet by the step model (no "
                              "shipped reference run)")
         merge_points(run.rollup, points)
     for note in notes:
@@ -299,12 +299,14 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
     """Run the whole chain and return the RunResult path. See the module docstring."""
     from tokprof.profiler.bench import new_run
     from tokprof.profiler.ceilings import measure_ceilings
+    from tokprof.profiler.overhead import measure_overhead
     from tokprof.rollup import bottom_up
     from tokprof.rollup.reconcile import reconcile
 
     console = console or Console()
     t0 = time.perf_counter()
     cpu_load = CpuLoad.start()
+    phases: dict[str, Any] = {}  # phase -> CpuLoadResult: how shared the CPU was in each
     dev = resolve_device(device)
     history = History(history_db)
     history.check()  # a bad history file is said before the run, not after it
@@ -330,26 +332,41 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
 
     try:
         console.print("[bold]1/5[/] ceilings")
+        phase = CpuLoad.start()
         ceilings = measure_ceilings(dev)
+        phases["ceilings"] = phase.stop()
         run.ceilings = ceilings
         console.print(f"    copy {ceilings.copy_gbps:.1f} GB/s, GEMM {ceilings.gemm_tflops:.2f} TFLOP/s "
                       f"({ceilings.gemm_dtype})")
 
         console.print(f"[bold]2/5[/] kernels of the decode plan: batch {rc.batches} x context {rc.contexts}")
+        phase = CpuLoad.start()
         points, run = bottom_up(config, rc.batches, rc.contexts, rc.backend, dev, dtype=rc.dtype, energy=rc.energy,
                                 timing_kwargs=rc.timing_kwargs, energy_kwargs=rc.energy_kwargs or None,
                                 ceilings=ceilings, run=run, out=run_path)
+        phases["kernels"] = phase.stop()
+        phase = CpuLoad.start()
+        run.overhead = measure_overhead(config, rc.e2e_batches or rc.batches, dev, dtype=rc.dtype,
+                                        backend=rc.backend, context=min(rc.contexts)).to_dict()
+        phases["overhead"] = phase.stop()
+        host = ", ".join(f"batch {h['batch']} {h['per_step_us']:.0f} us" for h in run.overhead["host_work"])
+        console.print(f"    eager-loop overhead (measured): host work per step {host}")
+        save_run(run, run_path)
 
         e2e_where = (f"(batch, context) {rc.e2e_points}" if rc.e2e_points is not None
                      else f"batch {rc.e2e_batches} x context {rc.e2e_contexts}")
         console.print(f"[bold]3/5[/] end to end: {e2e_where}, {', '.join(rc.frameworks)} ({', '.join(rc.e2e_modes)})")
+        phase = CpuLoad.start()
         run_e2e_points(run, rc, run_path, console)
+        phases["e2e"] = phase.stop()
 
         if dev.type == "cpu":  # a CPU is found shared more often than a GPU: say how shared it was while measuring
             load = cpu_load.stop()
             run.notes.append(load.note())
-            if load.contended:
-                console.print(f"[yellow]warning: {load.note()}[/]")
+            run.cpu_load = load_record(load, phases)
+            if run.cpu_load["contended"]:
+                console.print(f"[yellow]warning: {describe_record(run.cpu_load)}: the CPU was shared, so these "
+                              "CPU figures are slower and noisier than on an idle CPU[/]")
 
         console.print("[bold]4/5[/] reconciliation and other GPUs")
         run.reconciliation = [r.to_dict() for r in reconcile(run)]
@@ -369,6 +386,7 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
         summary["history_db"] = str(history.path)
         summary["seconds"] = round(time.perf_counter() - t0, 1)
         summary["points"] = [_point_summary(p) for p in points]
+        summary["prediction"] = prediction_summary(run)
         _print_story(console, run)
         _print_summary(console, summary)
         print(json.dumps(summary))
@@ -388,47 +406,118 @@ def _point_summary(p: Any) -> dict[str, Any]:
             "usd_per_million_tokens": r(p.usd_per_million_tokens), "provenance": p.provenance}
 
 
+def _no_fit(p: dict[str, Any]) -> str:
+    """An infeasible point's cell: what it needs and what the GPU has, never a number of tokens/s."""
+    need, has = p.get("memory_bytes_per_gpu"), p.get("memory_capacity_bytes")
+    if isinstance(need, (int, float)) and isinstance(has, (int, float)):
+        return f"needs {need / 1e9:.0f} GB, has {has / 1e9:.0f} GB"
+    return "does not fit"
+
+
 def _fmt(value: Any, suffix: str = "") -> str:
     from tokprof.reports.document import num
 
     return "-" if value is None else num(value) + suffix
 
 
+# The goal of the eager prediction on an idle CPU (issue 12): median and max |predicted / measured step - 1|.
+PREDICTION_GOAL_MEDIAN_PCT = 10.0
+PREDICTION_GOAL_MAX_PCT = 20.0
+
+
+def prediction_summary(run: RunResult, layer: str = "L4") -> dict[str, Any]:
+    """How well `layer`'s predicted step (kernel sum + measured overheads) matched the measured one over the run's
+    points: median and max |predicted / measured - 1| in %, the goal, and whether the figures can be judged (a
+    contended CPU's cannot)."""
+    import statistics
+
+    errors = [(rec["batch"], rec["context"], lv["prediction_error_pct"]) for rec in run.reconciliation
+              for lv in rec.get("layers") or [] if lv.get("name") == layer
+              and isinstance(lv.get("prediction_error_pct"), (int, float))]
+    unreliable = next((rec.get("unreliable_reason") for rec in run.reconciliation if not rec.get("reliable", True)),
+                      None)
+    out: dict[str, Any] = {"layer": layer, "points": len(errors), "median_abs_error_pct": None,
+                           "max_abs_error_pct": None, "goal": f"median <= {PREDICTION_GOAL_MEDIAN_PCT:g}%, max <= "
+                           f"{PREDICTION_GOAL_MAX_PCT:g}%", "met": None, "reliable": unreliable is None,
+                           "unreliable_reason": unreliable,
+                           "errors_pct": [{"batch": b, "context": c, "error_pct": round(e, 2)} for b, c, e in errors]}
+    if errors:
+        abs_errors = [abs(e) for _, _, e in errors]
+        out["median_abs_error_pct"] = round(statistics.median(abs_errors), 2)
+        out["max_abs_error_pct"] = round(max(abs_errors), 2)
+        if unreliable is None:
+            out["met"] = (out["median_abs_error_pct"] <= PREDICTION_GOAL_MEDIAN_PCT
+                          and out["max_abs_error_pct"] <= PREDICTION_GOAL_MAX_PCT)
+    return out
+
+
+def prediction_line(summary: dict[str, Any]) -> str | None:
+    """The closure of the bottom-up model in one line (markup-free), None when nothing was predicted."""
+    if not summary["points"]:
+        return None
+    figures = (f"median |predicted / measured - 1| {summary['median_abs_error_pct']:.1f}%, max "
+               f"{summary['max_abs_error_pct']:.1f}% over {summary['points']} point(s)")
+    if not summary["reliable"]:
+        return f"{summary['layer']} prediction not judged: {summary['unreliable_reason']} (as measured: {figures})"
+    verdict = "meets" if summary["met"] else "misses"
+    return f"{summary['layer']} prediction (kernel sum + measured overheads): {figures}; {verdict} the goal " \
+           f"({summary['goal']})"
+
+
 def _print_story(console: Console, run: RunResult) -> None:
     """The run's findings on the console: the iceberg of each measured point, then the other GPUs' rows."""
+    from rich.markup import escape
     from rich.table import Table
 
     if run.reconciliation:
         priced = {(p["batch"], p["context"]): p for p in run.rollup if p.get("provenance") == "measured"}
-        columns: dict[str, list[str]] = {k: [] for k in ("batch", "ctx", "L1 roof", "L2 sum", "L3 graph", "L4 eager",
-                                                          "L2 vs e2e", "$/M tok", "J/tok")}
+        columns: dict[str, list[str]] = {k: [] for k in ("batch", "ctx", "L1 roof", "L2 sum", "L3 pred", "L3 graph",
+                                                          "L4 pred", "L4 eager", "pred err", "L2 vs e2e", "$/M tok",
+                                                          "J/tok")}
+        flags: list[str] = []
         for rec in run.reconciliation:
-            tps = {lv.get("name"): lv.get("tokens_per_s_per_gpu") for lv in rec.get("layers") or []}
+            layers = {lv.get("name"): lv for lv in rec.get("layers") or []}
+            tps = {k: lv.get("tokens_per_s_per_gpu") for k, lv in layers.items()}
+            pred = {k: lv.get("predicted_tokens_per_s_per_gpu") for k, lv in layers.items()}
+            perr = next((layers[k].get("prediction_error_pct") for k in ("L4", "L3") if k in layers
+                         and layers[k].get("prediction_error_pct") is not None), None)
             point = priced.get((rec["batch"], rec["context"]), {})
             err = rec.get("bottom_up_error_pct")
+            reliable = rec.get("reliable", True)
             for key, value in zip(columns, (str(rec["batch"]), str(rec["context"]),
-                                            *(_fmt(tps.get(k)) for k in ("L1", "L2", "L3", "L4")),
-                                            "-" if err is None else f"{err:+.1f}%",
+                                            _fmt(tps.get("L1")), _fmt(tps.get("L2")), _fmt(pred.get("L3")),
+                                            _fmt(tps.get("L3")), _fmt(pred.get("L4")), _fmt(tps.get("L4")),
+                                            "-" if perr is None else f"{perr:+.1f}%" if reliable else "unreliable",
+                                            "-" if err is None else f"{err:+.1f}%" if reliable else "unreliable",
                                             _fmt(point.get("usd_per_million_tokens")),
                                             _fmt(point.get("j_per_token_total"))), strict=True):
                 columns[key].append(value)
+            flags += [f"batch {rec['batch']} context {rec['context']}: {f}" for f in rec.get("flags") or []]
         columns = {k: v for k, v in columns.items() if any(x != "-" for x in v)}  # no empty columns (a CPU: no $)
         table = Table(title=f"{run.provenance.device.name}, {(run.model or {}).get('name')}: tokens/s per GPU by layer",
-                      caption="L1 modelled from measured ceilings, the rest measured; L2 vs e2e: the kernel sum "
-                              "against L3 (graphs), else L4", title_justify="left", caption_justify="left")
+                      caption="L1 modelled from measured ceilings; L3/L4 pred modelled: kernel sum + measured "
+                              "overheads, computed without the end-to-end figures; the rest measured; pred err: "
+                              "predicted / measured step - 1; L2 vs e2e: the kernel sum against L3 (graphs), else L4",
+                      title_justify="left", caption_justify="left")
         for header in columns:
             table.add_column(header, justify="right", no_wrap=True)
         for row in zip(*columns.values(), strict=True):
             table.add_row(*row)
         console.print(table)
+        line = prediction_line(prediction_summary(run))
+        if line:
+            console.print(escape(line), style=None if prediction_summary(run)["reliable"] else "yellow")
+        for flag in flags:
+            console.print(f"[yellow]flag[/] {escape(flag)}")
     others = [p for p in run.rollup if p.get("provenance") in ("modelled", "projected")]
     if others:
         gpus = list(dict.fromkeys(p["gpu"] for p in others))
         cells = {(p["gpu"], p["batch"], p["context"]): p for p in others}
         first = others[0]
         table = Table(title=f"other GPUs, {first['model']} {first['dtype']}: tokens/s per GPU · $/M tokens",
-                      caption="modelled: datasheet roofline at the stated efficiency; projected: this run's measured "
-                              "efficiencies on the other GPU's datasheet", title_justify="left",
+                      caption="modelled: datasheet roofline through the step model; projected: this run's measured "
+                              "efficiencies on the other GPU's datasheet; rows stop at memory capacity",
+                      title_justify="left",
                       caption_justify="left")
         table.add_column("batch", justify="right")
         table.add_column("context", justify="right")
@@ -437,8 +526,8 @@ def _print_story(console: Console, run: RunResult) -> None:
             table.add_column(f"{gpu} ({kind})", justify="right")
         for batch, context in dict.fromkeys((p["batch"], p["context"]) for p in others):
             row = [cells.get((gpu, batch, context)) for gpu in gpus]
-            table.add_row(str(batch), str(context), *("-" if p is None else
-                                                      f"{_fmt(p['tokens_per_s_per_gpu'])} · "
+            table.add_row(str(batch), str(context), *("-" if p is None else _no_fit(p) if p.get("infeasible_reason")
+                                                      else f"{_fmt(p['tokens_per_s_per_gpu'])} · "
                                                       f"${_fmt(p.get('usd_per_million_tokens'))}" for p in row))
         console.print(table)
 

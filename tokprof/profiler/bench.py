@@ -173,9 +173,10 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
 
     if graph_failed:
         point.note = f"{point.note}; {graph_failed}" if point.note else graph_failed
-    if point.suspicious and dev.type == "cpu":
-        point.note += ("; on the CPU nothing is flushed between calls: a working set that fits in the CPU caches "
-                       "can run above the DRAM copy ceiling")
+    if dev.type == "cpu":
+        flushed = int(kwargs.get("cpu_flush_bytes", 0) or 0)
+        explain_cache(point, timing.working_set_bytes(inputs) if not flushed else None,
+                      "the call alone, repeated" if not flushed else f"{flushed} B written before each call")
 
     kernel_energy = None
     energy_reason: str | None = energy_mod.energy_not_asked(dev)
@@ -200,6 +201,74 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
     return KernelMeasurement(op=op, shape=full_shape, dtype=dname, backend=backend, device=_device_name(str(dev)),
                              timing=measured, roofline=point, energy=kernel_energy, energy_reason=energy_reason,
                              graph_timing=graph_timing)
+
+
+def explain_cache(point: Any, resident_bytes: int | None, how: str) -> None:
+    """CPU: a call above the measured DRAM copy ceiling is explained by the cache only when its data can sit there.
+
+    `resident_bytes`: what stays cached between timed calls (the call's working set when repeated alone, the whole
+    sequence's when timed round-robin; None after a flush). Within the last-level cache, reading above the DRAM
+    ceiling is the cache's bandwidth: not suspicious, and the note says so; beyond it (or after a flush), the
+    inputs came from DRAM, so the figure stays `suspicious` (a byte-count or timing error) and the note says why."""
+    eff = point.efficiency_measured
+    if eff is None or eff <= 1.0:
+        return
+    llc = timing.cpu_cache_bytes()
+    if resident_bytes is not None and llc is not None and resident_bytes <= llc:
+        point.suspicious = (point.efficiency_datasheet or 0.0) > 1.0
+        point.note += (f"; {eff:.0%} of the DRAM copy ceiling explained by the cache: timed as {how}, "
+                       f"{resident_bytes / 2**20:.2f} MiB stay in the {llc / 2**20:.0f} MiB last-level cache")
+    else:
+        why = ("the last-level cache size is unknown" if llc is None else "the caches were flushed" if
+               resident_bytes is None else f"{resident_bytes / 2**20:.1f} MiB exceed the {llc / 2**20:.0f} MiB LLC")
+        point.suspicious = True
+        point.note += f"; {eff:.0%} of the DRAM copy ceiling and {why} (timed as {how}): not a cache effect"
+
+
+def bench_sequence(calls: Sequence[Call], device: str | torch.device = "cpu", *, seed: int = 0,
+                   timing_kwargs: dict[str, Any] | None = None, ceilings: Ceilings | None = None,
+                   keep: Callable[[Call], bool] | None = None) -> tuple[list[KernelMeasurement], list[Failure]]:
+    """CPU: measure the calls of one decode step round-robin (timing.measure_sequence), so that each call meets the
+    caches the other calls of the step leave; returns (measurements of the calls `keep` accepts, failures).
+
+    A call that fails its first run is a Failure and leaves the sequence. `timing_kwargs` as for bench_op
+    (min_samples, min_time_s, max_time_s, noise_target; warm-up and flush options do not apply)."""
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        raise ValueError(f"device: sequence timing is for the CPU, got {dev}")
+    normalised = [_normalise(c, i) for i, c in enumerate(calls)]
+    seq: list[tuple[Callable[[Any], Any], dict[str, Any]]] = []
+    kept_calls: list[tuple[str, dict[str, int], str, str]] = []
+    failures: list[Failure] = []
+    for op, shape, dname, backend in normalised:
+        rec = get_op(op)
+        try:
+            inputs = rec.make_inputs(shape, parse_dtype(dname), dev, seed)
+            rec.run(inputs, backend)  # once with every argument check
+        except SWEEP_ERRORS as err:
+            failures.append(Failure(op=op, shape=shape, dtype=dname, backend=backend,
+                                    error=f"{type(err).__name__}: {err}"))
+            continue
+        seq.append((functools.partial(rec.run, backend=backend), inputs))
+        kept_calls.append((op, shape, dname, backend))
+    if not seq:
+        return [], failures
+    kw = {k: v for k, v in (timing_kwargs or {}).items()
+          if k in ("min_samples", "min_time_s", "max_time_s", "noise_target")}
+    with skip_value_checks():  # once around the sequence, as the eager loop enters it once per step
+        timings = timing.measure_sequence(seq, device=dev, **kw)
+    resident = sum(timing.working_set_bytes(inputs) for _, inputs in seq)
+    out: list[KernelMeasurement] = []
+    for (op, shape, dname, backend), measured in zip(kept_calls, timings, strict=True):
+        if keep is not None and not keep((op, shape, dname, backend)):
+            continue
+        flops, min_bytes = get_op(op).cost(shape, parse_dtype(dname))
+        point = roofline(int(flops), int(min_bytes), measured.median_us, spec=None, ceilings=ceilings, dtype=dname)
+        explain_cache(point, resident, f"one of the {len(seq)} calls of a step, round-robin")
+        out.append(KernelMeasurement(op=op, shape=shape, dtype=dname, backend=backend, device=_device_name(str(dev)),
+                                     timing=measured, roofline=point, energy=None,
+                                     energy_reason=energy_mod.energy_not_asked(dev)))
+    return out, failures
 
 
 # -------------------------------------------------------------------------------------------------------- runs

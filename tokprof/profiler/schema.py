@@ -197,6 +197,11 @@ class RunResult:
     reconciliation: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     run_id: str = ""
+    # The eager loop's costs beyond the kernels (tokprof.profiler.overhead.Overhead.to_dict()), None when not measured.
+    overhead: dict[str, Any] | None = None
+    # How busy other processes kept a CPU while the run measured, per phase (tokprof.profiler.cpu_load), None on a
+    # GPU run or when not recorded.
+    cpu_load: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,7 +16,11 @@
 5. record NVML clocks before and after, and `throttled` when the SM clock fell below 75% of its max;
 6. synchronise the whole device before reading a host clock.
 
-On a CPU device any mode times synchronous calls with `time.perf_counter_ns` (no flush; mode "cpu").
+On a CPU device any mode times synchronous calls with `time.perf_counter_ns` (mode "cpu"); `flush_bytes` > 0
+writes a buffer of that size before each timed call (2x the last-level cache: inputs come from DRAM, as in a step
+whose working set exceeds the LLC). `measure_sequence` times the calls of one decode step round-robin instead
+(mode "sequence"): each call then finds the caches (data and code) as the other calls of the step leave them,
+which is the state it meets inside the eager loop.
 """
 
 from __future__ import annotations
@@ -77,6 +81,28 @@ def l2_bytes(device: torch.device | str | int) -> int | None:
     if device.type != "cuda":
         return None
     return int(torch.cuda.get_device_properties(device).L2_cache_size)
+
+
+def cpu_cache_bytes(level: int | None = None, root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """Size in bytes of CPU 0's data or unified cache at `level` (None: the last level), read from Linux sysfs
+    (`index*/level`, `type`, `size` such as "32768K"); None where sysfs does not say (not Linux, a container
+    without it)."""
+    from pathlib import Path
+
+    found: dict[int, int] = {}
+    try:
+        for index in sorted(Path(root).glob("index*")):
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            lvl = int((index / "level").read_text())
+            text = (index / "size").read_text().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            found[lvl] = int(text.rstrip("KMG")) * mult
+    except (OSError, ValueError):
+        return None
+    if not found:
+        return None
+    return found.get(max(found) if level is None else level)
 
 
 def flush_bytes(l2_cache_bytes: int) -> int:
@@ -331,11 +357,14 @@ class _Checker:
         return False
 
 
-def _sample_cpu(call: Callable[[Any], Any], inputs: Any, rule: StopRule) -> tuple[list[float], float]:
+def _sample_cpu(call: Callable[[Any], Any], inputs: Any, rule: StopRule,
+                flush: torch.Tensor | None = None) -> tuple[list[float], float]:
     checker = _Checker(rule)
     samples: list[float] = []
     t0 = time.perf_counter()
     while True:
+        if flush is not None:
+            flush.fill_(len(samples) & 0xFF)  # writes every line: evicts the caches before the timed call
         start_ns = time.perf_counter_ns()
         call(inputs)
         end_ns = time.perf_counter_ns()
@@ -394,8 +423,11 @@ def check_graph_for(graph: CapturedGraph, inputs: Mapping[str, Any], rotate: boo
 def measure(call: Callable[[Any], Any], inputs: Mapping[str, Any], *, device: torch.device | str | int,
             mode: str = "events", cold_l2: bool = True, warmup_ms: float = 25.0, min_samples: int = 10,
             min_time_s: float = 0.1, max_time_s: float = 5.0, noise_target: float = 0.005,
-            graph: CapturedGraph | None = None) -> Timing:
+            graph: CapturedGraph | None = None, cpu_flush_bytes: int = 0) -> Timing:
     """Time `call(inputs)` on `device`; every sample kept, statistics after outlier removal (see module doc).
+
+    `cpu_flush_bytes` (CPU only): bytes written before each timed call, e.g. 2x `cpu_cache_bytes()` so that the
+    inputs come from DRAM; 0 (default) writes nothing, so the inputs stay in the caches between calls.
 
     `graph` (mode "graph" only): a graph already captured by `capture_graph(call, inputs, rotate=cold_l2)`, replayed
     instead of capturing another (a capture of thousands of rotating copies of a tiny input takes seconds).
@@ -415,12 +447,19 @@ def measure(call: Callable[[Any], Any], inputs: Mapping[str, Any], *, device: to
     device = as_device(device)
     _check_inputs(inputs, device)
 
+    if isinstance(cpu_flush_bytes, bool) or not isinstance(cpu_flush_bytes, int) or cpu_flush_bytes < 0:
+        raise ValueError(f"cpu_flush_bytes: expected an int >= 0 (bytes written before each call), "
+                         f"got {cpu_flush_bytes!r}")
+
     if device.type == "cpu":
         call(inputs)  # first call: lazy initialisation, Triton interpreter set-up
         _warm_up(lambda: call(inputs), device, warmup_ms)
-        samples, elapsed = _sample_cpu(call, inputs, rule)
-        notes = ["CPU: time.perf_counter_ns around synchronous calls, no cache flush"]
-        timing = _timing(samples, rule, elapsed, timer="perf_counter", mode="cpu", cold_l2=False,
+        flush = torch.empty(cpu_flush_bytes, dtype=torch.uint8) if cpu_flush_bytes else None
+        samples, elapsed = _sample_cpu(call, inputs, rule, flush)
+        notes = [f"CPU: time.perf_counter_ns around synchronous calls, {cpu_flush_bytes} B written before each "
+                 "call (cold caches)" if flush is not None else
+                 "CPU: time.perf_counter_ns around synchronous calls, no cache flush (warm caches)"]
+        timing = _timing(samples, rule, elapsed, timer="perf_counter", mode="cpu", cold_l2=flush is not None,
                          calls_per_sample=1, notes=notes)
         return timing
 
@@ -478,3 +517,56 @@ def measure(call: Callable[[Any], Any], inputs: Mapping[str, Any], *, device: to
         timing.note += (f"; median {timing.median_us:.2f} us < {SHORT_KERNEL_US:g} us: CUDA event times include "
                         "launch jitter, read the graph-mode time beside this one")
     return timing
+
+
+# ---------------------------------------------------------------------------------------------- CPU sequences
+
+
+def measure_sequence(calls: list[tuple[Callable[[Any], Any], Mapping[str, Any]]], *, device: torch.device | str,
+                     warmup_rounds: int = 3, min_samples: int = 10, min_time_s: float = 0.1, max_time_s: float = 5.0,
+                     noise_target: float = 0.005) -> list[Timing]:
+    """Time the calls of one step round-robin on the CPU: each round runs every `(call, inputs)` once in order,
+    timing each with perf_counter_ns. A call then meets the caches (data, instructions, branch predictors) as the
+    calls before it in the step leave them, not warmed by a repeat of itself: the state of the eager loop.
+
+    Rounds go on until every call meets the stop rule (>= `min_samples`, noise <= `noise_target`) or the budget
+    `max_time_s` x the number of calls is spent; `min_time_s` x calls is the least time spent. Returns one Timing per
+    call (mode "sequence"), in the order given.
+    """
+    device = as_device(device)
+    if device.type != "cpu":
+        raise ValueError(f"device: sequence timing is the CPU's (a GPU times kernels with events), got {device}")
+    if not calls:
+        raise ValueError("calls: expected at least one (call, inputs) pair, got none")
+    for i, pair in enumerate(calls):
+        if not (isinstance(pair, tuple) and len(pair) == 2 and callable(pair[0])):
+            raise ValueError(f"calls[{i}]: expected a (callable, inputs dict) pair, got {type(pair).__name__}")
+        _check_inputs(pair[1], device)
+    n = len(calls)
+    rule = StopRule(min_samples=min_samples, min_time_s=min_time_s * n, max_time_s=max_time_s * n,
+                    noise_target=noise_target)
+    for call, inputs in calls:
+        call(inputs)  # first call: lazy initialisation
+    for _ in range(max(0, warmup_rounds)):
+        for call, inputs in calls:
+            call(inputs)
+    samples: list[list[float]] = [[] for _ in calls]
+    t0 = time.perf_counter()
+    checked_at = 0.0
+    while True:
+        for i, (call, inputs) in enumerate(calls):
+            start_ns = time.perf_counter_ns()
+            call(inputs)
+            samples[i].append((time.perf_counter_ns() - start_ns) / 1000.0)
+        elapsed = time.perf_counter() - t0
+        if not rule.minimums_met(len(samples[0]), elapsed):
+            continue
+        if elapsed >= rule.max_time_s:
+            break
+        if elapsed - checked_at >= max(BATCH_S, 0.1 * elapsed):  # re-sort the samples on a geometric schedule
+            checked_at = elapsed
+            if all(rule.should_stop(s, elapsed) for s in samples):
+                break
+    note = f"CPU sequence: round-robin over the {n} calls of one step, {len(samples[0])} rounds"
+    return [_timing(s, rule, elapsed, timer="perf_counter", mode="sequence", cold_l2=False, calls_per_sample=1,
+                    notes=[note]) for s in samples]
