@@ -11,7 +11,7 @@ import torch
 from helpers import CPU_DTYPES, TRITON_DEVICE, assert_close, requires_triton
 from test_decode_attention import paged_inputs
 
-from tokprof.kernels import decode_attention, prefill_attention
+from tokprof.kernels import OPS, decode_attention, prefill_attention
 from tokprof.kernels._common import poisoned_outputs
 
 da = importlib.import_module("tokprof.kernels.decode_attention")
@@ -177,3 +177,18 @@ def test_bad_extras_name_the_argument(kwargs, message):
         prefill_attention(q, k, k, causal=False, sliding_window=4, backend="torch")
     with pytest.raises(ValueError, match="sinks: the cuda backend has no attention sinks"):
         da._decode_attention_cuda(**inputs, sinks=torch.zeros(4))
+
+
+def test_registry_window_and_sinks_keys():
+    op = OPS["decode_attention"]
+    base = {"B": 2, "Hq": 4, "Hkv": 2, "D": 8, "context": 20, "block_size": 16}
+    assert op.full_shape(base) == base  # the keys are optional: shapes without them are unchanged
+    # window 6 < context 20: K/V of 6 tokens, one page of block_table; flops 4*2*4*6*8 = 1536;
+    # bytes 2*2*6*2*8*2 = 768 (K, V) + 256 (q, out) + 2*1*4 (block_table) + 8 (seq_lens) + 4*4 (sinks) = 1056
+    assert op.cost({**base, "window": 6, "sinks": 1}, torch.float16) == (1536, 1056)
+    assert op.cost({**base, "window": 64}, torch.float16) == op.cost(base, torch.float16)
+    inputs = op.make_inputs(op.full_shape({**base, "window": 6, "sinks": 1}), torch.float32, "cpu", seed=1)
+    assert inputs["sliding_window"] == 6 and inputs["sinks"].shape == (4,)
+    expected = decode_reference(**{k: v for k, v in inputs.items() if k not in ("sinks", "sliding_window")},
+                                sinks=inputs["sinks"], window=6, scale=8**-0.5)
+    assert_close(op.run(inputs, backend="torch"), expected, torch.float32)
