@@ -200,7 +200,7 @@ def _roofline_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], li
         roofs: list[plots.Roof] = []
         c = r.run.ceilings
         if c is not None:
-            roofs.append(plots.Roof("measured", c.copy_gbps, c.gemm_tflops if c.gemm_dtype == dtype else None,
+            roofs.append(plots.Roof("measured", c.bandwidth_gbps, c.gemm_tflops if c.gemm_dtype == dtype else None,
                                     f"[{c.gemm_dtype} GEMM]"))
         sheet, _ = _datasheet_roof(r.run, dtype)
         if sheet is not None:

@@ -134,9 +134,12 @@ def rollup_points(config: ModelConfig, batches: Sequence[int], contexts: Sequenc
                            efficiency_datasheet=m.roofline.efficiency_datasheet, bound=m.roofline.bound,
                            shape=dict(c.shape)) for c, m in pairs]
             j_total, j_dynamic, reason = _step_energy(pairs)
+            timers = sorted({f"{m.best_timing.timer}/{m.best_timing.mode}" for _, m in pairs})
+            graphed = sum(m.graph_timing is not None for _, m in pairs)
             point_notes = [f"kernel sum of {len(pairs)} distinct calls measured on {device_name} "
-                           f"(timer {pairs[0][1].timing.timer}, mode {pairs[0][1].timing.mode})"]
-            missed = [c.op for c, m in pairs if not m.timing.met_noise_target]
+                           f"(timer/mode {', '.join(timers)}"
+                           + (f"; {graphed} short call(s) at their graph-mode time" if graphed else "") + ")"]
+            missed = [c.op for c, m in pairs if not m.best_timing.met_noise_target]
             if missed:
                 point_notes.append(f"noise target missed for {len(missed)} call(s): {', '.join(sorted(set(missed)))}")
             if j_total is not None:

@@ -282,7 +282,7 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str, int], p
         else:
             step, more = _roof_step_us(config, batch, context, dtype, tp, ceilings=run.ceilings)
             fill("L1", step, "modelled", f"decode plan at the ceilings measured on {run.ceilings.device} "
-                 f"({run.ceilings.copy_gbps:.0f} GB/s copy, {run.ceilings.gemm_tflops:.1f} TFLOP/s "
+                 f"({run.ceilings.bandwidth_gbps:.0f} GB/s memory, {run.ceilings.gemm_tflops:.1f} TFLOP/s "
                  f"{run.ceilings.gemm_dtype} GEMM); J/token at TDP", *tdp_j(step))
             notes += [f"L1 {n}" for n in more]
     if tp > 1:
