@@ -239,3 +239,26 @@ def test_gpu_decode_matches_reference(shape, dtype):
         out = mla_decode_attention(**inputs, backend="triton")
     torch.cuda.synchronize()
     assert_close(out, decode_reference(**inputs), dtype)
+
+
+@requires_triton
+def test_split_count_capped_for_the_merge(monkeypatch):
+    # However many splits the decode planner asks for, MLA merges at most MLA_MAX_SPLITS rows of L values per head:
+    # 64 asked, 416 tokens of pages in 16-token tiles would give 26 splits; capped to 13 of 32 tokens.
+    monkeypatch.setattr(da, "_num_splits", lambda *args: 64)
+    inputs = paged_latent(1, 2, 32, 16, 16, [400], torch.float32, TRITON_DEVICE, seed=9)
+    real = mla._decode_attention_reduce_kernel
+    splits_pad = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                splits_pad.append(kwargs["SPLITS_PAD"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(mla, "_decode_attention_reduce_kernel", Spy())
+    with poisoned_outputs():
+        out = mla_decode_attention(**inputs, backend="triton")
+    assert splits_pad == [16] and mla.MLA_MAX_SPLITS == 16
+    assert_close(out, decode_reference(**inputs), torch.float32)

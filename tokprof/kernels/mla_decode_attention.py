@@ -49,6 +49,7 @@ except ImportError:  # pragma: no cover - triton ships for Linux only
     triton = None
 
 TRITON_MAX_RANK = 1024  # a (BLOCK_H, L) fp32 accumulator in registers; DeepSeek's 512 fits
+MLA_MAX_SPLITS = 16  # the split merge loads (splits, L) fp32 per head: 16 x 512 fits in registers, 64 x 512 spills
 
 # --------------------------------------------------------------------------------------------------------- torch
 
@@ -168,8 +169,11 @@ def _mla_decode_triton(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
     r_pad = max(16, triton.next_power_of_2(rope_dim))
     block_h, block_n, num_warps, num_stages = _mla_config(l_pad, r_pad, q_latent.element_size(), q_latent.device)
     head_blocks = cdiv(heads, block_h)
-    num_splits, tokens_per_split = _split_plan(batch, head_blocks, block_table.shape[1] * block_size, block_n,
-                                               q_latent.device)
+    capacity = block_table.shape[1] * block_size
+    num_splits, tokens_per_split = _split_plan(batch, head_blocks, capacity, block_n, q_latent.device)
+    if num_splits > MLA_MAX_SPLITS:  # the merge holds (splits, L) fp32 in registers: 64 x 512 spilled on sm_90
+        tokens_per_split = cdiv(cdiv(capacity, MLA_MAX_SPLITS), block_n) * block_n
+        num_splits = cdiv(capacity, tokens_per_split)
     out, part_o, part_lse = _outputs(q_latent, num_splits)
     precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
     _mla_decode_kernel[(batch, head_blocks, num_splits)](
