@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
+_ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 @dataclass(frozen=True)
@@ -92,19 +93,53 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else embed
         return self.num_layers * self.params_per_layer() + embed + head + self.hidden_size
 
-    def weight_bytes(self, dtype: torch.dtype) -> int:
-        """Bytes of all weights stored in `dtype`."""
-        return self.num_params() * torch.empty((), dtype=dtype).element_size()
+    def linear_weight_shapes(self) -> list[tuple[int, int, int]]:
+        """(count, N, K) of the layers' linear weights (fused QKV, O, fused gate-up, down): the weights a low-precision
+        format quantises. The LM head and the embedding stay in the activation dtype (tokprof.quant.precision)."""
+        h, layers = self.hidden_size, self.num_layers
+        return [(layers, self.q_size + 2 * self.kv_size, h), (layers, h, self.q_size),
+                (layers, 2 * self.intermediate_size, h), (layers, h, self.intermediate_size)]
 
-    def decode_weight_bytes(self, dtype: torch.dtype) -> int:
+    def _stored_bytes(self, params: int, dtype: torch.dtype | str) -> int:
+        """Bytes of `params` parameters that include every layer's linear weights, in `dtype`: a torch dtype (every
+        parameter that size) or a precision label ("bf16", "fp8", "mxfp4", "nvfp4+kv-fp8", ...: the linear weights
+        in the format, scales included, the rest in the activation dtype)."""
+        if isinstance(dtype, torch.dtype):
+            return params * torch.empty((), dtype=dtype).element_size()
+        from tokprof.quant.formats import WEIGHT_FORMATS
+        from tokprof.quant.precision import parse_precision
+
+        precision = parse_precision(dtype)
+        elem = _ELEMENT_BYTES[precision.activation]
+        if precision.weight_format is None:
+            return params * elem
+        fmt = WEIGHT_FORMATS[precision.weight_format]
+        shapes = self.linear_weight_shapes()
+        linear_params = sum(count * n * k for count, n, k in shapes)
+        return sum(count * fmt.weight_bytes(n, k) for count, n, k in shapes) + (params - linear_params) * elem
+
+    def weight_bytes(self, dtype: torch.dtype | str) -> int:
+        """Bytes of all weights stored in `dtype` (a torch dtype or a precision label, see _stored_bytes)."""
+        return self._stored_bytes(self.num_params(), dtype)
+
+    def decode_weight_bytes(self, dtype: torch.dtype | str) -> int:
         """Weight bytes one decode step reads: every layer, the final norm and the LM head, but of the embedding
         table only the rows of the tokens (counted with activations, not here)."""
-        return (self.num_layers * self.params_per_layer() + self.hidden_size
-                + self.vocab_size * self.hidden_size) * torch.empty((), dtype=dtype).element_size()
+        return self._stored_bytes(self.num_layers * self.params_per_layer() + self.hidden_size
+                                  + self.vocab_size * self.hidden_size, dtype)
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """K and V of one token across all layers."""
-        return 2 * self.num_layers * self.kv_size * torch.empty((), dtype=dtype).element_size()
+    def kv_bytes_per_token(self, dtype: torch.dtype | str, *, kv_dtype: str | None = None) -> int:
+        """K and V of one token across all layers: in `dtype`'s element size (a torch dtype), or for a precision
+        label one byte per element with an fp8 cache ("...+kv-fp8", or kv_dtype="fp8") and the activation dtype's
+        size otherwise ("fp8" alone is W8A8 weights with a bf16 cache). Per-head fp8 scales are per layer, not per
+        token, and left out."""
+        elements = 2 * self.num_layers * self.kv_size
+        if isinstance(dtype, torch.dtype) and kv_dtype is None:
+            return elements * torch.empty((), dtype=dtype).element_size()
+        from tokprof.quant.precision import parse_precision
+
+        precision = parse_precision(dtype, kv_dtype=kv_dtype)
+        return elements * (1 if precision.kv_dtype == "fp8" else _ELEMENT_BYTES[precision.activation])
 
     def inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies (head_dim/2,) float32, with Llama 3.1 scaling applied when configured."""

@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tokprof.kernels._common import parse_dtype
 from tokprof.models.config import ModelConfig
 from tokprof.models.tp import check_tp
 from tokprof.profiler.devices import GpuSpec
+from tokprof.quant.precision import parse_precision
 from tokprof.rollup.capacity import DEFAULT_MEMORY_UTILIZATION, max_batch
 from tokprof.rollup.pareto import InteractivityCost
 from tokprof.rollup.records import RollupPoint
@@ -36,12 +36,13 @@ def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int]
     (modelled, from specs; `capacity_bytes` a device's own memory instead of the spec table's).
 
     tp > 1 adds the linear-weight bytes one GPU of the group reads per step (the bound stays a single GPU's)."""
-    torch_dtype = parse_dtype(dtype)
-    weights = config.decode_weight_bytes(torch_dtype)
-    kv = config.kv_bytes_per_token(torch_dtype)
+    precision = parse_precision(dtype)  # a float dtype or a low-precision label: bytes by format
+    weights = config.decode_weight_bytes(precision.label)
+    kv = config.kv_bytes_per_token(precision.label)
     card: dict[str, Any] = {
-        "model": config.name, "dtype": dtype, "params": config.num_params(),
-        "weight_bytes": config.weight_bytes(torch_dtype), "decode_weight_bytes": weights,
+        "model": config.name, "dtype": precision.label, "params": config.num_params(),
+        "weight_format": precision.weight_format, "kv_dtype": precision.kv_dtype or precision.activation,
+        "weight_bytes": config.weight_bytes(precision.label), "decode_weight_bytes": weights,
         "kv_bytes_per_token": kv, "gpu": spec.key if spec is not None else None,
         "hbm_tbps": spec.hbm_tbps if spec is not None else None, "provenance": "modelled", "batch1": [],
     }
@@ -96,6 +97,15 @@ def print_card(console: Console, card: dict[str, Any]) -> None:
     console.print(f"[bold]{card['model']}[/] ({card['dtype']}): {_count_params(card['params'])} parameters, "
                   f"weights {_gb(card['weight_bytes'])}, read per decode step {_gb(card['decode_weight_bytes'])}; "
                   f"KV cache {card['kv_bytes_per_token'] / 1024:.0f} KiB per token")
+    if card.get("weight_format"):
+        from tokprof.quant.formats import WEIGHT_FORMATS
+
+        fmt = WEIGHT_FORMATS[card["weight_format"]]
+        console.print(f"layer linears in {fmt.name} ({fmt.bits_per_weight():.2f} bits per weight with scales; "
+                      f"{fmt.description}); embedding and LM head in the activation dtype; KV cache "
+                      f"{card['kv_dtype']}")
+    elif card.get("kv_dtype") == "fp8":
+        console.print("KV cache fp8 (e4m3, per-head scales)")
     if card.get("tp"):
         console.print(f"tensor parallel over {card['tp']} GPUs: each reads {_gb(card['linear_weight_bytes_per_gpu'])} "
                       "of linear weights per step and pays 2 all-reduces per layer; the bound below is one GPU's")
