@@ -75,7 +75,7 @@ def run(
 
 
 # The other commands register on import, after these two, so that `tokprof --help` lists the main job first.
-from tokprof.commands import profiler, economics, models, reports, fleet  # noqa: E402, F401, I001
+from tokprof.commands import profiler, economics, models, reports, fleet, serving  # noqa: E402, F401, I001
 
 
 def main() -> None:

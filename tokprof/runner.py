@@ -407,7 +407,9 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
                               "CPU figures are slower and noisier than on an idle CPU[/]")
 
         console.print("[bold]4/5[/] reconciliation and other GPUs")
-        run.reconciliation = [r.to_dict() for r in reconcile(run)]
+        from tokprof.serving.served import provider as served_provider  # L5: the simulator on the run's step times
+
+        run.reconciliation = [r.to_dict() for r in reconcile(run, served=served_provider())]
         run.notes.extend(other_gpu_rows(run, rc, console))
         lap("reconcile")
         save_run(run, run_path)

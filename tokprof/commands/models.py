@@ -86,6 +86,10 @@ def reconcile(
     l4: str | None = typer.Option(None, "--l4", help="Framework for L4: tokprof, vllm or transformers (default: "
                                   "tokprof eager, else the first measured)."),
     write: bool = typer.Option(True, "--write/--no-write", help="Store the reconciliation in the run file."),
+    served: bool = typer.Option(True, "--served/--no-served", help="L5 from tokprof's server (--served-from) or "
+                                "predicted by its simulator from the run's step times (--utilisation overrides)."),
+    served_from: str | None = typer.Option(None, "--served-from", help="A serve-bench.json whose measured sweep "
+                                           "gives L5 for its model, device and batch."),
 ) -> None:
     """The iceberg: datasheet roofline -> measured roofline -> kernel sum -> end to end -> served, with each gap."""
     from tokprof.models.e2e import FRAMEWORKS
@@ -97,7 +101,13 @@ def reconcile(
         fail(f"--l4: expected one of {list(FRAMEWORKS)}, got {l4!r}")
     try:
         run = load_run(run_file)
-        recs = reconcile_run(run, utilisation, l4_framework=l4)
+        provider = None
+        if served:
+            from tokprof.profiler.schema import read_json
+            from tokprof.serving.served import provider as served_provider
+
+            provider = served_provider(read_json(served_from, "serve-bench result") if served_from else None)
+        recs = reconcile_run(run, utilisation, l4_framework=l4, served=provider)
     except ValueError as err:
         fail(str(err))
     if not recs:
