@@ -3,7 +3,7 @@
     recs = reconcile(load_run("run.json"), utilisation=0.6)
     recs[0].layers[2].tokens_per_s_per_gpu, recs[0].bottom_up_error_pct, recs[0].op_inefficiency[0].lost_us
 
-For one (model, GPU, batch, context, dtype) point (ARCHITECTURE.md, "The iceberg"):
+For one (model, GPU, batch, context, dtype) point (docs/design.md, "The iceberg"):
 
     L0 datasheet roofline   sum over the decode plan of count x max(flops / peak FLOP/s, bytes / peak HBM B/s)
     L1 measured roofline    the same at the copy bandwidth and GEMM FLOP/s measured in the run
@@ -47,6 +47,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokprof.profiler.schema import Ceilings, RunResult, from_dict, to_dict
+
+
+def modelled_gap(name: str) -> str:
+    """A modelled L2 is the roofline at a stated efficiency: its gap is that assumption, not a measured loss
+    ("kernel inefficiency" -> "assumed kernel efficiency (modelled)")."""
+    return f"assumed {name.replace('inefficiency', 'efficiency')} (modelled)"
+
 
 LAYERS = (
     ("L0", "datasheet roofline", None),
@@ -354,7 +361,8 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str, int], p
         # L1i stands on L0 here: the gap above it is the interconnect alone, the derate falls in the next gap
         layers["L1i"].gap_name = INTERCONNECT_LAYER[2]
         if layers["L2"].gap_name is not None:
-            layers["L2"].gap_name = f"{LAYERS[1][2]} + {TP_L2_GAP}"
+            layers["L2"].gap_name = f"{LAYERS[1][2]} + " + (modelled_gap(TP_L2_GAP)
+                                                            if layers["L2"].provenance == "modelled" else TP_L2_GAP)
     rec = Reconciliation(model=model, gpu=gpu, batch=batch, context=context, dtype=dtype, utilisation=utilisation,
                          layers=ordered, tp=tp, notes=notes)
     if contention is not None:
@@ -520,7 +528,9 @@ def _gaps(layers: list[Layer], defs: tuple[tuple[str, str, str | None], ...] = L
     order = [layer.name for layer in layers]
     for prev, cur in zip(known, known[1:], strict=False):
         crossed = order[order.index(prev.name) + 1:order.index(cur.name) + 1]
-        cur.gap_name = " + ".join(gap_names[n] for n in crossed)
+        # a modelled L2 is the roofline at a stated efficiency: its gap is that assumption, not a measured loss
+        cur.gap_name = " + ".join(modelled_gap(gap_names[n]) if n == "L2" and cur.provenance == "modelled"
+                                  else gap_names[n] for n in crossed)
         cur.gap_tokens_per_s = prev.tokens_per_s_per_gpu - cur.tokens_per_s_per_gpu
         cur.inverted = cur.gap_tokens_per_s < 0
     # Shares of the losses: they add up to 100% of the tokens/s lost; an inverted layer's gain is flagged apart
@@ -575,8 +585,10 @@ def waterfall_rows(rec: Reconciliation) -> list[dict[str, Any]]:
     """The table `tokprof reconcile` prints: one row per layer, figures formatted, None as '-' with the reason."""
     rows = []
     for layer in rec.layers:
-        def fmt(x: float | None, spec: str) -> str:
-            return "-" if x is None else format(x, spec)
+        def fmt(x: float | None, spec: str) -> str:  # one number format for every table (reports/document.num)
+            from tokprof.reports.document import num, pct
+
+            return "-" if x is None else (pct(x) if spec.endswith("%") else num(x))
         rows.append({
             "layer": f"{layer.name} {layer.title}",
             "tokens/s/GPU": fmt(layer.tokens_per_s_per_gpu, ",.4g"),
