@@ -237,21 +237,25 @@ def test_workload_parse():
 def test_cli_curve_and_compare(tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["curve", "--model", "llama-3.1-8b", "--system", "h200", "--precision", "bf16",
-                            "--report", str(tmp_path)], env={"COLUMNS": "80"})
+                            "--report", str(tmp_path), "--json"], env={"COLUMNS": "80"})
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output.strip().splitlines()[-1])
+    out = json.loads(r.stdout)  # --json: the document alone
     assert out["command"] == "curve" and out["frontier"] and out["provenance"] == "modelled"
     assert (tmp_path / "curve-hgx-h200-1k-1k.png").exists()
     r = runner.invoke(app, ["curve", "--workload", "1k"], env={"COLUMNS": "80"})
     assert r.exit_code == 2 and "workload" in r.output
     r = runner.invoke(app, ["compare-systems", "--model", "llama-3.1-8b", "--a", "h200:bf16", "--b", "b200:bf16",
-                            "--interactivity", "30", "--report", str(tmp_path)], env={"COLUMNS": "80"})
+                            "--interactivity", "30", "--report", str(tmp_path), "--json"], env={"COLUMNS": "80"})
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output.strip().splitlines()[-1])
+    out = json.loads(r.stdout)
     assert out["ratio"] > 1 and len(out["steps"]) == len(FACTOR_ORDER)
     assert sum(s["log_ratio"] for s in out["steps"]) == pytest.approx(math.log(out["ratio"]))
     assert (tmp_path / "waterfall.png").exists()
     assert np.isfinite(out["a"]["usd_per_million_tokens"])
+    r = runner.invoke(app, ["systems"], env={"COLUMNS": "80"})  # tables, no JSON without --json
+    assert r.exit_code == 0 and "gb300-nvl72" in r.stdout and '{"command"' not in r.stdout
+    doc = json.loads(runner.invoke(app, ["systems", "--json"]).stdout)
+    assert {s["key"] for s in doc["systems"]} >= {"hgx-h200", "gb300-nvl72"}
 
 
 def test_a_measured_run_anchors_the_curve(monkeypatch):

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from tokprof.commands._app import app, check_output, console, fail, print_wide, split_csv
+from tokprof.commands._app import app, check_output, console, fail, quiet_console, split_csv
 
 MODEL_HELP = "Model preset or HF config.json (default deepseek-r1)."
 WORKLOAD_HELP = ("ISL/OSL tokens, e.g. 1k/1k, 8k/1k, 1k/8k, or a mix of request kinds with their fractions, "
@@ -47,9 +47,13 @@ def _scenario(text: str, features, option: str, run: str | None = None):
 
 
 @app.command("systems")
-def systems_cmd() -> None:
+def systems_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of the tables."),
+) -> None:
     """The serving systems tokprof knows (tokprof/data/systems.json): GPU, scale-up domain, links, price, power."""
     from tokprof.rollup.systems import load_systems
+
+    out_console = quiet_console() if as_json else console
 
     table = Table(title="serving systems (per GPU; GB/s per direction)")
     for col in ("system", "gpu", "domain", "scale-up", "scale-out", "$/GPU-h", "kW all-in"):
@@ -67,8 +71,12 @@ def systems_cmd() -> None:
                      "usd_per_gpu_hour": s.usd_per_gpu_hour, "price_source": s.price_source,
                      "all_in_kw_per_gpu": s.all_in_kw_per_gpu, "power_source": s.power_source,
                      "scale_up_source": s.scale_up.source, "scale_out_source": s.scale_out.source})
-    print_wide(table)
-    print(json.dumps({"command": "systems", "systems": rows}))
+    out_console.print(table)
+    for s in load_systems().values():
+        out_console.print(f"[dim]{escape(s.key)}: scale-up {escape(s.scale_up.source)}; scale-out "
+                          f"{escape(s.scale_out.source)}; price {escape(s.price_source)}[/]")
+    if as_json:
+        print(json.dumps({"command": "systems", "systems": rows}))
 
 
 @app.command()
@@ -85,6 +93,7 @@ def curve(
                                     "frontier."),
     run: str | None = typer.Option(None, "--run", help="A measured RunResult of this system's GPU: its kernels' "
                                    "efficiency curves anchor the curve (labelled projected)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of the tables."),
 ) -> None:
     """Output tokens/s per GPU vs tokens/s per user for a model on a system: every serving configuration searched
     (TP, EP, DP attention, MTP, aggregated or disaggregated, capacity), the Pareto frontier, $/M and tokens/s per MW."""
@@ -93,6 +102,7 @@ def curve(
     from tokprof.rollup.systems_report import curve_markdown, curve_png
 
     check_output("--report", report, folder=True)
+    out_console = quiet_console() if as_json else console
     feats = _features(no_disagg, mtp, max_gpus)
     try:
         shape, shape_source = shape_for(model)
@@ -112,11 +122,11 @@ def curve(
                       f"{p.output_tokens_per_s_per_decode_gpu:,.0f}",
                       "-" if p.usd_per_million_tokens is None else f"{p.usd_per_million_tokens:.3f}",
                       "-" if p.tokens_per_s_per_mw is None else f"{p.tokens_per_s_per_mw:,.0f}", p.a2a_link)
-    print_wide(table)
-    console.print(f"[dim]every figure {c.provenance}; tokens/s per GPU 'all' counts the prefill pool, 'per decode "
+    out_console.print(table)
+    out_console.print(f"[dim]every figure {c.provenance}; tokens/s per GPU 'all' counts the prefill pool, 'per decode "
                   f"GPU' does not; model: {escape(shape_source)}[/]")
     for k, v in c.sources.items():
-        console.print(f"[dim]{escape(k)}: {escape(v)}[/]")
+        out_console.print(f"[dim]{escape(k)}: {escape(v)}[/]")
     out = {"command": "curve", **c.to_dict(all_points=all_points), "model_source": shape_source}
     if report is not None:
         report.mkdir(parents=True, exist_ok=True)
@@ -124,8 +134,9 @@ def curve(
         (report / f"curve-{c.system}-{_slug(c.workload)}.md").write_text(
             "\n".join(curve_markdown(c, png)) + "\n")
         out["report"] = str(report)
-        console.print(f"report: {escape(str(report))}")
-    print(json.dumps(out))
+        out_console.print(f"report: {escape(str(report))}")
+    if as_json:
+        print(json.dumps(out))
 
 
 @app.command("compare-systems")
@@ -142,6 +153,7 @@ def compare_systems_cmd(
     report: Path | None = typer.Option(None, "--report", help="Folder for the waterfall PNG and markdown."),  # noqa: B008
     a_run: str | None = typer.Option(None, "--a-run", help="A measured RunResult of A's GPU anchoring A's curve."),
     b_run: str | None = typer.Option(None, "--b-run", help="A measured RunResult of B's GPU anchoring B's curve."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of the tables."),
 ) -> None:
     """Iso-interactivity comparison of two systems: each one's best tokens/s per GPU, $/M and tokens/s per MW at the
     stated tokens/s per user, the ratio, and the ratio decomposed into factors (a waterfall)."""
@@ -151,6 +163,7 @@ def compare_systems_cmd(
     from tokprof.rollup.systems_report import comparison_markdown, waterfall_png
 
     check_output("--report", report, folder=True)
+    out_console = quiet_console() if as_json else console
     if not interactivity > 0:
         fail(f"--interactivity: expected a positive number of tokens/s per user, got {interactivity}")
     sa = _scenario(a, _features(a_no_disagg, a_mtp, 72), "--a", a_run)
@@ -162,10 +175,10 @@ def compare_systems_cmd(
         fail(str(err))
     for s in (cmp.a, cmp.b):
         if s["best"]:
-            console.print(f"{escape(s['system'])} {s['precision']} ({s['provenance']}): {escape(s['best']['label'])}"
-                          f" {s['output_tokens_per_s_per_gpu']:,.0f} tokens/s per GPU")
+            out_console.print(f"{escape(s['system'])} {s['precision']} ({s['provenance']}): "
+                              f"{escape(s['best']['label'])} {s['output_tokens_per_s_per_gpu']:,.0f} tokens/s per GPU")
         else:
-            console.print(f"[yellow]{escape(s['reason'])}[/]")
+            out_console.print(f"[yellow]{escape(s['reason'])}[/]")
     table = Table(title=f"factors of {cmp.ratio:.2f}x" if cmp.ratio else "factors (no ratio)")
     for col in ("factor", "x (order)", "x (reverse)", "x (Shapley)"):
         table.add_column(col, justify="left" if col == "factor" else "right")
@@ -174,16 +187,18 @@ def compare_systems_cmd(
     ex = lambda v: "-" if v is None else f"{math.exp(v):.3f}"  # noqa: E731
     for s in cmp.steps:
         table.add_row(s.name, ex(s.log_ratio), ex(s.reverse_log_ratio), ex(s.shapley_log_ratio))
-    print_wide(table)
+    out_console.print(table)
     for n in cmp.notes:
-        console.print(f"[dim]{escape(n)}[/]")
+        out_console.print(f"[dim]{escape(n)}[/]")
     out = {"command": "compare-systems", **cmp.to_dict()}
     if report is not None:
         report.mkdir(parents=True, exist_ok=True)
         png = waterfall_png(cmp, str(report / "waterfall.png"))
         (report / "compare-systems.md").write_text("\n".join(comparison_markdown(cmp, png)) + "\n")
         out["report"] = str(report)
-    print(json.dumps(out))
+        out_console.print(f"report: {escape(str(report))}")
+    if as_json:
+        print(json.dumps(out))
 
 
 def published_systems(report: str | None) -> dict:
