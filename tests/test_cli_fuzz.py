@@ -41,7 +41,8 @@ def _no_measurement(tmp_path, monkeypatch):
     for target in ("tokprof.profiler.timing.measure", "tokprof.profiler.ceilings.measure_ceilings",
                    "tokprof.runner.run_main", "tokprof.models.e2e_command.run_e2e",
                    "tokprof.profiler.energy.record_trace", "tokprof.profiler.collectives.bench_collectives",
-                   "tokprof.profiler.bench.bench_calls", "tokprof.serving.bench.run_bench"):
+                   "tokprof.profiler.bench.bench_calls", "tokprof.serving.bench.run_bench",
+                   "tokprof.rollup.systems_report.reproduce_published"):  # published --systems: ~40 s of curves
         monkeypatch.setattr(target, _stop, raising=False)  # raising=False: an entry point another branch removed
 
 
