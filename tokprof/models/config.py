@@ -97,7 +97,7 @@ class ModelConfig:
             raise ValueError(f"architecture: expected one of {sorted(SUPPORTED_ARCHITECTURES.values())}, "
                              f"got {self.architecture!r}")
         if self.rope_scaling is not None:
-            _check_rope_scaling(self.rope_scaling)
+            _check_rope_scaling(self.rope_scaling, self.architecture)
         from tokprof.models.config_moe import check_moe_fields
 
         check_moe_fields(self)
@@ -279,11 +279,11 @@ class ModelConfig:
         return _from_hf_dict(config, name or "hf-model", source)
 
 
-def _check_rope_scaling(scaling: Mapping[str, Any]) -> None:
+def _check_rope_scaling(scaling: Mapping[str, Any], architecture: str = "llama") -> None:
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "default":
         return
-    if kind == "yarn":
+    if kind == "yarn" and architecture in ("deepseek_v3", "gpt_oss"):  # the families whose YaRN tokprof follows
         for key in ("factor", "original_max_position_embeddings"):
             if key not in scaling:
                 raise ValueError(f"rope_scaling.{key}: missing from the yarn rope scaling {dict(scaling)}")
