@@ -14,7 +14,7 @@ from tokprof.kernels._common import BACKENDS, DTYPES, Op, dtype_name, parse_dtyp
 
 # Ops in decode-step order; each module defines the public function of the same name and an `OP` record.
 _OP_MODULES = ("embedding", "rms_norm", "linear", "rope", "append_kv", "decode_attention", "prefill_attention",
-               "swiglu", "greedy_sample")
+               "swiglu", "greedy_sample", "batched_linear")
 
 OPS: dict[str, Op] = {}
 for _name in _OP_MODULES:
@@ -40,6 +40,7 @@ __all__ = [
     "Op",
     "append_kv",
     "available_backends",
+    "batched_linear",
     "decode_attention",
     "dtype_name",
     "embedding",
