@@ -49,3 +49,27 @@ def test_cost_and_bad_input():
         batched_linear(x, torch.zeros(3, 5, 6), backend="torch")
     with pytest.raises(ValueError, match="x: expected a contiguous last dimension"):
         batched_linear(torch.zeros(2, 7, 3).transpose(1, 2), torch.zeros(3, 5, 7), backend="torch")
+
+
+# ------------------------------------------------------------------------------ append_mla_kv (MLA's cache write)
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
+def test_append_mla_kv_writes_rows_at_scattered_slots(backend):
+    from tokprof.kernels import append_mla_kv
+
+    device = "cpu" if backend == "torch" else TRITON_DEVICE
+    gen = torch.Generator().manual_seed(3)
+    t, lat, r, blocks, bs = 5, 40, 8, 4, 4
+    fused = torch.randn(t, lat + 3 + r, generator=gen)  # row slices of one projection output, as the model has
+    latent, k_rope = fused[:, :lat], fused[:, lat + 3:]
+    cache = torch.randn(blocks, bs, lat + r, generator=gen)
+    slots = torch.tensor([13, 0, 7, 4, 15])
+    want = cache.clone().view(-1, lat + r)
+    want[slots] = torch.cat([latent, k_rope], dim=1)
+    got = cache.to(device)
+    append_mla_kv(latent.to(device), k_rope.to(device), got, slots.to(device), backend=backend)
+    assert torch.equal(got.cpu().view(-1, lat + r), want)
+    with pytest.raises(ValueError, match="slot_mapping: expected slots in"):
+        append_mla_kv(latent, k_rope, cache, torch.tensor([0, 1, 2, 3, 16]), backend="torch")
+    with pytest.raises(ValueError, match="kv_cache: expected shape"):
+        append_mla_kv(latent, k_rope, torch.zeros(2, 4, lat), slots, backend="torch")

@@ -14,7 +14,7 @@ from tokprof.kernels._common import BACKENDS, DTYPES, Op, dtype_name, parse_dtyp
 
 # Ops in decode-step order; each module defines the public function of the same name and an `OP` record.
 _OP_MODULES = ("embedding", "rms_norm", "linear", "rope", "append_kv", "decode_attention", "prefill_attention",
-               "swiglu", "greedy_sample", "batched_linear")
+               "swiglu", "greedy_sample", "batched_linear", "append_mla_kv")
 
 OPS: dict[str, Op] = {}
 for _name in _OP_MODULES:
@@ -39,6 +39,7 @@ __all__ = [
     "OPS",
     "Op",
     "append_kv",
+    "append_mla_kv",
     "available_backends",
     "batched_linear",
     "decode_attention",
