@@ -158,14 +158,29 @@ def _head_calls(b: PlanBuilder, config: ModelConfig, rows: int) -> None:
     b.add("greedy_sample", "sample", 1, B=rows, V=config.vocab_size)
 
 
+def _is_moe_family(config: ModelConfig) -> bool:
+    return config.is_moe or config.is_mla or bool(config.layer_types) or config.attention_sinks
+
+
 def decode_plan(config: ModelConfig, batch: int, context: int, dtype: str | torch.dtype, tp: int = 1,
-                block_size: int = DEFAULT_BLOCK_SIZE) -> list[KernelCall]:
+                block_size: int = DEFAULT_BLOCK_SIZE, *, routing: Any = None) -> list[KernelCall]:
     """The kernel calls of one decode step: `batch` sequences each attending `context` KV tokens (the new one
     included), in step order, deduplicated.
 
     tp > 1: the calls of ONE GPU of `tp` (tokprof.models.tp.tp_decode_calls), its collectives included; ValueError
-    when the model does not shard evenly over `tp` GPUs."""
+    when the model does not shard evenly over `tp` GPUs.
+    MoE / MLA / sliding-window models: tokprof.models.plan_moe (single GPU); `routing` a measured
+    plan_moe.RoutingCounts, else uniform routing decides how many experts fused_moe reads."""
     _check_args(config, batch, context, "context", tp, block_size, tp_supported=True)
+    if _is_moe_family(config):
+        from tokprof.models import plan_moe
+
+        plan_moe.check_supported(config, tp)
+        b = PlanBuilder(dtype_name(parse_dtype(dtype)))
+        b.add("embedding", "embedding", 1, T=batch, V=config.vocab_size, H=config.hidden_size)
+        plan_moe.moe_decode_calls(b, config, batch, context, block_size, routing)
+        _head_calls(b, config, batch)
+        return b.plan()
     if tp > 1:
         from tokprof.models.tp import tp_decode_calls  # tp.py builds on this module: imported when asked for
 
@@ -180,7 +195,7 @@ def decode_plan(config: ModelConfig, batch: int, context: int, dtype: str | torc
 
 
 def prefill_plan(config: ModelConfig, batch: int, prompt_len: int, dtype: str | torch.dtype, tp: int = 1,
-                 block_size: int = DEFAULT_BLOCK_SIZE) -> list[KernelCall]:
+                 block_size: int = DEFAULT_BLOCK_SIZE, *, routing: Any = None) -> list[KernelCall]:
     """The kernel calls of prefilling `batch` prompts of `prompt_len` tokens each, deduplicated.
 
     Every prompt token runs through the layers (T = batch * prompt_len); only the last position of each sequence
@@ -190,6 +205,12 @@ def prefill_plan(config: ModelConfig, batch: int, prompt_len: int, dtype: str | 
     tokens = batch * prompt_len
     b = PlanBuilder(dtype_name(parse_dtype(dtype)))
     b.add("embedding", "embedding", 1, T=tokens, V=config.vocab_size, H=config.hidden_size)
+    if _is_moe_family(config):
+        from tokprof.models import plan_moe
+
+        plan_moe.moe_prefill_calls(b, config, batch, prompt_len, block_size, routing)
+        _head_calls(b, config, batch)
+        return b.plan()
     attention = ("prefill_attention", {"B": batch, "Hq": config.num_heads, "Hkv": config.num_kv_heads,
                                        "S": prompt_len, "D": config.head_dim, "causal": 1})
     _layer_calls(b, config, tokens, attention, batch * cdiv(prompt_len, block_size), block_size)
