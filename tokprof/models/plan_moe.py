@@ -90,7 +90,8 @@ def experts_touched(config: ModelConfig, moe_layer: int, tokens: int, routing: R
 
 # ------------------------------------------------------------------------------------------------------ the layers
 
-def _standard_attention(b: PlanBuilder, c: ModelConfig, layer: int, tokens: int, context: int, kv_blocks: int, block_size: int, prefill: tuple[int, int] | None) -> None:
+def _standard_attention(b: PlanBuilder, c: ModelConfig, layer: int, tokens: int, context: int, kv_blocks: int,
+                        block_size: int, prefill: tuple[int, int] | None) -> None:
     h, d, hq, hkv = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads
     b.add("linear", "qkv_proj", 1, M=tokens, N=c.q_size + 2 * c.kv_size, K=h)
     if c.qk_norm:
