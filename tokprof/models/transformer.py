@@ -1,4 +1,5 @@
-"""A runnable Llama / Qwen3 decoder built only from tokprof's kernels, with a paged KV cache and greedy decoding.
+"""A runnable Llama / Qwen3 / Qwen3-MoE / DeepSeek-V3 decoder built only from tokprof's kernels, with a paged KV
+cache and greedy decoding (MoE blocks and MLA attention in tokprof.models.moe_layer).
 
     model = Transformer.from_pretrained("path/to/hf_dir", device="cuda", dtype=torch.bfloat16, backend="triton")
     model = Transformer.random(ModelConfig.from_name("llama-3.1-8b"), device="cuda", dtype=torch.bfloat16, seed=0)
@@ -43,7 +44,17 @@ from tokprof.kernels._common import check_backend, parse_dtype, skip_value_check
 from tokprof.models.config import ModelConfig
 from tokprof.models.kv_cache import PagedKVCache
 from tokprof.models.loader import LayerWeights, ModelWeights, load_pretrained
+from tokprof.models.loader_moe import moe_weight_tensors, random_mla, random_moe
+from tokprof.models.moe_layer import (
+    MLAAttend,
+    SharedExperts,
+    mla_attention,
+    mla_decode_attend,
+    mla_prefill_attend,
+    moe_mlp,
+)
 from tokprof.models.plan import DEFAULT_BLOCK_SIZE  # the plans' page size: both sides measure the same calls
+from tokprof.models.plan_moe import RoutingCounts
 from tokprof.profiler.timing import restore_stream
 
 # Prefill runs in sub-batches of whole prompts of at most this many tokens, so that activations stay small
@@ -90,6 +101,14 @@ class Transformer:
         self._decode_checked = False  # whether a decode step of this batch ran with the value checks
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_out: tuple[torch.Tensor, torch.Tensor] | None = None
+        if config.architecture not in ("llama", "qwen3", "qwen3_moe", "deepseek_v3"):
+            raise ValueError(f"config: tokprof's Transformer runs llama, qwen3, qwen3_moe and deepseek_v3, not "
+                             f"{config.architecture} yet (its config and plans exist)")
+        self._shared = SharedExperts(config, self.device)
+        # Routing histogram of a real run (record_routing=True): per MoE layer, tokens per expert, on the device.
+        self.record_routing = False
+        self._routing: list[torch.Tensor] = []
+        self._routed_tokens = 0
 
     # ------------------------------------------------------------------------------------------------ construction
 
@@ -123,14 +142,16 @@ class Transformer:
         c = config
         layers = [LayerWeights(
             input_norm=norm_weight(c.hidden_size),
-            qkv=normal(c.q_size + 2 * c.kv_size, c.hidden_size),
-            o=normal(c.hidden_size, c.q_size),
+            qkv=None if c.is_mla else normal(c.q_size + 2 * c.kv_size, c.hidden_size),
+            o=None if c.is_mla else normal(c.hidden_size, c.q_size),
             post_norm=norm_weight(c.hidden_size),
-            gate_up=normal(2 * c.intermediate_size, c.hidden_size),
-            down=normal(c.hidden_size, c.intermediate_size),
+            gate_up=None if c.is_moe_layer(i) else normal(2 * c.intermediate_size, c.hidden_size),
+            down=None if c.is_moe_layer(i) else normal(c.hidden_size, c.intermediate_size),
             q_norm=norm_weight(c.head_dim) if c.qk_norm else None,
             k_norm=norm_weight(c.head_dim) if c.qk_norm else None,
-        ) for _ in range(c.num_layers)]
+            mla=random_mla(c, normal, norm_weight) if c.is_mla else None,
+            moe=random_moe(c, normal) if c.is_moe_layer(i) else None,
+        ) for i in range(c.num_layers)]
         embed = normal(c.vocab_size, c.hidden_size)
         lm_head = embed if c.tie_word_embeddings else normal(c.vocab_size, c.hidden_size)
         weights = ModelWeights(embed=embed, layers=layers, final_norm=norm_weight(c.hidden_size), lm_head=lm_head)
@@ -143,20 +164,41 @@ class Transformer:
         for lw in w.layers:
             tensors += [t for t in (lw.input_norm, lw.qkv, lw.o, lw.post_norm, lw.gate_up, lw.down, lw.q_norm,
                                     lw.k_norm) if t is not None]
+            tensors += moe_weight_tensors(lw.mla) + moe_weight_tensors(lw.moe)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # ----------------------------------------------------------------------------------------------- the layers
 
     def _layer(self, index: int, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-               slots: torch.Tensor, attend: Attend) -> tuple[torch.Tensor, torch.Tensor]:
+               slots: torch.Tensor, attend: Attend, attend_mla: MLAAttend | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoder layer over T tokens: x (T, H), residual (T, H) or None (layer 0) -> (x, residual) (T, H)."""
         cfg, w, be = self.config, self.weights.layers[index], self.backend
-        eps, hq, hkv, d = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        eps = cfg.rms_norm_eps
         if residual is None:  # layer 0: the embedding output starts the residual stream
             h = rms_norm(x, w.input_norm, eps=eps, backend=be)
             residual = x
         else:
             h, residual = rms_norm(x, w.input_norm, eps=eps, residual=residual, backend=be)
+        if w.mla is not None:
+            o = mla_attention(cfg, w.mla, h, positions, self.inv_freq, eps, attend_mla, be)  # (T, H)
+        else:
+            o = self._attention(index, h, positions, slots, attend)
+        h, residual = rms_norm(o, w.post_norm, eps=eps, residual=residual, backend=be)
+        if w.moe is not None:
+            x, ids = moe_mlp(cfg, w.moe, h, self._shared, be)  # (T, H)
+            if self.record_routing:
+                self._record(index, ids)
+            return x, residual
+        gate_up = linear(h, w.gate_up, backend=be)  # (T, 2*I)
+        x = linear(swiglu(gate_up, backend=be), w.down, backend=be)  # (T, H)
+        return x, residual
+
+    def _attention(self, index: int, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                   attend: Attend) -> torch.Tensor:
+        """Standard attention (fused QKV, q/k norm, RoPE, KV append, attention, O): h (T, H) -> (T, H)."""
+        cfg, w, be = self.config, self.weights.layers[index], self.backend
+        eps, hq, hkv, d = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qkv = linear(h, w.qkv, backend=be)  # (T, q_size + 2*kv_size)
         t = qkv.shape[0]
         q_size, kv_size = cfg.q_size, cfg.kv_size
@@ -170,11 +212,22 @@ class Transformer:
         q, k = rope(q, k, positions, inv_freq=self.inv_freq, backend=be)  # (T, Hq, D), (T, Hkv, D)
         append_kv(k, v, self.cache.k[index], self.cache.v[index], slots, backend=be)
         attn = attend(index, q, k, v)  # (T, q_size)
-        o = linear(attn, w.o, backend=be)  # (T, H)
-        h, residual = rms_norm(o, w.post_norm, eps=eps, residual=residual, backend=be)
-        gate_up = linear(h, w.gate_up, backend=be)  # (T, 2*I)
-        x = linear(swiglu(gate_up, backend=be), w.down, backend=be)  # (T, H)
-        return x, residual
+        return linear(attn, w.o, backend=be)  # (T, H)
+
+    def _record(self, index: int, ids: torch.Tensor) -> None:
+        """Add the tokens per expert of MoE layer `index` to the routing histogram (device ops, no host sync)."""
+        moe_index = sum(1 for i in range(index) if self.weights.layers[i].moe is not None)
+        if len(self._routing) <= moe_index:
+            self._routing.append(torch.zeros(self.config.num_experts, dtype=torch.int64, device=self.device))
+        self._routing[moe_index] += torch.bincount(ids.reshape(-1).long(), minlength=self.config.num_experts)
+        if moe_index == 0:
+            self._routed_tokens += ids.shape[0]
+
+    def routing_counts(self) -> RoutingCounts:
+        """The routing histogram recorded since record_routing was set (tokprof.models.plan_moe.RoutingCounts)."""
+        if not self._routing or self._routed_tokens == 0:
+            raise RuntimeError("routing_counts: nothing recorded; set model.record_routing = True and run the model")
+        return RoutingCounts(counts=[r.tolist() for r in self._routing], tokens=self._routed_tokens)
 
     def _head(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final norm, LM head and greedy sampling: x, residual (B, H) -> (tokens (B,) int64, logits (B, V))."""
@@ -247,7 +300,9 @@ class Transformer:
         x = embedding(ids.reshape(-1), self.weights.embed, backend=self.backend)  # (b*S, H)
         residual = None
         for index in range(cfg.num_layers):
-            x, residual = self._layer(index, x, residual, positions, slots, attend)
+            attend_mla = (mla_prefill_attend(self._latent_cache(index), slots, b, s, cfg, self.backend)
+                          if cfg.is_mla else None)
+            x, residual = self._layer(index, x, residual, positions, slots, attend, attend_mla)
         # Only the last position of each prompt needs logits.
         x_last = x.view(b, s, -1)[:, -1].contiguous()  # (b, H)
         res_last = residual.view(b, s, -1)[:, -1].contiguous()
@@ -267,7 +322,9 @@ class Transformer:
         x = embedding(self._tokens, self.weights.embed, backend=self.backend)  # (B, H)
         residual = None
         for index in range(self.config.num_layers):
-            x, residual = self._layer(index, x, residual, self._positions, self._slots, attend)
+            attend_mla = (mla_decode_attend(self._latent_cache(index), cache.block_table, self._seq_lens, self._slots,
+                                            self.config, self.backend) if self.config.is_mla else None)
+            x, residual = self._layer(index, x, residual, self._positions, self._slots, attend, attend_mla)
         tokens, logits = self._head(x, residual)  # (B,) int64, (B, V)
         # Bookkeeping for the next step (4 small kernels, outside the plan): all on the device.
         self._tokens.copy_(tokens)
@@ -325,16 +382,24 @@ class Transformer:
         self._slots.copy_(snap.slots)
         self._steps_left = snap.steps_left
 
+    def _latent_cache(self, index: int) -> torch.Tensor:
+        """MLA: layer `index`'s latent cache (num_blocks, block_size, kv_lora_rank + qk_rope_head_dim), a view."""
+        k = self.cache.k[index]
+        return k.view(k.shape[0], k.shape[1], k.shape[3])
+
     def reserve_cache(self, batch: int, max_tokens: int) -> None:
         """Have a KV cache for `batch` sequences of up to `max_tokens` tokens: the one there if it fits (and is not
         over twice the size), else a new zero-filled one. `prefill` calls it; call it first to keep the allocation
         out of a timed prefill (a server allocates its KV cache once, at start-up)."""
         if self.cache is None or not self.cache.fits(batch, max_tokens) or self.cache.capacity_tokens > 2 * max_tokens:
             self.cache = None  # free the old pages before taking new ones
+            c = self.config
+            mla = c.is_mla  # one latent row per token, no separate values
             self.cache = PagedKVCache.allocate(
-                num_layers=self.config.num_layers, batch=batch, max_tokens=max_tokens,
-                num_kv_heads=self.config.num_kv_heads, head_dim=self.config.head_dim, dtype=self.dtype,
-                device=self.device, block_size=self.block_size)
+                num_layers=c.num_layers, batch=batch, max_tokens=max_tokens,
+                num_kv_heads=1 if mla else c.num_kv_heads,
+                head_dim=c.kv_lora_rank + c.qk_rope_head_dim if mla else c.head_dim, dtype=self.dtype,
+                device=self.device, block_size=self.block_size, values=not mla)
 
     def free_cache(self) -> None:
         """Give the KV cache and the decode state back (the weights stay)."""

@@ -1,0 +1,157 @@
+"""Weights of the MoE / MLA families in tokprof's layout: the Hugging Face tensor names and shapes to expect, and the
+fusing and reordering done at load time (tokprof.models.loader calls these for Qwen3-MoE and DeepSeek-V3).
+
+Layout (what the decode step reads):
+- routed experts stacked: gate_up (E', 2I, H) = [gate | up] rows, down (E', H, I); E' = num_experts plus
+  n_shared_experts, the shared expert (width n_shared * I) split into n_shared experts of width I that every token
+  takes with weight 1 (silu(gate) * up is column-wise, so the split is exact);
+- MLA: q_b's output rows regrouped as [every head's no-RoPE dims | every head's RoPE dims], so q_nope and q_rope are
+  (T, H, d) views with contiguous heads; kv_a_proj_with_mqa split into the latent rows (kv_a) and the RoPE rows
+  (k_rope); kv_b_proj split per head into W_UK^T (H, L, nope) and W_UV (H, v, L) for the absorbed form.
+- DeepSeek applies RoPE to interleaved pairs (x0, x1), (x2, x3), ... (config rope_interleave, default true);
+  transformers computes it as rotate-half on the de-interleaved vector [x0, x2, ..., x1, x3, ...]. Permuting the RoPE
+  output rows of q_b and k_rope to that order at load makes tokprof's rotate-half kernel give the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokprof.models.config import ModelConfig
+
+
+@dataclass
+class MLAWeights:
+    q_a: torch.Tensor | None  # (q_lora_rank, H); None without q_lora_rank
+    q_a_norm: torch.Tensor | None  # (q_lora_rank,)
+    q_b: torch.Tensor  # (heads * (nope + R), q_lora_rank or H): [all heads' nope rows | all heads' rope rows]
+    kv_a: torch.Tensor  # (L, H): the latent rows of kv_a_proj_with_mqa
+    k_rope: torch.Tensor  # (R, H): its RoPE rows (de-interleaved)
+    kv_a_norm: torch.Tensor  # (L,)
+    w_uk: torch.Tensor  # (heads, L, nope): W_UK^T, q_latent[h] = w_uk[h] @ q_nope[h]
+    w_uv: torch.Tensor  # (heads, v, L): out[h] = w_uv[h] @ latent_out[h]
+    o: torch.Tensor  # (H, heads * v)
+
+
+@dataclass
+class MoEWeights:
+    router: torch.Tensor  # (E, H)
+    gate_up: torch.Tensor  # (E + n_shared, 2I, H)
+    down: torch.Tensor  # (E + n_shared, H, I)
+    score_bias: torch.Tensor | None = None  # (E,) float32: DeepSeek's e_score_correction_bias (selection only)
+
+
+def _deinterleave(r: int) -> torch.Tensor:
+    return torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2)])
+
+
+def hf_moe_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Hugging Face tensor name -> shape of the per-layer tensors of a Qwen3-MoE or DeepSeek-V3 checkpoint."""
+    h = cfg.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in range(cfg.num_layers):
+        p = f"model.layers.{layer}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        a = p + "self_attn."
+        if cfg.is_mla:
+            heads, lat, r = cfg.num_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+            qk = cfg.qk_nope_head_dim + r
+            if cfg.q_lora_rank:
+                shapes.update({a + "q_a_proj.weight": (cfg.q_lora_rank, h),
+                               a + "q_a_layernorm.weight": (cfg.q_lora_rank,),
+                               a + "q_b_proj.weight": (heads * qk, cfg.q_lora_rank)})
+            else:
+                shapes[a + "q_proj.weight"] = (heads * qk, h)
+            shapes.update({a + "kv_a_proj_with_mqa.weight": (lat + r, h), a + "kv_a_layernorm.weight": (lat,),
+                           a + "kv_b_proj.weight": (heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), lat),
+                           a + "o_proj.weight": (h, heads * cfg.v_head_dim)})
+        else:
+            shapes.update({a + "q_proj.weight": (cfg.q_size, h), a + "k_proj.weight": (cfg.kv_size, h),
+                           a + "v_proj.weight": (cfg.kv_size, h), a + "o_proj.weight": (h, cfg.q_size)})
+            if cfg.qk_norm:
+                shapes[a + "q_norm.weight"] = (cfg.head_dim,)
+                shapes[a + "k_norm.weight"] = (cfg.head_dim,)
+        m = p + "mlp."
+        if not cfg.is_moe_layer(layer):
+            i = cfg.intermediate_size
+            shapes.update({m + "gate_proj.weight": (i, h), m + "up_proj.weight": (i, h),
+                           m + "down_proj.weight": (h, i)})
+            continue
+        i = cfg.moe_intermediate_size
+        shapes[m + "gate.weight"] = (cfg.num_experts, h)
+        if cfg.architecture == "deepseek_v3":
+            shapes[m + "gate.e_score_correction_bias"] = (cfg.num_experts,)
+        for e in range(cfg.num_experts):
+            x = f"{m}experts.{e}."
+            shapes.update({x + "gate_proj.weight": (i, h), x + "up_proj.weight": (i, h),
+                           x + "down_proj.weight": (h, i)})
+        if cfg.n_shared_experts:
+            s = i * cfg.n_shared_experts
+            shapes.update({m + "shared_experts.gate_proj.weight": (s, h), m + "shared_experts.up_proj.weight": (s, h),
+                           m + "shared_experts.down_proj.weight": (h, s)})
+    return shapes
+
+
+def fuse_mla(cfg: ModelConfig, flat: dict[str, torch.Tensor], prefix: str, interleaved: bool) -> MLAWeights:
+    """MLA weights of one layer from its Hugging Face tensors (popped from `flat`)."""
+    heads, lat, r = cfg.num_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    nope, v = cfg.qk_nope_head_dim, cfg.v_head_dim
+    perm = _deinterleave(r) if interleaved else torch.arange(r)
+    q_b = flat.pop(prefix + ("q_b_proj.weight" if cfg.q_lora_rank else "q_proj.weight"))
+    q_b = q_b.view(heads, nope + r, -1)
+    q_b = torch.cat([q_b[:, :nope].reshape(heads * nope, -1),
+                     q_b[:, nope:][:, perm.to(q_b.device)].reshape(heads * r, -1)], dim=0)
+    kv_a = flat.pop(prefix + "kv_a_proj_with_mqa.weight")
+    kv_b = flat.pop(prefix + "kv_b_proj.weight").view(heads, nope + v, lat)
+    return MLAWeights(
+        q_a=flat.pop(prefix + "q_a_proj.weight", None), q_a_norm=flat.pop(prefix + "q_a_layernorm.weight", None),
+        q_b=q_b.contiguous(), kv_a=kv_a[:lat].contiguous(), k_rope=kv_a[lat:][perm.to(kv_a.device)].contiguous(),
+        kv_a_norm=flat.pop(prefix + "kv_a_layernorm.weight"),
+        w_uk=kv_b[:, :nope].transpose(1, 2).contiguous(), w_uv=kv_b[:, nope:].contiguous(),
+        o=flat.pop(prefix + "o_proj.weight").contiguous())
+
+
+def fuse_moe(cfg: ModelConfig, flat: dict[str, torch.Tensor], prefix: str) -> MoEWeights:
+    """Stacked expert weights of one MoE layer (routed, then the shared experts split to width I)."""
+    i = cfg.moe_intermediate_size
+    gate_up, down = [], []
+    for e in range(cfg.num_experts):
+        x = f"{prefix}experts.{e}."
+        gate_up.append(torch.cat([flat.pop(x + "gate_proj.weight"), flat.pop(x + "up_proj.weight")], dim=0))
+        down.append(flat.pop(x + "down_proj.weight"))
+    if cfg.n_shared_experts:
+        x = prefix + "shared_experts."
+        g, u, d = (flat.pop(x + n + "_proj.weight") for n in ("gate", "up", "down"))
+        for j in range(cfg.n_shared_experts):
+            cols = slice(j * i, (j + 1) * i)
+            gate_up.append(torch.cat([g[cols], u[cols]], dim=0))
+            down.append(d[:, cols])
+    bias = flat.pop(prefix + "gate.e_score_correction_bias", None)
+    return MoEWeights(router=flat.pop(prefix + "gate.weight").contiguous(), gate_up=torch.stack(gate_up),
+                      down=torch.stack(down), score_bias=None if bias is None else bias.float())
+
+
+def random_mla(cfg: ModelConfig, normal, norm_weight) -> MLAWeights:  # noqa: ANN001 - the Transformer's samplers
+    heads, lat, r, h = cfg.num_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.hidden_size
+    nope, v = cfg.qk_nope_head_dim, cfg.v_head_dim
+    qr = cfg.q_lora_rank
+    return MLAWeights(q_a=normal(qr, h) if qr else None, q_a_norm=norm_weight(qr) if qr else None,
+                      q_b=normal(heads * (nope + r), qr or h), kv_a=normal(lat, h), k_rope=normal(r, h),
+                      kv_a_norm=norm_weight(lat), w_uk=normal(heads, lat, nope), w_uv=normal(heads, v, lat),
+                      o=normal(h, heads * v))
+
+
+def random_moe(cfg: ModelConfig, normal) -> MoEWeights:  # noqa: ANN001
+    e, h, i = cfg.num_experts + cfg.n_shared_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    bias = normal(cfg.num_experts).float() if cfg.architecture == "deepseek_v3" else None
+    return MoEWeights(router=normal(cfg.num_experts, h), gate_up=normal(e, 2 * i, h), down=normal(e, h, i),
+                      score_bias=bias)
+
+
+def moe_weight_tensors(w: MLAWeights | MoEWeights | None) -> list[torch.Tensor]:
+    if w is None:
+        return []
+    return [t for t in vars(w).values() if isinstance(t, torch.Tensor)]
