@@ -13,8 +13,9 @@ import torch
 from tokprof.kernels._common import BACKENDS, DTYPES, Op, dtype_name, parse_dtype
 
 # Ops in decode-step order; each module defines the public function of the same name and an `OP` record.
-_OP_MODULES = ("embedding", "rms_norm", "linear", "rope", "append_kv", "decode_attention", "prefill_attention",
-               "swiglu", "greedy_sample", "batched_linear", "append_mla_kv")
+_OP_MODULES = ("embedding", "rms_norm", "linear", "rope", "append_kv", "append_mla_kv", "decode_attention",
+               "mla_decode_attention", "prefill_attention", "mla_prefill_attention", "batched_linear", "swiglu",
+               "moe_router", "fused_moe", "greedy_sample")
 
 OPS: dict[str, Op] = {}
 for _name in _OP_MODULES:
@@ -45,8 +46,12 @@ __all__ = [
     "decode_attention",
     "dtype_name",
     "embedding",
+    "fused_moe",
     "greedy_sample",
     "linear",
+    "mla_decode_attention",
+    "mla_prefill_attention",
+    "moe_router",
     "parse_dtype",
     "prefill_attention",
     "rms_norm",

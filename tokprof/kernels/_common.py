@@ -116,6 +116,17 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def check_sinks_and_window(sinks: Any, sliding_window: Any, num_q_heads: int, device: torch.device) -> None:
+    """gpt-oss's attention extras: sinks (Hq,) float, one logit per query head that joins the softmax denominator;
+    sliding_window a positive int (attend to the last `sliding_window` positions, the current one included)."""
+    if sinks is not None:
+        check_tensor("sinks", sinks, shape=(num_q_heads,), dtypes=FLOAT_DTYPES, contiguous=True, device=device)
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                       or sliding_window < 1):
+        raise ValueError(f"sliding_window: expected None or a positive int (positions attended, the current one "
+                         f"included), got {sliding_window!r}")
+
+
 def check_backend(backend: Any) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")

@@ -35,6 +35,7 @@ from tokprof.kernels._common import (
     cdiv,
     check_same_device,
     check_same_dtype,
+    check_sinks_and_window,
     check_tensor,
     dtype_bytes,
     make_generator,
@@ -65,16 +66,21 @@ SPLIT_GRANULARITY_CUDA = 64  # a multiple of every CUDA instance's tokens-per-st
 
 
 def _decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                            seq_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                            seq_lens: torch.Tensor, scale: float | None = None, sinks: torch.Tensor | None = None,
+                            sliding_window: int | None = None) -> torch.Tensor:
     """Plain PyTorch: gather every sequence's pages, softmax in fp32. GQA groups the query heads per KV head, which
-    equals repeating K and V Hq/Hkv times without materialising the copies."""
+    equals repeating K and V Hq/Hkv times without materialising the copies. A sink is one more logit per head in the
+    softmax, with no value (transformers' gpt-oss concatenates it and drops its column)."""
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
     max_blocks = block_table.shape[1]
     scale = head_dim**-0.5 if scale is None else float(scale)
     lens = seq_lens.long()
-    valid = torch.arange(max_blocks * block_size, device=q.device)[None, :] < lens[:, None]  # (B, T)
+    positions = torch.arange(max_blocks * block_size, device=q.device)[None, :]
+    valid = positions < lens[:, None]  # (B, T)
+    if sliding_window is not None:  # the query sits at position len - 1 and sees keys t > len - 1 - window
+        valid &= positions >= lens[:, None] - sliding_window
     # Entries past a sequence's last page may hold anything (serving engines leave them stale): never index with them.
     used = torch.arange(max_blocks, device=q.device)[None, :] * block_size < lens[:, None]  # (B, max_blocks)
     pages = torch.where(used, block_table, torch.zeros_like(block_table)).long()
@@ -83,7 +89,11 @@ def _decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     qg = q.float().view(batch, num_kv_heads, group, head_dim)  # (B, Hkv, G, D)
     scores = torch.einsum("bhgd,bthd->bhgt", qg, k) * scale  # (B, Hkv, G, T)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        sink = sinks.float().view(1, num_kv_heads, group, 1).expand(batch, -1, -1, -1)  # (B, Hkv, G, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bhgt,bthd->bhgd", probs, v)  # (B, Hkv, G, D)
     return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
 
@@ -299,7 +309,12 @@ def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 
 
 def _decode_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                           seq_lens: torch.Tensor, scale: float | None = None, sinks: torch.Tensor | None = None,
+                           sliding_window: int | None = None) -> torch.Tensor:
+    if sinks is not None or sliding_window is not None:
+        name = "sinks" if sinks is not None else "sliding_window"
+        raise ValueError(f"{name}: the cuda backend has no attention sinks or sliding window; use backend='triton' "
+                         "or 'torch'")
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
@@ -400,16 +415,22 @@ def _validate(q: Any, k_cache: Any, v_cache: Any, block_table: Any, seq_lens: An
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                     seq_lens: torch.Tensor, *, scale: float | None = None, backend: str = "triton") -> torch.Tensor:
+                     seq_lens: torch.Tensor, *, scale: float | None = None, sinks: torch.Tensor | None = None,
+                     sliding_window: int | None = None, backend: str = "triton") -> torch.Tensor:
     """out (B, Hq, D) = softmax(scale * q K^T) V per sequence, over that sequence's pages of the KV cache.
 
     q (B, Hq, D); k_cache, v_cache (num_blocks, block_size, Hkv, D); block_table (B, max_blocks) int32;
     seq_lens (B,) int32 with 1 <= seq_lens[b] <= max_blocks * block_size. Checking seq_lens reads it on the host
     (a device synchronisation), except while a CUDA graph is being captured.
+    gpt-oss: `sinks` (Hq,) adds exp(sinks[h]) to head h's softmax denominator (a logit with no value);
+    `sliding_window` W attends to the last W positions only, t >= seq_lens[b] - W (transformers' mask).
     """
     _validate(q, k_cache, v_cache, block_table, seq_lens, scale)
+    check_sinks_and_window(sinks, sliding_window, q.shape[1], q.device)
     impl = resolve("decode_attention", _IMPLS, backend, q.device)
-    return impl(q, k_cache, v_cache, block_table, seq_lens, scale=scale)
+    if sinks is None and sliding_window is None:  # the original call, for implementations that predate the extras
+        return impl(q, k_cache, v_cache, block_table, seq_lens, scale=scale)
+    return impl(q, k_cache, v_cache, block_table, seq_lens, scale=scale, sinks=sinks, sliding_window=sliding_window)
 
 
 def make_inputs(shape: Mapping[str, int], dtype: torch.dtype, device: torch.device | str, seed: int) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from tokprof.kernels._common import (
     Op,
     check_same_device,
     check_same_dtype,
+    check_sinks_and_window,
     check_tensor,
     dtype_bytes,
     make_generator,
@@ -54,8 +55,8 @@ _TORCH_SCORE_BYTES = 1 << 28
 # --------------------------------------------------------------------------------------------------------- torch
 
 
-def _prefill_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                             scale: float) -> torch.Tensor:
+def _prefill_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                             sinks: torch.Tensor | None = None, sliding_window: int | None = None) -> torch.Tensor:
     batch, hq, seq, _ = q.shape
     group = hq // k.shape[1]
     out = new_output(tuple(q.shape), q.dtype, q.device)  # (B, Hq, S, D)
@@ -71,8 +72,15 @@ def _prefill_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             if causal:
                 q_pos = torch.arange(s0, s1, device=q.device)[:, None]
                 k_pos = torch.arange(keys, device=q.device)[None, :]
-                scores.masked_fill_(k_pos > q_pos, float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
+                hidden = k_pos > q_pos
+                if sliding_window is not None:  # transformers' sliding_window_overlay: keep k_pos > q_pos - window
+                    hidden |= k_pos <= q_pos - sliding_window
+                scores.masked_fill_(hidden, float("-inf"))
+            if sinks is not None:  # one more logit per head with no value: it only joins the denominator
+                sink = sinks.float()[:, None, None].expand(hq, s1 - s0, 1)
+                probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+            else:
+                probs = torch.softmax(scores, dim=-1)
             out[b, :, s0:s1] = torch.matmul(probs, v_b[:, :keys]).to(q.dtype)
     return out
 
@@ -219,10 +227,13 @@ _IMPLS = {"torch": _prefill_attention_torch, "triton": _prefill_attention_triton
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-                      scale: float | None = None, backend: str = "triton") -> torch.Tensor:
+                      scale: float | None = None, sinks: torch.Tensor | None = None,
+                      sliding_window: int | None = None, backend: str = "triton") -> torch.Tensor:
     """out (B, Hq, S, D) = softmax(scale * q k^T [causal mask]) v, for q (B, Hq, S, D) and k, v (B, Hkv, S, D).
 
     Query head h attends with KV head h // (Hq / Hkv). `scale` defaults to D**-0.5.
+    gpt-oss: `sinks` (Hq,) adds exp(sinks[h]) to head h's softmax denominator; `sliding_window` W (causal only)
+    keeps keys j with i - W < j <= i, as transformers' sliding-window mask does.
     """
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, contiguous=True)
     check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES, contiguous=True)
@@ -249,11 +260,17 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
         scale = head_dim ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale: expected None or a positive finite float, got {scale!r}")
+    check_sinks_and_window(sinks, sliding_window, hq, device)
+    if sliding_window is not None and not causal:
+        raise ValueError(f"sliding_window: expected None with causal=False (the window is a causal one), got "
+                         f"{sliding_window!r}")
     impl = resolve("prefill_attention", _IMPLS, backend, device)
     if backend == "triton" and head_dim not in TRITON_HEAD_DIMS:
         raise ValueError(f"q: the triton backend takes head dim D in {list(TRITON_HEAD_DIMS)} (a power of two), "
                          f"got D={head_dim}; backend='torch' takes any D")
-    return impl(q, k, v, causal, float(scale))
+    if sinks is None and sliding_window is None:
+        return impl(q, k, v, causal, float(scale))
+    return impl(q, k, v, causal, float(scale), sinks, sliding_window)
 
 
 def make_inputs(shape: Mapping[str, int], dtype: torch.dtype, device: torch.device | str, seed: int) -> dict[str, Any]:

@@ -1,0 +1,229 @@
+"""The routed experts of a mixture-of-experts layer: each token through its k experts' MLPs, combined by weight.
+
+    x (T, H); w_gate_up (E, 2*I, H) = [gate | up] rows; w_down (E, H, I); topk_weights (T, k) float32;
+    topk_ids (T, k) int32 or int64  ->  out (T, H)
+    out[t] = sum_j topk_weights[t, j] * (w_down[e] @ act(w_gate_up[e] @ x[t] + b_gate_up[e]) + b_down[e]),
+             e = topk_ids[t, j]
+
+Activations: "silu" (Qwen3-MoE, DeepSeek-V3): act(g, u) = silu(g) * u. "gpt_oss" (gpt-oss's clamped SwiGLU, as
+transformers' GptOssExperts computes it with swiglu_limit 7 and alpha 1.702): g = min(g, 7), u = clamp(u, -7, 7),
+act = (u + 1) * g * sigmoid(1.702 g). gpt-oss stores gate and up interleaved (columns 0, 2, 4, ... are gate); the
+loader de-interleaves them into our [gate | up] rows. Biases `b_gate_up` (E, 2I) and `b_down` (E, H) are optional
+(gpt-oss has both); b_down sits inside the weighted sum, as in transformers.
+
+Decode is memory-bound on the expert weights: a batch of T tokens touches at most min(E, T*k) experts, and a good
+kernel reads each touched expert's 3*H*I weights once per call, never the experts no token chose. The Triton path
+therefore sorts the (token, slot) pairs by expert, compacts the list of active experts, and launches its grouped
+GEMMs over (active expert x row block, N tile) only: the first GEMM writes act(x W_gu^T) per sorted pair, the
+second multiplies by W_down, scales by the router weight and writes one row per pair; a sum over the k slots
+(in a fixed order, so results are deterministic) gives out.
+
+The intermediate activation is rounded to x's dtype between the two GEMMs in every backend, as a two-GEMM kernel
+(and transformers in bf16) does; accumulation is fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from tokprof.kernels._common import (
+    FLOAT_DTYPES,
+    Op,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+    dtype_bytes,
+    make_generator,
+    new_output,
+    randn,
+    resolve,
+    value_checks_apply,
+)
+
+ACTIVATIONS: tuple[str, ...] = ("silu", "gpt_oss")
+GPT_OSS_LIMIT = 7.0  # gpt-oss config swiglu_limit
+GPT_OSS_ALPHA = 1.702  # gpt-oss's sigmoid slope (transformers' GptOssConfig.swiglu_alpha default)
+
+
+def expected_active_experts(num_tokens: int, num_experts: int, top_k: int) -> int:
+    """Distinct experts that T tokens touch under uniform routing, E * (1 - (1 - k/E)^T), rounded (modelled).
+
+    Each token picks k distinct experts, so one given expert is missed by a token with probability 1 - k/E and by
+    all T tokens (independently) with probability (1 - k/E)^T. At least min(k, E) for T >= 1, at most min(E, T*k).
+    """
+    if num_tokens <= 0:
+        return 0
+    expected = num_experts * (1.0 - (1.0 - top_k / num_experts) ** num_tokens)
+    return max(min(top_k, num_experts), min(num_experts, num_tokens * top_k, round(expected)))
+
+
+def _activation_torch(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """gate_up (N, 2I) fp32 -> (N, I) fp32."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    if activation == "silu":
+        return torch.nn.functional.silu(gate) * up
+    gate = gate.clamp(max=GPT_OSS_LIMIT)
+    up = up.clamp(min=-GPT_OSS_LIMIT, max=GPT_OSS_LIMIT)
+    return (up + 1.0) * (gate * torch.sigmoid(gate * GPT_OSS_ALPHA))
+
+
+# --------------------------------------------------------------------------------------------------------- torch
+
+
+def _fused_moe_torch(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor, activation: str, b_gate_up: torch.Tensor | None,
+                     b_down: torch.Tensor | None) -> torch.Tensor:
+    """Loop over the experts that some token chose (transformers' way): gather their tokens, two GEMMs, scatter-add
+    weighted rows into an fp32 accumulator."""
+    num_tokens, hidden = x.shape
+    top_k = topk_ids.shape[1]
+    acc = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
+    flat_ids = topk_ids.reshape(-1).long()  # (T*k,) pair p = t * k + j
+    order = torch.argsort(flat_ids, stable=True)
+    experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
+    start = 0
+    for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
+        pairs = order[start:start + count]
+        start += count
+        tokens = pairs // top_k
+        h = x[tokens].float() @ w_gate_up[expert].float().T  # (n, 2I)
+        if b_gate_up is not None:
+            h = h + b_gate_up[expert].float()
+        a = _activation_torch(h, activation).to(x.dtype).float()  # (n, I), rounded like the kernels' intermediate
+        y = a @ w_down[expert].float().T  # (n, H)
+        if b_down is not None:
+            y = y + b_down[expert].float()
+        acc.index_add_(0, tokens, y * topk_weights.reshape(-1)[pairs].float()[:, None])
+    return acc.to(x.dtype)
+
+
+# -------------------------------------------------------------------------------------------------------- public
+
+_IMPLS: dict[str, Any] = {"torch": _fused_moe_torch}
+
+
+def _check_ids(topk_ids: torch.Tensor, num_experts: int) -> None:
+    """Expert ids within [0, E): reads them on the host (skipped inside skip_value_checks() and graph capture)."""
+    if not value_checks_apply(topk_ids.device) or topk_ids.numel() == 0:
+        return
+    lo, hi = torch.stack([topk_ids.min(), topk_ids.max()]).long().tolist()
+    if lo < 0 or hi >= num_experts:
+        bad = ((topk_ids < 0) | (topk_ids >= num_experts)).nonzero()[0]
+        t, j = (int(i) for i in bad)
+        raise ValueError(f"topk_ids: expected expert ids in [0, E={num_experts}), got topk_ids[{t}, {j}] = "
+                         f"{int(topk_ids[t, j])}")
+
+
+def _validate(x: Any, w_gate_up: Any, w_down: Any, topk_weights: Any, topk_ids: Any, activation: Any,
+              b_gate_up: Any, b_down: Any) -> None:
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, contiguous=True)
+    check_tensor("w_gate_up", w_gate_up, ndim=3, dtypes=FLOAT_DTYPES, contiguous=True)
+    check_tensor("w_down", w_down, ndim=3, dtypes=FLOAT_DTYPES, contiguous=True)
+    check_tensor("topk_weights", topk_weights, ndim=2, dtypes=FLOAT_DTYPES, contiguous=True)
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32, torch.int64), contiguous=True)
+    check_same_dtype(x=x, w_gate_up=w_gate_up, w_down=w_down)
+    check_same_device(x=x, w_gate_up=w_gate_up, w_down=w_down, topk_weights=topk_weights, topk_ids=topk_ids)
+    num_tokens, hidden = x.shape
+    num_experts, two_i, w_hidden = w_gate_up.shape
+    if num_tokens == 0 or hidden == 0:
+        raise ValueError(f"x: expected a non-empty (T, H), got shape {tuple(x.shape)}")
+    if num_experts == 0 or two_i == 0 or two_i % 2:
+        raise ValueError(f"w_gate_up: expected (E, 2*I, H) with E >= 1 and an even, non-zero 2*I, got shape "
+                         f"{tuple(w_gate_up.shape)}")
+    if w_hidden != hidden:
+        raise ValueError(f"w_gate_up: expected hidden size H={hidden} (x's last dimension) in (E, 2*I, H), got "
+                         f"shape {tuple(w_gate_up.shape)}")
+    check_tensor("w_down", w_down, shape=(num_experts, hidden, two_i // 2))
+    if topk_weights.shape[0] != num_tokens or topk_weights.shape[1] == 0:
+        raise ValueError(f"topk_weights: expected shape (T={num_tokens}, k) with k >= 1, got "
+                         f"{tuple(topk_weights.shape)}")
+    check_tensor("topk_ids", topk_ids, shape=tuple(topk_weights.shape))
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {list(ACTIVATIONS)}, got {activation!r}")
+    if b_gate_up is not None:
+        check_tensor("b_gate_up", b_gate_up, shape=(num_experts, two_i), dtypes=FLOAT_DTYPES, contiguous=True)
+        check_same_device(x=x, b_gate_up=b_gate_up)
+    if b_down is not None:
+        check_tensor("b_down", b_down, shape=(num_experts, hidden), dtypes=FLOAT_DTYPES, contiguous=True)
+        check_same_device(x=x, b_down=b_down)
+    _check_ids(topk_ids, num_experts)
+
+
+def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, *, activation: str = "silu", b_gate_up: torch.Tensor | None = None,
+              b_down: torch.Tensor | None = None, backend: str = "triton") -> torch.Tensor:
+    """out (T, H) = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]); see the module docstring."""
+    _validate(x, w_gate_up, w_down, topk_weights, topk_ids, activation, b_gate_up, b_down)
+    impl = resolve("fused_moe", _IMPLS, backend, x.device)
+    return impl(x, w_gate_up, w_down, topk_weights, topk_ids, activation, b_gate_up, b_down)
+
+
+def make_inputs(shape: Mapping[str, int], dtype: torch.dtype, device: torch.device | str, seed: int) -> dict[str, Any]:
+    """T tokens routed to k distinct experts each, drawn so that exactly `active_experts` experts are touched when
+    the key is given (the plan's expected count), else uniformly at random. Weights scaled by 1/sqrt(fan-in) so the
+    outputs stay O(1) in fp16. gpt_oss = 1 gives the gpt-oss activation and biases."""
+    num_tokens, hidden, inter, num_experts, top_k = shape["T"], shape["H"], shape["I"], shape["E"], shape["k"]
+    gen = make_generator(device, seed)
+    cpu_gen = make_generator("cpu", seed)
+    active = shape.get("active_experts") or expected_active_experts(num_tokens, num_experts, top_k)
+    active = max(top_k, min(active, num_experts, num_tokens * top_k))
+    pool = torch.randperm(num_experts, generator=cpu_gen)[:active]  # the experts this batch touches
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32)
+    for t in range(num_tokens):
+        # Cover every pool expert at least once (round-robin start), then fill with distinct random pool members.
+        first = [(t * top_k + j) % active for j in range(top_k)] if t * top_k < active else []
+        rest = [int(i) for i in torch.randperm(active, generator=cpu_gen) if int(i) not in first]
+        ids[t] = pool[(first + rest)[:top_k]]
+    weights = torch.rand(num_tokens, top_k, generator=cpu_gen)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    inputs: dict[str, Any] = {
+        "x": randn((num_tokens, hidden), dtype, device, gen),
+        "w_gate_up": randn((num_experts, 2 * inter, hidden), dtype, device, gen, scale=hidden**-0.5),
+        "w_down": randn((num_experts, hidden, inter), dtype, device, gen, scale=inter**-0.5),
+        "topk_weights": weights.to(device),
+        "topk_ids": ids.to(device),
+    }
+    if shape.get("gpt_oss"):
+        inputs.update(activation="gpt_oss", b_gate_up=randn((num_experts, 2 * inter), dtype, device, gen, scale=0.1),
+                      b_down=randn((num_experts, hidden), dtype, device, gen, scale=0.1))
+    return inputs
+
+
+def cost(shape: Mapping[str, int], dtype: torch.dtype) -> tuple[int, int]:
+    num_tokens, hidden, inter, num_experts, top_k = shape["T"], shape["H"], shape["I"], shape["E"], shape["k"]
+    b = dtype_bytes(dtype)
+    # Distinct experts read: the shape key `active_experts` when the caller knows it (a plan's model of the batch,
+    # or a measured routing histogram), else the uniform-routing expectation.
+    active = shape.get("active_experts") or expected_active_experts(num_tokens, num_experts, top_k)
+    pairs = num_tokens * top_k
+    # Per (token, slot): gate_up GEMM 2*2I*H, down GEMM 2*H*I, the activation ~5 per I, the weighted combine 2*H.
+    flops = pairs * (6 * hidden * inter + 5 * inter + 2 * hidden)
+    bias_bytes = (2 * inter + hidden) * b * active if shape.get("gpt_oss") else 0
+    min_bytes = (
+        3 * hidden * inter * b * active  # w_gate_up and w_down rows of the touched experts, once each
+        + bias_bytes
+        + 2 * num_tokens * hidden * b  # read x, write out
+        + pairs * (4 + 4)  # topk_weights (fp32) and topk_ids (int32)
+    )
+    return flops, min_bytes
+
+
+OP = Op(
+    name="fused_moe",
+    fn=fused_moe,
+    impls=_IMPLS,
+    shape_keys=("T", "H", "I", "E", "k", "active_experts", "gpt_oss"),
+    default_shape={"T": 16, "H": 7168, "I": 2048, "E": 256, "k": 8},
+    make_inputs=make_inputs,
+    cost=cost,
+    cost_formula=("A = active_experts if given, else round(E*(1-(1-k/E)^T)) (uniform routing, modelled); "
+                  "flops = T*k*(6*H*I + 5*I + 2*H); bytes = 3*H*I*A*dtype_bytes (touched experts' weights once) "
+                  "[+ (2I+H)*A*dtype_bytes biases if gpt_oss] + 2*T*H*dtype_bytes (x, out) + 8*T*k (router)"),
+    description="routed experts: x (T, H) through each token's k experts' SwiGLU MLPs, weighted sum -> (T, H)",
+    shape_doc=("T tokens, H hidden, I expert intermediate size, E experts, k per token; optional active_experts "
+               "(distinct experts the batch touches; default the uniform expectation) and gpt_oss (1: gpt-oss "
+               "activation and biases)"),
+)
