@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - triton ships for Linux only
 
 
 def _batched_linear_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("mgk,gnk->mgn", x, weight)  # (M, G, K) x (G, N, K) -> (M, G, N)
+    return torch.einsum("mgk,gnk->mgn", x, weight).contiguous()  # (M, G, K) x (G, N, K) -> (M, G, N)
 
 
 if triton is not None:

@@ -23,6 +23,8 @@ from tokprof.kernels import (
     batched_linear,
     fused_moe,
     linear,
+    mla_decode_attention,
+    mla_prefill_attention,
     moe_router,
     rms_norm,
     rope,
@@ -91,8 +93,6 @@ def mla_attention(cfg: ModelConfig, w: MLAWeights, h: torch.Tensor, positions: t
 def mla_decode_attend(cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, slots: torch.Tensor,
                       cfg: ModelConfig, backend: str) -> MLAAttend:
     """Decode: append the new rows to the paged latent cache (num_blocks, block_size, L + R), attend over it."""
-    from tokprof.kernels import mla_decode_attention
-
     def attend(q_latent: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
                k_rope: torch.Tensor) -> torch.Tensor:
         append_mla_kv(latent, k_rope, cache, slots, backend=backend)
@@ -104,8 +104,6 @@ def mla_decode_attend(cache: torch.Tensor, block_table: torch.Tensor, seq_lens: 
 def mla_prefill_attend(cache: torch.Tensor, slots: torch.Tensor, batch: int, seq: int, cfg: ModelConfig,
                        backend: str) -> MLAAttend:
     """Prefill of `batch` prompts of `seq` tokens: fill the cache, attend causally over the prompt's rows."""
-    from tokprof.kernels import mla_prefill_attention
-
     def attend(q_latent: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
                k_rope: torch.Tensor) -> torch.Tensor:
         append_mla_kv(latent, k_rope, cache, slots, backend=backend)

@@ -15,7 +15,7 @@ Per layer, after the input norm:
   inside fused_moe as extra experts that every token takes with weight 1 (as SGLang's shared-expert fusion does).
 
 Which experts a decode step reads. fused_moe reads the weights of the experts the batch's tokens chose, each once.
-The plan's fused_moe call carries `experts_touched`, the expected number of distinct routed experts per layer
+The plan's fused_moe call carries `active_experts`, the expected number of distinct routed experts per layer
 (shared ones added), from one of two sources:
 
 - `routing=None`: uniform routing, every token choosing k of the E experts uniformly at random and independently
@@ -78,7 +78,7 @@ class RoutingCounts:
         return {"counts": [list(r) for r in self.counts], "tokens": self.tokens, "source": self.source}
 
 
-def experts_touched(config: ModelConfig, moe_layer: int, tokens: int, routing: RoutingCounts | None) -> int:
+def active_experts(config: ModelConfig, moe_layer: int, tokens: int, routing: RoutingCounts | None) -> int:
     """Distinct experts (routed, rounded to the nearest whole expert, plus the shared ones) that fused_moe reads."""
     if routing is None:
         routed = expected_experts(config.num_experts, config.num_experts_per_tok, tokens)
@@ -143,13 +143,13 @@ def router_shape(c: ModelConfig, tokens: int) -> dict[str, int]:
 def fused_moe_shape(c: ModelConfig, tokens: int, touched: int) -> dict[str, int]:
     """fused_moe over the routed experts plus the shared ones (every token takes those too)."""
     return {"T": tokens, "E": c.num_experts + c.n_shared_experts, "k": c.num_experts_per_tok + c.n_shared_experts,
-            "H": c.hidden_size, "I": c.moe_intermediate_size, "experts_touched": touched}
+            "H": c.hidden_size, "I": c.moe_intermediate_size, "active_experts": touched}
 
 
 def _moe_mlp(b: PlanBuilder, c: ModelConfig, moe_layer: int, tokens: int, routing: RoutingCounts | None) -> None:
     b.add("linear", "router", 1, M=tokens, N=c.num_experts, K=c.hidden_size)
     b.add("moe_router", "moe_router", 1, **router_shape(c, tokens))
-    b.add("fused_moe", "experts", 1, **fused_moe_shape(c, tokens, experts_touched(c, moe_layer, tokens, routing)))
+    b.add("fused_moe", "experts", 1, **fused_moe_shape(c, tokens, active_experts(c, moe_layer, tokens, routing)))
 
 
 def _dense_mlp(b: PlanBuilder, c: ModelConfig, tokens: int) -> None:

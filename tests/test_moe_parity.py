@@ -1,0 +1,211 @@
+"""tokprof's Transformer against transformers on the MoE/MLA families: the same greedy tokens and logits (1e-4).
+
+Tiny random models made with transformers' own classes (fixed seeds; random norm weights, router weights and
+DeepSeek's selection bias so that every weight matters), saved with save_pretrained and loaded by tokprof, on the
+CPU in float32:
+- Qwen3-MoE: 8 experts, top-2 renormalised, layer 1 dense (mlp_only_layers), q/k norm;
+- DeepSeek-V3: MLA with q_lora_rank, interleaved RoPE with YaRN (mscale_all_dim in the softmax scale), a dense first
+  layer, one shared expert, sigmoid scoring with grouped top-k (4 groups, 2 kept) and routed scaling.
+Also: the decode step runs exactly the calls of decode_plan (the e2e loop measures the plan's work), and the routing
+histogram the Transformer records is the one transformers' router gives.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TRITON_DEVICE, requires_triton
+
+from tokprof.kernels import OPS
+from tokprof.models.config import ModelConfig
+from tokprof.models.plan import decode_plan
+from tokprof.models.transformer import Transformer
+
+transformers = pytest.importorskip("transformers")
+
+BATCH, PROMPT, NEW_TOKENS = 2, 5, 4
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=gen))
+            elif name.endswith("gate.weight"):  # the router: logits spread enough that the choice is clear
+                param.copy_(0.5 * torch.randn(param.shape, generator=gen))
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(0.05 * torch.randn(buf.shape, generator=gen))
+
+
+def _save(model_cls, cfg, path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = model_cls(cfg)
+    _randomise(model, seed)
+    model.save_pretrained(path)
+    return path
+
+
+def _qwen3_moe(path: Path) -> Path:
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, mlp_only_layers=[1], max_position_embeddings=128, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, initializer_range=0.1,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return _save(transformers.Qwen3MoeForCausalLM, cfg, path, seed=21)
+
+
+def _deepseek(path: Path) -> Path:
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+        topk_group=2, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+        max_position_embeddings=128, rms_norm_eps=1e-6, initializer_range=0.1,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+                         "beta_slow": 1},
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return _save(transformers.DeepseekV3ForCausalLM, cfg, path, seed=22)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf_moe")
+    return {"qwen3_moe": _qwen3_moe(root / "qwen3_moe"), "deepseek_v3": _deepseek(root / "deepseek_v3")}
+
+
+def _hf_generate(path: Path, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    out = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, attention_mask=torch.ones_like(prompt))
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def _check_parity(path: Path, backend: str, seed: int, device: str = "cpu") -> None:
+    prompt = torch.randint(0, 256, (BATCH, PROMPT), generator=torch.Generator().manual_seed(seed))
+    want_tokens, want_logits = _hf_generate(path, prompt)
+    model = Transformer.from_pretrained(path, device=device, dtype=torch.float32, backend=backend)
+    tokens, logits = model.generate(prompt, max_new_tokens=NEW_TOKENS, return_logits=True)
+    tokens, logits = tokens.cpu(), logits.cpu()
+    diff = (logits.double() - want_logits.double()).abs()
+    assert diff.max().item() <= 1e-4 + 1e-4 * want_logits.abs().max().item(), (
+        f"{path.name}/{backend}: logits differ from transformers by up to {diff.max().item():.3e}")
+    assert torch.equal(tokens, want_tokens), f"{path.name}/{backend}: {tokens.tolist()} != {want_tokens.tolist()}"
+    assert (want_logits.max(-1).values - want_logits.mean(-1)).min().item() > 0.05  # not a flat, degenerate model
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+def test_parity_torch_backend(checkpoints: dict[str, Path], name: str) -> None:
+    _check_parity(checkpoints[name], "torch", seed=30)
+
+
+def _triton_ready() -> bool:
+    return all("triton" in OPS[op].impls for op in ("moe_router", "fused_moe", "mla_decode_attention",
+                                                    "mla_prefill_attention"))
+
+
+@requires_triton
+@pytest.mark.skipif(not _triton_ready(), reason="the Triton MoE/MLA kernels have not landed in this branch")
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+def test_parity_triton_backend(checkpoints: dict[str, Path], name: str) -> None:
+    _check_parity(checkpoints[name], "triton", seed=31, device=TRITON_DEVICE)
+
+
+def test_config_and_bytes_match_the_checkpoint(checkpoints: dict[str, Path]) -> None:
+    """from_hf reads the families' spellings; num_params is transformers' own count (the MTP-free model)."""
+    for name, path in checkpoints.items():
+        cfg = ModelConfig.from_hf(path)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        buffers = sum(b.numel() for n, b in hf.named_buffers() if n.endswith("e_score_correction_bias"))
+        assert cfg.num_params() == sum(p.numel() for p in hf.parameters()) + buffers, name
+        model = Transformer.from_pretrained(path, device="cpu", dtype=torch.float32, backend="torch")
+        assert model.weight_bytes == cfg.weight_bytes(torch.float32), name
+    ds = ModelConfig.from_hf(checkpoints["deepseek_v3"])
+    assert (ds.kv_lora_rank, ds.qk_rope_head_dim, ds.head_dim, ds.n_group, ds.topk_group) == (32, 16, 16, 4, 2)
+    assert ds.kv_bytes_per_token(torch.float32) == 2 * (32 + 16) * 4  # one latent row per token and layer
+    assert [ds.is_moe_layer(i) for i in range(2)] == [False, True]
+    qw = ModelConfig.from_hf(checkpoints["qwen3_moe"])
+    assert [qw.is_moe_layer(i) for i in range(3)] == [True, False, True] and qw.norm_topk_prob
+
+
+_SHAPES = {  # each kernel call -> the shape keys of its registry op, as the plans write them
+    "embedding": lambda ids, table, **_: {"T": ids.shape[0], "V": table.shape[0], "H": table.shape[1]},
+    "rms_norm": lambda x, w, **kw: {"T": x.shape[0], "H": x.shape[1], "residual": int(kw.get("residual") is not None)},
+    "linear": lambda x, w, **_: {"M": x.shape[0], "N": w.shape[0], "K": w.shape[1]},
+    "batched_linear": lambda x, w, **_: {"M": x.shape[0], "G": x.shape[1], "N": w.shape[1], "K": w.shape[2]},
+    "rope": lambda q, k, pos, **_: {"T": q.shape[0], "Hq": q.shape[1], "Hkv": k.shape[1], "D": q.shape[2]},
+    "append_kv": lambda k, v, kc, vc, slots, **_: {"T": k.shape[0], "Hkv": k.shape[1], "D": k.shape[2],
+                                                   "block_size": kc.shape[1]},
+    "append_mla_kv": lambda lat, kr, cache, slots, **_: {"T": lat.shape[0], "L": lat.shape[1], "R": kr.shape[1],
+                                                         "block_size": cache.shape[1]},
+    "decode_attention": lambda q, kc, vc, table, lens, **_: {"B": q.shape[0], "Hq": q.shape[1], "Hkv": kc.shape[2],
+                                                             "D": q.shape[2], "context": int(lens[0]),
+                                                             "block_size": kc.shape[1]},
+    "mla_decode_attention": lambda ql, qr, cache, table, lens, **_: {
+        "B": ql.shape[0], "H": ql.shape[1], "L": ql.shape[2], "R": qr.shape[2], "context": int(lens[0]),
+        "block_size": cache.shape[1]},
+    "moe_router": lambda logits, **kw: {"T": logits.shape[0], "E": logits.shape[1], "k": kw["top_k"],
+                                        "n_group": kw["n_group"], "topk_group": kw["topk_group"]},
+    "fused_moe": lambda x, gu, down, w, ids, **_: {"T": x.shape[0], "H": x.shape[1], "I": down.shape[2],
+                                                   "E": gu.shape[0], "k": ids.shape[1]},
+    "swiglu": lambda gu, **_: {"T": gu.shape[0], "I": gu.shape[1] // 2},
+    "greedy_sample": lambda logits, **_: {"B": logits.shape[0], "V": logits.shape[1]},
+}
+_LEFT_OUT = {"append_kv": ("num_blocks",), "append_mla_kv": ("num_blocks",), "fused_moe": ("active_experts",)}
+
+
+@pytest.mark.parametrize("preset,batch", [("tiny-moe", 1), ("tiny-moe", 3), ("tiny-mla", 3)])
+def test_decode_step_runs_exactly_the_plan(monkeypatch: pytest.MonkeyPatch, preset: str, batch: int) -> None:
+    """One decode step calls the kernels of decode_plan, shape for shape and count for count (the cache size and
+    the modelled number of experts read are left out: properties of the cache and of the routing, not the call)."""
+    import tokprof.models.moe_layer as ml
+    import tokprof.models.transformer as tm
+
+    cfg = ModelConfig.from_name(preset)
+    model = Transformer.random(cfg, device="cpu", dtype=torch.float32, seed=0, backend="torch")
+    model.prefill(torch.randint(0, cfg.vocab_size, (batch, 21), generator=torch.Generator().manual_seed(1)),
+                  max_new_tokens=4)
+    calls: Counter = Counter()
+    for module in (tm, ml):
+        for op, shape_of in _SHAPES.items():
+            if not hasattr(module, op):
+                continue
+            def record(*args: object, _op: str = op, _shape: object = shape_of, _fn: object = getattr(module, op),
+                       **kwargs: object) -> object:
+                calls[(_op, tuple(sorted(_shape(*args, **kwargs).items())))] += 1
+                return _fn(*args, **kwargs)
+            monkeypatch.setattr(module, op, record)
+    model.decode_step()
+    want: Counter = Counter()
+    for call in decode_plan(cfg, batch, 22, "fp32"):
+        shape = {k: v for k, v in call.shape.items() if k not in _LEFT_OUT.get(call.op, ())}
+        want[(call.op, tuple(sorted(shape.items())))] += call.count
+    assert calls == want
+
+
+def test_routing_histogram_matches_transformers_router(checkpoints: dict[str, Path]) -> None:
+    """The counts the Transformer records over a prefill are the experts transformers' router picks."""
+    path = checkpoints["qwen3_moe"]
+    prompt = torch.randint(0, 256, (BATCH, PROMPT), generator=torch.Generator().manual_seed(40))
+    model = Transformer.from_pretrained(path, device="cpu", dtype=torch.float32, backend="torch")
+    model.record_routing = True
+    model.prefill(prompt, max_new_tokens=1)
+    got = model.routing_counts()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    seen: list[torch.Tensor] = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda _m, _i, out: seen.append(out[2]))
+             for layer in hf.model.layers if hasattr(layer.mlp, "gate")]
+    with torch.no_grad():
+        hf(prompt)
+    for h in hooks:
+        h.remove()
+    want = [torch.bincount(ids.reshape(-1), minlength=8).tolist() for ids in seen]
+    assert got.tokens == BATCH * PROMPT and got.counts == want
+    assert sum(got.counts[0]) == BATCH * PROMPT * 2
