@@ -41,7 +41,9 @@ from tokprof.models.e2e import (
 from tokprof.models.loader import hf_state_dict
 from tokprof.profiler.energy_sources import energy_not_asked
 
-_HF_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen3": ("Qwen3ForCausalLM", "qwen3")}
+_HF_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+                     "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+                     "deepseek_v3": ("DeepseekV3ForCausalLM", "deepseek_v3")}
 _TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -60,6 +62,10 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     }
     if cfg.architecture == "llama":
         d["mlp_bias"] = False
+    if cfg.architecture in ("qwen3_moe", "deepseek_v3"):
+        from tokprof.models.loader_moe import hf_moe_config
+
+        d.update(hf_moe_config(cfg))
     return d
 
 
@@ -178,7 +184,7 @@ def save_hf_dir(model: Any, directory: str | Path) -> Path:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.contiguous() for name, t in hf_state_dict(model.config, model.weights).items()}
+    tensors = {name: t.contiguous() for name, t in hf_state_dict(model.config, model.weights, per_expert=True).items()}
     if model.config.tie_word_embeddings:
         del tensors["lm_head.weight"]  # tied: one tensor on disk, as save_pretrained writes it
     save_file(tensors, str(directory / "model.safetensors"))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tokprof.models.config import ModelConfig
-from tokprof.models.loader_moe import MLAWeights, MoEWeights, fuse_mla, fuse_moe, hf_moe_shapes
+from tokprof.models.loader_moe import MLAWeights, MoEWeights, fuse_mla, fuse_moe, hf_moe_shapes, hf_moe_state_dict
 
 try:
     from safetensors import safe_open
@@ -237,11 +237,15 @@ def _fuse_moe_layer(cfg: ModelConfig, flat: dict[str, torch.Tensor], p: str, rop
                         k_norm=flat.pop(p + "self_attn.k_norm.weight", None), mla=mla, moe=moe)
 
 
-def hf_state_dict(cfg: ModelConfig, weights: ModelWeights) -> dict[str, torch.Tensor]:
-    """The Hugging Face state dict of `weights` as views of tokprof's fused tensors (no copy of the weights)."""
+def hf_state_dict(cfg: ModelConfig, weights: ModelWeights, per_expert: bool = False) -> dict[str, torch.Tensor]:
+    """The Hugging Face state dict of `weights` as views of tokprof's fused tensors (no copy of the weights; MoE/MLA
+    models: see loader_moe.hf_moe_state_dict, `per_expert` picks the on-disk expert names)."""
     q, kv, i = cfg.q_size, cfg.kv_size, cfg.intermediate_size
     out = {"model.embed_tokens.weight": weights.embed, "model.norm.weight": weights.final_norm,
            "lm_head.weight": weights.lm_head}
+    if cfg.is_moe or cfg.is_mla:
+        out.update(hf_moe_state_dict(cfg, weights.layers, per_expert))
+        return out
     for layer, w in enumerate(weights.layers):
         p = f"model.layers.{layer}."
         out.update({

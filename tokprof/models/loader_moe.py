@@ -155,3 +155,80 @@ def moe_weight_tensors(w: MLAWeights | MoEWeights | None) -> list[torch.Tensor]:
     if w is None:
         return []
     return [t for t in vars(w).values() if isinstance(t, torch.Tensor)]
+
+
+def hf_moe_state_dict(cfg: ModelConfig, layers: list, per_expert: bool) -> dict[str, torch.Tensor]:
+    """The Hugging Face per-layer tensors of `layers` (tokprof LayerWeights): views of tokprof's tensors where the
+    layout allows (experts, norms, projections), copies where load time reordered it (MLA's q_b, kv_a and kv_b).
+
+    per_expert: the names save_pretrained writes (experts.{e}.gate_proj.weight, ...); else transformers' in-memory
+    modules (experts.gate_up_proj (E, 2I, H), experts.down_proj (E, H, I))."""
+    out: dict[str, torch.Tensor] = {}
+    e, i = cfg.num_experts, cfg.moe_intermediate_size
+    for layer, w in enumerate(layers):
+        p = f"model.layers.{layer}."
+        a, m = p + "self_attn.", p + "mlp."
+        out[p + "input_layernorm.weight"] = w.input_norm
+        out[p + "post_attention_layernorm.weight"] = w.post_norm
+        if w.mla is not None:
+            out.update(_hf_mla(cfg, w.mla, a))
+        else:
+            q, kv = cfg.q_size, cfg.kv_size
+            out.update({a + "q_proj.weight": w.qkv[:q], a + "k_proj.weight": w.qkv[q:q + kv],
+                        a + "v_proj.weight": w.qkv[q + kv:], a + "o_proj.weight": w.o})
+            if cfg.qk_norm:
+                out[a + "q_norm.weight"], out[a + "k_norm.weight"] = w.q_norm, w.k_norm
+        if w.moe is None:
+            n = cfg.intermediate_size
+            out.update({m + "gate_proj.weight": w.gate_up[:n], m + "up_proj.weight": w.gate_up[n:],
+                        m + "down_proj.weight": w.down})
+            continue
+        out[m + "gate.weight"] = w.moe.router
+        if w.moe.score_bias is not None:
+            out[m + "gate.e_score_correction_bias"] = w.moe.score_bias
+        if per_expert:
+            for x in range(e):
+                out.update({f"{m}experts.{x}.gate_proj.weight": w.moe.gate_up[x, :i],
+                            f"{m}experts.{x}.up_proj.weight": w.moe.gate_up[x, i:],
+                            f"{m}experts.{x}.down_proj.weight": w.moe.down[x]})
+        else:
+            out[m + "experts.gate_up_proj"] = w.moe.gate_up[:e]
+            out[m + "experts.down_proj"] = w.moe.down[:e]
+        if cfg.n_shared_experts:
+            shared = range(e, e + cfg.n_shared_experts)
+            out[m + "shared_experts.gate_proj.weight"] = torch.cat([w.moe.gate_up[x, :i] for x in shared])
+            out[m + "shared_experts.up_proj.weight"] = torch.cat([w.moe.gate_up[x, i:] for x in shared])
+            out[m + "shared_experts.down_proj.weight"] = torch.cat([w.moe.down[x] for x in shared], dim=1)
+    return out
+
+
+def _hf_mla(cfg: ModelConfig, w: MLAWeights, a: str) -> dict[str, torch.Tensor]:
+    """MLA tensors back in Hugging Face's layout (interleaved RoPE pairs, rope_interleave true)."""
+    heads, nope, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    inverse = torch.argsort(_deinterleave(r)).to(w.q_b.device)
+    k = w.q_b.shape[1]
+    q_nope = w.q_b[:heads * nope].view(heads, nope, k)
+    q_rope = w.q_b[heads * nope:].view(heads, r, k)[:, inverse]
+    q_b = torch.cat([q_nope, q_rope], dim=1).reshape(heads * (nope + r), k)
+    kv_b = torch.cat([w.w_uk.transpose(1, 2), w.w_uv], dim=1).reshape(-1, w.w_uk.shape[1])  # (H*(nope+v), L)
+    out = {a + ("q_b_proj.weight" if w.q_a is not None else "q_proj.weight"): q_b,
+           a + "kv_a_proj_with_mqa.weight": torch.cat([w.kv_a, w.k_rope[inverse]]),
+           a + "kv_a_layernorm.weight": w.kv_a_norm, a + "kv_b_proj.weight": kv_b, a + "o_proj.weight": w.o}
+    if w.q_a is not None:
+        out[a + "q_a_proj.weight"], out[a + "q_a_layernorm.weight"] = w.q_a, w.q_a_norm
+    return out
+
+
+def hf_moe_config(cfg: ModelConfig) -> dict[str, object]:
+    """The family-specific config.json keys of a Qwen3-MoE or DeepSeek-V3 config."""
+    common = {"num_experts_per_tok": cfg.num_experts_per_tok, "moe_intermediate_size": cfg.moe_intermediate_size,
+              "norm_topk_prob": cfg.norm_topk_prob}
+    if cfg.architecture == "qwen3_moe":
+        return {**common, "num_experts": cfg.num_experts, "decoder_sparse_step": cfg.decoder_sparse_step,
+                "mlp_only_layers": list(cfg.mlp_only_layers), "use_sliding_window": False}
+    return {**common, "n_routed_experts": cfg.num_experts, "n_group": cfg.n_group, "topk_group": cfg.topk_group,
+            "routed_scaling_factor": cfg.routed_scaling_factor, "n_shared_experts": cfg.n_shared_experts,
+            "first_k_dense_replace": cfg.first_k_dense_replace, "q_lora_rank": cfg.q_lora_rank or None,
+            "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
+            "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim, "rope_interleave": True,
+            "num_key_value_heads": cfg.num_heads}
