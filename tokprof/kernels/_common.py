@@ -359,7 +359,8 @@ def poisoned_outputs() -> Iterator[None]:
 
 
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate a kernel output (uninitialised; NaN-filled inside `poisoned_outputs()`)."""
+    """Allocate a kernel output (uninitialised; NaN-filled inside `poisoned_outputs()`, -1 for integer dtypes,
+    which have no NaN)."""
     if _POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)

@@ -142,11 +142,12 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-        scale_log2, group, num_q_heads, num_splits, tokens_per_split,
+        q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr, sinks_ptr,
+        scale_log2, group, num_q_heads, num_splits, tokens_per_split, window,
         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ob, stride_oh,
         PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, G_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HAS_SINKS: tl.constexpr = False, WINDOW: tl.constexpr = False,
     ):
         # grid (B, Hkv, num_splits). One program: all `group` query heads of KV head `kvh` over one token range, so
         # each K/V byte of the range is read once. K and V share strides (same shape, both contiguous).
@@ -156,6 +157,8 @@ if triton is not None:
         seq_len = tl.load(seq_lens_ptr + b)
         start = split * tokens_per_split
         end = tl.minimum(seq_len, start + tokens_per_split)
+        if WINDOW:  # gpt-oss sliding window: only the last `window` positions, t >= seq_len - window
+            start = tl.maximum(start, seq_len - window)
 
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D_PAD)
@@ -194,8 +197,15 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
-        # A split past the sequence's end ran no tile (l_i = 0): keep its values finite; the merge skips it.
+        # A split past the sequence's end (or before its window) ran no tile (l_i = 0): keep its values finite; the
+        # merge skips it (or weighs it 0: its lse is -inf).
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        if HAS_SINKS and not SPLIT:
+            # The sink joins the denominator once: exp2(sink - m) next to l_i, rescaled to the larger of the two maxima.
+            sink = tl.load(sinks_ptr + head, mask=g_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+            m_all = tl.maximum(m_i, sink)
+            l_safe = l_i * tl.exp2(m_i - m_all) + tl.exp2(sink - m_all)
+            acc = acc * tl.exp2(m_i - m_all)[:, None]
         o = acc / l_safe[:, None]
         if SPLIT:
             # scratch part_o (B, Hq, num_splits, HEAD_DIM), part_lse (B, Hq, num_splits): fp32, lse in base 2
@@ -208,9 +218,9 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_reduce_kernel(
-        part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, num_q_heads, num_splits, tokens_per_split,
+        part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, sinks_ptr, num_q_heads, num_splits, tokens_per_split,
         stride_ob, stride_oh,
-        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, HAS_SINKS: tl.constexpr = False,
     ):
         # grid (B, Hq): out[b, h] = sum_s w_s o_s / sum_s w_s with w_s = exp2(lse_s - max lse), over the splits
         # that hold tokens of this sequence (the first cdiv(seq_len, tokens_per_split)).
@@ -223,10 +233,18 @@ if triton is not None:
         s_mask = s < n_valid
         row = (b * num_q_heads + h) * num_splits + s  # (SPLITS_PAD,)
         lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))
-        w = tl.exp2(lse - tl.max(lse, 0))  # split 0 always holds a token: the max is finite, masked weights are 0
+        # The last valid split always holds a token: the max is finite; masked (and empty) splits weigh 0.
+        m = tl.max(lse, 0)
+        if HAS_SINKS:
+            sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634  # base 2, like lse
+            m = tl.maximum(m, sink)
+        w = tl.exp2(lse - m)
         o_mask = s_mask[:, None] & (d < HEAD_DIM)[None, :]
         o = tl.load(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=o_mask, other=0.0)  # (SPLITS_PAD, D_PAD)
-        out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+        denom = tl.sum(w, 0)
+        if HAS_SINKS:
+            denom += tl.exp2(sink - m)  # the sink joins the denominator once, with no value
+        out = tl.sum(o * w[:, None], 0) / denom
         tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
@@ -270,7 +288,8 @@ def _outputs(q: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                             seq_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                             seq_lens: torch.Tensor, scale: float | None = None, sinks: torch.Tensor | None = None,
+                             sliding_window: int | None = None) -> torch.Tensor:
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
@@ -289,18 +308,27 @@ def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     out, part_o, part_lse = _outputs(q, num_splits)
     # fp32 inputs: "ieee" keeps the dot in full fp32 (the default would round to tf32, ~1e-3 relative error).
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    # gpt-oss extras, compiled in only when used: sinks (Hq,) join the softmax denominator; a sliding window moves
+    # each split's first token to max(start, seq_len - window), so the pages before the window are never read.
+    extras: dict[str, Any] = {}
+    if sinks is not None:
+        extras["HAS_SINKS"] = True
+    if sliding_window is not None:
+        extras["WINDOW"] = True
     _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_table, seq_lens, out, part_o, part_lse,
-        scale * LOG2E, group, num_q_heads, num_splits, tokens_per_split,
+        q, k_cache, v_cache, block_table, seq_lens, out, part_o, part_lse, sinks if sinks is not None else q,
+        scale * LOG2E, group, num_q_heads, num_splits, tokens_per_split, int(sliding_window or 0),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         out.stride(0), out.stride(1),
         PAGE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad, G_PAD=g_pad, BLOCK_N=block_n, SPLIT=num_splits > 1,
-        DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages, **extras,
     )
     if num_splits > 1:
         _decode_attention_reduce_kernel[(batch, num_q_heads)](
-            part_o, part_lse, seq_lens, out, num_q_heads, num_splits, tokens_per_split, out.stride(0), out.stride(1),
+            part_o, part_lse, seq_lens, out, sinks if sinks is not None else q, num_q_heads, num_splits,
+            tokens_per_split, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, D_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+            **({"HAS_SINKS": True} if sinks is not None else {}),
         )
     return out
 

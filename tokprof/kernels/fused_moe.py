@@ -43,6 +43,12 @@ from tokprof.kernels._common import (
     value_checks_apply,
 )
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships for Linux only
+    triton = None
+
 ACTIVATIONS: tuple[str, ...] = ("silu", "gpt_oss")
 GPT_OSS_LIMIT = 7.0  # gpt-oss config swiglu_limit
 GPT_OSS_ALPHA = 1.702  # gpt-oss's sigmoid slope (transformers' GptOssConfig.swiglu_alpha default)
@@ -100,9 +106,177 @@ def _fused_moe_torch(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Ten
     return acc.to(x.dtype)
 
 
+# -------------------------------------------------------------------------------------------------------- triton
+
+if triton is not None:
+
+    @triton.jit
+    def _moe_gate_up_kernel(
+        x_ptr, w_ptr, b_ptr, inter_ptr, sorted_pairs_ptr, block_expert_ptr, block_row_ptr, block_end_ptr,
+        num_experts, hidden, inter, top_k,
+        stride_x, stride_we, stride_wn, stride_be, stride_inter,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GPT_OSS: tl.constexpr,
+        HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        # grid (max row blocks, cdiv(I, BLOCK_N)). Row block `blk` holds up to BLOCK_M sorted (token, slot) pairs of
+        # one expert; blocks past the last active expert's have expert id E and exit at once. The program computes
+        # columns [n0, n0 + BLOCK_N) of gate and of up for its pairs, applies the activation and writes them to the
+        # intermediate (sorted pair, I), in x's dtype.
+        blk = tl.program_id(0)
+        expert = tl.load(block_expert_ptr + blk)
+        if expert >= num_experts:
+            return
+        row0 = tl.load(block_row_ptr + blk)
+        row_end = tl.load(block_end_ptr + blk)
+        rows = row0 + tl.arange(0, BLOCK_M)  # positions in the sorted pair list
+        row_ok = rows < row_end
+        pairs = tl.load(sorted_pairs_ptr + rows, mask=row_ok, other=0)
+        tokens = (pairs // top_k).to(tl.int64)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < inter
+        k = tl.arange(0, BLOCK_K)
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            kk = k0 + k
+            k_ok = kk < hidden
+            a = tl.load(x_ptr + tokens[:, None] * stride_x + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # (BLOCK_M, BLOCK_K)
+            w_mask = n_ok[:, None] & k_ok[None, :]
+            w_gate = tl.load(w_base + n[:, None] * stride_wn + kk[None, :], mask=w_mask, other=0.0)  # (BN, BK)
+            w_up = tl.load(w_base + (inter + n)[:, None] * stride_wn + kk[None, :], mask=w_mask, other=0.0)
+            acc_gate = tl.dot(a, tl.trans(w_gate), acc_gate, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(a, tl.trans(w_up), acc_up, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            b_base = b_ptr + expert.to(tl.int64) * stride_be
+            acc_gate += tl.load(b_base + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc_up += tl.load(b_base + inter + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if GPT_OSS:  # gpt-oss's clamped SwiGLU (limit 7, alpha 1.702)
+            gate = tl.minimum(acc_gate, 7.0)
+            up = tl.minimum(tl.maximum(acc_up, -7.0), 7.0)
+            act = (up + 1.0) * (gate * tl.sigmoid(gate * 1.702))
+        else:
+            act = acc_gate * tl.sigmoid(acc_gate) * acc_up
+        tl.store(inter_ptr + rows.to(tl.int64)[:, None] * stride_inter + n[None, :],
+                 act.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _moe_down_kernel(
+        inter_ptr, w_ptr, b_ptr, weights_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr, block_row_ptr,
+        block_end_ptr, num_experts, hidden, inter,
+        stride_inter, stride_we, stride_wn, stride_be, stride_out,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        # grid (max row blocks, cdiv(H, BLOCK_N)): out_pairs[pair, n] = weight[pair] * (act[row] @ W_down[e]^T + b)
+        # for the block's pairs, written in fp32 at the pair's own row (t * k + j), so the combine is a plain sum.
+        blk = tl.program_id(0)
+        expert = tl.load(block_expert_ptr + blk)
+        if expert >= num_experts:
+            return
+        row0 = tl.load(block_row_ptr + blk)
+        row_end = tl.load(block_end_ptr + blk)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        pairs = tl.load(sorted_pairs_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < hidden
+        k = tl.arange(0, BLOCK_K)
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            kk = k0 + k
+            k_ok = kk < inter
+            a = tl.load(inter_ptr + rows.to(tl.int64)[:, None] * stride_inter + kk[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+            w = tl.load(w_base + n[:, None] * stride_wn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # (BLOCK_N, BLOCK_K)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + expert.to(tl.int64) * stride_be + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        weight = tl.load(weights_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + pairs[:, None] * stride_out + n[None, :], acc * weight[:, None],
+                 mask=row_ok[:, None] & n_ok[None, :])
+
+
+def _moe_config(num_pairs: int, num_experts: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps), by rule. Decode batches put ~T*k/E pairs on each active expert
+    (1-2 for DeepSeek-R1 at B <= 64), so BLOCK_M is tl.dot's minimum of 16 until experts hold more rows; the weight
+    tiles (BLOCK_N x BLOCK_K) are what streams from HBM. On the CPU interpreter: small tiles that still cover
+    several N tiles and K steps of the tiny test shapes."""
+    if device.type != "cuda":
+        return 16, 32, 32, 4
+    rows_per_expert = num_pairs / max(1, min(num_experts, num_pairs))
+    block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64
+    return block_m, 64, 128, 4
+
+
+def _route_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """Sort the (token, slot) pairs by expert and cut each active expert's pairs into row blocks of block_m.
+
+    Returns sorted_pairs (T*k,) int32 (pair p = t*k + j, grouped by expert), and per row block: its expert (E for
+    the unused tail of the grid), its first sorted row and the end of its expert's rows, each (max_blocks,) int32.
+    All on the device without a host synchronisation (capturable in a CUDA graph): the grid size max_blocks =
+    floor(T*k / block_m) + min(E, T*k) bounds sum_e ceil(count_e / block_m) from shapes alone, and experts that no
+    token chose own no block at all.
+    """
+    flat = topk_ids.reshape(-1).long()
+    num_pairs = flat.numel()
+    device = topk_ids.device
+    sorted_pairs = torch.argsort(flat, stable=True).to(torch.int32)  # (T*k,)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+    blocks = (counts + block_m - 1) // block_m  # (E,) row blocks per expert; 0 for an expert no token chose
+    block_end_cum = torch.cumsum(blocks, 0)  # (E,)
+    pair_start = torch.cumsum(counts, 0) - counts  # (E,) first sorted row of each expert
+    max_blocks = num_pairs // block_m + min(num_experts, num_pairs)
+    blk = torch.arange(max_blocks, device=device)
+    expert = torch.searchsorted(block_end_cum, blk, right=True)  # (max_blocks,) E past the last block
+    e_safe = expert.clamp(max=num_experts - 1)
+    local = blk - (block_end_cum[e_safe] - blocks[e_safe])  # block index within its expert
+    row0 = pair_start[e_safe] + local * block_m
+    row_end = pair_start[e_safe] + counts[e_safe]
+    return (sorted_pairs, expert.to(torch.int32), row0.to(torch.int32), row_end.to(torch.int32))
+
+
+def _fused_moe_triton(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor, activation: str, b_gate_up: torch.Tensor | None,
+                      b_down: torch.Tensor | None) -> torch.Tensor:
+    num_tokens, hidden = x.shape
+    num_experts, two_i, _ = w_gate_up.shape
+    inter = two_i // 2
+    top_k = topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    block_m, block_n, block_k, num_warps = _moe_config(num_pairs, num_experts, x.device)
+    sorted_pairs, block_expert, block_row, block_end = _route_blocks(topk_ids, num_experts, block_m)
+    max_blocks = block_expert.numel()
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    act = new_output((num_pairs, inter), x.dtype, x.device)  # (sorted pair, I)
+    _moe_gate_up_kernel[(max_blocks, triton.cdiv(inter, block_n))](
+        x, w_gate_up, b_gate_up if b_gate_up is not None else x, act, sorted_pairs, block_expert, block_row,
+        block_end, num_experts, hidden, inter, top_k,
+        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), b_gate_up.stride(0) if b_gate_up is not None else 0,
+        act.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GPT_OSS=activation == "gpt_oss",
+        HAS_BIAS=b_gate_up is not None, DOT_PRECISION=precision, num_warps=num_warps,
+    )
+    weights = topk_weights.reshape(-1)  # (T*k,) by pair
+    out_pairs = new_output((num_pairs, hidden), torch.float32, x.device)  # (pair, H), fp32 for the combine
+    _moe_down_kernel[(max_blocks, triton.cdiv(hidden, block_n))](
+        act, w_down, b_down if b_down is not None else x, weights, out_pairs, sorted_pairs, block_expert,
+        block_row, block_end, num_experts, hidden, inter,
+        act.stride(0), w_down.stride(0), w_down.stride(1), b_down.stride(0) if b_down is not None else 0,
+        out_pairs.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=b_down is not None, DOT_PRECISION=precision,
+        num_warps=num_warps,
+    )
+    # The combine: a fixed-order sum over each token's k rows (deterministic, unlike atomics).
+    return out_pairs.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
+
+
 # -------------------------------------------------------------------------------------------------------- public
 
-_IMPLS: dict[str, Any] = {"torch": _fused_moe_torch}
+_IMPLS: dict[str, Any] = {"torch": _fused_moe_torch, "triton": _fused_moe_triton}
 
 
 def _check_ids(topk_ids: torch.Tensor, num_experts: int) -> None:

@@ -100,6 +100,7 @@ if triton is not None:
         e_ok = e < num_experts
         x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_l + e[None, :],
                     mask=row_ok[:, None] & e_ok[None, :], other=float("-inf")).to(tl.float32)
+        x = tl.where(row_ok[:, None], x, 0.0)  # rows past T: finite (never stored); padded experts stay -inf
         if SIGMOID:
             scores = tl.sigmoid(x)
         else:

@@ -92,7 +92,7 @@ if triton is not None:
     @triton.jit
     def _attn_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, lo, hi, S, qk_scale,
                     BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, TAIL_MASK: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, window, WINDOW_MASK: tl.constexpr):
         # One stage of the KV loop over keys [lo, hi). Blocks strictly below the diagonal need no mask at all; only
         # the diagonal blocks (CAUSAL_MASK) and the last partial block (TAIL_MASK) pay for the masks.
         offs_n0 = tl.arange(0, BLOCK_N)
@@ -101,7 +101,7 @@ if triton is not None:
             offs_n = start_n + offs_n0
             k_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]  # (D, BLOCK_N) = K^T tile
             v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]  # (BLOCK_N, D)
-            if CAUSAL_MASK or TAIL_MASK:
+            if CAUSAL_MASK or TAIL_MASK or WINDOW_MASK:
                 kv_ok = offs_n < S
                 k = tl.load(k_ptrs, mask=kv_ok[None, :], other=0.0)
                 v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
@@ -114,10 +114,19 @@ if triton is not None:
                 qk = tl.where(keep, qk, float("-inf"))
             elif TAIL_MASK:
                 qk = tl.where(offs_n[None, :] < S, qk, float("-inf"))
-            # Every row keeps at least one key per masked block (its diagonal, or key `lo` < S), so m_new is finite.
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
+            if WINDOW_MASK:  # sliding window: key j visible from row i only if j > i - window
+                qk = tl.where(offs_n[None, :] > offs_m[:, None] - window, qk, float("-inf"))
+                # A row may see no key of this block yet (all before its window): m_new stays -inf, and the
+                # exponentials must use 0 instead of -inf - -inf = NaN.
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.math.exp2(qk - m_use[:, None])
+                alpha = tl.math.exp2(m_i - m_use)
+            else:
+                # Every row keeps at least one key per masked block (its diagonal, or key `lo` < S): m_new is finite.
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                p = tl.math.exp2(qk - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -125,13 +134,14 @@ if triton is not None:
         return acc, l_i, m_i
 
     @triton.jit
-    def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qk_scale, S, HQ, GROUP,
+    def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, sinks_ptr, qk_scale, S, HQ, GROUP, window,
                              stride_qb, stride_qh, stride_qs,
                              stride_kb, stride_kh, stride_ks,
                              stride_vb, stride_vh, stride_vs,
                              stride_ob, stride_oh, stride_os,
                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                             CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             HAS_SINKS: tl.constexpr = False, WINDOW: tl.constexpr = False):
         # grid (cdiv(S, BLOCK_M), B * Hq): one program per block of BLOCK_M query rows of one query head.
         start_m = tl.program_id(0)
         if CAUSAL:
@@ -155,21 +165,37 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        if CAUSAL:
+        if WINDOW:
+            # Sliding window (causal): rows [diag_lo, diag_lo + BLOCK_M) see keys (i - window, i]; start at the block
+            # holding the first row's first visible key, skip everything before it, mask every block read.
+            diag_lo = start_m * BLOCK_M
+            lo = tl.maximum(diag_lo - window + 1, 0) // BLOCK_N * BLOCK_N
+            diag_hi = tl.minimum(diag_lo + BLOCK_M, S)
+            acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
+                                        lo, diag_hi, S, qk_scale, BLOCK_N, True, False, DOT_PRECISION, window, True)
+        elif CAUSAL:
             # Off-band: keys [0, start_m*BLOCK_M) are all visible and all < S (BLOCK_M is a multiple of BLOCK_N).
             diag_lo = start_m * BLOCK_M
             acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                                        0, diag_lo, S, qk_scale, BLOCK_N, False, False, DOT_PRECISION)
+                                        0, diag_lo, S, qk_scale, BLOCK_N, False, False, DOT_PRECISION, 0, False)
             # On-band: the diagonal block, masked; blocks above it are skipped entirely.
             diag_hi = tl.minimum(diag_lo + BLOCK_M, S)
             acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                                        diag_lo, diag_hi, S, qk_scale, BLOCK_N, True, False, DOT_PRECISION)
+                                        diag_lo, diag_hi, S, qk_scale, BLOCK_N, True, False, DOT_PRECISION, 0, False)
         else:
             full_hi = (S // BLOCK_N) * BLOCK_N
             acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                                        0, full_hi, S, qk_scale, BLOCK_N, False, False, DOT_PRECISION)
+                                        0, full_hi, S, qk_scale, BLOCK_N, False, False, DOT_PRECISION, 0, False)
             acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                                        full_hi, S, S, qk_scale, BLOCK_N, False, True, DOT_PRECISION)
+                                        full_hi, S, S, qk_scale, BLOCK_N, False, True, DOT_PRECISION, 0, False)
+        if HAS_SINKS:  # the head's sink logit joins the denominator (base 2 like m_i), with no value
+            sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+            m_all = tl.maximum(m_i, sink)
+            rescale = tl.math.exp2(m_i - m_all)
+            acc = acc * rescale[:, None]
+            l_i = l_i * rescale + tl.math.exp2(sink - m_all)
+        if WINDOW:  # padding rows past S may see no key at all (l_i = 0); they are not stored, keep them finite
+            l_i = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_i[:, None]
         tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None])
@@ -197,8 +223,8 @@ def _attn_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]
     return 64, 32, 4, 2
 
 
-def _prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                              scale: float) -> torch.Tensor:
+def _prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                              sinks: torch.Tensor | None = None, sliding_window: int | None = None) -> torch.Tensor:
     batch, hq, seq, head_dim = q.shape
     group = hq // k.shape[1]
     out = new_output(tuple(q.shape), q.dtype, q.device)  # (B, Hq, S, D)
@@ -209,14 +235,19 @@ def _prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"q: the triton backend takes B * Hq up to {_MAX_GRID_Y} (CUDA's limit on grid axis 1), got "
                          f"B={batch} x Hq={hq} = {batch * hq}; split the batch")
     grid = (triton.cdiv(seq, block_m), batch * hq)
+    extras = {}  # gpt-oss's sinks and sliding window, compiled in only when used
+    if sinks is not None:
+        extras["HAS_SINKS"] = True
+    if sliding_window is not None:
+        extras["WINDOW"] = True
     _prefill_attn_kernel[grid](
-        q, k, v, out, scale * _LOG2E, seq, hq, group,
+        q, k, v, out, sinks if sinks is not None else q, scale * _LOG2E, seq, hq, group, int(sliding_window or 0),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DOT_PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **extras,
     )
     return out
 
