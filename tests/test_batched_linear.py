@@ -73,3 +73,20 @@ def test_append_mla_kv_writes_rows_at_scattered_slots(backend):
         append_mla_kv(latent, k_rope, cache, torch.tensor([0, 1, 2, 3, 16]), backend="torch")
     with pytest.raises(ValueError, match="kv_cache: expected shape"):
         append_mla_kv(latent, k_rope, torch.zeros(2, 4, lat), slots, backend="torch")
+
+
+# ------------------------------------------------------------------------------------ bias_add (gpt-oss's biases)
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
+def test_bias_add_on_a_row_slice(backend):
+    from tokprof.kernels import bias_add
+
+    device = "cpu" if backend == "torch" else TRITON_DEVICE
+    gen = torch.Generator().manual_seed(4)
+    full = torch.randn(3, 1100, generator=gen)
+    x, bias = full[:, 5:1090], torch.randn(1085, generator=gen)  # N above one Triton block, strided rows
+    out = bias_add(x.to(device), bias.to(device), backend=backend)
+    assert out.is_contiguous() and torch.equal(out.cpu(), x + bias)
+    assert OPS["bias_add"].cost({"T": 3, "N": 7}, torch.float16) == (21, (2 * 21 + 7) * 2)
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        bias_add(x, torch.zeros(4), backend="torch")
