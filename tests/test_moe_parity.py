@@ -5,7 +5,9 @@ DeepSeek's selection bias so that every weight matters), saved with save_pretrai
 CPU in float32:
 - Qwen3-MoE: 8 experts, top-2 renormalised, layer 1 dense (mlp_only_layers), q/k norm;
 - DeepSeek-V3: MLA with q_lora_rank, interleaved RoPE with YaRN (mscale_all_dim in the softmax scale), a dense first
-  layer, one shared expert, sigmoid scoring with grouped top-k (4 groups, 2 kept) and routed scaling.
+  layer, one shared expert, sigmoid scoring with grouped top-k (4 groups, 2 kept) and routed scaling;
+- gpt-oss: q/k/v/o biases, attention sinks, a sliding layer (window 4, shorter than the prompt) and a full one,
+  YaRN (its attention factor folded into the softmax scale), router bias, expert biases and the clamped SwiGLU.
 Also: the decode step runs exactly the calls of decode_plan (the e2e loop measures the plan's work), and the routing
 histogram the Transformer records is the one transformers' router gives.
 """
@@ -74,10 +76,32 @@ def _deepseek(path: Path) -> Path:
     return _save(transformers.DeepseekV3ForCausalLM, cfg, path, seed=22)
 
 
+def _gpt_oss(path: Path) -> Path:
+    # A window of 4 tokens: shorter than the prompt, so sliding layers drop keys in prefill and decode.
+    cfg = transformers.GptOssConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32},
+        initializer_range=0.1, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(23)
+    model = transformers.GptOssForCausalLM(cfg)
+    _randomise(model, 23)
+    gen = torch.Generator().manual_seed(24)
+    with torch.no_grad():  # transformers initialises these to zero: random values check that each is applied
+        for name, param in model.named_parameters():
+            if name.endswith(("_bias", "sinks", "router.weight")):
+                param.copy_(0.5 * torch.randn(param.shape, generator=gen))
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf_moe")
-    return {"qwen3_moe": _qwen3_moe(root / "qwen3_moe"), "deepseek_v3": _deepseek(root / "deepseek_v3")}
+    return {"qwen3_moe": _qwen3_moe(root / "qwen3_moe"), "deepseek_v3": _deepseek(root / "deepseek_v3"),
+            "gpt_oss": _gpt_oss(root / "gpt_oss")}
 
 
 def _hf_generate(path: Path, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,17 +125,17 @@ def _check_parity(path: Path, backend: str, seed: int, device: str = "cpu") -> N
     assert (want_logits.max(-1).values - want_logits.mean(-1)).min().item() > 0.05  # not a flat, degenerate model
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_parity_torch_backend(checkpoints: dict[str, Path], name: str) -> None:
     _check_parity(checkpoints[name], "torch", seed=30)
 
 
-_TRITON_OPS = {"qwen3_moe": ("moe_router", "fused_moe"),
+_TRITON_OPS = {"qwen3_moe": ("moe_router", "fused_moe"), "gpt_oss": ("moe_router", "fused_moe"),
                "deepseek_v3": ("moe_router", "fused_moe", "mla_decode_attention", "mla_prefill_attention")}
 
 
 @requires_triton
-@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_parity_triton_backend(checkpoints: dict[str, Path], name: str) -> None:
     missing = [op for op in _TRITON_OPS[name] if "triton" not in OPS[op].impls]
     if missing:
@@ -146,23 +170,25 @@ _SHAPES = {  # each kernel call -> the shape keys of its registry op, as the pla
                                                    "block_size": kc.shape[1]},
     "append_mla_kv": lambda lat, kr, cache, slots, **_: {"T": lat.shape[0], "L": lat.shape[1], "R": kr.shape[1],
                                                          "block_size": cache.shape[1]},
-    "decode_attention": lambda q, kc, vc, table, lens, **_: {"B": q.shape[0], "Hq": q.shape[1], "Hkv": kc.shape[2],
-                                                             "D": q.shape[2], "context": int(lens[0]),
-                                                             "block_size": kc.shape[1]},
+    "decode_attention": lambda q, kc, vc, table, lens, **kw: {
+        "B": q.shape[0], "Hq": q.shape[1], "Hkv": kc.shape[2], "D": q.shape[2], "block_size": kc.shape[1],
+        "context": min(int(lens[0]), kw.get("sliding_window") or int(lens[0]))},
+    "bias_add": lambda x, b, **_: {"T": x.shape[0], "N": x.shape[1]},
     "mla_decode_attention": lambda ql, qr, cache, table, lens, **_: {
         "B": ql.shape[0], "H": ql.shape[1], "L": ql.shape[2], "R": qr.shape[2], "context": int(lens[0]),
         "block_size": cache.shape[1]},
     "moe_router": lambda logits, **kw: {"T": logits.shape[0], "E": logits.shape[1], "k": kw["top_k"],
                                         "n_group": kw["n_group"], "topk_group": kw["topk_group"]},
-    "fused_moe": lambda x, gu, down, w, ids, **_: {"T": x.shape[0], "H": x.shape[1], "I": down.shape[2],
-                                                   "E": gu.shape[0], "k": ids.shape[1]},
+    "fused_moe": lambda x, gu, down, w, ids, **kw: {
+        "T": x.shape[0], "H": x.shape[1], "I": down.shape[2], "E": gu.shape[0], "k": ids.shape[1],
+        **({"gpt_oss": 1} if kw.get("activation") == "gpt_oss" else {})},
     "swiglu": lambda gu, **_: {"T": gu.shape[0], "I": gu.shape[1] // 2},
     "greedy_sample": lambda logits, **_: {"B": logits.shape[0], "V": logits.shape[1]},
 }
 _LEFT_OUT = {"append_kv": ("num_blocks",), "append_mla_kv": ("num_blocks",), "fused_moe": ("active_experts",)}
 
 
-@pytest.mark.parametrize("preset,batch", [("tiny-moe", 1), ("tiny-moe", 3), ("tiny-mla", 3)])
+@pytest.mark.parametrize("preset,batch", [("tiny-moe", 1), ("tiny-moe", 3), ("tiny-mla", 3), ("tiny-gpt-oss", 2)])
 def test_decode_step_runs_exactly_the_plan(monkeypatch: pytest.MonkeyPatch, preset: str, batch: int) -> None:
     """One decode step calls the kernels of decode_plan, shape for shape and count for count (the cache size and
     the modelled number of experts read are left out: properties of the cache and of the routing, not the call)."""

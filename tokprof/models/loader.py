@@ -22,7 +22,16 @@ from pathlib import Path
 import torch
 
 from tokprof.models.config import ModelConfig
-from tokprof.models.loader_moe import MLAWeights, MoEWeights, fuse_mla, fuse_moe, hf_moe_shapes, hf_moe_state_dict
+from tokprof.models.loader_moe import (
+    AttentionExtras,
+    MLAWeights,
+    MoEWeights,
+    fuse_extras,
+    fuse_mla,
+    fuse_moe,
+    hf_moe_shapes,
+    hf_moe_state_dict,
+)
 
 try:
     from safetensors import safe_open
@@ -45,6 +54,7 @@ class LayerWeights:
     k_norm: torch.Tensor | None = None  # (D,) Qwen3 only
     mla: MLAWeights | None = None  # DeepSeek-V3's latent attention
     moe: MoEWeights | None = None  # an MoE layer's router and stacked experts
+    extras: AttentionExtras | None = None  # gpt-oss: q/k/v/o biases and attention sinks
 
 
 @dataclass
@@ -61,12 +71,9 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    if cfg.architecture in ("qwen3_moe", "deepseek_v3"):
+    if cfg.architecture in ("qwen3_moe", "deepseek_v3", "gpt_oss"):
         shapes.update(hf_moe_shapes(cfg))
         return shapes
-    if cfg.architecture not in ("llama", "qwen3"):
-        raise ValueError(f"architecture: tokprof's Transformer runs llama, qwen3, qwen3_moe and deepseek_v3 models, "
-                         f"not {cfg.architecture} yet (its config, presets and plans exist)")
     for layer in range(cfg.num_layers):
         p = f"model.layers.{layer}."
         shapes.update({
@@ -226,6 +233,7 @@ def _fuse_moe_layer(cfg: ModelConfig, flat: dict[str, torch.Tensor], p: str, rop
     else:
         qkv = torch.cat([flat.pop(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")], dim=0)
         o = flat.pop(p + "self_attn.o_proj.weight").contiguous()
+    extras = fuse_extras(cfg, flat, p + "self_attn.")
     if cfg.is_moe_layer(layer):
         moe = fuse_moe(cfg, flat, p + "mlp.")
     else:
@@ -234,7 +242,7 @@ def _fuse_moe_layer(cfg: ModelConfig, flat: dict[str, torch.Tensor], p: str, rop
     return LayerWeights(input_norm=flat.pop(p + "input_layernorm.weight"), qkv=qkv, o=o,
                         post_norm=flat.pop(p + "post_attention_layernorm.weight"), gate_up=gate_up, down=down,
                         q_norm=flat.pop(p + "self_attn.q_norm.weight", None),
-                        k_norm=flat.pop(p + "self_attn.k_norm.weight", None), mla=mla, moe=moe)
+                        k_norm=flat.pop(p + "self_attn.k_norm.weight", None), mla=mla, moe=moe, extras=extras)
 
 
 def hf_state_dict(cfg: ModelConfig, weights: ModelWeights, per_expert: bool = False) -> dict[str, torch.Tensor]:

@@ -41,6 +41,18 @@ class MoEWeights:
     gate_up: torch.Tensor  # (E + n_shared, 2I, H)
     down: torch.Tensor  # (E + n_shared, H, I)
     score_bias: torch.Tensor | None = None  # (E,) float32: DeepSeek's e_score_correction_bias (selection only)
+    router_bias: torch.Tensor | None = None  # (E,) gpt-oss: added to the router logits
+    b_gate_up: torch.Tensor | None = None  # (E, 2I) gpt-oss, [gate | up]
+    b_down: torch.Tensor | None = None  # (E, H) gpt-oss
+
+
+@dataclass
+class AttentionExtras:
+    """gpt-oss's additions to standard attention."""
+
+    qkv_bias: torch.Tensor  # (q_size + 2*kv_size,)
+    o_bias: torch.Tensor  # (H,)
+    sinks: torch.Tensor  # (num_heads,) one sink logit per head
 
 
 def _deinterleave(r: int) -> torch.Tensor:
@@ -71,6 +83,11 @@ def hf_moe_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         else:
             shapes.update({a + "q_proj.weight": (cfg.q_size, h), a + "k_proj.weight": (cfg.kv_size, h),
                            a + "v_proj.weight": (cfg.kv_size, h), a + "o_proj.weight": (h, cfg.q_size)})
+            if cfg.attention_bias:
+                shapes.update({a + "q_proj.bias": (cfg.q_size,), a + "k_proj.bias": (cfg.kv_size,),
+                               a + "v_proj.bias": (cfg.kv_size,), a + "o_proj.bias": (h,)})
+            if cfg.attention_sinks:
+                shapes[a + "sinks"] = (cfg.num_heads,)
             if cfg.qk_norm:
                 shapes[a + "q_norm.weight"] = (cfg.head_dim,)
                 shapes[a + "k_norm.weight"] = (cfg.head_dim,)
@@ -81,6 +98,12 @@ def hf_moe_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                            m + "down_proj.weight": (h, i)})
             continue
         i = cfg.moe_intermediate_size
+        if cfg.architecture == "gpt_oss":  # experts stored fused and transposed, gate and up columns interleaved
+            e = cfg.num_experts
+            shapes.update({m + "router.weight": (e, h), m + "router.bias": (e,),
+                           m + "experts.gate_up_proj": (e, h, 2 * i), m + "experts.gate_up_proj_bias": (e, 2 * i),
+                           m + "experts.down_proj": (e, i, h), m + "experts.down_proj_bias": (e, h)})
+            continue
         shapes[m + "gate.weight"] = (cfg.num_experts, h)
         if cfg.architecture == "deepseek_v3":
             shapes[m + "gate.e_score_correction_bias"] = (cfg.num_experts,)
@@ -114,8 +137,22 @@ def fuse_mla(cfg: ModelConfig, flat: dict[str, torch.Tensor], prefix: str, inter
         o=flat.pop(prefix + "o_proj.weight").contiguous())
 
 
+def fuse_gpt_oss_moe(flat: dict[str, torch.Tensor], prefix: str) -> MoEWeights:
+    """gpt-oss experts: gate_up_proj (E, H, 2I) with gate in the even columns -> (E, 2I, H) [gate | up] rows."""
+    gu = flat.pop(prefix + "experts.gate_up_proj")
+    b = flat.pop(prefix + "experts.gate_up_proj_bias")
+    return MoEWeights(
+        router=flat.pop(prefix + "router.weight").contiguous(), router_bias=flat.pop(prefix + "router.bias"),
+        gate_up=torch.cat([gu[:, :, 0::2], gu[:, :, 1::2]], dim=2).transpose(1, 2).contiguous(),
+        down=flat.pop(prefix + "experts.down_proj").transpose(1, 2).contiguous(),
+        b_gate_up=torch.cat([b[:, 0::2], b[:, 1::2]], dim=1).contiguous(),
+        b_down=flat.pop(prefix + "experts.down_proj_bias").contiguous())
+
+
 def fuse_moe(cfg: ModelConfig, flat: dict[str, torch.Tensor], prefix: str) -> MoEWeights:
     """Stacked expert weights of one MoE layer (routed, then the shared experts split to width I)."""
+    if cfg.architecture == "gpt_oss":
+        return fuse_gpt_oss_moe(flat, prefix)
     i = cfg.moe_intermediate_size
     gate_up, down = [], []
     for e in range(cfg.num_experts):
@@ -147,11 +184,27 @@ def random_mla(cfg: ModelConfig, normal, norm_weight) -> MLAWeights:  # noqa: AN
 def random_moe(cfg: ModelConfig, normal) -> MoEWeights:  # noqa: ANN001
     e, h, i = cfg.num_experts + cfg.n_shared_experts, cfg.hidden_size, cfg.moe_intermediate_size
     bias = normal(cfg.num_experts).float() if cfg.architecture == "deepseek_v3" else None
+    oss = cfg.architecture == "gpt_oss"
     return MoEWeights(router=normal(cfg.num_experts, h), gate_up=normal(e, 2 * i, h), down=normal(e, h, i),
-                      score_bias=bias)
+                      score_bias=bias, router_bias=normal(e) if oss else None,
+                      b_gate_up=normal(e, 2 * i) if oss else None, b_down=normal(e, h) if oss else None)
 
 
-def moe_weight_tensors(w: MLAWeights | MoEWeights | None) -> list[torch.Tensor]:
+def random_extras(cfg: ModelConfig, normal) -> AttentionExtras | None:  # noqa: ANN001
+    if cfg.architecture != "gpt_oss":
+        return None
+    return AttentionExtras(qkv_bias=normal(cfg.q_size + 2 * cfg.kv_size), o_bias=normal(cfg.hidden_size),
+                           sinks=normal(cfg.num_heads))
+
+
+def fuse_extras(cfg: ModelConfig, flat: dict[str, torch.Tensor], a: str) -> AttentionExtras | None:
+    if cfg.architecture != "gpt_oss":
+        return None
+    return AttentionExtras(qkv_bias=torch.cat([flat.pop(a + f"{n}_proj.bias") for n in ("q", "k", "v")]),
+                           o_bias=flat.pop(a + "o_proj.bias"), sinks=flat.pop(a + "sinks"))
+
+
+def moe_weight_tensors(w: MLAWeights | MoEWeights | AttentionExtras | None) -> list[torch.Tensor]:
     if w is None:
         return []
     return [t for t in vars(w).values() if isinstance(t, torch.Tensor)]
@@ -178,6 +231,20 @@ def hf_moe_state_dict(cfg: ModelConfig, layers: list, per_expert: bool) -> dict[
                         a + "v_proj.weight": w.qkv[q + kv:], a + "o_proj.weight": w.o})
             if cfg.qk_norm:
                 out[a + "q_norm.weight"], out[a + "k_norm.weight"] = w.q_norm, w.k_norm
+            if w.extras is not None:
+                x = w.extras
+                out.update({a + "q_proj.bias": x.qkv_bias[:q], a + "k_proj.bias": x.qkv_bias[q:q + kv],
+                            a + "v_proj.bias": x.qkv_bias[q + kv:], a + "o_proj.bias": x.o_bias, a + "sinks": x.sinks})
+        if w.moe is not None and cfg.architecture == "gpt_oss":
+            gu = w.moe.gate_up  # (E, 2I, H) -> (E, H, 2I) with gate and up interleaved again (a copy)
+            out.update({m + "router.weight": w.moe.router, m + "router.bias": w.moe.router_bias,
+                        m + "experts.gate_up_proj": torch.stack([gu[:, :i], gu[:, i:]], dim=2).reshape(
+                            e, 2 * i, -1).transpose(1, 2),
+                        m + "experts.gate_up_proj_bias": torch.stack(
+                            [w.moe.b_gate_up[:, :i], w.moe.b_gate_up[:, i:]], dim=2).reshape(e, 2 * i),
+                        m + "experts.down_proj": w.moe.down.transpose(1, 2),
+                        m + "experts.down_proj_bias": w.moe.b_down})
+            continue
         if w.moe is None:
             n = cfg.intermediate_size
             out.update({m + "gate_proj.weight": w.gate_up[:n], m + "up_proj.weight": w.gate_up[n:],
@@ -223,6 +290,10 @@ def hf_moe_config(cfg: ModelConfig) -> dict[str, object]:
     """The family-specific config.json keys of a Qwen3-MoE or DeepSeek-V3 config."""
     common = {"num_experts_per_tok": cfg.num_experts_per_tok, "moe_intermediate_size": cfg.moe_intermediate_size,
               "norm_topk_prob": cfg.norm_topk_prob}
+    if cfg.architecture == "gpt_oss":
+        return {"num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+                "intermediate_size": cfg.moe_intermediate_size, "sliding_window": cfg.sliding_window,
+                "layer_types": list(cfg.layer_types), "attention_bias": True, "swiglu_limit": cfg.swiglu_limit}
     if cfg.architecture == "qwen3_moe":
         return {**common, "num_experts": cfg.num_experts, "decoder_sparse_step": cfg.decoder_sparse_step,
                 "mlp_only_layers": list(cfg.mlp_only_layers), "use_sliding_window": False}

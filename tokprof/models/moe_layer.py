@@ -21,6 +21,7 @@ import torch
 from tokprof.kernels import (
     append_mla_kv,
     batched_linear,
+    bias_add,
     fused_moe,
     linear,
     mla_decode_attention,
@@ -56,6 +57,8 @@ def moe_mlp(cfg: ModelConfig, w: MoEWeights, h: torch.Tensor, shared: SharedExpe
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """h (T, H) -> (out (T, H), routed topk_ids (T, k))."""
     logits = linear(h, w.router, backend=backend)  # (T, E)
+    if w.router_bias is not None:  # gpt-oss: a bias on the logits (selection and weights)
+        logits = bias_add(logits, w.router_bias, backend=backend)
     weights, ids = moe_router(logits, top_k=cfg.num_experts_per_tok, scoring=cfg.router_scoring,
                               n_group=cfg.n_group, topk_group=cfg.topk_group, bias=w.score_bias,
                               renormalize=cfg.norm_topk_prob, routed_scaling=cfg.routed_scaling_factor,
@@ -65,7 +68,9 @@ def moe_mlp(cfg: ModelConfig, w: MoEWeights, h: torch.Tensor, shared: SharedExpe
         shared_ids, shared_w = shared.get(h.shape[0], ids.dtype)
         ids = torch.cat([ids, shared_ids], dim=1)  # (T, k + n_shared)
         weights = torch.cat([weights, shared_w], dim=1)
-    out = fused_moe(h, w.gate_up, w.down, weights, ids, activation="silu", backend=backend)  # (T, H)
+    oss = cfg.architecture == "gpt_oss"
+    out = fused_moe(h, w.gate_up, w.down, weights, ids, activation="gpt_oss" if oss else "silu",
+                    b_gate_up=w.b_gate_up, b_down=w.b_down, backend=backend)  # (T, H)
     return out, routed_ids
 
 

@@ -94,6 +94,8 @@ def _standard_attention(b: PlanBuilder, c: ModelConfig, layer: int, tokens: int,
                         block_size: int, prefill: tuple[int, int] | None) -> None:
     h, d, hq, hkv = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads
     b.add("linear", "qkv_proj", 1, M=tokens, N=c.q_size + 2 * c.kv_size, K=h)
+    if c.attention_bias:
+        b.add("bias_add", "qkv_bias", 1, T=tokens, N=c.q_size + 2 * c.kv_size)
     if c.qk_norm:
         b.add("rms_norm", "q_norm", 1, T=tokens * hq, H=d, residual=0)
         b.add("rms_norm", "k_norm", 1, T=tokens * hkv, H=d, residual=0)
@@ -106,6 +108,8 @@ def _standard_attention(b: PlanBuilder, c: ModelConfig, layer: int, tokens: int,
         batch, seq = prefill
         b.add("prefill_attention", "attention", 1, B=batch, Hq=hq, Hkv=hkv, S=seq, D=d, causal=1)
     b.add("linear", "o_proj", 1, M=tokens, N=h, K=c.q_size)
+    if c.attention_bias:
+        b.add("bias_add", "o_bias", 1, T=tokens, N=h)
 
 
 def _mla_attention(b: PlanBuilder, c: ModelConfig, tokens: int, context: int, kv_blocks: int, block_size: int,
@@ -142,12 +146,17 @@ def router_shape(c: ModelConfig, tokens: int) -> dict[str, int]:
 
 def fused_moe_shape(c: ModelConfig, tokens: int, touched: int) -> dict[str, int]:
     """fused_moe over the routed experts plus the shared ones (every token takes those too)."""
-    return {"T": tokens, "E": c.num_experts + c.n_shared_experts, "k": c.num_experts_per_tok + c.n_shared_experts,
-            "H": c.hidden_size, "I": c.moe_intermediate_size, "active_experts": touched}
+    shape = {"T": tokens, "E": c.num_experts + c.n_shared_experts, "k": c.num_experts_per_tok + c.n_shared_experts,
+             "H": c.hidden_size, "I": c.moe_intermediate_size, "active_experts": touched}
+    if c.expert_bias:  # gpt-oss: clamped SwiGLU and expert biases
+        shape["gpt_oss"] = 1
+    return shape
 
 
 def _moe_mlp(b: PlanBuilder, c: ModelConfig, moe_layer: int, tokens: int, routing: RoutingCounts | None) -> None:
     b.add("linear", "router", 1, M=tokens, N=c.num_experts, K=c.hidden_size)
+    if c.router_bias and c.architecture == "gpt_oss":  # DeepSeek's bias is moe_router's selection bias instead
+        b.add("bias_add", "router_bias", 1, T=tokens, N=c.num_experts)
     b.add("moe_router", "moe_router", 1, **router_shape(c, tokens))
     b.add("fused_moe", "experts", 1, **fused_moe_shape(c, tokens, active_experts(c, moe_layer, tokens, routing)))
 

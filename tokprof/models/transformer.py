@@ -31,6 +31,7 @@ import torch
 
 from tokprof.kernels import (
     append_kv,
+    bias_add,
     decode_attention,
     embedding,
     greedy_sample,
@@ -44,7 +45,7 @@ from tokprof.kernels._common import check_backend, parse_dtype, skip_value_check
 from tokprof.models.config import ModelConfig
 from tokprof.models.kv_cache import PagedKVCache
 from tokprof.models.loader import LayerWeights, ModelWeights, load_pretrained
-from tokprof.models.loader_moe import moe_weight_tensors, random_mla, random_moe
+from tokprof.models.loader_moe import moe_weight_tensors, random_extras, random_mla, random_moe
 from tokprof.models.moe_layer import (
     MLAAttend,
     SharedExperts,
@@ -101,9 +102,9 @@ class Transformer:
         self._decode_checked = False  # whether a decode step of this batch ran with the value checks
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_out: tuple[torch.Tensor, torch.Tensor] | None = None
-        if config.architecture not in ("llama", "qwen3", "qwen3_moe", "deepseek_v3"):
-            raise ValueError(f"config: tokprof's Transformer runs llama, qwen3, qwen3_moe and deepseek_v3, not "
-                             f"{config.architecture} yet (its config and plans exist)")
+        if config.architecture == "gpt_oss" and (config.swiglu_limit, config.swiglu_alpha) != (7.0, 1.702):
+            raise ValueError(f"swiglu_limit/swiglu_alpha: fused_moe's gpt_oss activation is gpt-oss's (7.0, 1.702), "
+                             f"got ({config.swiglu_limit}, {config.swiglu_alpha})")
         self._shared = SharedExperts(config, self.device)
         # Routing histogram of a real run (record_routing=True): per MoE layer, tokens per expert, on the device.
         self.record_routing = False
@@ -151,6 +152,7 @@ class Transformer:
             k_norm=norm_weight(c.head_dim) if c.qk_norm else None,
             mla=random_mla(c, normal, norm_weight) if c.is_mla else None,
             moe=random_moe(c, normal) if c.is_moe_layer(i) else None,
+            extras=random_extras(c, normal),
         ) for i in range(c.num_layers)]
         embed = normal(c.vocab_size, c.hidden_size)
         lm_head = embed if c.tie_word_embeddings else normal(c.vocab_size, c.hidden_size)
@@ -164,7 +166,7 @@ class Transformer:
         for lw in w.layers:
             tensors += [t for t in (lw.input_norm, lw.qkv, lw.o, lw.post_norm, lw.gate_up, lw.down, lw.q_norm,
                                     lw.k_norm) if t is not None]
-            tensors += moe_weight_tensors(lw.mla) + moe_weight_tensors(lw.moe)
+            tensors += moe_weight_tensors(lw.mla) + moe_weight_tensors(lw.moe) + moe_weight_tensors(lw.extras)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # ----------------------------------------------------------------------------------------------- the layers
@@ -200,6 +202,8 @@ class Transformer:
         cfg, w, be = self.config, self.weights.layers[index], self.backend
         eps, hq, hkv, d = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qkv = linear(h, w.qkv, backend=be)  # (T, q_size + 2*kv_size)
+        if w.extras is not None:  # gpt-oss: q/k/v biases
+            qkv = bias_add(qkv, w.extras.qkv_bias, backend=be)
         t = qkv.shape[0]
         q_size, kv_size = cfg.q_size, cfg.kv_size
         # Row slices of the fused output: heads and head_dim contiguous, token stride q_size + 2*kv_size.
@@ -212,7 +216,17 @@ class Transformer:
         q, k = rope(q, k, positions, inv_freq=self.inv_freq, backend=be)  # (T, Hq, D), (T, Hkv, D)
         append_kv(k, v, self.cache.k[index], self.cache.v[index], slots, backend=be)
         attn = attend(index, q, k, v)  # (T, q_size)
-        return linear(attn, w.o, backend=be)  # (T, H)
+        o = linear(attn, w.o, backend=be)  # (T, H)
+        return o if w.extras is None else bias_add(o, w.extras.o_bias, backend=be)
+
+    def _attention_options(self, index: int) -> dict[str, object]:
+        """gpt-oss: the softmax scale (YaRN's attention factor folded in), the sinks and, on a sliding layer, the
+        window. Other models: none (the kernels' defaults)."""
+        extras = self.weights.layers[index].extras
+        if extras is None:
+            return {}
+        window = self.config.sliding_window if self.config.is_sliding_layer(index) else None
+        return {"scale": self.config.softmax_scale, "sinks": extras.sinks, "sliding_window": window}
 
     def _record(self, index: int, ids: torch.Tensor) -> None:
         """Add the tokens per expert of MoE layer `index` to the routing histogram (device ops, no host sync)."""
@@ -294,7 +308,8 @@ class Transformer:
             q4 = q.view(b, s, hq, d).transpose(1, 2).contiguous()
             k4 = k.view(b, s, hkv, d).transpose(1, 2).contiguous()
             v4 = v.view(b, s, hkv, d).transpose(1, 2).contiguous()
-            out = prefill_attention(q4, k4, v4, causal=True, backend=self.backend)  # (b, Hq, S, D)
+            out = prefill_attention(q4, k4, v4, causal=True, backend=self.backend,
+                                    **self._attention_options(_))  # (b, Hq, S, D)
             return out.transpose(1, 2).reshape(b * s, hq * d)
 
         x = embedding(ids.reshape(-1), self.weights.embed, backend=self.backend)  # (b*S, H)
@@ -316,7 +331,7 @@ class Transformer:
 
         def attend(index: int, q: torch.Tensor, _k: torch.Tensor, _v: torch.Tensor) -> torch.Tensor:
             out = decode_attention(q, cache.k[index], cache.v[index], cache.block_table, self._seq_lens,
-                                   backend=self.backend)  # (B, Hq, D)
+                                   backend=self.backend, **self._attention_options(index))  # (B, Hq, D)
             return out.view(out.shape[0], -1)
 
         x = embedding(self._tokens, self.weights.embed, backend=self.backend)  # (B, H)
