@@ -101,6 +101,10 @@ def build_cases(ops: Sequence[str], dtypes: Sequence[str], models: Sequence[str]
                     shaped.append((call.op, {**call.shape, "causal": 0}, f"{where}: attention, causal=0"))
     for name, op in OPS.items():
         shaped.append((name, op.full_shape(), "registry default shape"))
+        # Shapes an op lists for this check: variants no dense plan calls (gpt-oss's sinks and windows, MoE routing
+        # rules and decode/prefill sizes, the split and one-pass paths of MLA decode).
+        for extra in op.extra.get("compile_check_shapes", ()):
+            shaped.append((name, op.full_shape(extra), "registry compile-check shape"))
 
     cases: dict[tuple[Any, ...], Case] = {}
     for op_name, shape, origin in shaped:

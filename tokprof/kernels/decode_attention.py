@@ -477,12 +477,26 @@ def make_inputs(shape: Mapping[str, int], dtype: torch.dtype, device: torch.devi
         "v_cache": randn((num_blocks, block_size, num_kv_heads, head_dim), dtype, device, gen),
         "block_table": block_table.to(device),
         "seq_lens": torch.full((batch,), context, dtype=torch.int32, device=device),
+        **_gpt_oss_inputs(shape, device, gen),
     }
+
+
+def _gpt_oss_inputs(shape: Mapping[str, int], device: torch.device | str, gen: torch.Generator) -> dict[str, Any]:
+    """The optional shape keys `sinks` (1: per-head sink logits) and `window` (> 0: sliding window of that many
+    positions) as gpt-oss's attention layers call the op; nothing when they are absent or 0."""
+    extras: dict[str, Any] = {}
+    if shape.get("sinks"):
+        extras["sinks"] = randn((shape["Hq"],), torch.float32, device, gen)
+    if shape.get("window"):
+        extras["sliding_window"] = shape["window"]
+    return extras
 
 
 def cost(shape: Mapping[str, int], dtype: torch.dtype) -> tuple[int, int]:
     batch, hq, hkv, d = shape["B"], shape["Hq"], shape["Hkv"], shape["D"]
     context, block_size, b = shape["context"], shape["block_size"], dtype_bytes(dtype)
+    if shape.get("window"):  # a sliding window reads only its last `window` tokens
+        context = min(context, shape["window"])
     # q.K^T and p.V: one multiply-add (2 FLOP) per (query head, token, d) each. Softmax's exp and sums are O(Hq * T)
     # and left out, as in every attention FLOP count.
     flops = 4 * batch * hq * context * d
@@ -491,6 +505,7 @@ def cost(shape: Mapping[str, int], dtype: torch.dtype) -> tuple[int, int]:
         + 2 * batch * hq * d * b  # read q, write out
         + batch * cdiv(context, block_size) * 4  # the block_table entries in use (int32)
         + batch * 4  # seq_lens (int32)
+        + (4 * hq if shape.get("sinks") else 0)  # fp32 sink logits
     )
     return flops, min_bytes
 
@@ -499,12 +514,20 @@ OP = Op(
     name="decode_attention",
     fn=decode_attention,
     impls=_IMPLS,
-    shape_keys=("B", "Hq", "Hkv", "D", "context", "block_size"),
+    shape_keys=("B", "Hq", "Hkv", "D", "context", "block_size", "window", "sinks"),
     default_shape={"B": 16, "Hq": 32, "Hkv": 8, "D": 128, "context": 4096, "block_size": 16},
     make_inputs=make_inputs,
     cost=cost,
     cost_formula=("flops = 4*B*Hq*context*D; bytes = 2*B*context*Hkv*D*dtype_bytes (K, V once per KV head) "
-                  "+ 2*B*Hq*D*dtype_bytes (q, out) + 4*B*ceil(context/block_size) (block_table) + 4*B (seq_lens)"),
+                  "+ 2*B*Hq*D*dtype_bytes (q, out) + 4*B*ceil(context/block_size) (block_table) + 4*B (seq_lens); "
+                  "with window: context -> min(context, window); with sinks: + 4*Hq"),
     description="paged decode attention (GQA), q (B, Hq, D) over a paged KV cache -> (B, Hq, D)",
-    shape_doc="B sequences, Hq query heads, Hkv KV heads, D head dim, context tokens each, block_size tokens per page",
+    shape_doc=("B sequences, Hq query heads, Hkv KV heads, D head dim, context tokens each, block_size tokens per "
+               "page; optional window (> 0: sliding window; K/V bytes and FLOPs count min(context, window) tokens, the "
+               "pages in use counted as ceil(min(context, window)/block_size)) and sinks (1: gpt-oss sink logits)"),
+    extra={"compile_check_shapes": (
+        {"B": 1, "Hq": 64, "Hkv": 8, "D": 64, "context": 4096, "block_size": 16, "window": 128, "sinks": 1},
+        {"B": 64, "Hq": 64, "Hkv": 8, "D": 64, "context": 4096, "block_size": 16, "window": 128, "sinks": 1},
+        {"B": 64, "Hq": 64, "Hkv": 8, "D": 64, "context": 4096, "block_size": 16, "sinks": 1},
+    )},
 )

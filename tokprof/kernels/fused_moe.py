@@ -400,4 +400,10 @@ OP = Op(
     shape_doc=("T tokens, H hidden, I expert intermediate size, E experts, k per token; optional active_experts "
                "(distinct experts the batch touches; default the uniform expectation) and gpt_oss (1: gpt-oss "
                "activation and biases)"),
+    extra={"compile_check_shapes": (
+        {"T": 1}, {"T": 256},  # DeepSeek-R1 decode (the default is T=16), rows per expert 1..8
+        {"T": 2048},  # a DeepSeek-R1 prefill chunk: 64 rows per expert, BLOCK_M 32
+        {"T": 64, "H": 4096, "I": 1536, "E": 128, "k": 8},  # Qwen3-235B-A22B decode
+        {"T": 64, "H": 2880, "I": 2880, "E": 128, "k": 4, "gpt_oss": 1},  # gpt-oss-120b decode
+    )},
 )

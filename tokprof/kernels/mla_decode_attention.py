@@ -38,7 +38,17 @@ from tokprof.kernels._common import (
     randn,
     resolve,
 )
-from tokprof.kernels.decode_attention import _check_lengths
+from tokprof.kernels.decode_attention import LOG2E, _check_lengths, _outputs, _split_plan
+
+try:
+    import triton
+    import triton.language as tl
+
+    from tokprof.kernels.decode_attention import _decode_attention_reduce_kernel  # the same split merge
+except ImportError:  # pragma: no cover - triton ships for Linux only
+    triton = None
+
+TRITON_MAX_RANK = 1024  # a (BLOCK_H, L) fp32 accumulator in registers; DeepSeek's 512 fits
 
 # --------------------------------------------------------------------------------------------------------- torch
 
@@ -61,15 +71,136 @@ def _mla_decode_torch(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: to
     return torch.einsum("bht,btl->bhl", probs, latent).to(q_latent.dtype)
 
 
+# -------------------------------------------------------------------------------------------------------- triton
+
+if triton is not None:
+
+    @triton.jit
+    def _mla_decode_kernel(
+        q_latent_ptr, q_rope_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+        scale_log2, num_heads, num_splits, tokens_per_split,
+        stride_qlb, stride_qlh, stride_qrb, stride_qrh, stride_kvb, stride_kvt, stride_bt, stride_ob, stride_oh,
+        PAGE: tl.constexpr, RANK: tl.constexpr, L_PAD: tl.constexpr, ROPE: tl.constexpr, R_PAD: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        # grid (B, cdiv(H, BLOCK_H), num_splits). One program: BLOCK_H heads over one token range. Each latent row
+        # is loaded once per program and serves both as the key (with its k_pe) and as the value.
+        b = tl.program_id(0).to(tl.int64)
+        hb = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(seq_lens_ptr + b)
+        start = split * tokens_per_split
+        end = tl.minimum(seq_len, start + tokens_per_split)
+
+        h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        h_ok = h < num_heads
+        dl = tl.arange(0, L_PAD)
+        dr = tl.arange(0, R_PAD)
+        l_ok = dl < RANK
+        r_ok = dr < ROPE
+        q_l = tl.load(q_latent_ptr + b * stride_qlb + h[:, None] * stride_qlh + dl[None, :],
+                      mask=h_ok[:, None] & l_ok[None, :], other=0.0)  # (BLOCK_H, L_PAD)
+        q_r = tl.load(q_rope_ptr + b * stride_qrb + h[:, None] * stride_qrh + dr[None, :],
+                      mask=h_ok[:, None] & r_ok[None, :], other=0.0)  # (BLOCK_H, R_PAD)
+
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, L_PAD], tl.float32)
+        n = tl.arange(0, BLOCK_N)
+        bt_row = block_table_ptr + b * stride_bt
+        page_next = tl.load(bt_row + (start + n) // PAGE, mask=start + n < end, other=0)  # one tile ahead
+        for tile in range(start, end, BLOCK_N):
+            t = tile + n
+            t_mask = t < end
+            page = page_next
+            page_next = tl.load(bt_row + (t + BLOCK_N) // PAGE, mask=t + BLOCK_N < end, other=0)
+            rows = page.to(tl.int64) * stride_kvb + (t % PAGE) * stride_kvt  # (BLOCK_N,)
+            c = tl.load(kv_ptr + rows[:, None] + dl[None, :], mask=t_mask[:, None] & l_ok[None, :],
+                        other=0.0)  # (BLOCK_N, L_PAD) latent rows
+            k_pe = tl.load(kv_ptr + rows[:, None] + RANK + dr[None, :], mask=t_mask[:, None] & r_ok[None, :],
+                           other=0.0)  # (BLOCK_N, R_PAD)
+            s = tl.dot(q_l, tl.trans(c), input_precision=DOT_PRECISION)
+            s = tl.dot(q_r, tl.trans(k_pe), s, input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_H, BLOCK_N)
+            s = tl.where(t_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # every tile holds a valid token: finite
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # a split past the sequence's end ran no tile
+        o = acc / l_safe[:, None]
+        o_mask = h_ok[:, None] & l_ok[None, :]
+        if SPLIT:
+            # scratch part_o (B, H, num_splits, RANK), part_lse (B, H, num_splits), fp32, lse in base 2: the layout
+            # decode_attention's merge kernel reads.
+            row = (b * num_heads + h) * num_splits + split
+            tl.store(part_o_ptr + row[:, None] * RANK + dl[None, :], o, mask=o_mask)
+            tl.store(part_lse_ptr + row, m_i + tl.log2(l_safe), mask=h_ok)
+        else:
+            tl.store(out_ptr + b * stride_ob + h[:, None] * stride_oh + dl[None, :], o.to(out_ptr.dtype.element_ty),
+                     mask=o_mask)
+
+
+def _mla_config(rank_pad: int, rope_pad: int, elem_bytes: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_N, num_warps, num_stages) by rule. A (BLOCK_H, L) fp32 accumulator lives in registers, so
+    heads come 16 at a time (32 KB at L = 512: 64 floats per thread on 4 warps... 32 on 8); the latent tile is
+    BLOCK_N x (L + R), 36 KB at 32 tokens of DeepSeek's 576 16-bit values. Chosen by rule, not yet tuned by
+    measurement. On the CPU interpreter: 16 x 16 tiles, so tiny tests cover several tiles and tails."""
+    if device.type != "cuda":
+        return 16, 16, 4, 1
+    block_n = max(16, min(64, 32768 // ((rank_pad + rope_pad) * elem_bytes)))
+    return 16, block_n, 8, 2
+
+
+def _mla_decode_triton(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
+                       block_table: torch.Tensor, seq_lens: torch.Tensor, kv_lora_rank: int,
+                       scale: float) -> torch.Tensor:
+    batch, heads, rank = q_latent.shape
+    rope_dim = q_rope.shape[2]
+    block_size = kv_cache.shape[1]
+    if rank > TRITON_MAX_RANK:
+        raise ValueError(f"kv_lora_rank: the triton backend supports kv_lora_rank <= {TRITON_MAX_RANK}, got {rank}; "
+                         "use backend='torch'")
+    l_pad = max(16, triton.next_power_of_2(rank))
+    r_pad = max(16, triton.next_power_of_2(rope_dim))
+    block_h, block_n, num_warps, num_stages = _mla_config(l_pad, r_pad, q_latent.element_size(), q_latent.device)
+    head_blocks = cdiv(heads, block_h)
+    num_splits, tokens_per_split = _split_plan(batch, head_blocks, block_table.shape[1] * block_size, block_n,
+                                               q_latent.device)
+    out, part_o, part_lse = _outputs(q_latent, num_splits)
+    precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
+    _mla_decode_kernel[(batch, head_blocks, num_splits)](
+        q_latent, q_rope, kv_cache, block_table, seq_lens, out, part_o, part_lse,
+        scale * LOG2E, heads, num_splits, tokens_per_split,
+        q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
+        kv_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
+        PAGE=block_size, RANK=rank, L_PAD=l_pad, ROPE=rope_dim, R_PAD=r_pad, BLOCK_H=block_h, BLOCK_N=block_n,
+        SPLIT=num_splits > 1, DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _decode_attention_reduce_kernel[(batch, heads)](
+            part_o, part_lse, seq_lens, out, part_lse, heads, num_splits, tokens_per_split, out.stride(0),
+            out.stride(1), HEAD_DIM=rank, D_PAD=l_pad, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+    return out
+
+
 # -------------------------------------------------------------------------------------------------------- public
 
-_IMPLS: dict[str, Any] = {"torch": _mla_decode_torch}
+_IMPLS: dict[str, Any] = {"torch": _mla_decode_torch, "triton": _mla_decode_triton}
 
 
 def _validate(q_latent: Any, q_rope: Any, kv_cache: Any, block_table: Any, seq_lens: Any, kv_lora_rank: Any,
               scale: Any) -> None:
-    check_tensor("q_latent", q_latent, ndim=3, dtypes=FLOAT_DTYPES, contiguous=True)
-    check_tensor("q_rope", q_rope, ndim=3, dtypes=FLOAT_DTYPES, contiguous=True)
+    # The queries may be strided views (the absorbed q_latent usually comes out of a per-head bmm as (H, B, L)
+    # transposed): only their last dimension must be contiguous.
+    for name, t in (("q_latent", q_latent), ("q_rope", q_rope)):
+        check_tensor(name, t, ndim=3, dtypes=FLOAT_DTYPES)
+        if t.stride(2) != 1 and t.shape[2] > 1:
+            raise ValueError(f"{name}: expected a contiguous last dimension (stride 1), got strides {t.stride()} for "
+                             f"shape {tuple(t.shape)}; call .contiguous() first")
     check_tensor("kv_cache", kv_cache, ndim=3, dtypes=FLOAT_DTYPES, contiguous=True)
     check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), contiguous=True)
     check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,), contiguous=True)
@@ -107,7 +238,8 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
                          block_table: torch.Tensor, seq_lens: torch.Tensor, *, kv_lora_rank: int, scale: float,
                          backend: str = "triton") -> torch.Tensor:
     """out (B, H, L) = softmax(scale * (q_latent c^T + q_rope k_pe^T)) c over each sequence's pages of the latent
-    cache (absorbed MLA; see the module docstring). Checking seq_lens reads it on the host, except during capture."""
+    cache (absorbed MLA; see the module docstring). q_latent and q_rope may be strided views with a contiguous last
+    dimension. Checking seq_lens reads it on the host, except during capture."""
     _validate(q_latent, q_rope, kv_cache, block_table, seq_lens, kv_lora_rank, scale)
     impl = resolve("mla_decode_attention", _IMPLS, backend, q_latent.device)
     return impl(q_latent, q_rope, kv_cache, block_table, seq_lens, kv_lora_rank, float(scale))
@@ -157,4 +289,8 @@ OP = Op(
                   "+ B*H*(2*L + R)*dtype_bytes (q_latent, q_rope, out) + 4*B*ceil(context/block_size) + 4*B"),
     description="absorbed MLA decode: q_latent (B,H,L), q_rope (B,H,R) over a paged latent cache -> (B,H,L)",
     shape_doc="B sequences, H heads, L kv_lora_rank, R rope dims, context tokens each, block_size tokens per page",
+    extra={"compile_check_shapes": (
+        {"B": 1, "H": 16},  # DeepSeek-R1 at TP 8 (16 heads per GPU), batch 1: split over context
+        {"B": 256, "H": 128},  # 2048 programs: one pass, no split
+    )},
 )

@@ -258,4 +258,9 @@ OP = Op(
     description="MoE routing: logits (T, E) -> top-k weights (T, k) fp32 and expert ids (T, k) int32",
     shape_doc=("T tokens, E experts, k experts per token; n_group > 0: DeepSeek-V3 rule (sigmoid, bias, keep "
                "topk_group of n_group groups), n_group = 0: softmax top-k renormalised (Qwen3-MoE, gpt-oss)"),
+    extra={"compile_check_shapes": (
+        {"T": 1}, {"T": 256},  # DeepSeek-V3's rule at decode batch 1 and a larger batch
+        {"T": 64, "E": 128, "k": 8, "n_group": 0, "topk_group": 0},  # Qwen3-235B-A22B
+        {"T": 64, "E": 32, "k": 4, "n_group": 0, "topk_group": 0},  # gpt-oss-20b
+    )},
 )

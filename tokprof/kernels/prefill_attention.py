@@ -312,6 +312,8 @@ def make_inputs(shape: Mapping[str, int], dtype: torch.dtype, device: torch.devi
         "k": randn((b, hkv, s, d), dtype, device, gen),
         "v": randn((b, hkv, s, d), dtype, device, gen),
         "causal": bool(shape["causal"]),
+        **({"sinks": randn((hq,), torch.float32, device, gen)} if shape.get("sinks") else {}),
+        **({"sliding_window": shape["window"]} if shape.get("window") else {}),
     }
 
 
@@ -320,8 +322,13 @@ def cost(shape: Mapping[str, int], dtype: torch.dtype) -> tuple[int, int]:
     # Per (query, key) pair: q.k (D MACs) and p*v (D MACs), 2 FLOP per MAC = 4*D FLOP. Causal keeps the
     # S*(S+1)/2 pairs on or below the diagonal; the softmax's O(S^2) exp/max/sum work is not counted.
     pairs2 = s * (s + 1) if shape["causal"] else 2 * s * s  # twice the number of pairs (keeps it an integer)
+    window = shape.get("window", 0)
+    if window and window < s:  # causal sliding window: row i sees min(i + 1, window) keys
+        pairs2 = window * (window + 1) + 2 * (s - window) * window
     flops = 2 * b * hq * d * pairs2
     min_bytes = (2 * b * hq * s * d + 2 * b * hkv * s * d) * dtype_bytes(dtype)  # read q, k, v; write out
+    if shape.get("sinks"):
+        min_bytes += 4 * hq  # fp32 sink logits
     return flops, min_bytes
 
 
@@ -329,12 +336,18 @@ OP = Op(
     name="prefill_attention",
     fn=prefill_attention,
     impls=_IMPLS,
-    shape_keys=("B", "Hq", "Hkv", "S", "D", "causal"),
+    shape_keys=("B", "Hq", "Hkv", "S", "D", "causal", "window", "sinks"),
     default_shape={"B": 1, "Hq": 32, "Hkv": 8, "S": 4096, "D": 128, "causal": 1},
     make_inputs=make_inputs,
     cost=cost,
     cost_formula=("flops = 4*B*Hq*D*S*(S+1)/2 causal, 4*B*Hq*S*S*D otherwise (QK^T and PV over the unmasked pairs, "
-                  "2 FLOP per MAC); bytes = (2*B*Hq*S*D + 2*B*Hkv*S*D)*dtype_bytes (read q, k, v; write out)"),
+                  "2 FLOP per MAC); bytes = (2*B*Hq*S*D + 2*B*Hkv*S*D)*dtype_bytes (read q, k, v; write out); with "
+                  "window W < S the pairs are W*(W+1)/2 + (S-W)*W; with sinks: + 4*Hq bytes"),
     description="flash-attention forward over a prompt, GQA, causal or full: q (B,Hq,S,D), k/v (B,Hkv,S,D)",
-    shape_doc="B sequences, Hq query heads, Hkv KV heads, S tokens, D head dim, causal 1 or 0",
+    shape_doc=("B sequences, Hq query heads, Hkv KV heads, S tokens, D head dim, causal 1 or 0; optional window "
+               "(> 0, causal only: sliding window, FLOPs over the pairs it keeps) and sinks (1: gpt-oss sink logits)"),
+    extra={"compile_check_shapes": (
+        {"B": 1, "Hq": 64, "Hkv": 8, "S": 2048, "D": 64, "causal": 1, "window": 128, "sinks": 1},
+        {"B": 1, "Hq": 64, "Hkv": 8, "S": 2048, "D": 64, "causal": 1, "sinks": 1},
+    )},
 )
