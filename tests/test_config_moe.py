@@ -154,8 +154,10 @@ def test_plan_mla_and_sliding_windows():
     assert attn.shape == {"B": 4, "H": 128, "L": 512, "R": 64, "context": 1000, "block_size": 16}
     assert {c.label for c in plan if c.op == "batched_linear"} == {"q_absorb", "v_up"}
     oss = ModelConfig.from_name("gpt-oss-120b")
-    contexts = sorted(c.shape["context"] for c in decode_plan(oss, 2, 4096, "bf16") if c.op == "decode_attention")
-    assert contexts == [128, 4096]  # sliding layers attend min(context, 128)
+    attn = sorted((c.shape.get("window", 0), c.count, c.cost()[1]) for c in decode_plan(oss, 2, 4096, "bf16")
+                  if c.op == "decode_attention")
+    assert [a[:2] for a in attn] == [(0, 18), (128, 18)]  # 18 full layers, 18 sliding ones of window 128
+    assert attn[1][2] < attn[0][2] / 20  # a sliding layer reads 128 of the 4096 tokens
     pre = prefill_plan(ModelConfig.from_name("tiny-mla"), 2, 32, "fp32")
     assert any(c.op == "mla_prefill_attention" and c.shape["S"] == 32 for c in pre)
     assert math.isclose(sum(c.count for c in pre if c.op == "fused_moe"), 1)

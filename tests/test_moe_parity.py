@@ -172,7 +172,8 @@ _SHAPES = {  # each kernel call -> the shape keys of its registry op, as the pla
                                                          "block_size": cache.shape[1]},
     "decode_attention": lambda q, kc, vc, table, lens, **kw: {
         "B": q.shape[0], "Hq": q.shape[1], "Hkv": kc.shape[2], "D": q.shape[2], "block_size": kc.shape[1],
-        "context": min(int(lens[0]), kw.get("sliding_window") or int(lens[0]))},
+        "context": int(lens[0]), **({"sinks": 1} if kw.get("sinks") is not None else {}),
+        **({"window": kw["sliding_window"]} if kw.get("sliding_window") else {})},
     "bias_add": lambda x, b, **_: {"T": x.shape[0], "N": x.shape[1]},
     "mla_decode_attention": lambda ql, qr, cache, table, lens, **_: {
         "B": ql.shape[0], "H": ql.shape[1], "L": ql.shape[2], "R": qr.shape[2], "context": int(lens[0]),

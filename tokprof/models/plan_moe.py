@@ -5,7 +5,8 @@ prefill_plan hand these models over to this module.
 Per layer, after the input norm:
 
 - standard attention (Qwen3-MoE, gpt-oss): the dense path (fused QKV GEMM, q/k norm, RoPE, KV append, paged attention,
-  O GEMM); a gpt-oss sliding layer attends min(context, sliding_window) tokens;
+  O GEMM); gpt-oss adds bias_add after the QKV and O GEMMs and the attention call carries `sinks` and, on a
+  sliding layer, `window` (its cost counts min(context, sliding_window) tokens);
 - MLA (DeepSeek-V3), absorbed: q_a GEMM, q_a norm, q_b GEMM (or one q GEMM without q_lora_rank), kv_a GEMM (latent)
   and k_rope GEMM, kv_a norm, RoPE on the rope dims (one shared key "head"), the absorbed query
   q_nope . W_UK (batched_linear, per head), the latent row appended to the paged cache (append_mla_kv),
@@ -101,12 +102,17 @@ def _standard_attention(b: PlanBuilder, c: ModelConfig, layer: int, tokens: int,
         b.add("rms_norm", "k_norm", 1, T=tokens * hkv, H=d, residual=0)
     b.add("rope", "rope", 1, T=tokens, Hq=hq, Hkv=hkv, D=d)
     b.add("append_kv", "append_kv", 1, T=tokens, Hkv=hkv, D=d, block_size=block_size, num_blocks=kv_blocks)
+    extra = {}  # gpt-oss: sink logits; a sliding layer reads min(context, window) tokens (the op's cost does that)
+    if c.attention_sinks:
+        extra["sinks"] = 1
+    if c.is_sliding_layer(layer):
+        extra["window"] = c.sliding_window
     if prefill is None:
-        b.add("decode_attention", "attention", 1, B=tokens, Hq=hq, Hkv=hkv, D=d,
-              context=c.attended_tokens(layer, context), block_size=block_size)
+        b.add("decode_attention", "attention", 1, B=tokens, Hq=hq, Hkv=hkv, D=d, context=context,
+              block_size=block_size, **extra)
     else:
         batch, seq = prefill
-        b.add("prefill_attention", "attention", 1, B=batch, Hq=hq, Hkv=hkv, S=seq, D=d, causal=1)
+        b.add("prefill_attention", "attention", 1, B=batch, Hq=hq, Hkv=hkv, S=seq, D=d, causal=1, **extra)
     b.add("linear", "o_proj", 1, M=tokens, N=h, K=c.q_size)
     if c.attention_bias:
         b.add("bias_add", "o_bias", 1, T=tokens, N=h)
