@@ -161,3 +161,19 @@ def test_plan_mla_and_sliding_windows():
     pre = prefill_plan(ModelConfig.from_name("tiny-mla"), 2, 32, "fp32")
     assert any(c.op == "mla_prefill_attention" and c.shape["S"] == 32 for c in pre)
     assert math.isclose(sum(c.count for c in pre if c.op == "fused_moe"), 1)
+
+
+def test_card_counts_the_experts_one_token_reads_and_the_window():
+    from tokprof.profiler.devices import load_specs
+    from tokprof.rollup.card import analytic_card
+
+    spec = load_specs()["h200"]
+    ds = ModelConfig.from_name("deepseek-r1")
+    card = analytic_card(ds, spec, [1024], "bf16")
+    assert card["decode_weight_bytes"] == 2 * ds.active_params()  # 8 of 256 routed experts at batch 1
+    assert card["batch1"][0]["bytes_per_step"] == card["decode_weight_bytes"] + 1024 * 61 * 576 * 2
+    oss = ModelConfig.from_name("gpt-oss-20b")
+    card = analytic_card(oss, spec, [8192], "bf16")
+    assert card["batch1"][0]["bytes_per_step"] - card["decode_weight_bytes"] == (12 * 8192 + 12 * 128) * 1024 * 2
+    dense = ModelConfig.from_name("llama-3.1-8b")
+    assert analytic_card(dense, spec, [1], "bf16")["decode_weight_bytes"] == dense.decode_weight_bytes(torch.bfloat16)

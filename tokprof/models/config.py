@@ -180,12 +180,18 @@ class ModelConfig:
         """Bytes of all weights stored in `dtype`."""
         return self.num_params() * torch.empty((), dtype=dtype).element_size()
 
-    def decode_weight_bytes(self, dtype: torch.dtype, experts_touched: float | None = None) -> int:
+    def decode_weight_bytes(self, dtype: torch.dtype, experts_touched: float | None = None,
+                            batch: int | None = None) -> int:
         """Weight bytes one decode step reads: every layer, the final norm and the LM head, but of the embedding
         table only the rows of the tokens (counted with activations, not here).
 
         MoE: `experts_touched` distinct routed experts per MoE layer (None: all num_experts, the bound a large
-        batch reaches; tokprof.models.plan_moe.expected_experts gives the expectation for a batch)."""
+        batch reaches), or `batch`: the expected number for that many tokens under uniform routing
+        (tokprof.models.plan_moe.expected_experts). Dense models ignore both."""
+        if batch is not None and experts_touched is None and self.is_moe:
+            from tokprof.models.plan_moe import expected_experts
+
+            experts_touched = expected_experts(self.num_experts, self.num_experts_per_tok, batch)
         if experts_touched is not None and not (0 <= experts_touched <= max(self.num_experts, 0)):
             raise ValueError(f"experts_touched: expected a number in [0, num_experts={self.num_experts}], "
                              f"got {experts_touched!r}")

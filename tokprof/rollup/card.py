@@ -30,10 +30,10 @@ def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int]
 
     tp > 1 adds the linear-weight bytes one GPU of the group reads per step (the bound stays a single GPU's)."""
     torch_dtype = parse_dtype(dtype)
-    weights = config.decode_weight_bytes(torch_dtype)
+    weights = config.decode_weight_bytes(torch_dtype, batch=1)  # MoE: the k experts one token takes
     kv = config.kv_bytes_per_token(torch_dtype)
     card: dict[str, Any] = {
-        "model": config.name, "dtype": dtype, "params": config.num_params(),
+        "model": config.name, "dtype": dtype, "params": config.num_params(), "active_params": config.active_params(),
         "weight_bytes": config.weight_bytes(torch_dtype), "decode_weight_bytes": weights,
         "kv_bytes_per_token": kv, "gpu": spec.key if spec is not None else None,
         "hbm_tbps": spec.hbm_tbps if spec is not None else None, "provenance": "modelled", "batch1": [],
@@ -48,7 +48,7 @@ def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int]
         return card
     card["spec_source"] = f"{spec.source} ({spec.date})"
     for context in contexts:
-        step_bytes = weights + kv * context
+        step_bytes = weights + config.kv_bytes_per_sequence(torch_dtype, context)  # sliding layers: the window
         card["batch1"].append({"context": context, "bytes_per_step": step_bytes,
                                "tokens_per_s_max": spec.hbm_tbps * 1e12 / step_bytes})
     return card
