@@ -237,3 +237,22 @@ def test_routing_histogram_matches_transformers_router(checkpoints: dict[str, Pa
     want = [torch.bincount(ids.reshape(-1), minlength=8).tolist() for ids in seen]
     assert got.tokens == BATCH * PROMPT and got.counts == want
     assert sum(got.counts[0]) == BATCH * PROMPT * 2
+
+
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-mla", "tiny-gpt-oss"])
+def test_transformers_twin_and_saved_directory_match(preset: str, tmp_path: Path) -> None:
+    """The transformers twin of a random tokprof model (the e2e adapter: views of tokprof's weights) and the directory
+    save_hf_dir writes (loaded back by tokprof) give the same greedy tokens as the model itself."""
+    from tokprof.models.adapters import build_hf_model, save_hf_dir
+
+    cfg = ModelConfig.from_name(preset)
+    model = Transformer.random(cfg, device="cpu", dtype=torch.float32, seed=3, backend="torch", std=0.1)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(5))
+    tokens, logits = model.generate(prompt, max_new_tokens=3, return_logits=True)
+    hf = build_hf_model(model)
+    with torch.no_grad():
+        want = hf(prompt).logits[:, -1]
+    torch.testing.assert_close(logits[:, 0], want, rtol=1e-4, atol=1e-4)
+    again = Transformer.from_pretrained(save_hf_dir(model, tmp_path / preset), device="cpu", dtype=torch.float32,
+                                        backend="torch")
+    assert torch.equal(again.generate(prompt, max_new_tokens=3), tokens)

@@ -291,7 +291,10 @@ def hf_moe_config(cfg: ModelConfig) -> dict[str, object]:
     common = {"num_experts_per_tok": cfg.num_experts_per_tok, "moe_intermediate_size": cfg.moe_intermediate_size,
               "norm_topk_prob": cfg.norm_topk_prob}
     if cfg.architecture == "gpt_oss":
-        return {"num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+        # rope_parameters spelled out: GptOssConfig's default is YaRN, not plain RoPE, when none is given.
+        scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else {"rope_type": "default"}
+        return {"rope_parameters": {"rope_theta": cfg.rope_theta, **scaling}, "num_local_experts": cfg.num_experts,
+                "num_experts_per_tok": cfg.num_experts_per_tok,
                 "intermediate_size": cfg.moe_intermediate_size, "sliding_window": cfg.sliding_window,
                 "layer_types": list(cfg.layer_types), "attention_bias": True, "swiglu_limit": cfg.swiglu_limit}
     if cfg.architecture == "qwen3_moe":
