@@ -109,7 +109,7 @@ class Transformer:
         # Routing histogram of a real run (record_routing=True): per MoE layer, tokens per expert, on the device.
         self.record_routing = False
         self._routing: list[torch.Tensor] = []
-        self._routed_tokens = 0
+        self._routed_tokens = torch.zeros((), dtype=torch.int64, device=self.device)  # tokens routed per MoE layer
 
     # ------------------------------------------------------------------------------------------------ construction
 
@@ -233,15 +233,18 @@ class Transformer:
         moe_index = sum(1 for i in range(index) if self.weights.layers[i].moe is not None)
         if len(self._routing) <= moe_index:
             self._routing.append(torch.zeros(self.config.num_experts, dtype=torch.int64, device=self.device))
-        self._routing[moe_index] += torch.bincount(ids.reshape(-1).long(), minlength=self.config.num_experts)
+        flat = ids.reshape(-1).long()
+        # scatter_add, not bincount (which reads the largest id back to the host): capturable in a CUDA graph
+        self._routing[moe_index].scatter_add_(0, flat, torch.ones_like(flat))
         if moe_index == 0:
-            self._routed_tokens += ids.shape[0]
+            self._routed_tokens.add_(ids.shape[0])
 
     def routing_counts(self) -> RoutingCounts:
         """The routing histogram recorded since record_routing was set (tokprof.models.plan_moe.RoutingCounts)."""
-        if not self._routing or self._routed_tokens == 0:
+        tokens = int(self._routed_tokens)
+        if not self._routing or tokens == 0:
             raise RuntimeError("routing_counts: nothing recorded; set model.record_routing = True and run the model")
-        return RoutingCounts(counts=[r.tolist() for r in self._routing], tokens=self._routed_tokens)
+        return RoutingCounts(counts=[r.tolist() for r in self._routing], tokens=tokens)
 
     def _head(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final norm, LM head and greedy sampling: x, residual (B, H) -> (tokens (B,) int64, logits (B, V))."""
