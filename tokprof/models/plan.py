@@ -14,6 +14,9 @@ With tp > 1, decode_plan is the plan of ONE GPU of a tensor-parallel group (tokp
 sharded heads and MLP columns, plus the collectives (op "all_reduce" / "all_gather", shape {"bytes", "world"}),
 which are not kernel-registry ops: plan_totals leaves them out (tokprof.models.tp.tp_totals counts their bytes),
 and they are timed by tokprof.profiler.collectives. Prefill plans are single-GPU only.
+
+Mixture-of-experts, latent-attention and sliding-window models (Qwen3-MoE, DeepSeek-V3/R1, gpt-oss) are planned by
+tokprof.models.plan_moe (single GPU for now), with the expected number of distinct experts a batch reads.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""A runnable Llama / Qwen3 / Qwen3-MoE / DeepSeek-V3 decoder built only from tokprof's kernels, with a paged KV
-cache and greedy decoding (MoE blocks and MLA attention in tokprof.models.moe_layer).
+"""A runnable Llama / Qwen3 / Qwen3-MoE / DeepSeek-V3 / gpt-oss decoder built only from tokprof's kernels, with a
+paged KV cache and greedy decoding (MoE blocks and MLA attention in tokprof.models.moe_layer).
 
     model = Transformer.from_pretrained("path/to/hf_dir", device="cuda", dtype=torch.bfloat16, backend="triton")
     model = Transformer.random(ModelConfig.from_name("llama-3.1-8b"), device="cuda", dtype=torch.bfloat16, seed=0)
@@ -12,6 +12,12 @@ the end-to-end run measure the same work. Outside the plan each step also runs f
 advance its state on the device (copy the sampled token into the input buffer, advance positions and sequence
 lengths, gather the next write slots); they belong to the L2 -> L3 gap and are counted there. For Qwen3 at batch > 1
 the q and k heads are also copied to contiguous rows before their norm (rms_norm takes contiguous rows only).
+MoE/MLA/gpt-oss layers follow tokprof.models.plan_moe: the router GEMM, moe_router and fused_moe (DeepSeek's shared
+experts appended to the routed ids and weights by two small concatenations outside the plan), the absorbed MLA calls
+over a paged latent cache (one row of kv_lora_rank + rope dims per token and layer, no values), gpt-oss's bias adds,
+sinks and sliding windows (its sliding layers keep every token in the cache and attend the window). With
+`record_routing` each MoE layer adds its tokens per expert to a histogram on the device (`routing_counts()`), which
+decode_plan(..., routing=) takes in place of uniform routing.
 
 The decode step is capturable in a CUDA graph: static shapes, a preallocated cache and state buffers updated in
 place on the device, no host synchronisation inside the step (`capture_graph`). The public kernels validate token
