@@ -150,7 +150,8 @@ def _mla_config(rank_pad: int, rope_pad: int, elem_bytes: int, device: torch.dev
     measurement. On the CPU interpreter: 16 x 16 tiles, so tiny tests cover several tiles and tails."""
     if device.type != "cuda":
         return 16, 16, 4, 1
-    block_n = max(16, min(64, 32768 // ((rank_pad + rope_pad) * elem_bytes)))
+    # tl.arange needs a power of two: the largest tile of at most ~32 KB (+ the rope part), 32 tokens at 512 + 64
+    block_n = max(16, min(64, triton.next_power_of_2(32768 // (rank_pad * elem_bytes) + 1) // 2))
     return 16, block_n, 8, 2
 
 

@@ -161,7 +161,10 @@ def _moe_router_triton(logits: torch.Tensor, top_k: int, scoring: str, n_group: 
     weights = new_output((num_tokens, top_k), torch.float32, logits.device)
     ids = new_output((num_tokens, top_k), torch.int32, logits.device)
     e_pad = max(16, triton.next_power_of_2(num_experts))
-    block_t = max(1, min(16, 4096 // e_pad))  # a (BLOCK_T, E_PAD) fp32 tile of <= 16 KB per program
+    # A (BLOCK_T, E_PAD) fp32 tile of <= 4 KB per program (8 values per thread): the top-k and group passes are
+    # unrolled loops over the tile, so a larger one costs registers (255 at 16 x 256 in fp32, triton 3.9 sm_90) and
+    # minutes of compile time, for a kernel that reads a few KB.
+    block_t = max(1, min(16, 1024 // e_pad))
     grouped = n_group is not None and topk_group is not None and topk_group < n_group
     _moe_router_kernel[(triton.cdiv(num_tokens, block_t),)](
         logits, bias if bias is not None else logits, weights, ids, num_tokens, num_experts, logits.stride(0),
