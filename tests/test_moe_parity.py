@@ -183,23 +183,22 @@ _SHAPES = {  # each kernel call -> the shape keys of its registry op, as the pla
     "fused_moe": lambda x, gu, down, w, ids, **kw: {
         "T": x.shape[0], "H": x.shape[1], "I": down.shape[2], "E": gu.shape[0], "k": ids.shape[1],
         **({"gpt_oss": 1} if kw.get("activation") == "gpt_oss" else {})},
+    "prefill_attention": lambda q, k, v, **kw: {
+        "B": q.shape[0], "Hq": q.shape[1], "Hkv": k.shape[1], "S": q.shape[2], "D": q.shape[3], "causal": 1,
+        **({"sinks": 1} if kw.get("sinks") is not None else {}),
+        **({"window": kw["sliding_window"]} if kw.get("sliding_window") else {})},
+    "mla_prefill_attention": lambda ql, qr, kv, **_: {"B": ql.shape[0], "H": ql.shape[1], "S": ql.shape[2],
+                                                      "L": ql.shape[3], "R": qr.shape[3], "causal": 1},
     "swiglu": lambda gu, **_: {"T": gu.shape[0], "I": gu.shape[1] // 2},
     "greedy_sample": lambda logits, **_: {"B": logits.shape[0], "V": logits.shape[1]},
 }
 _LEFT_OUT = {"append_kv": ("num_blocks",), "append_mla_kv": ("num_blocks",), "fused_moe": ("active_experts",)}
 
 
-@pytest.mark.parametrize("preset,batch", [("tiny-moe", 1), ("tiny-moe", 3), ("tiny-mla", 3), ("tiny-gpt-oss", 2)])
-def test_decode_step_runs_exactly_the_plan(monkeypatch: pytest.MonkeyPatch, preset: str, batch: int) -> None:
-    """One decode step calls the kernels of decode_plan, shape for shape and count for count (the cache size and
-    the modelled number of experts read are left out: properties of the cache and of the routing, not the call)."""
+def _record_calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
     import tokprof.models.moe_layer as ml
     import tokprof.models.transformer as tm
 
-    cfg = ModelConfig.from_name(preset)
-    model = Transformer.random(cfg, device="cpu", dtype=torch.float32, seed=0, backend="torch")
-    model.prefill(torch.randint(0, cfg.vocab_size, (batch, 21), generator=torch.Generator().manual_seed(1)),
-                  max_new_tokens=4)
     calls: Counter = Counter()
     for module in (tm, ml):
         for op, shape_of in _SHAPES.items():
@@ -210,12 +209,43 @@ def test_decode_step_runs_exactly_the_plan(monkeypatch: pytest.MonkeyPatch, pres
                 calls[(_op, tuple(sorted(_shape(*args, **kwargs).items())))] += 1
                 return _fn(*args, **kwargs)
             monkeypatch.setattr(module, op, record)
-    model.decode_step()
+    return calls
+
+
+def _plan_counter(plan: list) -> Counter:
     want: Counter = Counter()
-    for call in decode_plan(cfg, batch, 22, "fp32"):
+    for call in plan:
         shape = {k: v for k, v in call.shape.items() if k not in _LEFT_OUT.get(call.op, ())}
         want[(call.op, tuple(sorted(shape.items())))] += call.count
-    assert calls == want
+    return want
+
+
+@pytest.mark.parametrize("preset,batch", [("tiny-moe", 1), ("tiny-moe", 3), ("tiny-mla", 3), ("tiny-gpt-oss", 2)])
+def test_decode_step_runs_exactly_the_plan(monkeypatch: pytest.MonkeyPatch, preset: str, batch: int) -> None:
+    """One decode step calls the kernels of decode_plan, shape for shape and count for count (the cache size and
+    the modelled number of experts read are left out: properties of the cache and of the routing, not the call)."""
+    cfg = ModelConfig.from_name(preset)
+    model = Transformer.random(cfg, device="cpu", dtype=torch.float32, seed=0, backend="torch")
+    model.prefill(torch.randint(0, cfg.vocab_size, (batch, 21), generator=torch.Generator().manual_seed(1)),
+                  max_new_tokens=4)
+    calls = _record_calls(monkeypatch)
+    model.decode_step()
+    assert calls == _plan_counter(decode_plan(cfg, batch, 22, "fp32"))
+
+
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-mla", "tiny-gpt-oss"])
+def test_prefill_runs_exactly_the_prefill_plan(monkeypatch: pytest.MonkeyPatch, preset: str) -> None:
+    """Prefill of 2 prompts of 20 tokens calls the kernels of prefill_plan (MLA's [latent | k_rope] rows are also
+    concatenated for mla_prefill_attention, a copy outside the plan)."""
+    from tokprof.models.plan import prefill_plan
+
+    cfg = ModelConfig.from_name(preset)
+    model = Transformer.random(cfg, device="cpu", dtype=torch.float32, seed=0, backend="torch")
+    model.reserve_cache(2, 24)
+    calls = _record_calls(monkeypatch)
+    model.prefill(torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2)),
+                  max_new_tokens=4)
+    assert calls == _plan_counter(prefill_plan(cfg, 2, 20, "fp32"))
 
 
 def test_routing_histogram_matches_transformers_router(checkpoints: dict[str, Path]) -> None:
