@@ -27,7 +27,14 @@ def _nvcc_module():
     return module
 
 
+_built = False  # one build per process: an editable install reaches both hooks below
+
+
 def build_cubins() -> None:
+    global _built
+    if _built:
+        return
+    _built = True
     if os.environ.get("TOKPROF_SKIP_CUDA_BUILD"):
         print("tokprof: TOKPROF_SKIP_CUDA_BUILD is set; CUDA kernels will compile through NVRTC on first use")
         return
@@ -49,7 +56,8 @@ class BuildPyWithCubins(build_py):
         super().run()
 
 
-# Editable installs (pip install -e .) do not run build_py for the sources, so build here too.
+# Older setuptools' editable installs (pip install -e .) do not run build_py, so build here too; newer ones run
+# build_py as well (editable_mode), which the `_built` flag turns into a no-op instead of a second nvcc pass.
 if any(arg in sys.argv for arg in ("editable_wheel", "develop")):
     build_cubins()
 

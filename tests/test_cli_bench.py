@@ -38,7 +38,8 @@ def test_bench_writes_a_run_the_loader_accepts(tmp_path):
 def test_bench_uses_cached_ceilings_for_the_measured_roofline(tmp_path):
     # A cache entry as `tokprof ceilings` would leave it, with the default CPU sizes: read, not re-measured.
     c = Ceilings(copy_gbps=5.0, gemm_tflops=0.05, gemm_dtype="fp32", copy_bytes=2 * CPU_COPY_BUFFER_BYTES,
-                 gemm_shape=[CPU_GEMM_N] * 3, device=detect_device("cpu").name, measured_utc="2026-01-01T00:00:00Z")
+                 gemm_shape=[CPU_GEMM_N] * 3, device=detect_device("cpu").name, measured_utc="2026-01-01T00:00:00Z",
+                 read_gbps=4.0)
     save_json_atomic(to_dict(c), tmp_path / "cache" / "ceilings" / f"{cache_key(detect_device('cpu'))}.json")
     out = tmp_path / "run.json"
     result = runner.invoke(app, ["bench", "--op", "swiglu", "--shape", "T=2,I=64", *QUICK, "--energy", "-o",

@@ -271,3 +271,31 @@ def test_gpu_call_captures_in_a_cuda_graph(backend):
     graph.replay()
     torch.cuda.synchronize()
     assert_close(out, reference(**inputs), torch.float16)
+
+
+def test_triton_splits_fill_the_ctas_that_fit_per_sm(monkeypatch):
+    # An H100's properties, faked: 132 SMs and 228 KB of shared memory per SM. The Triton kernel's 2 buffered
+    # K/V tiles + 8 KB (72 KB at D=128 bf16) fit 3 programs per SM, so batch 1 / 1k context / 8 KV heads gets 16
+    # splits (128 programs), not the 4 (32 programs, a quarter of the SMs) of 256-token splits for 2 per SM.
+    from types import SimpleNamespace
+
+    props = SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, multi_processor_count=132,
+                            shared_memory_per_multiprocessor=228 * 1024, L2_cache_size=50 << 20)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    for fn in (da._sm_count, da.smem_per_sm):
+        fn.cache_clear()
+    gpu = torch.device("cuda", 0)
+    try:
+        assert da._triton_ctas_per_sm(128, 2, gpu) == 3
+        assert da._split_plan(1, 8, 1024, 64, gpu, 3) == (16, 64)
+        assert da._split_plan(64, 8, 4096, 64, gpu, 3) == (1, 4096)  # 512 programs already fill 3 x 132
+        info = da.config_properties(gpu)
+        assert info["smem_per_sm_used"] == 228 * 1024 and info["triton_d128_bf16"]["num_stages"] == 3
+        # a torch build without the property: the capability's figure, with a warning, not a silent 0
+        del props.shared_memory_per_multiprocessor
+        da.smem_per_sm.cache_clear()
+        with pytest.warns(UserWarning, match="shared_memory_per_multiprocessor"):
+            assert da.smem_per_sm(gpu) == 228 * 1024
+    finally:
+        for fn in (da._sm_count, da.smem_per_sm):
+            fn.cache_clear()

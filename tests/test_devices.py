@@ -138,3 +138,15 @@ def test_git_sha(tmp_path):
     root = devices.Path(devices.__file__).resolve().parent.parent.parent
     if (root / ".git").exists():
         assert sha is not None and re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", sha)
+
+
+def test_git_sha_from_environment_where_the_tree_is_no_checkout(tmp_path, monkeypatch):
+    # a GPU machine gets a copy of the tree without .git: the sha is passed in from outside
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("TOKPROF_GIT_SHA", sha + "+dirty")
+    assert git_sha(tmp_path) == sha + "+dirty"
+    monkeypatch.setenv("TOKPROF_GIT_SHA", "not-a-sha")
+    with pytest.raises(ValueError, match="TOKPROF_GIT_SHA"):
+        git_sha(tmp_path)
+    monkeypatch.delenv("TOKPROF_GIT_SHA")
+    assert git_sha(tmp_path) is None

@@ -403,3 +403,17 @@ def test_nvml_power_sampling_thread_on_a_real_gpu():
     assert e.method == "sampled" and 10.0 < e.avg_power_w < 1500.0
     assert len(meter.source.samples_between(meter.last_window.begin.timestamp_s,
                                             meter.last_window.end.timestamp_s)) >= 10
+
+
+def test_trace_summary_reads_the_counter_interval_and_phase_powers():
+    from tokprof.profiler.energy_sources import trace_summary
+
+    readings = [Reading(t / 100.0, energy_mj=70.0 * 1000 * (t // 10) / 10, power_mw=70_000.0, temperature_c=34)
+                for t in range(100)]  # 70 W idle; the counter moves every 0.1 s
+    summary = trace_summary(readings)
+    assert summary["counter_update_s"] == pytest.approx(0.1)
+    phase = summary["phases"]["all"]
+    assert phase["counter_w"] == pytest.approx(70.0, rel=0.15) and phase["sampled_w"] == pytest.approx(70.0)
+    readings_h100, meta = load_trace(TRACE)
+    named = trace_summary(readings_h100, {"idle": (0.0, 2.5), "busy": (3.2, 5.8)})
+    assert named["phases"]["busy"]["counter_w"] > 5 * named["phases"]["idle"]["counter_w"]

@@ -269,18 +269,24 @@ def test_projection_carries_each_ops_efficiency_to_the_target(tmp_path):
     run = load_run(tmp_path / "run.json")  # through the file, as a user would
     (p,) = rollup.project(run, "h200")
     expected_us = 0.0
-    for call in decode_plan(cfg, 2, 40, "bf16"):
+    calls = decode_plan(cfg, 2, 40, "bf16")
+    for call in calls:
         flops, nbytes = call.cost()
         expected_us += call.count * max(flops / 989e12, nbytes / 4.8e12) * 1e6 / eff[call.op]
+    kernels_us = expected_us
+    # no kernel measurement holds the per-step overhead: the step model's (graph) 100 us + 0.3 us per kernel call
+    expected_us += 100.0 + 0.3 * sum(c.count for c in calls)
     assert p.provenance == "projected" and p.gpu == "h200" and (p.batch, p.context) == (2, 40)
     assert p.step_time_us == pytest.approx(expected_us, rel=1e-12)
     assert p.tokens_per_s_per_gpu == pytest.approx(2 / (expected_us * 1e-6))
     assert p.usd_per_gpu_hour == 1.41 and p.all_in_kw_per_gpu == 1.73
     assert p.j_per_token_total is None and "not carried across GPUs" in p.energy_reason
     assert "projected from h100-sxm" in p.notes[0]
-    # every op memory-bound on both GPUs: the projected step is the measured one x 3.35 / 4.8
+    # every op memory-bound on both GPUs: the projected kernels are the measured ones x 3.35 / 4.8
     measured = rollup.points_from_run(run.rollup)[0]
-    assert p.step_time_us == pytest.approx(measured.step_time_us * 3.35 / 4.8, rel=1e-9)
+    assert kernels_us == pytest.approx(measured.step_time_us * 3.35 / 4.8, rel=1e-9)
+    (overhead,) = [o for o in p.ops if o.op == "step_overhead"]
+    assert overhead.total_us == pytest.approx(expected_us - kernels_us, rel=1e-12)
 
 
 def test_projection_needs_a_datasheet_source_and_every_call():
@@ -304,15 +310,18 @@ def test_modelled_llama_8b_on_h200_is_the_bandwidth_roof_over_efficiency():
     pts = rollup.modelled(cfg, "h200", [1, 64], [1024], "bf16", efficiency=0.8,
                           prices=PriceOptions(usd_per_gpu_hour=1.41))
     for p in pts:
-        flops, nbytes = plan_totals(decode_plan(cfg, p.batch, 1024, "bf16"))
-        # every call of these steps is memory-bound on H200 (ridge 989/4.8 = 206 FLOP/byte)
-        assert p.step_time_us == pytest.approx(nbytes / 4.8e12 / 0.8 * 1e6, rel=1e-12)
+        plan = decode_plan(cfg, p.batch, 1024, "bf16")
+        flops, nbytes = plan_totals(plan)
+        # every call of these steps is memory-bound on H200 (ridge 989/4.8 = 206 FLOP/byte); the flat efficiency
+        # replaces the op curves, the step overhead (graph: 100 us + 0.3 us per kernel call) stays
+        overhead = 100.0 + 0.3 * sum(c.count for c in plan)
+        assert p.step_time_us == pytest.approx(nbytes / 4.8e12 / 0.8 * 1e6 + overhead, rel=1e-12)
         assert p.usd_per_million_tokens == pytest.approx(1.41 / (p.tokens_per_s_per_gpu * 3600) * 1e6)
         assert p.tokens_per_s_per_mw == pytest.approx(p.tokens_per_s_per_gpu * 1000 / 1.73)
         assert p.provenance == "modelled" and p.price_source == "stated by the user"
         assert "0.8 for every op" in p.notes[0] and "upper bound at TDP (700 W" in p.energy_reason
         assert sum(o.share for o in p.ops) == pytest.approx(1.0)
-    assert 230 < pts[0].tokens_per_s_per_gpu < 260  # ~0.8 x 4.8 TB/s / 15.1 GB
+    assert 220 < pts[0].tokens_per_s_per_gpu < 260  # ~0.8 x 4.8 TB/s / 15.1 GB, less the step overhead
 
 
 def test_modelled_per_op_efficiency_and_bad_efficiency():
@@ -321,9 +330,11 @@ def test_modelled_per_op_efficiency_and_bad_efficiency():
            "swiglu": 1.0, "greedy_sample": 1.0}
     (p,) = rollup.modelled(cfg, "b200", [1], [16], "bf16", efficiency=eff)
     expected = 0.0
-    for call in decode_plan(cfg, 1, 16, "bf16"):
+    plan = decode_plan(cfg, 1, 16, "bf16")
+    for call in plan:
         flops, nbytes = call.cost()
         expected += call.count * max(flops / 2250e12, nbytes / 8e12) * 1e6 / eff[call.op]
+    expected += 100.0 + 0.3 * sum(c.count for c in plan)  # the step overhead (graph execution)
     assert p.step_time_us == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match=r"efficiency: expected a fraction of the roofline in \(0, 1\]"):
         rollup.modelled(cfg, "b200", [1], [16], efficiency=1.5)

@@ -16,14 +16,16 @@ from rich.console import Console
 from tokprof.models.config import ModelConfig
 from tokprof.profiler.schema import load_run
 from tokprof.runner import (
+    EST_CAPTURE_LAUNCH_US,
     EST_COMPILE_S,
     EST_ENERGY_ALIGN_S,
-    EST_GRAPH_CALL_S,
+    EST_GRAPH_INSTANTIATE_S,
     EST_KERNEL_OVERHEAD_S,
     RunConfig,
     available_memory_bytes,
     check_fits,
     estimate_gpu_seconds,
+    graph_capture_seconds,
     memory_needed_bytes,
     other_gpu_rows,
     reference_runs,
@@ -56,6 +58,8 @@ def test_run_main_writes_run_report_and_history(tmp_path, capsys):
     assert run.provenance.device.kind == "cpu"
     assert run.ceilings is not None and run.ceilings.copy_gbps > 0
     assert {k.op for k in run.kernels} >= {"linear", "decode_attention", "rms_norm", "swiglu"}
+    # On the CPU each point's calls are timed round-robin in step order: the cache state of the eager loop.
+    assert {k.timing.mode for k in run.kernels} == {"sequence"}
     measured = [p for p in run.rollup if p["provenance"] == "measured"]
     assert {(p["batch"], p["context"]) for p in measured} == {(1, 64), (2, 64)}
     assert all(p["tokens_per_s_per_gpu"] > 0 for p in measured)
@@ -73,6 +77,14 @@ def test_run_main_writes_run_report_and_history(tmp_path, capsys):
     printed = capsys.readouterr().out
     summary = json.loads(printed.strip().splitlines()[-1])
     assert summary["run"] == str(path) and summary["kind"] == "cpu"
+    # The eager loop's overheads are measured and recorded; L4 gets a prediction and the summary its error.
+    assert run.overhead is not None and [h["batch"] for h in run.overhead["host_work"]] == [2]
+    assert run.overhead["host_work"][0]["per_step_us"] >= 0 and run.overhead["dispatch"]
+    assert run.cpu_load is not None and set(run.cpu_load["phases"]) == {"ceilings", "kernels", "overhead", "e2e"}
+    l4 = next(lv for lv in run.reconciliation[-1]["layers"] if lv["name"] == "L4")
+    assert l4["predicted_step_time_us"] > 0 and l4["prediction_error_pct"] is not None
+    assert summary["prediction"]["points"] == 1 and summary["prediction"]["layer"] == "L4"
+    assert "L4 pred" in printed and "L4 prediction" in printed
     # The findings on the console: the measured layers of each point, then the other GPUs' rows.
     assert "tokens/s per GPU by layer" in printed and "L2 vs e2e" in printed
     assert "other GPUs, llama-3.1-8b bf16" in printed and "h200 (modelled)" in printed
@@ -122,14 +134,27 @@ def test_gpu_defaults_fit_the_five_minute_budget(h100_memory):
     assert est["kernels"] == pytest.approx(60 * (0.4 + 1.0 + 0.2 + EST_ENERGY_ALIGN_S + EST_KERNEL_OVERHEAD_S)
                                            + EST_COMPILE_S)
     # 32 of them (embedding, norms, rope, append_kv, swiglu, greedy_sample, attention at batch 1 / 1k) are modelled
-    # under 10 us on the H100: each also captured in graph mode over thousands of input copies.
-    assert est["graphs"] == pytest.approx(32 * EST_GRAPH_CALL_S)
+    # under 10 us on the H100: each also timed in graph mode (0.4 s) after a capture of at most 256 input copies.
+    assert 32 * (0.4 + EST_GRAPH_INSTANTIATE_S) < est["graphs"] < 32 * (0.4 + EST_GRAPH_INSTANTIATE_S + 0.02)
     assert 15 < est["prefill"] < 40  # ~10 PFLOP of prefill at 400 TFLOP/s, once per point (not per mode)
     assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"))
     assert est["total"] <= 300, est
     # The first defaults (1 s timing, 0.5 s cool-downs, transformers at every point) did not.
     old = dataclasses.replace(rc, timing_kwargs={"max_time_s": 1.0}, energy_kwargs={}, framework_points=None)
     assert estimate_gpu_seconds(cfg, old)["total"] > 300
+
+
+def test_graph_capture_estimate_counts_the_rotating_copies():
+    # RMSNorm of one 4096-wide bf16 row touches 16 KiB: uncapped 15,260 copies on a 50 MB L2 (each a launch in the
+    # capture, ~0.3 s); capped at 256 copies, one pass (256 x 3 us > 500 us), 256 launches of 20 us + instantiation
+    assert graph_capture_seconds(16 << 10, 3.0, 50_000_000) == pytest.approx(
+        256 * EST_CAPTURE_LAUNCH_US * 1e-6 + EST_GRAPH_INSTANTIATE_S)
+    # a 64 MiB call needs ceil(5 x 50 MB / 64 MiB) + 1 = 5 copies; 5 x 300 us > 500 us: one pass
+    assert graph_capture_seconds(64 << 20, 300.0, 50_000_000) == pytest.approx(
+        5 * EST_CAPTURE_LAUNCH_US * 1e-6 + EST_GRAPH_INSTANTIATE_S)
+    # a 1 us call on 5 copies: ceil(500 / 5) = 100 passes, 500 captured launches
+    assert graph_capture_seconds(64 << 20, 1.0, 50_000_000) == pytest.approx(
+        500 * EST_CAPTURE_LAUNCH_US * 1e-6 + EST_GRAPH_INSTANTIATE_S)
 
 
 def test_check_fits_refuses_a_model_larger_than_the_ram(monkeypatch):

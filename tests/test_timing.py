@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tokprof.profiler import nvml, timing
+from tokprof.profiler import graphs, nvml, timing
 from tokprof.profiler.schema import Clocks, Timing
 from tokprof.profiler.timing import (
     check_rotation,
@@ -245,7 +245,8 @@ def test_a_failed_graph_capture_gives_the_callers_stream_back(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_stream", lambda s: state.update(current=s))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
     monkeypatch.setattr(torch.cuda, "graph", BrokenCapture)
-    monkeypatch.setattr(timing, "_events_time_us", lambda device, fn, repeats: 1.0)
+    monkeypatch.setattr(graphs, "_events_time_us", lambda device, fn, repeats: 1.0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 1 << 31))
     inputs = {"x": torch.ones(256)}  # 1 KiB: ceil(5 * 4 KiB / 1 KiB) + 1 = 21 copies
     with pytest.raises(RuntimeError, match="CUDA graph capture of the call failed"):
         timing.capture_graph(lambda kw: kw["x"] * 2, inputs, device="cuda:0")
@@ -407,3 +408,67 @@ def test_short_kernel_note_in_events_mode():
     t = measure(_copy, inputs, device="cuda", mode="events", max_time_s=1.0)
     if t.median_us < timing.SHORT_KERNEL_US:
         assert "launch jitter" in t.note
+
+
+# ------------------------------------------------------------------------------ first GPU contact: rotation, host
+
+
+def test_rotation_is_sized_by_bytes_touched_and_capped():
+    l2 = 60 << 20  # an H200's 60 MiB
+    # RMSNorm of one 4096-wide bf16 row touches 16 KiB: uncapped that is ~19k copies, each a launch in the capture
+    assert timing.rotation_copies(l2, 16 << 10) == 19201
+    assert timing.rotation_copies(l2, 16 << 10, max_copies=256) == 256
+    assert not timing.rotation_spans_l2(l2, 16 << 10, 256)
+    assert timing.rotation_spans_l2(l2, 16 << 20, timing.rotation_copies(l2, 16 << 20))
+    # a decode call whose KV cache is allocated for 4 GiB but reads 64 MiB: the rotation follows the 64 MiB
+    assert timing.graph_copies(l2, 4 << 30, 64 << 20, free_bytes=100 << 30) == 6
+    # free memory caps it: a quarter of 20 GiB holds one 4 GiB working set only
+    assert timing.graph_copies(l2, 4 << 30, 64 << 20, free_bytes=20 << 30) == 1
+    with pytest.raises(ValueError, match="max_copies"):
+        timing.rotation_copies(l2, 1024, max_copies=0)
+
+
+def test_host_time_and_sleep_cycles():
+    inputs = {"x": torch.randn(64)}
+    host_us = timing.host_time_us(lambda kw: kw["x"] * 2, inputs, torch.device("cpu"))
+    assert 0 < host_us < 1e5
+    assert timing.sleep_cycles(50.0, 1980) == 99000  # 50 us at 1980 MHz
+    assert timing.sleep_cycles(50.0, None) == 100000  # unknown clock: 2 GHz, a slower card only sleeps longer
+
+
+def test_measure_refuses_an_unknown_flush():
+    with pytest.raises(ValueError, match="flush"):
+        timing.measure(lambda kw: None, {"x": torch.ones(4)}, device="cpu", flush="zero")
+
+
+def test_kernel_time_is_the_graph_time_where_one_was_taken():
+    from tokprof.profiler.schema import KernelMeasurement, Roofline, Timing
+
+    def t(median, mode):
+        return Timing(samples_us=[median], timer="x", mode=mode, cold_l2=True, median_us=median, p10_us=median,
+                      p90_us=median, mean_us=median, noise=0.0, n_outliers=0, noise_target=0.005,
+                      met_noise_target=True)
+
+    roof = Roofline(flops=0, min_bytes=1, time_us=9.0, achieved_tflops=0.0, achieved_gbps=0.0,
+                    intensity_flop_per_byte=0.0, bound=None)
+    m = KernelMeasurement(op="rms_norm", shape={"T": 1}, dtype="bf16", backend="triton", device="GPU",
+                          timing=t(9.0, "events"), roofline=roof)
+    assert m.time_us == 9.0
+    m.graph_timing = t(3.5, "graph")  # events carried launch jitter: the graph replay is the better-founded time
+    assert m.time_us == 3.5 and m.best_timing.mode == "graph"
+
+
+def test_clock_reasons_decode_and_sampler(monkeypatch):
+    assert nvml.decode_clock_reasons(0x1 | 0x4) == ["gpu_idle", "sw_power_cap"]
+    assert nvml.decode_clock_reasons(0x10000) == ["0x10000"]
+    snaps = iter([Clocks(sm_mhz=1980, sm_max_mhz=1980), Clocks(sm_mhz=1900, sm_max_mhz=1980)])
+    reasons = iter([[], ["sw_power_cap"]])
+    monkeypatch.setattr(nvml, "clocks", lambda device: next(snaps))
+    monkeypatch.setattr(nvml, "clock_reasons", lambda device: next(reasons))
+    sampler = nvml.ClockSampler("cuda:0")
+    sampler.sample(force=True)
+    assert sampler.throttled() is False
+    sampler.sample(force=True)
+    # the clock stayed above 75% of its max, but the card reported a power-cap slowdown inside the window
+    assert sampler.throttled() is True and sampler.sm_mhz_min == 1900
+    assert nvml.ClockSampler("cuda:0").throttled() is None  # never sampled: unknown

@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 
 from tokprof.models.config import ModelConfig
-from tokprof.profiler.cpu_load import CpuLoad
+from tokprof.profiler.cpu_load import CpuLoad, describe_record, load_record
 from tokprof.profiler.devices import resolve_device
 from tokprof.profiler.schema import RunResult, load_run, save_run
 from tokprof.reports.history import History
@@ -47,15 +47,16 @@ class RunConfig:
     5 minutes of GPU time, and a CPU sweep that fits in under 3 minutes on 2 cores.
 
     GPU budget (llama-3.1-8b, batch {1, 8, 32, 128} x context {1k, 8k}), estimated for an H100 before the first
-    measured run; `estimate_gpu_seconds` holds the arithmetic (~295 s with these defaults):
+    measured run; `estimate_gpu_seconds` holds the arithmetic (~280 s with these defaults):
     - kernels: 60 distinct decode-step calls, each timed for up to 0.4 s (events, cold L2), then an energy window of
-      1 s (MEASUREMENT.md: >= 1 s) after a 0.2 s cool-down (plus up to two counter updates, ~0.1 s, to align the
-      window) and ~0.3 s of set-up: ~2.1 s a call, ~126 s; the 32 calls modelled under 10 us on the H100 datasheet
-      are also timed in graph mode, whose capture of ceil(5 x L2 / working set) + 1 input copies (16k-30k for
-      a 10 KB call) costs ~1 s each: ~32 s; plus Triton's first compilations (~30 s on a cold cache);
+      1 s (>= 1 s for the NVML counter) after a 0.2 s cool-down (plus up to two counter updates, ~0.1 s, to align
+      the window) and ~0.3 s of set-up: ~2.1 s a call, ~126 s; the 32 calls modelled under 10 us on the H100
+      datasheet are also timed in graph mode (0.4 s each) after a capture of at most 256 rotating input copies
+      (sized by the bytes each call touches; ~0.06 s): ~15 s; plus Triton's first compilations (~30 s cold);
     - end to end, tokprof: 7 points (batch 128 at 8k context needs ~137 GB of KV cache and is dropped), graph and
       eager from one prefill per point: prefills of 505k prompt tokens in all (+ a warm-up sub-batch per point;
-      ~10 PFLOP, ~25 s), then per mode 36 steps, a 1 s energy window and 32 profiled steps (~3.5 s): ~75 s;
+      ~10 PFLOP, ~25 s), then per mode 36 steps, a 1 s energy window and 8 profiled steps (GPU activities only;
+      ~3 s): ~45 s;
     - end to end, transformers: at 2 points only, (1, 1k) and (8, 8k): its eager loop costs ~40 ms of Python per
       step whatever the batch, and its profile holds ~100k host events: ~10 s a point;
     - ceilings, idle power, model set-up, report: ~20 s. In all ~4.5-5 minutes. The cool-down is 0.2 s rather than
@@ -103,7 +104,8 @@ class RunConfig:
 # run's summary prints its real time ("seconds").
 EST_PREFILL_TFLOPS = 400.0  # a prefill's GEMMs and causal attention together
 EST_KERNEL_OVERHEAD_S = 0.3  # per kernel call: inputs, first call, the energy window's graph capture
-EST_GRAPH_CALL_S = 1.0  # per call under SHORT_KERNEL_US: capture of thousands of input copies, instantiation, replays
+EST_CAPTURE_LAUNCH_US = 20.0  # host time per kernel launch recorded into a graph (Python wrapper + launch)
+EST_GRAPH_INSTANTIATE_S = 0.05  # per graph: instantiation and the first (uploading) replay
 EST_KERNEL_EFFICIENCY = 0.8  # to model which calls are short: this fraction of the H100 datasheet roofline ...
 EST_LAUNCH_US = 2.0  # ... plus a launch
 EST_ENERGY_ALIGN_S = 0.2  # per energy window: waiting for the counter's next update at both ends
@@ -113,13 +115,25 @@ EST_FRAMEWORK_POINT_S = 10.0  # per point of another framework (transformers' ea
 EST_FIXED_S = 20.0  # ceilings, idle power, model set-up, reconciliation, report
 
 
+def graph_capture_seconds(bytes_touched: int, call_us: float, l2_bytes: int) -> float:
+    """Modelled host seconds to capture one call's graph-mode timing graph, as tokprof.profiler.graphs builds it:
+    ceil(5 x L2 / bytes touched) + 1 rotating copies (at most MAX_ROTATION_COPIES), passes enough for a replay of
+    MIN_REPLAY_US, each captured launch EST_CAPTURE_LAUNCH_US of host time, plus instantiation."""
+    from tokprof.profiler.graphs import MAX_ROTATION_COPIES, MIN_REPLAY_US, rotation_copies
+
+    copies = rotation_copies(l2_bytes, max(1, int(bytes_touched)), max_copies=MAX_ROTATION_COPIES)
+    passes = max(1, math.ceil(MIN_REPLAY_US / (copies * call_us)))
+    return copies * passes * EST_CAPTURE_LAUNCH_US * 1e-6 + EST_GRAPH_INSTANTIATE_S
+
+
 def estimate_gpu_seconds(config: ModelConfig, rc: RunConfig) -> dict[str, float]:
     """A modelled estimate of `tokprof run`'s GPU time with `rc`, by part (seconds; "total" sums them).
 
     kernels: distinct decode-step calls x (timing budget + energy window + cool-down + alignment + overhead) +
     compilation; prefill: every end-to-end point's prompt tokens (and one warm-up sub-batch) at EST_PREFILL_TFLOPS;
     e2e: points x modes x (EST_E2E_MODE_S + the energy cool-down); frameworks: other frameworks' points x
-    EST_FRAMEWORK_POINT_S; graphs: calls modelled under SHORT_KERNEL_US on the H100 datasheet x EST_GRAPH_CALL_S.
+    EST_FRAMEWORK_POINT_S; graphs: per call modelled under SHORT_KERNEL_US on the H100 datasheet, its capture
+    (graph_capture_seconds: the rotating copies times the host time of a captured launch) and its timing budget.
     """
     from tokprof.models.e2e import E2E_COOLDOWN_S, prompt_length
     from tokprof.models.plan import decode_plan
@@ -130,9 +144,13 @@ def estimate_gpu_seconds(config: ModelConfig, rc: RunConfig) -> dict[str, float]
     distinct = {c.key(): c for b in rc.batches for c_ in rc.contexts for c in decode_plan(config, b, c_, rc.dtype)}
     h100 = load_specs()["h100-sxm"]
     peak_flops, peak_bw = (h100.peak_tflops(rc.dtype) or h100.bf16_tflops) * 1e12, h100.hbm_tbps * 1e12
-    short = sum(max(f / peak_flops, b / peak_bw) * 1e6 / EST_KERNEL_EFFICIENCY + EST_LAUNCH_US < SHORT_KERNEL_US
-                for f, b in (c.cost() for c in distinct.values()))
-    per_kernel = float(rc.timing_kwargs.get("max_time_s", 5.0)) + EST_KERNEL_OVERHEAD_S
+    timing_s = float(rc.timing_kwargs.get("max_time_s", 5.0))
+    graphs_s = 0.0
+    for f, b in (c.cost() for c in distinct.values()):
+        t_us = max(f / peak_flops, b / peak_bw) * 1e6 / EST_KERNEL_EFFICIENCY + EST_LAUNCH_US
+        if t_us < SHORT_KERNEL_US:  # also timed in graph mode (bench.wants_graph_time)
+            graphs_s += graph_capture_seconds(b, t_us, int(h100.l2_mb * 1e6)) + timing_s
+    per_kernel = timing_s + EST_KERNEL_OVERHEAD_S
     if rc.energy:
         per_kernel += (float(rc.energy_kwargs.get("window_s", 1.0)) + float(rc.energy_kwargs.get("cooldown_s", 0.5))
                        + EST_ENERGY_ALIGN_S)
@@ -151,7 +169,7 @@ def estimate_gpu_seconds(config: ModelConfig, rc: RunConfig) -> dict[str, float]
     modes = [m for m in rc.e2e_modes if m == "eager" or rc.device.type == "cuda"]
     parts = {
         "kernels": len(distinct) * per_kernel + EST_COMPILE_S,
-        "graphs": short * EST_GRAPH_CALL_S if rc.device.type == "cuda" else 0.0,
+        "graphs": graphs_s if rc.device.type == "cuda" else 0.0,
         "prefill": prefill_flop / (EST_PREFILL_TFLOPS * 1e12),
         "e2e": len(points) * len(modes) * (EST_E2E_MODE_S + (E2E_COOLDOWN_S if rc.energy else 0.0))
         if "tokprof" in rc.frameworks else 0.0,
@@ -259,7 +277,7 @@ def other_gpu_rows(run: RunResult, rc: RunConfig, console: Console) -> list[str]
             gpu_rc = RunConfig.for_device(torch.device("cuda"), GPU_DEFAULT_MODEL)
             points = modelled(config, gpu, gpu_rc.batches, gpu_rc.contexts, dtype=gpu_rc.dtype)
             if ref is None:
-                notes.append(f"{gpu}: {GPU_DEFAULT_MODEL} modelled from the datasheet at the stated efficiency (no "
+                notes.append(f"{gpu}: {GPU_DEFAULT_MODEL} modelled from the datasheet by the step model (no "
                              "shipped reference run)")
         merge_points(run.rollup, points)
     for note in notes:
@@ -299,12 +317,14 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
     """Run the whole chain and return the RunResult path. See the module docstring."""
     from tokprof.profiler.bench import new_run
     from tokprof.profiler.ceilings import measure_ceilings
+    from tokprof.profiler.overhead import measure_overhead
     from tokprof.rollup import bottom_up
     from tokprof.rollup.reconcile import reconcile
 
     console = console or Console()
     t0 = time.perf_counter()
     cpu_load = CpuLoad.start()
+    phases: dict[str, Any] = {}  # phase -> CpuLoadResult: how shared the CPU was in each
     dev = resolve_device(device)
     history = History(history_db)
     history.check()  # a bad history file is said before the run, not after it
@@ -328,32 +348,60 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
         run.notes.append(f"CPU run on {run.provenance.device.name}: {rc.backend} backend, {rc.dtype}, model "
                          f"{config.name}; no energy counter on a CPU")
 
+    wall_s: dict[str, float] = {}  # wall seconds per phase, in the summary
+    mark = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        wall_s[name] = round(now - mark[0], 1)
+        mark[0] = now
+
     try:
         console.print("[bold]1/5[/] ceilings")
+        phase = CpuLoad.start()
         ceilings = measure_ceilings(dev)
+        phases["ceilings"] = phase.stop()
         run.ceilings = ceilings
         console.print(f"    copy {ceilings.copy_gbps:.1f} GB/s, GEMM {ceilings.gemm_tflops:.2f} TFLOP/s "
                       f"({ceilings.gemm_dtype})")
+        lap("ceilings")
 
         console.print(f"[bold]2/5[/] kernels of the decode plan: batch {rc.batches} x context {rc.contexts}")
+        phase = CpuLoad.start()
         points, run = bottom_up(config, rc.batches, rc.contexts, rc.backend, dev, dtype=rc.dtype, energy=rc.energy,
                                 timing_kwargs=rc.timing_kwargs, energy_kwargs=rc.energy_kwargs or None,
                                 ceilings=ceilings, run=run, out=run_path)
+        lap("kernels")
+        phases["kernels"] = phase.stop()
+        phase = CpuLoad.start()
+        run.overhead = measure_overhead(config, rc.e2e_batches or rc.batches, dev, dtype=rc.dtype,
+                                        backend=rc.backend, context=min(rc.contexts)).to_dict()
+        phases["overhead"] = phase.stop()
+        host = ", ".join(f"batch {h['batch']} {h['per_step_us']:.0f} us" for h in run.overhead["host_work"])
+        console.print(f"    eager-loop overhead (measured): host work per step {host}")
+        save_run(run, run_path)
+        lap("overhead")
 
         e2e_where = (f"(batch, context) {rc.e2e_points}" if rc.e2e_points is not None
                      else f"batch {rc.e2e_batches} x context {rc.e2e_contexts}")
         console.print(f"[bold]3/5[/] end to end: {e2e_where}, {', '.join(rc.frameworks)} ({', '.join(rc.e2e_modes)})")
+        phase = CpuLoad.start()
         run_e2e_points(run, rc, run_path, console)
+        lap("e2e")
+        phases["e2e"] = phase.stop()
 
         if dev.type == "cpu":  # a CPU is found shared more often than a GPU: say how shared it was while measuring
             load = cpu_load.stop()
             run.notes.append(load.note())
-            if load.contended:
-                console.print(f"[yellow]warning: {load.note()}[/]")
+            run.cpu_load = load_record(load, phases)
+            if run.cpu_load["contended"]:
+                console.print(f"[yellow]warning: {describe_record(run.cpu_load)}: the CPU was shared, so these "
+                              "CPU figures are slower and noisier than on an idle CPU[/]")
 
         console.print("[bold]4/5[/] reconciliation and other GPUs")
         run.reconciliation = [r.to_dict() for r in reconcile(run)]
         run.notes.extend(other_gpu_rows(run, rc, console))
+        lap("reconcile")
         save_run(run, run_path)
 
         console.print("[bold]5/5[/] report and history")
@@ -366,9 +414,12 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
             summary["report_html"] = str(rep.html)
             summary["report_md"] = str(rep.markdown)
         history.record_run(run, run_path)
+        lap("report")
+        summary["phase_seconds"] = wall_s
         summary["history_db"] = str(history.path)
         summary["seconds"] = round(time.perf_counter() - t0, 1)
         summary["points"] = [_point_summary(p) for p in points]
+        summary["prediction"] = prediction_summary(run)
         _print_story(console, run)
         _print_summary(console, summary)
         print(json.dumps(summary))
@@ -388,47 +439,118 @@ def _point_summary(p: Any) -> dict[str, Any]:
             "usd_per_million_tokens": r(p.usd_per_million_tokens), "provenance": p.provenance}
 
 
+def _no_fit(p: dict[str, Any]) -> str:
+    """An infeasible point's cell: what it needs and what the GPU has, never a number of tokens/s."""
+    need, has = p.get("memory_bytes_per_gpu"), p.get("memory_capacity_bytes")
+    if isinstance(need, (int, float)) and isinstance(has, (int, float)):
+        return f"needs {need / 1e9:.0f} GB, has {has / 1e9:.0f} GB"
+    return "does not fit"
+
+
 def _fmt(value: Any, suffix: str = "") -> str:
     from tokprof.reports.document import num
 
     return "-" if value is None else num(value) + suffix
 
 
+# The goal of the eager prediction on an idle CPU (issue 12): median and max |predicted / measured step - 1|.
+PREDICTION_GOAL_MEDIAN_PCT = 10.0
+PREDICTION_GOAL_MAX_PCT = 20.0
+
+
+def prediction_summary(run: RunResult, layer: str = "L4") -> dict[str, Any]:
+    """How well `layer`'s predicted step (kernel sum + measured overheads) matched the measured one over the run's
+    points: median and max |predicted / measured - 1| in %, the goal, and whether the figures can be judged (a
+    contended CPU's cannot)."""
+    import statistics
+
+    errors = [(rec["batch"], rec["context"], lv["prediction_error_pct"]) for rec in run.reconciliation
+              for lv in rec.get("layers") or [] if lv.get("name") == layer
+              and isinstance(lv.get("prediction_error_pct"), (int, float))]
+    unreliable = next((rec.get("unreliable_reason") for rec in run.reconciliation if not rec.get("reliable", True)),
+                      None)
+    out: dict[str, Any] = {"layer": layer, "points": len(errors), "median_abs_error_pct": None,
+                           "max_abs_error_pct": None, "goal": f"median <= {PREDICTION_GOAL_MEDIAN_PCT:g}%, max <= "
+                           f"{PREDICTION_GOAL_MAX_PCT:g}%", "met": None, "reliable": unreliable is None,
+                           "unreliable_reason": unreliable,
+                           "errors_pct": [{"batch": b, "context": c, "error_pct": round(e, 2)} for b, c, e in errors]}
+    if errors:
+        abs_errors = [abs(e) for _, _, e in errors]
+        out["median_abs_error_pct"] = round(statistics.median(abs_errors), 2)
+        out["max_abs_error_pct"] = round(max(abs_errors), 2)
+        if unreliable is None:
+            out["met"] = (out["median_abs_error_pct"] <= PREDICTION_GOAL_MEDIAN_PCT
+                          and out["max_abs_error_pct"] <= PREDICTION_GOAL_MAX_PCT)
+    return out
+
+
+def prediction_line(summary: dict[str, Any]) -> str | None:
+    """The closure of the bottom-up model in one line (markup-free), None when nothing was predicted."""
+    if not summary["points"]:
+        return None
+    figures = (f"median |predicted / measured - 1| {summary['median_abs_error_pct']:.1f}%, max "
+               f"{summary['max_abs_error_pct']:.1f}% over {summary['points']} point(s)")
+    if not summary["reliable"]:
+        return f"{summary['layer']} prediction not judged: {summary['unreliable_reason']} (as measured: {figures})"
+    verdict = "meets" if summary["met"] else "misses"
+    return f"{summary['layer']} prediction (kernel sum + measured overheads): {figures}; {verdict} the goal " \
+           f"({summary['goal']})"
+
+
 def _print_story(console: Console, run: RunResult) -> None:
     """The run's findings on the console: the iceberg of each measured point, then the other GPUs' rows."""
+    from rich.markup import escape
     from rich.table import Table
 
     if run.reconciliation:
         priced = {(p["batch"], p["context"]): p for p in run.rollup if p.get("provenance") == "measured"}
-        columns: dict[str, list[str]] = {k: [] for k in ("batch", "ctx", "L1 roof", "L2 sum", "L3 graph", "L4 eager",
-                                                          "L2 vs e2e", "$/M tok", "J/tok")}
+        columns: dict[str, list[str]] = {k: [] for k in ("batch", "ctx", "L1 roof", "L2 sum", "L3 pred", "L3 graph",
+                                                          "L4 pred", "L4 eager", "pred err", "L2 vs e2e", "$/M tok",
+                                                          "J/tok")}
+        flags: list[str] = []
         for rec in run.reconciliation:
-            tps = {lv.get("name"): lv.get("tokens_per_s_per_gpu") for lv in rec.get("layers") or []}
+            layers = {lv.get("name"): lv for lv in rec.get("layers") or []}
+            tps = {k: lv.get("tokens_per_s_per_gpu") for k, lv in layers.items()}
+            pred = {k: lv.get("predicted_tokens_per_s_per_gpu") for k, lv in layers.items()}
+            perr = next((layers[k].get("prediction_error_pct") for k in ("L4", "L3") if k in layers
+                         and layers[k].get("prediction_error_pct") is not None), None)
             point = priced.get((rec["batch"], rec["context"]), {})
             err = rec.get("bottom_up_error_pct")
+            reliable = rec.get("reliable", True)
             for key, value in zip(columns, (str(rec["batch"]), str(rec["context"]),
-                                            *(_fmt(tps.get(k)) for k in ("L1", "L2", "L3", "L4")),
-                                            "-" if err is None else f"{err:+.1f}%",
+                                            _fmt(tps.get("L1")), _fmt(tps.get("L2")), _fmt(pred.get("L3")),
+                                            _fmt(tps.get("L3")), _fmt(pred.get("L4")), _fmt(tps.get("L4")),
+                                            "-" if perr is None else f"{perr:+.1f}%" if reliable else "unreliable",
+                                            "-" if err is None else f"{err:+.1f}%" if reliable else "unreliable",
                                             _fmt(point.get("usd_per_million_tokens")),
                                             _fmt(point.get("j_per_token_total"))), strict=True):
                 columns[key].append(value)
+            flags += [f"batch {rec['batch']} context {rec['context']}: {f}" for f in rec.get("flags") or []]
         columns = {k: v for k, v in columns.items() if any(x != "-" for x in v)}  # no empty columns (a CPU: no $)
         table = Table(title=f"{run.provenance.device.name}, {(run.model or {}).get('name')}: tokens/s per GPU by layer",
-                      caption="L1 modelled from measured ceilings, the rest measured; L2 vs e2e: the kernel sum "
-                              "against L3 (graphs), else L4", title_justify="left", caption_justify="left")
+                      caption="L1 modelled from measured ceilings; L3/L4 pred modelled: kernel sum + measured "
+                              "overheads, computed without the end-to-end figures; the rest measured; pred err: "
+                              "predicted / measured step - 1; L2 vs e2e: the kernel sum against L3 (graphs), else L4",
+                      title_justify="left", caption_justify="left")
         for header in columns:
             table.add_column(header, justify="right", no_wrap=True)
         for row in zip(*columns.values(), strict=True):
             table.add_row(*row)
         console.print(table)
+        line = prediction_line(prediction_summary(run))
+        if line:
+            console.print(escape(line), style=None if prediction_summary(run)["reliable"] else "yellow")
+        for flag in flags:
+            console.print(f"[yellow]flag[/] {escape(flag)}")
     others = [p for p in run.rollup if p.get("provenance") in ("modelled", "projected")]
     if others:
         gpus = list(dict.fromkeys(p["gpu"] for p in others))
         cells = {(p["gpu"], p["batch"], p["context"]): p for p in others}
         first = others[0]
         table = Table(title=f"other GPUs, {first['model']} {first['dtype']}: tokens/s per GPU · $/M tokens",
-                      caption="modelled: datasheet roofline at the stated efficiency; projected: this run's measured "
-                              "efficiencies on the other GPU's datasheet", title_justify="left",
+                      caption="modelled: datasheet roofline through the step model; projected: this run's measured "
+                              "efficiencies on the other GPU's datasheet; rows stop at memory capacity",
+                      title_justify="left",
                       caption_justify="left")
         table.add_column("batch", justify="right")
         table.add_column("context", justify="right")
@@ -437,8 +559,8 @@ def _print_story(console: Console, run: RunResult) -> None:
             table.add_column(f"{gpu} ({kind})", justify="right")
         for batch, context in dict.fromkeys((p["batch"], p["context"]) for p in others):
             row = [cells.get((gpu, batch, context)) for gpu in gpus]
-            table.add_row(str(batch), str(context), *("-" if p is None else
-                                                      f"{_fmt(p['tokens_per_s_per_gpu'])} · "
+            table.add_row(str(batch), str(context), *("-" if p is None else _no_fit(p) if p.get("infeasible_reason")
+                                                      else f"{_fmt(p['tokens_per_s_per_gpu'])} · "
                                                       f"${_fmt(p.get('usd_per_million_tokens'))}" for p in row))
         console.print(table)
 
@@ -449,4 +571,5 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
     if "report_html" in summary:
         console.print(f"report:    {summary['report_html']} (and {summary['report_md']})")
     console.print(f"history:   {summary['history_db']}")
-    console.print(f"time:      {summary['seconds']} s")
+    phases = ", ".join(f"{k} {v:g} s" for k, v in summary.get("phase_seconds", {}).items())
+    console.print(f"time:      {summary['seconds']} s" + (f" ({phases})" if phases else ""))

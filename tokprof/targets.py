@@ -2,14 +2,17 @@
 
     python -m tokprof.targets --out targets.json            # on a GPU; exits 0 when it measured, whatever passed
 
-Targets (H100 SXM, bf16, from the kernel issue; FACTS.md gives where the best public kernels stand):
-- decode_attention >= 88% of peak HBM bandwidth at batch 64, 4k context, 32 query / 8 KV heads, D=128
-  (FlashInfer reaches 88-89%);
-- prefill_attention >= 450 TFLOP/s causal, D=128, 16k tokens (the Triton tutorial reaches ~400-490);
-- rms_norm, swiglu, rope >= 88% of peak HBM bandwidth;
-- linear at M in 1..16 >= 80% of peak HBM bandwidth on Llama-3.1-8B weight shapes.
-Bandwidth fractions are against the datasheet peak of the GPU found (spec table), and also printed against the
-copy bandwidth measured in the same run.
+Targets (bf16), judged against what THIS GPU can do, measured in the same run: a bandwidth target is a fraction
+of the measured bandwidth ceiling (the larger of a device-to-device copy, bytes read + written, and a read-only
+reduction: a read-mostly kernel such as decode attention can beat a copy). A fraction of the datasheet peak was
+calibrated on one GPU only: 88% of an H200's 4.8 TB/s is ~98% of what a copy achieves there, so every
+memory-bound kernel would miss whatever it did.
+- decode_attention >= 90% of the measured bandwidth ceiling at batch 64, 4k context, 32 query / 8 KV heads, D=128
+  (FlashInfer's batch decode reaches 88-89% of H100's datasheet peak, about what a copy achieves there);
+- prefill_attention >= 450 TFLOP/s causal, D=128, 16k tokens (the Triton tutorial reaches ~400-490 on an H100);
+- rms_norm, swiglu, rope >= 90% of the measured bandwidth ceiling (QuACK's memory-bound kernels, ~90% of peak);
+- linear at M in 1..16 >= 80% of the measured bandwidth ceiling on Llama-3.1-8B weight shapes.
+The datasheet fraction is printed beside each.
 
 The A/A check measures the Llama-3.1-8B decode plan at batch 1, 16 and 64 with 4k context twice and counts the
 kernels whose two measurements compare SAME within noise (target >= 95%).
@@ -36,7 +39,7 @@ class Target:
     name: str
     op: str
     shape: dict[str, int]
-    metric: str  # "hbm_fraction" (of datasheet peak bandwidth) | "tflops" (achieved TFLOP/s)
+    metric: str  # "bw_fraction" (of the measured bandwidth ceiling) | "tflops" (achieved TFLOP/s)
     threshold: float
     source: str
 
@@ -49,51 +52,66 @@ class TargetResult:
     achieved_gbps: float | None
     achieved_tflops: float | None
     value: float | None  # the metric's value
-    fraction_of_measured_copy: float | None
-    passed: bool | None  # None: could not be judged (no spec, failed to run)
+    fraction_of_datasheet: float | None  # achieved GB/s over the datasheet's HBM peak
+    passed: bool | None  # None: could not be judged (no ceiling, failed to run, suspicious)
     note: str = ""
 
 
+FLASHINFER = ("FlashInfer batch decode, 88-89% of H100 peak HBM bandwidth (FlashInfer blog, 'Accelerating "
+              "Self-Attentions for LLM Serving with FlashInfer', 2024-02)")
+QUACK = ("QuACK memory-bound kernels ~3 TB/s on H100, ~90% of peak (Dao-AILab/quack README and the blog 'Getting "
+         "Memory-bound Kernels to Speed-of-Light', 2025)")
+
+
 def kernel_targets() -> list[Target]:
-    attn = "FlashInfer batch decode 88-89% of H100 peak HBM bandwidth (FACTS.md)"
     out = [
         Target("decode_attention b64 ctx4k 32q/8kv d128", "decode_attention",
-               {"B": 64, "Hq": 32, "Hkv": 8, "D": 128, "context": 4096, "block_size": 16}, "hbm_fraction", 0.88, attn),
+               {"B": 64, "Hq": 32, "Hkv": 8, "D": 128, "context": 4096, "block_size": 16}, "bw_fraction", 0.90,
+               FLASHINFER),
         Target("prefill_attention causal 16k d128", "prefill_attention",
                {"B": 1, "Hq": 32, "Hkv": 8, "S": 16384, "D": 128, "causal": 1}, "tflops", 450.0,
-               "Triton tutorial ~400-490 TFLOP/s causal on H100 (FACTS.md)"),
-        Target("rms_norm 8192x4096 +residual", "rms_norm", {"T": 8192, "H": 4096, "residual": 1}, "hbm_fraction",
-               0.88, "QuACK ~90% of H100 peak for fused memory-bound ops (FACTS.md)"),
-        Target("swiglu 8192x14336", "swiglu", {"T": 8192, "I": 14336}, "hbm_fraction", 0.88,
-               "QuACK ~90% of H100 peak for fused memory-bound ops (FACTS.md)"),
-        Target("rope 8192 tokens 32q/8kv d128", "rope", {"T": 8192, "Hq": 32, "Hkv": 8, "D": 128}, "hbm_fraction",
-               0.88, "memory-bound elementwise op, same bar as rms_norm"),
+               "Triton fused-attention tutorial, ~400-490 TFLOP/s causal on H100 (triton-lang/triton "
+               "python/tutorials/06-fused-attention.py benchmark; FlashAttention-3 paper, Table/Fig. 5)"),
+        Target("rms_norm 8192x4096 +residual", "rms_norm", {"T": 8192, "H": 4096, "residual": 1}, "bw_fraction",
+               0.90, QUACK),
+        Target("swiglu 8192x14336", "swiglu", {"T": 8192, "I": 14336}, "bw_fraction", 0.90, QUACK),
+        Target("rope 8192 tokens 32q/8kv d128", "rope", {"T": 8192, "Hq": 32, "Hkv": 8, "D": 128}, "bw_fraction",
+               0.90, "memory-bound elementwise op, same bar as rms_norm"),
     ]
     for m in (1, 16):
         for label, (n, k) in LLAMA_8B_LINEARS.items():
-            out.append(Target(f"linear M={m} {label} {n}x{k}", "linear", {"M": m, "N": n, "K": k}, "hbm_fraction",
-                              0.80, "CUTLASS fp8 skinny GEMM ~68-70% of H100 peak; issue target 80% (FACTS.md)"))
+            out.append(Target(f"linear M={m} {label} {n}x{k}", "linear", {"M": m, "N": n, "K": k}, "bw_fraction",
+                              0.80, "skinny decode GEMMs: CUTLASS fp8 at M=16-64 reaches ~68-70% of H100 peak "
+                              "(CUTLASS profiler results); tokprof's bar is 80% of the measured ceiling"))
     return out
 
 
-def judge(target: Target, backend: str, m: Any, spec: Any, copy_gbps: float | None) -> TargetResult:
-    """A TargetResult from a KernelMeasurement `m` (None when it failed) and the GPU's spec (None when unknown)."""
+def bandwidth_ceiling_gbps(ceilings: Any) -> float | None:
+    """The measured bandwidth ceiling: the larger of the copy (read + written) and the read-only figure."""
+    if ceilings is None:
+        return None
+    return max(ceilings.copy_gbps, getattr(ceilings, "read_gbps", None) or 0.0) or None
+
+
+def judge(target: Target, backend: str, m: Any, spec: Any, ceiling_gbps: float | None) -> TargetResult:
+    """A TargetResult from a KernelMeasurement `m` (None when it failed), the GPU's spec (None when unknown) and
+    the bandwidth ceiling measured in the run (bandwidth_ceiling_gbps; None when not measured)."""
     if m is None:
         return TargetResult(target, backend, None, None, None, None, None, None, "did not run")
     r = m.roofline
-    frac_copy = r.achieved_gbps / copy_gbps if copy_gbps else None
+    peak_gbps = spec.hbm_tbps * 1000.0 if spec is not None and spec.hbm_tbps else None
+    frac_sheet = r.achieved_gbps / peak_gbps if peak_gbps else None
     if target.metric == "tflops":
         value = r.achieved_tflops
         passed: bool | None = value >= target.threshold
         note = ""
     else:
-        peak_gbps = spec.hbm_tbps * 1000.0 if spec is not None and spec.hbm_tbps else None
-        value = r.achieved_gbps / peak_gbps if peak_gbps else None
+        value = r.achieved_gbps / ceiling_gbps if ceiling_gbps else None
         passed = None if value is None else value >= target.threshold
-        note = "" if peak_gbps else "no datasheet bandwidth for this GPU: not judged"
+        note = "" if ceiling_gbps else "no measured bandwidth ceiling: not judged"
     if r.suspicious:
         passed, note = None, f"suspicious measurement: {r.note}"
-    return TargetResult(target, backend, m.time_us, r.achieved_gbps, r.achieved_tflops, value, frac_copy, passed,
+    return TargetResult(target, backend, m.time_us, r.achieved_gbps, r.achieved_tflops, value, frac_sheet, passed,
                         note)
 
 
@@ -123,8 +141,9 @@ def run_targets(device: torch.device, backends: tuple[str, ...] = ("triton", "cu
                 if device.type == "cuda":  # after the except block, whose traceback held the failed call's tensors
                     torch.cuda.empty_cache()
                 continue
-            results.append(judge(target, backend, m, spec, ceilings.copy_gbps))
+            results.append(judge(target, backend, m, spec, bandwidth_ceiling_gbps(ceilings)))
     meta = {"device": info.name, "spec_key": info.spec_key, "copy_gbps": ceilings.copy_gbps,
+            "read_gbps": ceilings.read_gbps, "bandwidth_ceiling_gbps": bandwidth_ceiling_gbps(ceilings),
             "gemm_tflops": ceilings.gemm_tflops}
     return results, meta
 
@@ -162,11 +181,12 @@ def aa_repeat(device: torch.device, out_dir: Path, backend: str = "triton", mode
 
 def print_table(results: list[TargetResult], meta: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"kernel targets on {meta.get('device')} (bf16; copy {meta.get('copy_gbps', 0):.0f} GB/s "
-                        f"measured)")
-    for col in ("target", "backend", "us", "GB/s", "TFLOP/s", "value", "bar", "of copy", "verdict"):
+    table = Table(title=f"kernel targets on {meta.get('device')} (bf16; bandwidth ceiling "
+                        f"{meta.get('bandwidth_ceiling_gbps') or 0:.0f} GB/s measured)")
+    for col in ("target", "backend", "us", "GB/s", "TFLOP/s", "value", "bar", "of sheet", "verdict"):
         table.add_column(col)
     for r in results:
         verdict = {True: "[green]PASS[/]", False: "[red]MISS[/]", None: "[yellow]n/a[/]"}[r.passed]
@@ -175,8 +195,8 @@ def print_table(results: list[TargetResult], meta: dict[str, Any]) -> None:
         table.add_row(r.target.name, r.backend, "-" if r.time_us is None else f"{r.time_us:.1f}",
                       "-" if r.achieved_gbps is None else f"{r.achieved_gbps:.0f}",
                       "-" if r.achieved_tflops is None else f"{r.achieved_tflops:.1f}", value, bar,
-                      "-" if r.fraction_of_measured_copy is None else f"{r.fraction_of_measured_copy:.0%}",
-                      verdict + (f" {r.note}" if r.note else ""))
+                      "-" if r.fraction_of_datasheet is None else f"{r.fraction_of_datasheet:.0%}",
+                      verdict + (f" {escape(r.note)}" if r.note else ""))
     Console(width=200).print(table)
 
 

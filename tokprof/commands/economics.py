@@ -24,7 +24,8 @@ def rollup(
     model: str | None = typer.Option(None, "--model", help="Preset (llama-3.1-8b, qwen3-8b, tiny, ...) or a Hugging "
                                      "Face config.json / model directory. With --from: defaults to the run's model."),
     batch: str | None = typer.Option(None, "--batch", help="Batch sizes, e.g. 1,8,64 (default 1,8,64; with --from: "
-                                     "the run's)."),
+                                     "the run's), or 'max': the largest batch that fits in the GPU's memory at each "
+                                     "context (--modelled, or a projection)."),
     context: str | None = typer.Option(None, "--context", help="KV tokens attended per sequence, e.g. 1024,8k "
                                        "(default 1024,8192; with --from: the run's)."),
     from_run: str | None = typer.Option(None, "--from", help="Roll up the kernels of this run file instead of "
@@ -32,8 +33,9 @@ def rollup(
     gpu: str | None = typer.Option(None, "--gpu", help="GPU of the spec table (h100, h200, b200, ...): the target of "
                                    "--modelled, or of a projection with --from."),
     modelled_: bool = typer.Option(False, "--modelled", help="From the GPU's datasheet alone (no measurement)."),
-    efficiency: float = typer.Option(0.8, "--efficiency", help="Stated fraction of the roofline every op reaches "
-                                     "(--modelled only)."),
+    efficiency: float | None = typer.Option(None, "--efficiency", help="A flat stated fraction of the roofline "
+                                            "every op reaches, instead of the step model's efficiency curves "
+                                            "(--modelled only)."),
     device: str = typer.Option("cuda", "--device", help="Where to measure when neither --from nor --modelled: cpu "
                                "or cuda[:N]."),
     backend: str | None = typer.Option(None, "--backend", help="Kernel backend to measure: torch, triton or cuda "
@@ -62,6 +64,25 @@ def rollup(
     tp: int | None = typer.Option(None, "--tp", help="Tensor-parallel GPUs: one GPU's share of the model plus its "
                                   "all-reduces, measured in the run or modelled from the interconnect spec "
                                   "(default 1; with --from: the run's)."),
+    assumptions: str | None = typer.Option(None, "--assumptions", help="JSON file of step-model assumptions to "
+                                           "override (names as printed under 'step-model assumptions')."),
+    execution: str | None = typer.Option(None, "--execution", help="Modelled execution: graph (CUDA graphs, "
+                                         "default) or eager (per-kernel launches from the host)."),
+    step_overhead_us: float | None = typer.Option(None, "--step-overhead-us", help="Per-step host overhead, us, of "
+                                                  "the execution mode (overrides the step model's)."),
+    call_latency_us: float | None = typer.Option(None, "--call-latency-us", help="Fixed GPU cost per kernel call, "
+                                                 "us (overrides the step model's)."),
+    collective_algorithm: str | None = typer.Option(None, "--collective-algorithm", help="auto (fastest for the "
+                                                    "size), ring, tree, one_shot, two_shot or nvls."),
+    collective_latency_us: float | None = typer.Option(None, "--collective-latency-us", help="A fixed latency per "
+                                                       "collective, us, instead of the algorithm model."),
+    collective_efficiency: float | None = typer.Option(None, "--collective-efficiency", help="Fraction of the link "
+                                                       "bandwidth collectives reach (default 0.7)."),
+    link: str | None = typer.Option(None, "--link", help="Link of the collectives: auto, nvlink or pcie."),
+    interconnect_gpu: str | None = typer.Option(None, "--interconnect-gpu", help="Model the collectives on this "
+                                                "spec-table GPU's link instead of --gpu's."),
+    memory_utilization: float = typer.Option(0.9, "--memory-utilization", help="Fraction of GPU memory a serving "
+                                             "engine may use (vLLM's default 0.9); the rest is the runtime reserve."),
 ) -> None:
     """Tokens/s per GPU and per user, J/token, $ per million tokens and tokens/s per MW for a model at each batch
     and context: measured bottom-up here, from a run file (--from), projected to another GPU, or --modelled."""
@@ -82,11 +103,21 @@ def rollup(
         if not all(0 < t < math.inf for t in targets):
             fail("--interactivity: expected comma-separated positive numbers of tokens/s per user, got "
                  f"{interactivity!r}")
-        args = RollupArgs(model=model, batches=parse_int_list("--batch", batch) if batch is not None else None,
+        batch_max = batch is not None and batch.strip().lower() == "max"
+        step_model = _step_model(assumptions, execution=execution, step_overhead_us=step_overhead_us,
+                                 call_latency_us=call_latency_us, collective_algorithm=collective_algorithm,
+                                 collective_latency_us=collective_latency_us,
+                                 collective_efficiency=collective_efficiency, link=link)
+        collectives = ru.CollectiveOptions(interconnect_gpu=interconnect_gpu) if interconnect_gpu else \
+            ru.CollectiveOptions()
+        args = RollupArgs(model=model, batches=parse_int_list("--batch", batch) if batch is not None and not batch_max
+                          else None,
                           contexts=parse_int_list("--context", context) if context is not None else None,
                           from_run=from_run, gpu=gpu, modelled=modelled_, efficiency=efficiency, device=device,
                           backend=backend, dtype=dtype, prices=prices, energy=energy, max_time_s=max_time_s,
-                          interactivity=targets, output=output, command=list(sys.argv), tp=tp)
+                          interactivity=targets, output=output, command=list(sys.argv), tp=tp,
+                          collectives=collectives, step_model=step_model, batch_max=batch_max,
+                          memory_utilization=memory_utilization)
         doc = run_rollup(args, console)
     except typer.Exit:
         raise
@@ -95,6 +126,76 @@ def rollup(
     except KeyboardInterrupt:  # bottom_up saves --output after every kernel
         interrupted(f"the kernels measured so far are in {output}" if output else "nothing written (no --output)")
     print(json.dumps(doc))
+
+
+def _step_model(path: str | None, **options: object) -> object:
+    """The step model of the assumptions file (or the defaults) with the CLI's options on top; None when neither
+    was given (the defaults)."""
+    from tokprof.rollup.step_model import StepModel
+
+    changes = {k: v for k, v in options.items() if v is not None}
+    if path is None and not changes:
+        return None
+    model = StepModel.from_json(path) if path else StepModel()
+    if "step_overhead_us" in changes:
+        execution = changes.get("execution", model.execution)
+        changes["step_overhead_us"] = {execution: changes["step_overhead_us"]}
+    return model.with_overrides(changes, source="stated on the command line") if changes else model
+
+
+@app.command()
+def validate(
+    published_file: str | None = typer.Option(None, "--published", help="Published measurements in the format of "
+                                              "tokprof/data/published_decode.json (default: the shipped file)."),
+    assumptions: str | None = typer.Option(None, "--assumptions", help="JSON file of step-model assumptions to "
+                                           "override (as `tokprof rollup --assumptions`)."),
+) -> None:
+    """Modelled vs published decode throughput (the step model against published measurements): each row with its
+    signed error, then the median and max |error| for the calibration rows, the held-out rows and all. Offline."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    from tokprof.rollup.validate import GOAL_MAX_ABS, GOAL_MEDIAN_ABS
+    from tokprof.rollup.validate import validate as run_validation
+
+    try:
+        report = run_validation(step_model=_step_model(assumptions), path=published_file)
+    except ValueError as err:
+        fail(str(err))
+    table = Table(title="modelled vs published decode (error = modelled / published - 1)", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False, collapse_padding=True, title_justify="left")
+    for col in ("source", "model", "gpu", "tp", "batch", "ctx", "published", "modelled", "error"):
+        table.add_column(col, justify="left" if col in ("source", "model", "gpu") else "right", no_wrap=True)
+    for r in report.rows:
+        unit = " g" if r.metric == "output_tokens_per_s_per_group" else " u"
+        table.add_row(escape(r.source) + ("*" if r.split == "calibration" else ""), escape(r.model),
+                      escape(r.gpu.replace("-sxm", "").replace("-80gb", "")), str(r.tp), str(r.batch), str(r.context),
+                      f"{r.published:,.4g}{unit}", "no fit" if r.modelled is None else f"{r.modelled:,.4g}",
+                      "-" if r.error is None else f"{r.error:+.1%}")
+    console.print(table)
+    console.print("[dim]* calibration row; u: tokens/s per user (a latency row: its inverse), g: output tokens/s of "
+                  "the whole batch and tp group; ctx: the modelled mean context[/]")
+    for r in report.rows:
+        if r.reason:
+            console.print(f"[yellow]{escape(r.source)} {escape(r.model)} batch {r.batch}: does not fit, "
+                          f"{escape(r.reason)}[/]")
+    for name, st in report.stats.items():
+        if st.median_abs is None or st.max_abs is None:
+            console.print(f"{name}: no rows")
+            continue
+        mark = "[green]meets[/]" if st.meets_goal() else "[red]misses[/]"
+        console.print(f"{name} ({st.rows} rows): median |error| {st.median_abs:.1%}, max |error| {st.max_abs:.1%}, "
+                      f"median signed {st.median_signed:+.1%} - {mark} the goal (median <= {GOAL_MEDIAN_ABS:.0%}, "
+                      f"max <= {GOAL_MAX_ABS:.0%})")
+    for c in report.claims:
+        frac = "unknown" if c.modelled_bandwidth_fraction is None else f"{c.modelled_bandwidth_fraction:.0%}"
+        verdict = {True: "[green]consistent[/]", False: "[red]contradicts it[/]", None: "cannot check"}[c.holds]
+        console.print(f"claim ({escape(c.source_title)}): {escape(c.statement)}; modelled: {frac} of the HBM "
+                      f"bandwidth - {verdict}")
+    console.print(f"[dim]calibrated on: {', '.join(report.calibration_sources)}; sources and metrics in "
+                  "tokprof/data/published_decode.json[/]")
+    print(json.dumps({"command": "validate", **report.to_dict()}))
 
 
 @app.command()

@@ -162,6 +162,10 @@ def ceilings(
     table.add_row(f"copy ({c.copy_bytes} B read + written)", f"{c.copy_gbps:.1f} GB/s",
                   f"{sheet_gbps:.0f} GB/s" if sheet_gbps else "-",
                   pct(c.copy_gbps / sheet_gbps) if sheet_gbps else "-")
+    if c.read_gbps is not None:
+        table.add_row("read-only (amax over the buffer)", f"{c.read_gbps:.1f} GB/s",
+                      f"{sheet_gbps:.0f} GB/s" if sheet_gbps else "-",
+                      pct(c.read_gbps / sheet_gbps) if sheet_gbps else "-")
     table.add_row(f"GEMM {c.gemm_dtype} {'x'.join(map(str, c.gemm_shape))}", f"{c.gemm_tflops:.2f} TFLOP/s",
                   f"{sheet_tflops:.0f} TFLOP/s" if sheet_tflops else "-",
                   pct(c.gemm_tflops / sheet_tflops) if sheet_tflops else "-")

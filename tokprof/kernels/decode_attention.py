@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,7 +54,14 @@ except ImportError:  # pragma: no cover - triton ships for Linux only
 
 LOG2E = 1.4426950408889634  # kernels work in base 2: exp(x) = exp2(x * log2(e)), and exp2 is one SFU instruction
 MAX_SPLITS = 64  # more splits than this only add reduction traffic: 64 x 132 SMs is far past filling an H100
-MIN_TOKENS_PER_SPLIT = 256  # below ~256 tokens a split's fixed cost (q load, partial write) outweighs its reads
+# A split streams at least one 64-token tile: at D=128 in 16-bit that is 32 KB of K and V per KV head against ~1 KB
+# of fixed traffic (q, the partial output and its log-sum-exp). 256 left batch 1 / 1k context on 32 programs: a
+# quarter of an H100's SMs streaming the whole KV cache.
+MIN_TOKENS_PER_SPLIT = 64
+# Shared memory per SM by compute capability (CUDA C Programming Guide, "Technical Specifications per Compute
+# Capability"), for torch builds whose device properties lack shared_memory_per_multiprocessor.
+SMEM_PER_SM_BY_ARCH = {(8, 0): 164 * 1024, (8, 6): 100 * 1024, (8, 7): 164 * 1024, (8, 9): 100 * 1024,
+                       (9, 0): 228 * 1024, (10, 0): 228 * 1024, (12, 0): 100 * 1024}
 TRITON_MAX_HEAD_DIM = 256  # K and V tiles of (BLOCK_N, D_PAD); beyond 256 they no longer fit with pipelining
 TRITON_MAX_GROUP = 64  # query heads per KV head held as one (G_PAD, D) fp32 accumulator tile in registers
 CUDA_HEAD_DIMS = (64, 128)  # template instances compiled in cuda/decode_attention.cu
@@ -106,32 +114,68 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+@functools.cache
+def smem_per_sm(device: torch.device) -> int:
+    """Shared memory per SM in bytes: the device property, else the compute capability's figure (with a warning:
+    the Triton config depends on it, and a silent 0 would drop it to a single-buffered config)."""
+    props = torch.cuda.get_device_properties(device)
+    value = getattr(props, "shared_memory_per_multiprocessor", None)
+    if value:
+        return int(value)
+    arch = (props.major, props.minor)
+    fallback = SMEM_PER_SM_BY_ARCH.get(arch, 100 * 1024)
+    warnings.warn(f"decode_attention: torch's device properties have no shared_memory_per_multiprocessor on "
+                  f"{props.name} (sm_{arch[0]}{arch[1]}); the Triton config assumes {fallback // 1024} KB per SM",
+                  stacklevel=2)
+    return fallback
+
+
+def config_properties(device: torch.device) -> dict[str, Any]:
+    """The device properties the decode-attention configs depend on, and the configs they give (for logs)."""
+    props = torch.cuda.get_device_properties(device)
+    out: dict[str, Any] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
+                           "multi_processor_count": props.multi_processor_count,
+                           "shared_memory_per_multiprocessor": getattr(props, "shared_memory_per_multiprocessor",
+                                                                       None),
+                           "smem_per_sm_used": smem_per_sm(device),
+                           "L2_cache_size": getattr(props, "L2_cache_size", None)}
+    for elem_bytes, name in ((2, "bf16"), (4, "fp32")):
+        block_n, warps, stages = _triton_config(128, elem_bytes, device)
+        out[f"triton_d128_{name}"] = {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages,
+                                      "ctas_per_sm": _triton_ctas_per_sm(128, elem_bytes, device)}
+    out["splits_b1_ctx1024_hkv8"] = _split_plan(1, 8, 1024, 64, device,
+                                                _triton_ctas_per_sm(128, 2, device))
+    return out
+
+
+def _num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
+                ctas_per_sm: int = 2) -> int:
     """How many programs share one sequence (flash-decoding). Tests monkeypatch this to force either path.
 
-    `num_kv_heads` counts the independent programs per sequence (KV heads, times head chunks in the CUDA kernel).
-    One split when batch x KV heads already gives every SM two programs (e.g. B=64, Hkv=8: 512 >= 2 x 132 on an
-    H100): a split only adds the scratch round trip. Otherwise enough splits for about two programs per SM, but no
-    split shorter than MIN_TOKENS_PER_SPLIT tokens and no more than MAX_SPLITS. On the CPU (Triton's interpreter
-    runs programs one after another) splitting gains nothing: 1.
+    `num_kv_heads` counts the independent programs per sequence (KV heads, times head chunks in the CUDA kernel);
+    `ctas_per_sm` how many of them fit on one SM at once (3 for the Triton kernel's 72 KB on an H100's 228 KB).
+    One split when batch x KV heads already fills every SM (e.g. B=64, Hkv=8: 512 >= 3 x 132 on an H100): a split
+    only adds the scratch round trip. Otherwise enough splits to fill the SMs, but no split shorter than
+    MIN_TOKENS_PER_SPLIT tokens and no more than MAX_SPLITS. On the CPU (Triton's interpreter runs programs one
+    after another) splitting gains nothing: 1.
     """
     if device.type != "cuda":
         return 1
     programs = batch * num_kv_heads
-    target = 2 * _sm_count(device)
+    target = max(1, ctas_per_sm) * _sm_count(device)
     if programs >= target:
         return 1
     return max(1, min(cdiv(target, programs), cdiv(max_seq_len, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
 
 
 def _split_plan(batch: int, num_kv_heads: int, max_seq_len: int, granularity: int,
-                device: torch.device) -> tuple[int, int]:
+                device: torch.device, ctas_per_sm: int = 2) -> tuple[int, int]:
     """(num_splits, tokens_per_split): splits of whole `granularity`-token steps covering max_seq_len tokens.
 
     max_seq_len is the capacity of the page table (max_blocks * block_size), known from shapes alone, so sizing
     the grid never reads seq_lens back from the device. Splits past a shorter sequence's end do no work.
     """
-    wanted = min(MAX_SPLITS, max(1, int(_num_splits(batch, num_kv_heads, max_seq_len, device))))
+    wanted = min(MAX_SPLITS, max(1, int(_num_splits(batch, num_kv_heads, max_seq_len, device, ctas_per_sm))))
     tokens_per_split = cdiv(cdiv(max_seq_len, wanted), granularity) * granularity
     return cdiv(max_seq_len, tokens_per_split), tokens_per_split
 
@@ -265,13 +309,22 @@ def _triton_config(head_dim_pad: int, elem_bytes: int, device: torch.device) -> 
         return 16, 4, 1
     block_n = max(16, min(128, 16384 // (head_dim_pad * elem_bytes)))
     tile_bytes = 2 * block_n * head_dim_pad * elem_bytes  # one K and one V tile
-    smem_per_sm = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_multiprocessor", 0)
     two_buffers = 2 * tile_bytes + 8192  # + q, the p tile and layout conversions
-    num_stages = 3 if smem_per_sm >= 2 * two_buffers else 2
+    num_stages = 3 if smem_per_sm(device) >= 2 * two_buffers else 2
     # fp32 dots run as exact FMAs ("ieee") from registers: on 4 warps the split variant spilled ~1.2 KB per thread
     # (255 registers, triton 3.9, sm_90); 8 warps halve each thread's share of the tiles.
     num_warps = 8 if elem_bytes == 4 else 4
     return block_n, num_warps, num_stages
+
+
+def _triton_ctas_per_sm(head_dim_pad: int, elem_bytes: int, device: torch.device) -> int:
+    """Programs of the Triton decode kernel resident per SM, from its shared memory: (num_stages - 1) buffered K/V
+    tiles + 8 KB each (an H100 or H200: 228 KB / 72 KB = 3), at most 4."""
+    if device.type != "cuda":
+        return 1
+    block_n, _, stages = _triton_config(head_dim_pad, elem_bytes, device)
+    per_cta = (stages - 1) * 2 * block_n * head_dim_pad * elem_bytes + 8192
+    return max(1, min(4, smem_per_sm(device) // per_cta))
 
 
 def _outputs(q: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -304,7 +357,7 @@ def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     g_pad = max(16, triton.next_power_of_2(group))
     block_n, num_warps, num_stages = _triton_config(d_pad, q.element_size(), q.device)
     num_splits, tokens_per_split = _split_plan(batch, num_kv_heads, block_table.shape[1] * block_size, block_n,
-                                               q.device)
+                                               q.device, _triton_ctas_per_sm(d_pad, q.element_size(), q.device))
     out, part_o, part_lse = _outputs(q, num_splits)
     # fp32 inputs: "ieee" keeps the dot in full fp32 (the default would round to tf32, ~1e-3 relative error).
     precision = "ieee" if q.dtype == torch.float32 else "tf32"

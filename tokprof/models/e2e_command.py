@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -265,7 +266,7 @@ def print_reconciliation(console: Console, recs: list[Any], top_ops: int = 5) ->
             ops = Table(title=f"kernel inefficiency inside {where} (per step)")
             for col in ("op", "where", "measured us", "at roof us", "lost us", "share of gap"):
                 ops.add_column(col, justify="left" if col in ("op", "where") else "right")
-            for o in rec.op_inefficiency[:top_ops]:
+            for o in [o for o in rec.op_inefficiency if getattr(o, "finding", True)][:top_ops]:
                 ops.add_row(o.op, o.label, f"{o.time_us_measured:,.1f}", f"{o.time_us_at_roof:,.1f}",
                             f"{o.lost_us:,.1f}", "-" if o.share_of_L1_L2_gap is None else
                             f"{o.share_of_L1_L2_gap:.1%}")
@@ -275,5 +276,9 @@ def print_reconciliation(console: Console, recs: list[Any], top_ops: int = 5) ->
                       f"; J/token {rec.energy_error_pct:+.1f}% against {rec.bottom_up_error_against}")
             console.print(f"bottom-up error (L2 vs {rec.bottom_up_error_against}, tokens/s): "
                           f"[bold]{rec.bottom_up_error_pct:+.1f}%[/]{energy}")
+        if not getattr(rec, "reliable", True):
+            console.print(f"[yellow]unreliable[/] {escape(rec.unreliable_reason or '')}")
+        for flag in getattr(rec, "flags", []):
+            console.print(f"[yellow]flag[/] {escape(flag)}")
         for note in rec.notes:
             console.print(f"[dim]{note}[/]")

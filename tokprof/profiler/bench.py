@@ -47,12 +47,20 @@ from tokprof.profiler.schema import (
 )
 
 SHORT_KERNEL_US = timing.SHORT_KERNEL_US  # below this, event times carry launch jitter: graph time goes beside
+# Stated assumptions of the graph-time gate (wants_graph_time): a short kernel reaches about this fraction of its
+# datasheet roof, plus a launch of this many us.
+GRAPH_GATE_EFFICIENCY = 0.8
+GRAPH_GATE_LAUNCH_US = 2.0
 MODES = ("events", "graph")
 AUTO = "auto"  # spec=AUTO: the spec-table row of the device, None for a CPU or an unknown GPU
 
 Call = tuple[str, Mapping[str, int], Any, str]  # (op, shape, dtype, backend)
-# Settle time before the run's idle-power window: a GPU just out of the ceilings' GEMM still draws above idle.
-IDLE_SETTLE_S = 1.0
+# Settle time before an idle-power window: a GPU just out of the ceilings' GEMM still draws above idle (a hot GPU
+# also leaks more), which biases dynamic energy low and can push it to <= 0.
+IDLE_SETTLE_S = 3.0
+# Idle power is bracketed (before and after the sweep); a difference above this share says the card's idle state
+# moved during the run, and dynamic energy is uncertain by about that much.
+IDLE_DRIFT_WARN = 0.10
 
 
 def _sweep_errors() -> tuple[type[BaseException], ...]:
@@ -102,6 +110,18 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def wants_graph_time(flops: int, min_bytes: int, spec: GpuSpec | None, dtype: str, events_us: float) -> bool:
+    """Whether a call also gets a graph-mode time: when its modelled time (datasheet roof / GRAPH_GATE_EFFICIENCY
+    + a launch) is under SHORT_KERNEL_US, or, with no datasheet row, when its event time is. Gating on the event
+    time alone missed short kernels whose event time the host had inflated past the threshold."""
+    if spec is not None and spec.hbm_tbps:
+        t_mem = min_bytes / (spec.hbm_tbps * 1e12) * 1e6
+        peak = spec.peak_tflops(dtype)
+        t_compute = flops / (peak * 1e12) * 1e6 if peak else 0.0
+        return max(t_mem, t_compute) / GRAPH_GATE_EFFICIENCY + GRAPH_GATE_LAUNCH_US < SHORT_KERNEL_US
+    return events_us < SHORT_KERNEL_US
+
+
 def _run_op(rec: Op, backend: str, inputs: dict[str, Any]) -> Any:
     # The value checks (host reads of seq_lens, slots, token ids) ran once before timing: a timed call holds no
     # host synchronisation that the kernel itself does not need.
@@ -145,17 +165,21 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
     rec.run(inputs, backend)  # once with every argument check, value checks included
     call: Callable[[dict[str, Any]], Any] = functools.partial(_run_op, rec, backend)
     kwargs = dict(timing_kwargs or {})
+    flops, min_bytes = rec.cost(full_shape, torch_dtype)
+    graph_kwargs = {k: v for k, v in kwargs.items() if k not in ("flush", "host_behind")}
+    if mode == "graph":
+        kwargs = graph_kwargs | {"bytes_touched": int(min_bytes)}
     measured = timing.measure(call, inputs, device=dev, mode=mode, **kwargs)
     graph_timing = None
     graph_failed = ""
-    # One capture of the rotating copies serves the graph-mode timing and the energy window (a tiny input has
-    # thousands of copies: each capture takes seconds).
+    # One capture of the rotating copies serves the graph-mode timing and the energy window.
     captured: timing.CapturedGraph | None = None
-    if dev.type == "cuda" and mode == "events" and measured.median_us < SHORT_KERNEL_US:
+    if dev.type == "cuda" and mode == "events" and wants_graph_time(flops, min_bytes, datasheet, dname,
+                                                                     measured.median_us):
         cold_l2 = kwargs.get("cold_l2", True)
         try:
-            captured = timing.capture_graph(call, inputs, device=dev, rotate=cold_l2)
-            graph_timing = timing.measure(call, inputs, device=dev, mode="graph", graph=captured, **kwargs)
+            captured = timing.capture_graph(call, inputs, device=dev, rotate=cold_l2, bytes_touched=int(min_bytes))
+            graph_timing = timing.measure(call, inputs, device=dev, mode="graph", graph=captured, **graph_kwargs)
         except STEP_ERRORS as err:  # e.g. a call that syncs with the host cannot be captured: keep the event time
             graph_failed = f"graph-mode timing failed ({type(err).__name__}: {err}); only the event time is known"
             captured = None
@@ -164,18 +188,20 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
         if captured is not None and not cold_l2:
             captured = None  # one warm copy: the energy window needs the rotating copies
 
-    flops, min_bytes = rec.cost(full_shape, torch_dtype)
-    point = roofline(int(flops), int(min_bytes), measured.median_us, spec=datasheet, ceilings=ceilings, dtype=dname)
+    best = graph_timing if graph_timing is not None else measured  # KernelMeasurement.best_timing
+    point = roofline(int(flops), int(min_bytes), best.median_us, spec=datasheet, ceilings=ceilings, dtype=dname)
     if graph_timing is not None:
         extra = (f"graph-mode median {graph_timing.median_us:.3f} us beside the events median "
-                 f"{measured.median_us:.3f} us; the roofline uses the events time")
+                 f"{measured.median_us:.3f} us; the roofline and the kernel sum use the graph time (no launch "
+                 "jitter, no host time)")
         point.note = f"{point.note}; {extra}" if point.note else extra
 
     if graph_failed:
         point.note = f"{point.note}; {graph_failed}" if point.note else graph_failed
-    if point.suspicious and dev.type == "cpu":
-        point.note += ("; on the CPU nothing is flushed between calls: a working set that fits in the CPU caches "
-                       "can run above the DRAM copy ceiling")
+    if dev.type == "cpu":
+        flushed = int(kwargs.get("cpu_flush_bytes", 0) or 0)
+        explain_cache(point, timing.working_set_bytes(inputs) if not flushed else None,
+                      "the call alone, repeated" if not flushed else f"{flushed} B written before each call")
 
     kernel_energy = None
     energy_reason: str | None = energy_mod.energy_not_asked(dev)
@@ -186,7 +212,8 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
             if meter is None:
                 meter = energy_mod.make_meter(dev)
             if idle_power_w is None:  # an idle window as long as the kernel window (MEASUREMENT.md, energy 3)
-                idle_power_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0))
+                idle_power_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0),
+                                                             settle_s=IDLE_SETTLE_S if dev.type == "cuda" else 0.0)
             try:
                 kernel_energy = energy_mod.measure_kernel_energy(call, inputs, device=dev, meter=meter,
                                                                  idle_power_w=idle_power_w, graph=captured,
@@ -200,6 +227,74 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
     return KernelMeasurement(op=op, shape=full_shape, dtype=dname, backend=backend, device=_device_name(str(dev)),
                              timing=measured, roofline=point, energy=kernel_energy, energy_reason=energy_reason,
                              graph_timing=graph_timing)
+
+
+def explain_cache(point: Any, resident_bytes: int | None, how: str) -> None:
+    """CPU: a call above the measured DRAM copy ceiling is explained by the cache only when its data can sit there.
+
+    `resident_bytes`: what stays cached between timed calls (the call's working set when repeated alone, the whole
+    sequence's when timed round-robin; None after a flush). Within the last-level cache, reading above the DRAM
+    ceiling is the cache's bandwidth: not suspicious, and the note says so; beyond it (or after a flush), the
+    inputs came from DRAM, so the figure stays `suspicious` (a byte-count or timing error) and the note says why."""
+    eff = point.efficiency_measured
+    if eff is None or eff <= 1.0:
+        return
+    llc = timing.cpu_cache_bytes()
+    if resident_bytes is not None and llc is not None and resident_bytes <= llc:
+        point.suspicious = (point.efficiency_datasheet or 0.0) > 1.0
+        point.note += (f"; {eff:.0%} of the DRAM copy ceiling explained by the cache: timed as {how}, "
+                       f"{resident_bytes / 2**20:.2f} MiB stay in the {llc / 2**20:.0f} MiB last-level cache")
+    else:
+        why = ("the last-level cache size is unknown" if llc is None else "the caches were flushed" if
+               resident_bytes is None else f"{resident_bytes / 2**20:.1f} MiB exceed the {llc / 2**20:.0f} MiB LLC")
+        point.suspicious = True
+        point.note += f"; {eff:.0%} of the DRAM copy ceiling and {why} (timed as {how}): not a cache effect"
+
+
+def bench_sequence(calls: Sequence[Call], device: str | torch.device = "cpu", *, seed: int = 0,
+                   timing_kwargs: dict[str, Any] | None = None, ceilings: Ceilings | None = None,
+                   keep: Callable[[Call], bool] | None = None) -> tuple[list[KernelMeasurement], list[Failure]]:
+    """CPU: measure the calls of one decode step round-robin (timing.measure_sequence), so that each call meets the
+    caches the other calls of the step leave; returns (measurements of the calls `keep` accepts, failures).
+
+    A call that fails its first run is a Failure and leaves the sequence. `timing_kwargs` as for bench_op
+    (min_samples, min_time_s, max_time_s, noise_target; warm-up and flush options do not apply)."""
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        raise ValueError(f"device: sequence timing is for the CPU, got {dev}")
+    normalised = [_normalise(c, i) for i, c in enumerate(calls)]
+    seq: list[tuple[Callable[[Any], Any], dict[str, Any]]] = []
+    kept_calls: list[tuple[str, dict[str, int], str, str]] = []
+    failures: list[Failure] = []
+    for op, shape, dname, backend in normalised:
+        rec = get_op(op)
+        try:
+            inputs = rec.make_inputs(shape, parse_dtype(dname), dev, seed)
+            rec.run(inputs, backend)  # once with every argument check
+        except SWEEP_ERRORS as err:
+            failures.append(Failure(op=op, shape=shape, dtype=dname, backend=backend,
+                                    error=f"{type(err).__name__}: {err}"))
+            continue
+        seq.append((functools.partial(rec.run, backend=backend), inputs))
+        kept_calls.append((op, shape, dname, backend))
+    if not seq:
+        return [], failures
+    kw = {k: v for k, v in (timing_kwargs or {}).items()
+          if k in ("min_samples", "min_time_s", "max_time_s", "noise_target")}
+    with skip_value_checks():  # once around the sequence, as the eager loop enters it once per step
+        timings = timing.measure_sequence(seq, device=dev, **kw)
+    resident = sum(timing.working_set_bytes(inputs) for _, inputs in seq)
+    out: list[KernelMeasurement] = []
+    for (op, shape, dname, backend), measured in zip(kept_calls, timings, strict=True):
+        if keep is not None and not keep((op, shape, dname, backend)):
+            continue
+        flops, min_bytes = get_op(op).cost(shape, parse_dtype(dname))
+        point = roofline(int(flops), int(min_bytes), measured.median_us, spec=None, ceilings=ceilings, dtype=dname)
+        explain_cache(point, resident, f"one of the {len(seq)} calls of a step, round-robin")
+        out.append(KernelMeasurement(op=op, shape=shape, dtype=dname, backend=backend, device=_device_name(str(dev)),
+                                     timing=measured, roofline=point, energy=None,
+                                     energy_reason=energy_mod.energy_not_asked(dev)))
+    return out, failures
 
 
 # -------------------------------------------------------------------------------------------------------- runs
@@ -397,4 +492,28 @@ def bench_calls(calls: Sequence[Call], device: str | torch.device = "cuda", *, m
             if on_result is not None:
                 on_result(result)
             bar.advance(task)
+    if meter is not None and idle_power_w is not None and kernels:
+        _bracket_idle(meter, idle_power_w, dev, energy_kwargs, run)
+        save()
     return kernels, failures
+
+
+def _bracket_idle(meter: Any, before_w: float, dev: torch.device, energy_kwargs: dict[str, Any] | None,
+                  run: RunResult | None) -> float | None:
+    """Idle power again after the sweep (after a settle), so the run says whether the idle baseline it subtracted
+    held; returns the second reading (None when it failed: the first one stands)."""
+    try:
+        after_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0),
+                                                settle_s=IDLE_SETTLE_S if dev.type == "cuda" else 0.0)
+    except STEP_ERRORS as err:
+        if run is not None:
+            run.notes.append(f"idle power after the sweep not measured ({type(err).__name__}: {err})")
+        return None
+    meter.idle_power_w = before_w  # the sweep's calls were computed against the first reading: keep it
+    drift = abs(after_w - before_w) / before_w if before_w > 0 else 0.0
+    if run is not None:
+        run.notes.append(f"idle power bracketed: {before_w:.1f} W before the kernels, {after_w:.1f} W after "
+                         f"({drift:.1%} apart)" + (f"; above {IDLE_DRIFT_WARN:.0%}: dynamic energy per call is "
+                                                  "uncertain by about that share of idle power x time"
+                                                  if drift > IDLE_DRIFT_WARN else ""))
+    return after_w

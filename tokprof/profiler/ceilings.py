@@ -3,7 +3,8 @@
     c = measure_ceilings("cuda")              # 1 GiB device-to-device copy + bf16 GEMM 8192^3, cached
     c = measure_ceilings("cpu", cache=False)  # 256 MiB memory copy + fp32 GEMM 1024^3, re-measured
 
-GPU: `dst.copy_(src)` on a 1 GiB buffer, counting bytes read plus written (2 GiB per copy), and `torch.mm` of
+GPU: `dst.copy_(src)` on a 1 GiB buffer, counting bytes read plus written (2 GiB per copy), a read-only pass over
+the same buffer (`amax`: a read-mostly kernel such as decode attention can beat a copy), and `torch.mm` of
 8192x8192 bf16 random matrices (2 * 8192^3 FLOP; random data, since a GEMM on zeros runs ~13% faster). Both are timed
 with `timing.measure` (events, cold L2), median of the samples. CPU: the same with a 256 MiB copy and an fp32 GEMM.
 
@@ -71,7 +72,8 @@ def _read_cache(path: Path, copy_bytes: int, gemm_shape: list[int], gemm_dtype: 
     except (OSError, json.JSONDecodeError, ValueError) as err:
         warnings.warn(f"ignoring an unreadable ceilings cache entry {path} ({err}); re-measuring", stacklevel=3)
         return None
-    if (cached.copy_bytes, cached.gemm_shape, cached.gemm_dtype) != (copy_bytes, gemm_shape, gemm_dtype):
+    if (cached.copy_bytes, cached.gemm_shape, cached.gemm_dtype) != (copy_bytes, gemm_shape, gemm_dtype) or (
+            cached.read_gbps is None):  # cached before the read-only ceiling existed: measure it
         return None
     cached.note = f"{cached.note}; read from cache {path}".lstrip("; ")
     return cached
@@ -95,6 +97,11 @@ def _gemm_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int) ->
 
 def _copy(inputs: dict[str, Any]) -> None:
     inputs["dst"].copy_(inputs["src"])
+
+
+def _read(inputs: dict[str, Any]) -> None:
+    # a max over the buffer as int32 words reads every byte once and writes one word: read-only bandwidth
+    torch.amax(inputs["words"], dim=0, out=inputs["out"])
 
 
 def _gemm(inputs: dict[str, Any]) -> None:
@@ -134,6 +141,10 @@ def measure_ceilings(device: str | torch.device = "cuda", *, cache: bool = True,
     inputs = _copy_inputs(buffer_bytes, dev, seed)
     try:
         copy_t = timing.measure(_copy, inputs, device=dev, mode="events", **kwargs)
+        words = inputs["src"][: buffer_bytes - buffer_bytes % 4].view(torch.int32)  # (buffer_bytes // 4,)
+        read_inputs = {"words": words, "out": torch.empty((), dtype=torch.int32, device=dev)}
+        read_t = timing.measure(_read, read_inputs, device=dev, mode="events", **kwargs)
+        read_bytes = words.numel() * 4
     finally:
         del inputs
     inputs = _gemm_inputs(n, torch_dtype, dev, seed + 1)
@@ -146,18 +157,21 @@ def measure_ceilings(device: str | torch.device = "cuda", *, cache: bool = True,
             torch.cuda.empty_cache()
 
     copy_gbps = copy_bytes / (copy_t.median_us * 1e-6) / 1e9
+    read_gbps = read_bytes / (read_t.median_us * 1e-6) / 1e9
     gemm_tflops = 2 * n**3 / (gemm_t.median_us * 1e-6) / 1e12
     notes = [f"copy: {buffer_bytes} B buffer, median of {len(copy_t.samples_us)} samples, noise {copy_t.noise:.2%}",
+             f"read: amax over the same buffer ({read_bytes} B read), median of {len(read_t.samples_us)} samples, "
+             f"noise {read_t.noise:.2%}",
              f"gemm: torch.mm {gemm_dtype} {n}^3 on random data, median of {len(gemm_t.samples_us)} samples, "
              f"noise {gemm_t.noise:.2%}"]
-    if copy_t.throttled or gemm_t.throttled:
+    if copy_t.throttled or gemm_t.throttled or read_t.throttled:
         notes.append("throttled: the SM clock fell below 75% of its max during a ceiling measurement")
     if not on_gpu:
         notes.append(f"CPU ceilings ({info.cpu_model}, {torch.get_num_threads()} torch threads), not GPU figures")
     if key is None:
         notes.append("not cached: GPU UUID or driver version unknown")
-    worst_noise = max(copy_t.noise, gemm_t.noise)
-    trusted = not (copy_t.throttled or gemm_t.throttled) and worst_noise <= CACHE_MAX_NOISE
+    worst_noise = max(copy_t.noise, gemm_t.noise, read_t.noise)
+    trusted = not (copy_t.throttled or gemm_t.throttled or read_t.throttled) and worst_noise <= CACHE_MAX_NOISE
     if key is not None and not trusted:
         notes.append(f"not cached: {'throttled' if worst_noise <= CACHE_MAX_NOISE else f'noise {worst_noise:.1%}'} "
                      f"(a ceiling is cached only when unthrottled with noise <= {CACHE_MAX_NOISE:.0%}; a busy or "
@@ -171,6 +185,7 @@ def measure_ceilings(device: str | torch.device = "cuda", *, cache: bool = True,
         device=info.name,
         measured_utc=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         note="; ".join(notes),
+        read_gbps=read_gbps,
     )
     if path is not None and trusted:
         save_json_atomic(to_dict(ceilings), path)  # written even with cache=False: the freshest figure wins

@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PROC_STAT = Path("/proc/stat")
 # Mean cores of other processes above which a CPU run says that its figures were taken on a shared CPU.
@@ -52,6 +53,29 @@ class CpuLoadResult:
         if self.contended:
             text += ": the CPU was shared, so these CPU figures are slower and noisier than on an idle CPU"
         return text
+
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"wall_s": self.wall_s, "cores": self.cores, "self_cores": self.self_cores,
+                "other_cores": self.other_cores, "contended": self.contended}
+
+
+def load_record(whole: CpuLoadResult, phases: dict[str, CpuLoadResult]) -> dict[str, Any]:
+    """RunResult.cpu_load: the whole run's figures, each phase's (kernels, end to end, overhead...), and `contended`
+    when the whole run or any phase was shared (a phase's figures are as unreliable as the run's)."""
+    return {**whole.to_dict(), "contended": whole.contended or any(p.contended for p in phases.values()),
+            "phases": {name: p.to_dict() for name, p in phases.items()}}
+
+
+def describe_record(record: dict[str, Any] | None) -> str | None:
+    """One line for a contended RunResult.cpu_load (None when it was not contended or is unknown)."""
+    if not record or not record.get("contended"):
+        return None
+    parts = [f"{name} {p.get('other_cores'):.2f}" for name, p in (record.get("phases") or {}).items()
+             if isinstance(p, dict) and isinstance(p.get("other_cores"), (int, float))]
+    whole = record.get("other_cores")
+    return (f"other processes kept {whole:.2f} of {record.get('cores')} cores busy" if isinstance(whole, (int, float))
+            else "other processes competed for the cores") + (f" ({', '.join(parts)})" if parts else "")
 
 
 @dataclass

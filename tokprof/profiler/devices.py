@@ -302,11 +302,20 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+GIT_SHA_ENV = "TOKPROF_GIT_SHA"
+_SHA_RE = re.compile(r"[0-9a-f]{40}(\+dirty)?")
+
+
 def git_sha(path: str | Path | None = None) -> str | None:
-    """HEAD of the git checkout holding tokprof (with "+dirty" when tracked files changed); None if not a checkout."""
+    """HEAD of the git checkout holding tokprof (with "+dirty" when tracked files changed).
+
+    Where the tree is not a checkout (a copy sent to a GPU machine without its .git, an installed wheel) the sha
+    comes from the environment variable TOKPROF_GIT_SHA, set by whoever made the copy (scripts/gpu_check.sh does);
+    None when neither gives one. A malformed TOKPROF_GIT_SHA is refused, not recorded."""
     root = Path(path) if path is not None else Path(__file__).resolve().parent.parent.parent
     if not (root / ".git").exists():
-        return None  # an installed wheel: its site-packages may sit inside some unrelated repository
+        # an installed wheel's site-packages may sit inside some unrelated repository: never ask git there
+        return _sha_from_env()
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
@@ -315,5 +324,14 @@ def git_sha(path: str | Path | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     if not re.fullmatch(r"[0-9a-f]{40}", sha):
-        return None
+        return _sha_from_env()
     return sha + ("+dirty" if dirty else "")
+
+
+def _sha_from_env() -> str | None:
+    value = os.environ.get(GIT_SHA_ENV, "").strip().lower()
+    if not value:
+        return None
+    if not _SHA_RE.fullmatch(value):
+        raise ValueError(f"{GIT_SHA_ENV}: expected a 40-hex-digit git sha (optionally with '+dirty'), got {value!r}")
+    return value

@@ -359,3 +359,37 @@ def record_trace(source: EnergySource, duration_s: float, *, poll_s: float = 0.0
     workload()
     poller.join()
     return out
+
+
+def trace_summary(readings: Sequence[Reading], phases_s: Mapping[str, Sequence[float]] | None = None
+                  ) -> dict[str, Any]:
+    """What a recorded trace says about the board's meters (first contact with a GPU):
+
+    - `counter_update_s`: median time between changes of the energy counter (its update interval: one kernel call
+      is invisible below it, so energy windows must span many updates);
+    - per phase (idle before, busy, idle after, when `phases_s` names them as `tokprof energy-trace` does): mean
+      power from the counter (energy difference / time) beside the mean of the sampled power readings, whose ratio
+      says how far a power-sampling fallback is off on this board.
+    """
+    _check_readings(readings, "readings")
+    changes = [r.timestamp_s for a, r in zip(readings, readings[1:], strict=False)
+               if a.energy_mj is not None and r.energy_mj is not None and r.energy_mj != a.energy_mj]
+    gaps = sorted(b - a for a, b in zip(changes, changes[1:], strict=False))
+    out: dict[str, Any] = {"readings": len(readings), "duration_s": readings[-1].timestamp_s - readings[0].timestamp_s,
+                           "counter_updates": len(changes),
+                           "counter_update_s": gaps[len(gaps) // 2] if gaps else None, "phases": {}}
+    for name, (t0, t1) in (phases_s or {"all": (readings[0].timestamp_s, readings[-1].timestamp_s)}).items():
+        inside = [r for r in readings if t0 <= r.timestamp_s <= t1]
+        with_energy = [r for r in inside if r.energy_mj is not None]
+        counter_w = None
+        if len(with_energy) >= 2 and with_energy[-1].timestamp_s > with_energy[0].timestamp_s:
+            counter_w = ((with_energy[-1].energy_mj - with_energy[0].energy_mj) / 1000.0
+                         / (with_energy[-1].timestamp_s - with_energy[0].timestamp_s))
+        powers = [r.power_mw / 1000.0 for r in inside if r.power_mw is not None]
+        sampled_w = sum(powers) / len(powers) if powers else None
+        temps = [r.temperature_c for r in inside if r.temperature_c is not None]
+        out["phases"][name] = {
+            "counter_w": counter_w, "sampled_w": sampled_w,
+            "sampled_over_counter": sampled_w / counter_w if counter_w and sampled_w is not None else None,
+            "temperature_c": [temps[0], temps[-1]] if temps else None}
+    return out

@@ -14,8 +14,10 @@ then by its PCI bus id, and only then through CUDA_VISIBLE_DEVICES.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
+import time
 from typing import Any
 
 import torch
@@ -225,3 +227,81 @@ def is_throttled(before: Clocks | None, after: Clocks | None) -> bool | None:
     if not verdicts:
         return None
     return any(verdicts)
+
+
+# nvmlClocksEventReasons bits (nvml.h; called "throttle reasons" before driver 535). The ones that mean the card
+# slowed itself down, as opposed to idling or following an application-clock setting.
+CLOCK_REASON_BITS = {
+    0x1: "gpu_idle",
+    0x2: "applications_clocks_setting",
+    0x4: "sw_power_cap",
+    0x8: "hw_slowdown",
+    0x10: "sync_boost",
+    0x20: "sw_thermal_slowdown",
+    0x40: "hw_thermal_slowdown",
+    0x80: "hw_power_brake_slowdown",
+    0x100: "display_clock_setting",
+}
+SLOWDOWN_REASONS = frozenset({"sw_power_cap", "hw_slowdown", "sw_thermal_slowdown", "hw_thermal_slowdown",
+                              "hw_power_brake_slowdown"})
+
+
+def decode_clock_reasons(mask: int) -> list[str]:
+    """The names of the bits set in an NVML clock-event-reason mask (unknown bits as hex)."""
+    names = [name for bit, name in CLOCK_REASON_BITS.items() if mask & bit]
+    unknown = mask & ~sum(CLOCK_REASON_BITS)
+    if unknown:
+        names.append(f"0x{unknown:x}")
+    return names
+
+
+def clock_reasons(device: torch.device | str | int) -> list[str] | None:
+    """Why the clocks are what they are right now (decode_clock_reasons of NVML's mask); None without NVML."""
+    h = handle(device)
+    if h is None:
+        return None
+    nvml = _state["module"]
+    fn = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+        nvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
+    if fn is None:
+        return None
+    mask = _call(fn, h)
+    return decode_clock_reasons(int(mask)) if mask is not None else None
+
+
+class ClockSampler:
+    """Clock-event reasons and the SM clock sampled during a timing window (between sample batches), so a throttle
+    that starts and ends inside the window is seen, not only what the two edge snapshots show."""
+
+    def __init__(self, device: torch.device | str | int, min_interval_s: float = 0.05) -> None:
+        self.device = device
+        self.min_interval_s = min_interval_s  # NVML reads cost tens of us each: not after every batch
+        self._last_s = -math.inf
+        self.reasons: set[str] = set()
+        self.sm_mhz_min: int | None = None
+        self.sm_max_mhz: int | None = None
+        self.samples = 0
+
+    def sample(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self._last_s < self.min_interval_s:
+            return
+        self._last_s = now
+        snap = clocks(self.device)
+        if snap is None:
+            return
+        self.samples += 1
+        if snap.sm_mhz is not None:
+            self.sm_mhz_min = snap.sm_mhz if self.sm_mhz_min is None else min(self.sm_mhz_min, snap.sm_mhz)
+        self.sm_max_mhz = snap.sm_max_mhz or self.sm_max_mhz
+        self.reasons.update(clock_reasons(self.device) or [])
+
+    def throttled(self) -> bool | None:
+        """True when a slowdown reason was seen or the SM clock fell below 75% of its max; None when unsampled."""
+        if not self.samples:
+            return None
+        if self.reasons & SLOWDOWN_REASONS:
+            return True
+        if self.sm_mhz_min is not None and self.sm_max_mhz:
+            return self.sm_mhz_min < THROTTLE_FRACTION * self.sm_max_mhz
+        return None

@@ -9,8 +9,8 @@ For a call of `flops` and `min_bytes` (each input read once, each output written
     efficiency        = t_roof / time                     (1.0 = on the roof)
 
 twice: against the datasheet (the spec-table row of this GPU, FLOP/s for the call's dtype) and against the ceilings
-measured in the same run (copy bandwidth; GEMM FLOP/s, which only bounds calls of the GEMM's dtype). A call above
-100% of a ceiling is flagged `suspicious`: a byte-count or timing bug, never a result.
+measured in the same run (the larger of copy and read-only bandwidth; GEMM FLOP/s, which only bounds calls of the
+GEMM's dtype). A call above 100% of a ceiling is flagged `suspicious`: a byte-count or timing bug, never a result.
 
     roofline(flops=5 * 16 * 14336, min_bytes=3 * 16 * 14336 * 2, time_us=2.1, spec=spec, ceilings=c, dtype="bf16")
 """
@@ -75,7 +75,7 @@ def roofline(flops: int, min_bytes: int, time_us: float, *, spec: GpuSpec | None
         # The measured GEMM ceiling bounds only calls of its own dtype (a bf16 GEMM says nothing about fp32 FLOP/s).
         gemm_tflops = ceilings.gemm_tflops if ceilings.gemm_dtype == dtype else None
         what = "measured" if gemm_tflops is not None or flops == 0 else f"measured ({ceilings.gemm_dtype} GEMM only)"
-        t_meas_us, bound_meas, more = _t_roof_us(flops, min_bytes, gemm_tflops, ceilings.copy_gbps, what)
+        t_meas_us, bound_meas, more = _t_roof_us(flops, min_bytes, gemm_tflops, ceilings.bandwidth_gbps, what)
         notes += more
 
     eff_sheet = t_sheet_us / time_us if t_sheet_us is not None else None

@@ -62,6 +62,14 @@ class Timing:
     clocks_after: Clocks | None = None
     throttled: bool | None = None  # None where clocks are unknown (CPU)
     note: str = ""
+    # GPU events mode: host time of one call (validation, allocation, launches), kept off the timed window by a
+    # sleep kernel queued after the flush; None on the CPU and in graph mode.
+    host_us_per_call: float | None = None
+    flush: str | None = None  # cold-L2 flush before each timed call: "read" | "write"; None when none
+    # NVML clock-event reasons seen while sampling (e.g. "sw_power_cap", "hw_thermal_slowdown"), sampled between
+    # sample batches, and the lowest SM clock seen then; empty / None without NVML.
+    clock_reasons: list[str] = field(default_factory=list)
+    sm_mhz_min: int | None = None
 
 
 @dataclass
@@ -123,7 +131,13 @@ class KernelMeasurement:
 
     @property
     def time_us(self) -> float:
-        return self.timing.median_us
+        """The best-founded time of one call: the graph-mode median where one was taken (no launch jitter, no host
+        time: what a call costs inside a captured decode step), else the main timing's median."""
+        return self.best_timing.median_us
+
+    @property
+    def best_timing(self) -> Timing:
+        return self.graph_timing if self.graph_timing is not None else self.timing
 
     def key(self) -> tuple[str, tuple[tuple[str, int], ...], str, str]:
         return (self.op, tuple(sorted(self.shape.items())), self.dtype, self.backend)
@@ -171,6 +185,14 @@ class Ceilings:
     measured_utc: str
     provenance: str = "measured"
     note: str = ""
+    # read-only bandwidth (GB/s of bytes read by a reduction over the copy's source buffer): a read-mostly kernel
+    # can beat a copy, so the measured memory roof is the larger of the two; None in runs from before it existed
+    read_gbps: float | None = None
+
+    @property
+    def bandwidth_gbps(self) -> float:
+        """The measured memory roof: max(copy, read-only)."""
+        return max(self.copy_gbps, self.read_gbps or 0.0)
 
 
 @dataclass
@@ -197,6 +219,11 @@ class RunResult:
     reconciliation: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     run_id: str = ""
+    # The eager loop's costs beyond the kernels (tokprof.profiler.overhead.Overhead.to_dict()), None when not measured.
+    overhead: dict[str, Any] | None = None
+    # How busy other processes kept a CPU while the run measured, per phase (tokprof.profiler.cpu_load), None on a
+    # GPU run or when not recorded.
+    cpu_load: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

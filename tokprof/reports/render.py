@@ -200,7 +200,7 @@ def _roofline_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], li
         roofs: list[plots.Roof] = []
         c = r.run.ceilings
         if c is not None:
-            roofs.append(plots.Roof("measured", c.copy_gbps, c.gemm_tflops if c.gemm_dtype == dtype else None,
+            roofs.append(plots.Roof("measured", c.bandwidth_gbps, c.gemm_tflops if c.gemm_dtype == dtype else None,
                                     f"[{c.gemm_dtype} GEMM]"))
         sheet, _ = _datasheet_roof(r.run, dtype)
         if sheet is not None:
@@ -294,7 +294,8 @@ def _cost_section(runs: list[LoadedRun]) -> tuple[list[Block], list[str]]:
         blocks.append(Heading(f"{prov} rows", 3))
         blocks.append(Table(_COST_HEADERS, [
             [r.label, prov, _gpu_cell(p), str(p.get("model")), num(p.get("batch")), num(p.get("context")),
-             f"{p.get('dtype')} / {p.get('backend')}", num(p.get("step_time_us")), num(p.get("tokens_per_s_per_gpu")),
+             f"{p.get('dtype')} / {p.get('backend')}", num(p.get("step_time_us")),
+             na(p.get("tokens_per_s_per_gpu"), p.get("infeasible_reason")),  # an infeasible point says why
              num(p.get("tokens_per_s_per_user")), num(p.get("usd_per_gpu_hour")), num(p.get("usd_per_million_tokens")),
              na(p.get("j_per_token_total"), p.get("energy_reason")),
              na(p.get("energy_usd_per_million_tokens"), p.get("energy_reason")), num(p.get("tokens_per_s_per_mw")),
@@ -371,6 +372,7 @@ def _op_loss_rows(rec: dict[str, Any], label: str, limit: int = 8) -> list[list[
     names = ("op", "label", "time_us_measured", "time_us_at_roof", "lost_us", "share_of_L1_L2_gap")
     items = [dict(zip(names, o, strict=False)) if isinstance(o, (list, tuple)) else o
              for o in rec.get("op_inefficiency") or []]
+    items = [o for o in items if o.get("finding", True)]  # an op faster than its roof is a flag, not a loss
     items.sort(key=lambda o: -(o.get("lost_us") or 0.0))
     return [[label, str(o.get("op")), str(o.get("label")), num(o.get("time_us_measured")),
              num(o.get("time_us_at_roof")), num(o.get("lost_us")), pct(o.get("share_of_L1_L2_gap"))]
@@ -408,13 +410,19 @@ def _iceberg_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], lis
                 omitted.append(f"iceberg chart {r.label} b{b} c{c}{suffix}: no layer has tokens/s")
                 blocks.append(Omitted(omitted[-1]))
             blocks.append(Table(["run", "layer", "what", "tokens/s per GPU", "$/M tokens", "J/token", "provenance",
-                                 "gap to the layer above", "gap tokens/s", "share of total gap"],
+                                 "gap to the layer above", "gap tokens/s", "share of the losses",
+                                 "predicted tokens/s (modelled)"],
                                 [[r.label, str(lv.get("name")), str(lv.get("title")),
                                   na(lv.get("tokens_per_s_per_gpu"), _layer_reason(lv)),
                                   num(lv.get("usd_per_million_tokens")),
                                   na(lv.get("j_per_token"), _layer_reason(lv)),
-                                  str(lv.get("provenance") or "-"), str(lv.get("gap_name") or "-"),
-                                  num(lv.get("gap_tokens_per_s")), pct(lv.get("gap_share"))] for lv in layers],
+                                  str(lv.get("provenance") or "-"),
+                                  "INVERTED: faster than the layer above (see the flag)" if lv.get("inverted") else
+                                  str(lv.get("gap_name") or "-"),
+                                  num(lv.get("gap_tokens_per_s")), pct(lv.get("gap_share")),
+                                  num(lv.get("predicted_tokens_per_s_per_gpu")) + (
+                                      "" if lv.get("prediction_error_pct") is None else
+                                      f" ({lv['prediction_error_pct']:+.1f}% step)")] for lv in layers],
                                 [f"prov-{lv.get('provenance')}" for lv in layers]))
             util, err, e_err = rec.get("utilisation"), rec.get("bottom_up_error_pct"), rec.get("energy_error_pct")
             against = rec.get("bottom_up_error_against") or "end to end"
@@ -438,6 +446,10 @@ def _iceberg_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], lis
                                    + ("; collectives against the link roof" if tp > 1 else "") + "):"))
                 blocks.append(Table(["run", "op", "label", "measured us", "at roof us", "lost us",
                                      f"share of {top}-L2 gap"], loss))
+            if rec.get("reliable") is False:
+                blocks.append(Para(f"{r.label} unreliable: {rec.get('unreliable_reason')}"))
+            for flag in _notes(rec.get("flags")):
+                blocks.append(Para(f"{r.label} flag: {flag}"))
             for note in _notes(rec.get("notes")):
                 blocks.append(Para(f"{r.label} note: {note}"))
     return blocks, omitted

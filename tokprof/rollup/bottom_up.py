@@ -134,9 +134,12 @@ def rollup_points(config: ModelConfig, batches: Sequence[int], contexts: Sequenc
                            efficiency_datasheet=m.roofline.efficiency_datasheet, bound=m.roofline.bound,
                            shape=dict(c.shape)) for c, m in pairs]
             j_total, j_dynamic, reason = _step_energy(pairs)
+            timers = sorted({f"{m.best_timing.timer}/{m.best_timing.mode}" for _, m in pairs})
+            graphed = sum(m.graph_timing is not None for _, m in pairs)
             point_notes = [f"kernel sum of {len(pairs)} distinct calls measured on {device_name} "
-                           f"(timer {pairs[0][1].timing.timer}, mode {pairs[0][1].timing.mode})"]
-            missed = [c.op for c, m in pairs if not m.timing.met_noise_target]
+                           f"(timer/mode {', '.join(timers)}"
+                           + (f"; {graphed} short call(s) at their graph-mode time" if graphed else "") + ")"]
+            missed = [c.op for c, m in pairs if not m.best_timing.met_noise_target]
             if missed:
                 point_notes.append(f"noise target missed for {len(missed)} call(s): {', '.join(sorted(set(missed)))}")
             if j_total is not None:
@@ -154,8 +157,54 @@ def rollup_points(config: ModelConfig, batches: Sequence[int], contexts: Sequenc
             points.append(build_point(model=config.name, gpu=gpu, batch=batch, context=context, dtype=dname,
                                       backend=backend, provenance="measured", ops=ops, pricing=pricing,
                                       j_per_step_total=j_total, j_per_step_dynamic=j_dynamic, energy_reason=reason,
-                                      notes=point_notes, tp=tp, **tp_kw))
+                                      notes=point_notes, tp=tp, memory=_run_memory(run, config, batch, context,
+                                                                                   dname, tp, block_size), **tp_kw))
     return points, notes
+
+
+def _bench_cpu_sequences(config: ModelConfig, batches: Sequence[int], contexts: Sequence[int], run: RunResult,
+                         todo: list[tuple[Any, ...]], dname: str, tp: int, block_size: int, backend: str, seed: int,
+                         timing_kwargs: dict[str, Any] | None, ceilings: Ceilings | None,
+                         out: str | Path | None) -> None:
+    """CPU: each point's kernel calls timed round-robin in step order; a call shared by points keeps the first
+    point's measurement (the others still run in their sequences, so every call meets a whole step's caches)."""
+    from tokprof.profiler.bench import bench_sequence
+
+    wanted = {(op, tuple(sorted(shape.items())), dt, be) for op, shape, dt, be in todo}
+    for batch in batches:
+        for context in contexts:
+            plan = tp_step(config, batch, context, dname, tp, block_size)[0]
+            calls = [(c.op, c.shape, c.dtype, backend) for c in plan]
+
+            def keep(call: tuple[Any, ...]) -> bool:
+                return (call[0], tuple(sorted(call[1].items())), call[2], call[3]) in wanted
+
+            if not any(keep(c) for c in calls):
+                continue
+            kernels, failures = bench_sequence(calls, run.provenance.device.kind, seed=seed,
+                                               timing_kwargs=timing_kwargs, ceilings=ceilings, keep=keep)
+            for k in kernels:
+                wanted.discard(k.key())
+            run.kernels.extend(kernels)
+            run.failures.extend(f for f in failures if (f.op, tuple(sorted(f.shape.items())), f.dtype, f.backend)
+                                in wanted)
+            for f in failures:
+                wanted.discard((f.op, tuple(sorted(f.shape.items())), f.dtype, f.backend))
+            if out is not None:
+                save_run(run, out)
+
+
+def _run_memory(run: RunResult, config: ModelConfig, batch: int, context: int, dtype: str, tp: int,
+                block_size: int) -> Any:
+    """The point's memory on the run's GPU (its reported memory, else the spec table's; a CPU: capacity unknown).
+    The kernels were measured one by one, so a kernel sum exists even for a point whose model and KV cache would not
+    fit on the GPU: such a point is infeasible like a modelled one."""
+    from tokprof.rollup.capacity import memory_budget
+
+    info = run.provenance.device
+    spec = load_specs().get(info.spec_key) if info.spec_key else None
+    device_bytes = info.memory_bytes if info.kind == "cuda" else None
+    return memory_budget(config, spec, batch, context, dtype, tp, block_size=block_size, capacity_bytes=device_bytes)
 
 
 def _same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -169,8 +218,8 @@ def bottom_up(config: ModelConfig, batches: Sequence[int], contexts: Sequence[in
               energy_kwargs: dict[str, Any] | None = None, ceilings: Ceilings | None | str = AUTO,
               prices: PriceOptions | None = None, run: RunResult | None = None, out: str | Path | None = None,
               command: Sequence[str] | None = None, block_size: int = DEFAULT_BLOCK_SIZE, seed: int = 0,
-              progress: bool = True, tp: int = 1,
-              collectives: CollectiveOptions | None = None) -> tuple[list[RollupPoint], RunResult]:
+              progress: bool = True, tp: int = 1, collectives: CollectiveOptions | None = None,
+              cpu_timing: str = "sequence") -> tuple[list[RollupPoint], RunResult]:
     """Measure the decode plans of the sweep on `device` and roll them up; returns (points, the filled RunResult).
 
     `ceilings` AUTO measures this machine's copy bandwidth and GEMM FLOP/s (cached per GPU), None skips them (no
@@ -178,9 +227,13 @@ def bottom_up(config: ModelConfig, batches: Sequence[int], contexts: Sequence[in
     its measured calls are reused. With `out`, the run is saved after every call and once more at the end.
     `tp` > 1 measures one GPU's kernel calls of a tensor-parallel group; `collectives` says how its collectives
     are timed where the run has no measurement of them (e.g. CollectiveOptions(interconnect_gpu="h100-sxm") on a
-    CPU).
+    CPU). On a CPU, `cpu_timing` "sequence" (default) times each point's calls round-robin in step order
+    (bench.bench_sequence: the cache state of the eager loop), "alone" times each call repeated by itself.
     """
     from tokprof.profiler.bench import bench_calls, new_run
+
+    if cpu_timing not in ("sequence", "alone"):
+        raise ValueError(f"cpu_timing: expected 'sequence' or 'alone', got {cpu_timing!r}")
     from tokprof.profiler.ceilings import measure_ceilings
 
     batches, contexts = check_sweep(batches, contexts)
@@ -207,7 +260,10 @@ def bottom_up(config: ModelConfig, batches: Sequence[int], contexts: Sequence[in
     device_name = run.provenance.device.name
     have = {k.key() for k in run.kernels if k.device == device_name}
     todo = [(c.op, c.shape, c.dtype, backend) for key, c in distinct.items() if key not in have]
-    if todo:
+    if todo and dev.type == "cpu" and cpu_timing == "sequence":
+        _bench_cpu_sequences(config, batches, contexts, run, todo, dname, tp, block_size, backend, seed,
+                             timing_kwargs, ceilings if isinstance(ceilings, Ceilings) else None, out)
+    elif todo:
         bench_calls(todo, dev, mode=mode, energy=energy, seed=seed, timing_kwargs=timing_kwargs,
                     energy_kwargs=energy_kwargs, ceilings=ceilings if isinstance(ceilings, Ceilings) else None,
                     out=out, run=run, progress=progress)

@@ -5,7 +5,8 @@ the weights once plus the KV cache of its context, so no kernel can beat
 
     tokens/s (batch 1) <= HBM bandwidth / (decode weight bytes + KV bytes per token x context)
 
-on that GPU's datasheet. The table then gives the roll-up points, each with its provenance; at tp > 1 a second
+on that GPU's datasheet, and the largest batch that fits in its memory at each context (tokprof.rollup.capacity,
+for tp 1, 2, 4, 8). The table then gives the roll-up points, each with its provenance; at tp > 1 a second
 table splits each point's per-GPU step into kernels and collectives (the all-reduce share of the step).
 """
 
@@ -15,18 +16,24 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tokprof.kernels._common import parse_dtype
 from tokprof.models.config import ModelConfig
+from tokprof.models.tp import check_tp
 from tokprof.profiler.devices import GpuSpec
+from tokprof.rollup.capacity import DEFAULT_MEMORY_UTILIZATION, max_batch
 from tokprof.rollup.pareto import InteractivityCost
 from tokprof.rollup.records import RollupPoint
 
 
 def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int], dtype: str,
-                  tp: int = 1) -> dict[str, Any]:
-    """Weight bytes, KV bytes per token and the batch-1 bandwidth bound per context (modelled, from specs).
+                  tp: int = 1, *, capacity_bytes: int | None = None,
+                  memory_utilization: float = DEFAULT_MEMORY_UTILIZATION) -> dict[str, Any]:
+    """Weight bytes, KV bytes per token, the batch-1 bandwidth bound per context and the largest batch that fits
+    in memory at each context for each tensor-parallel degree that shards the model (1, 2, 4, 8 and `tp`)
+    (modelled, from specs; `capacity_bytes` a device's own memory instead of the spec table's).
 
     tp > 1 adds the linear-weight bytes one GPU of the group reads per step (the bound stays a single GPU's)."""
     torch_dtype = parse_dtype(dtype)
@@ -43,6 +50,8 @@ def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int]
 
         card["tp"] = tp
         card["linear_weight_bytes_per_gpu"] = weight_bytes_per_gpu(tp_decode_calls(config, 1, 1, dtype, tp))
+    card["max_batch"], card["max_batch_reason"] = _max_batches(config, spec, contexts, dtype, tp, capacity_bytes,
+                                                              memory_utilization)
     if spec is None or spec.hbm_tbps is None:
         card["batch1_reason"] = "no datasheet HBM bandwidth for this device (a CPU or an unknown GPU)"
         return card
@@ -52,6 +61,27 @@ def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int]
         card["batch1"].append({"context": context, "bytes_per_step": step_bytes,
                                "tokens_per_s_max": spec.hbm_tbps * 1e12 / step_bytes})
     return card
+
+
+def _max_batches(config: ModelConfig, spec: GpuSpec | None, contexts: list[int], dtype: str, tp: int,
+                 capacity_bytes: int | None, memory_utilization: float) -> tuple[list[dict[str, Any]], str | None]:
+    """The largest batch that fits per (tp, context); ([], reason) when the memory is unknown (a CPU)."""
+    if capacity_bytes is None and (spec is None or spec.memory_gb is None):
+        return [], "no memory figure for this device (a CPU, or a GPU without memory_gb in the spec table)"
+    rows = []
+    for t in sorted({1, 2, 4, 8, tp}):
+        try:
+            check_tp(config, t)
+        except ValueError:
+            continue  # this tp does not shard the model
+        for context in contexts:
+            limit = max_batch(config, spec, context, dtype, t, capacity_bytes=capacity_bytes,
+                              memory_utilization=memory_utilization)
+            rows.append({"tp": t, "context": context, "batch": limit.batch, "reason": limit.reason,
+                         "weights_bytes_per_gpu": limit.budget.weights_bytes,
+                         "capacity_bytes": limit.budget.capacity_bytes,
+                         "memory_utilization": memory_utilization})
+    return rows, None
 
 
 def _gb(n: float) -> str:
@@ -69,11 +99,33 @@ def print_card(console: Console, card: dict[str, Any]) -> None:
     if card.get("tp"):
         console.print(f"tensor parallel over {card['tp']} GPUs: each reads {_gb(card['linear_weight_bytes_per_gpu'])} "
                       "of linear weights per step and pays 2 all-reduces per layer; the bound below is one GPU's")
+    _print_max_batch(console, card)
     if not card["batch1"]:
         console.print(f"batch-1 bandwidth bound: unknown ({card.get('batch1_reason')})")
         return
     bounds = ", ".join(f"{b['tokens_per_s_max']:.1f} tokens/s at context {b['context']}" for b in card["batch1"])
     console.print(f"batch-1 bound on the {card['gpu']} datasheet ({card['hbm_tbps']} TB/s, modelled): {bounds}")
+
+
+def _print_max_batch(console: Console, card: dict[str, Any]) -> None:
+    rows = card.get("max_batch") or []
+    if not rows:
+        if card.get("max_batch_reason"):
+            console.print(f"largest batch that fits: unknown ({card['max_batch_reason']})")
+        return
+    first = rows[0]
+    head = (f"largest batch that fits in {_gb(first['capacity_bytes'])} per GPU "
+            f"({first['memory_utilization']:.0%} usable, paged KV cache; modelled):")
+    parts = []
+    for t in dict.fromkeys(r["tp"] for r in rows):
+        cells = ", ".join(f"{r['batch']} at context {r['context']}" if r["batch"] is not None
+                          else f"none at context {r['context']}" for r in rows if r["tp"] == t)
+        parts.append(f"tp {t}: {cells}")
+    console.print(head + " " + "; ".join(parts))
+    for r in rows:
+        if r["batch"] is None and r["tp"] == first["tp"]:
+            console.print(f"[dim]tp {r['tp']}, context {r['context']}: {r['reason']}[/]")
+            break
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -96,25 +148,32 @@ def print_points(console: Console, points: list[RollupPoint], title: str) -> Non
                 "tokens/s\nper MW", "provenance"):
         table.add_column(col, justify="left" if col == "provenance" else "right", no_wrap=True)
     for p in points:
+        if p.infeasible_reason is not None:  # never a number: the reason follows the table
+            table.add_row(str(p.batch), str(p.context), "no fit", "-", "-", "-", "-", "infeasible")
+            continue
         table.add_row(str(p.batch), str(p.context), _count(p.tokens_per_s_per_gpu), _count(p.tokens_per_s_per_user),
                       _fmt(p.j_per_token_total, ".3g"), _fmt(p.usd_per_million_tokens, ".4g"),
                       _count(p.tokens_per_s_per_mw), p.provenance)
     console.print(table)
-    first = points[0] if points else None
+    for p in points:
+        if p.infeasible_reason is not None:
+            console.print(f"[yellow]batch {p.batch}, context {p.context}: does not fit in memory, "
+                          f"{escape(p.infeasible_reason)}[/]")
+    first = next((p for p in points if p.infeasible_reason is None), None)
     if first is not None:
         console.print(f"price: {first.usd_per_gpu_hour if first.usd_per_gpu_hour is not None else '-'} $/GPU-h "
                       f"({first.price_source or 'none'}); power: {first.all_in_kw_per_gpu or '-'} kW per GPU all-in "
                       f"({first.power_source or 'none'})")
         for note in dict.fromkeys(n for p in points for n in p.notes):
             console.print(f"[dim]note: {note}[/]")
-        reasons = {p.energy_reason for p in points if p.energy_reason}
+        reasons = {p.energy_reason for p in points if p.energy_reason and p.infeasible_reason is None}
         if len(reasons) == 1:
             console.print(f"[dim]J/token: {reasons.pop()}[/]")
 
 
 def print_interconnect(console: Console, points: list[RollupPoint]) -> None:
     """At tp > 1: each point's per-GPU step split into kernels and collectives, with the all-reduce share."""
-    tp_points = [p for p in points if p.tp > 1]
+    tp_points = [p for p in points if p.tp > 1 and p.step_time_us is not None]
     if not tp_points:
         return
     table = Table(title="interconnect: per-GPU step = kernels + collectives", box=box.SIMPLE_HEAD, show_edge=False,
@@ -130,6 +189,10 @@ def print_interconnect(console: Console, points: list[RollupPoint]) -> None:
                       f"{all_reduce_us / p.step_time_us:.1%}" if known else "-",
                       p.collective_provenance if known else "unknown")
     console.print(table)
+    overheads = [p for p in tp_points if p.overhead_time_us]
+    if overheads:
+        console.print(f"[dim]step us = kernels + collectives + the step model's per-step overhead "
+                      f"({', '.join(f'{p.overhead_time_us:,.0f}' for p in overheads)} us: overhead_time_us)[/]")
     for reason in dict.fromkeys(p.collective_reason for p in tp_points if p.collective_reason):
         console.print(f"[yellow]collective time unknown: {reason}[/]")
 

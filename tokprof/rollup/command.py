@@ -22,11 +22,13 @@ from tokprof.profiler.devices import GpuSpec, load_specs
 from tokprof.profiler.schema import RunResult, load_run, save_run
 from tokprof.rollup import card as rcard
 from tokprof.rollup.bottom_up import bottom_up, rollup_points
+from tokprof.rollup.capacity import DEFAULT_MEMORY_UTILIZATION, max_batch
 from tokprof.rollup.economics import PriceOptions, check_positive
 from tokprof.rollup.interconnect import CollectiveOptions
 from tokprof.rollup.pareto import InteractivityCost, cost_at_interactivity
-from tokprof.rollup.project import DEFAULT_EFFICIENCY, modelled, project, resolve_gpu
+from tokprof.rollup.project import modelled, project, resolve_gpu
 from tokprof.rollup.records import RollupPoint, merge_points, points_from_run
+from tokprof.rollup.step_model import StepModel
 
 DEFAULT_BATCHES = [1, 8, 64]
 DEFAULT_CONTEXTS = [1024, 8192]
@@ -40,7 +42,7 @@ class RollupArgs:
     from_run: str | None = None
     gpu: str | None = None
     modelled: bool = False
-    efficiency: float = DEFAULT_EFFICIENCY
+    efficiency: float | None = None  # a flat stated efficiency instead of the step model's curves
     device: str = "cuda"
     backend: str | None = None
     dtype: str | None = None
@@ -52,6 +54,10 @@ class RollupArgs:
     command: list[str] = field(default_factory=lambda: list(sys.argv))
     tp: int | None = None  # tensor-parallel degree; None: 1 (with --from: the run's measured points' own)
     collectives: CollectiveOptions = field(default_factory=CollectiveOptions)  # how collectives are modelled
+    step_model: StepModel | None = None  # the step model's assumptions (None: its defaults)
+    batch_max: bool = False  # --batch max: the largest batch that fits at each context
+    memory_utilization: float = DEFAULT_MEMORY_UTILIZATION
+    show_assumptions: bool = True  # print the step model's assumptions (modelled and projected points)
 
 
 def load_model(name: str) -> ModelConfig:
@@ -82,6 +88,8 @@ def _from_run(a: RollupArgs, console: Console) -> tuple[ModelConfig, dict[str, A
     measured = [p for p in measured if p.tp == tp]
     batches = a.batches or sorted({p.batch for p in measured})
     contexts = a.contexts or sorted({p.context for p in measured})
+    if a.batch_max:
+        batches = [1]  # replaced per context below
     if not batches or not contexts:
         raise ValueError(f"--batch/--context: {a.from_run} has no measured roll-up points to take them from; "
                          "give --batch and --context")
@@ -90,21 +98,56 @@ def _from_run(a: RollupArgs, console: Console) -> tuple[ModelConfig, dict[str, A
     source_key = run.provenance.device.spec_key
     target = resolve_gpu(a.gpu) if a.gpu else None
     spec = target or (load_specs().get(source_key) if source_key else None)
-    card = _card(console, cfg, spec, contexts, dtype, tp)
+    card = _card(console, cfg, spec, contexts, dtype, tp, a.memory_utilization)
     if target is not None and target.key != source_key:
-        points = project(run, target, prices=a.prices, batches=batches, contexts=contexts, dtype=dtype,
-                         backend=backend, tp=tp, collectives=a.collectives)
+        points = []
+        for bs, ctxs in _sweep(a, cfg, target, batches, contexts, dtype, tp):
+            points += project(run, target, prices=a.prices, batches=bs, contexts=ctxs, dtype=dtype,
+                              backend=backend, tp=tp, collectives=a.collectives, step_model=a.step_model,
+                              memory_utilization=a.memory_utilization)
+        _print_assumptions(console, a)
         return cfg, card, points, "projected", run, []
+    if a.batch_max:
+        raise ValueError("--batch max: needs a GPU whose memory decides the batch: --modelled --gpu NAME, or --from "
+                         "run.json --gpu NAME (a projection)")
     points, notes = rollup_points(cfg, batches, contexts, run, backend=backend, dtype=dtype, prices=a.prices, tp=tp,
                                   collectives=a.collectives)
     return cfg, card, points, "measured", run, notes
 
 
 def _card(console: Console, cfg: ModelConfig, spec: GpuSpec | None, contexts: list[int], dtype: str,
-          tp: int = 1) -> dict[str, Any]:
-    card = rcard.analytic_card(cfg, spec, contexts, dtype, tp=tp)
+          tp: int = 1, memory_utilization: float = DEFAULT_MEMORY_UTILIZATION) -> dict[str, Any]:
+    card = rcard.analytic_card(cfg, spec, contexts, dtype, tp=tp, memory_utilization=memory_utilization)
     rcard.print_card(console, card)
     return card
+
+
+def _sweep(a: RollupArgs, cfg: ModelConfig, spec: GpuSpec, batches: list[int], contexts: list[int], dtype: str,
+           tp: int) -> list[tuple[list[int], list[int]]]:
+    """(batches, contexts) grids to compute: the asked grid, or with --batch max the largest batch that fits at
+    each context (a context where even batch 1 does not fit keeps batch 1, which then shows as infeasible)."""
+    if not a.batch_max:
+        return [(batches, contexts)]
+    out = []
+    for context in contexts:
+        limit = max_batch(cfg, spec, context, dtype, tp, memory_utilization=a.memory_utilization)
+        out.append(([limit.batch or 1], [context]))
+    return out
+
+
+def _print_assumptions(console: Console, a: RollupArgs) -> None:
+    """Every assumption of the step model with its value and source (--modelled and projections)."""
+    if not a.show_assumptions:
+        return
+    from rich.markup import escape
+
+    console.print("[bold]step-model assumptions[/] (override with --assumptions FILE.json or the options of "
+                  "`tokprof rollup --help`):")
+    if a.efficiency is not None:
+        console.print(f"  efficiency = {a.efficiency:g} (stated with --efficiency: replaces the op curves below)")
+    for x in (a.step_model or StepModel()).assumptions():
+        unit = f" {x.unit}" if x.unit else ""
+        console.print(f"  {x.name} = {escape(str(x.value))}{unit}  [dim]({escape(x.source)})[/]")
 
 
 def default_contexts(cfg: ModelConfig, notes: list[str]) -> list[int]:
@@ -134,13 +177,20 @@ def run_rollup(a: RollupArgs, console: Console) -> dict[str, Any]:
             raise ValueError("--modelled: give --model and --gpu (e.g. --model llama-3.1-8b --gpu h200 --modelled)")
         cfg, spec = load_model(a.model), resolve_gpu(a.gpu)
         contexts, dtype = a.contexts or default_contexts(cfg, notes), a.dtype or "bf16"
-        card = _card(console, cfg, spec, contexts, dtype, tp)
-        points = modelled(cfg, spec, a.batches or DEFAULT_BATCHES, contexts, dtype, a.efficiency, prices=a.prices,
-                          tp=tp, collectives=a.collectives)
+        card = _card(console, cfg, spec, contexts, dtype, tp, a.memory_utilization)
+        points = []
+        for bs, ctxs in _sweep(a, cfg, spec, a.batches or DEFAULT_BATCHES, contexts, dtype, tp):
+            points += modelled(cfg, spec, bs, ctxs, dtype, a.efficiency, prices=a.prices, tp=tp,
+                               collectives=a.collectives, step_model=a.step_model,
+                               memory_utilization=a.memory_utilization)
+        _print_assumptions(console, a)
         mode = "modelled"
     else:
         if a.model is None:
             raise ValueError("--model: give a model to measure (or --from run.json, or --modelled --gpu NAME)")
+        if a.batch_max:
+            raise ValueError("--batch max: needs a GPU whose memory decides the batch: --modelled --gpu NAME, or "
+                             "--from run.json --gpu NAME (a projection)")
         try:
             dev = torch.device(a.device)
         except RuntimeError as err:

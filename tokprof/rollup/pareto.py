@@ -6,7 +6,8 @@ what each user sees). Batching trades one for the other; the frontier keeps the 
     front = pareto_frontier(points, context=8192)
     at_50 = cost_at_interactivity(points, 50.0, context=8192)   # InteractivityCost, provenance "interpolated"
 
-Between two frontier points the throughput is interpolated linearly in interactivity (a batch size between the two
+Points that do not fit in memory are left out (the frontier stops at capacity). Between two frontier points the
+throughput is interpolated linearly in interactivity (a batch size between the two
 measured ones would land near that line) and labelled `interpolated`; outside the sweep nothing is extrapolated.
 """
 
@@ -34,8 +35,9 @@ def _select(points: list[RollupPoint], context: int | None) -> list[RollupPoint]
 
 
 def pareto_frontier(points: list[RollupPoint], context: int | None = None) -> list[RollupPoint]:
-    """The points not beaten on both tokens/s per GPU and tokens/s per user, by rising interactivity."""
-    chosen = _select(points, context)
+    """The points not beaten on both tokens/s per GPU and tokens/s per user, by rising interactivity. Points that
+    do not fit in memory (infeasible_reason) have no throughput: the frontier stops at capacity."""
+    chosen = [p for p in _select(points, context) if p.infeasible_reason is None]
     front = []
     for p in chosen:
         beaten = any(q.tokens_per_s_per_gpu >= p.tokens_per_s_per_gpu
@@ -68,6 +70,11 @@ def cost_at_interactivity(points: list[RollupPoint], target_tokens_per_s_per_use
     The price is `usd_per_gpu_hour` if given, else the points' own (they must agree)."""
     target = check_positive("target_tokens_per_s_per_user", target_tokens_per_s_per_user)
     front = pareto_frontier(points, context)
+    if not front:
+        ctx = context if context is not None else points[0].context
+        return InteractivityCost(target_tokens_per_s_per_user=target, context=ctx, tokens_per_s_per_gpu=None,
+                                 usd_per_gpu_hour=usd_per_gpu_hour, usd_per_million_tokens=None, provenance=None,
+                                 reason=f"no point of the sweep fits in memory at context {ctx}")
     ctx = front[0].context
     if usd_per_gpu_hour is None:
         prices = {p.usd_per_gpu_hour for p in front}

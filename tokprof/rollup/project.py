@@ -1,20 +1,24 @@
 """Tokens/s and cost on a GPU you did not measure: projected from a measured run, or modelled from specs alone.
 
     points = project(run, "b200")             # each op's measured efficiency on the source GPU, on B200's roofline
-    points = modelled(cfg, "h200", [1, 64], [8192], efficiency=0.8)  # datasheet roofline x a stated efficiency
+    points = modelled(cfg, "h200", [1, 64], [8192])   # the step model (tokprof.rollup.step_model) on the datasheet
+    points = modelled(cfg, "h200", [1, 64], [8192], efficiency=0.8)  # a flat stated efficiency instead of its curves
 
 For one kernel call of `flops` and `min_bytes` on a GPU with datasheet peaks:
 
     t_roof = max(flops / peak_flops(dtype), min_bytes / peak_hbm_bandwidth)
     projected time = t_roof(target) / efficiency_datasheet(measured on the source GPU)
-    modelled time  = t_roof(gpu) / stated efficiency
+    modelled time  = the step model's op time (latency + roof / efficiency curve), or t_roof / stated efficiency
 
-The step time is the sum over the decode plan of count x time; points are labelled `projected` or `modelled`.
+The step time is the sum over the decode plan of count x time, plus the step model's per-step overhead (host work,
+launches, sampling: no kernel measurement holds it); points are labelled `projected` or `modelled`. Every point
+knows its memory (tokprof.rollup.capacity); one that does not fit on the GPU is infeasible: tokens/s None, and
+`infeasible_reason` says what it needs and what the GPU has.
 Energy is not carried across GPUs: J/token is None, and the reason gives the TDP x step-time upper bound.
 
 With tensor parallelism (`tp` > 1) the plan is one GPU's (tokprof.models.tp) and its collectives are timed from the
-GPU's interconnect spec at a stated efficiency (tokprof.rollup.interconnect, labelled modelled): the step time is
-kernels + count x collective time, tokens/s per GPU divides by tp.
+GPU's interconnect spec by the step model (algorithm by message size and GPU count, labelled modelled): the step
+time is kernels + count x collective time + overhead, tokens/s per GPU divides by tp.
 """
 
 from __future__ import annotations
@@ -23,19 +27,23 @@ from collections.abc import Mapping
 
 from tokprof.kernels._common import dtype_name, parse_dtype
 from tokprof.models.config import ModelConfig
-from tokprof.models.plan import COLLECTIVE_OPS, DEFAULT_BLOCK_SIZE, KernelCall
+from tokprof.models.plan import COLLECTIVE_OPS, DEFAULT_BLOCK_SIZE, KernelCall, decode_plan
+from tokprof.models.tp import check_tp
+from tokprof.profiler import collectives as coll
 from tokprof.profiler.devices import GpuSpec, load_specs, match_spec
 from tokprof.profiler.schema import KernelMeasurement, RunResult
-from tokprof.rollup.economics import PriceOptions, check_positive
-from tokprof.rollup.interconnect import CollectiveOptions, interconnect_spec, time_collectives, tp_step
-from tokprof.rollup.records import OpShare, RollupPoint, build_point, check_sweep, points_from_run
+from tokprof.rollup.capacity import DEFAULT_MEMORY_UTILIZATION, memory_budget
+from tokprof.rollup.economics import PriceOptions
+from tokprof.rollup.interconnect import CollectiveOptions, tp_step
+from tokprof.rollup.records import OpShare, RollupPoint, build_point, check_sweep, infeasible_point, points_from_run
+from tokprof.rollup.step_model import StepEstimate, StepModel, reference_step_model
 
 # Short names people type for a spec-table row: "H100" means the SXM part (the HGX boards clouds rent, and the
 # part the InferenceX price sheet prices).
 GPU_ALIASES = {"h100": "h100-sxm"}
 
-# A representative stated efficiency for the modelled mode: FACTS.md's best kernels reach ~88-90% of peak
-# bandwidth (decode attention, fused norms) and skinny GEMMs ~68-80%; 0.8 sits between. Always printed with results.
+# The flat efficiency tokprof used before the step model (tokprof.rollup.step_model): kept as a named value for
+# callers that state it explicitly (modelled(..., efficiency=DEFAULT_EFFICIENCY)); the default is now the step model.
 DEFAULT_EFFICIENCY = 0.8
 
 
@@ -85,66 +93,79 @@ def _check_tp(tp: int) -> int:
     return tp
 
 
-def _with_collectives(ops: list[OpShare], collectives: list[KernelCall], target: GpuSpec,
-                      options: CollectiveOptions) -> tuple[dict, list[str]]:
-    """Add the modelled collectives' shares to `ops`; (build_point's tp keywords, notes)."""
-    spec, named = interconnect_spec(options, target)
-    timed = time_collectives(collectives, spec=spec, options=options)
-    ops.extend(timed.shares)
-    notes = ([f"collectives modelled on the {spec.key} interconnect (named), not {target.key}'s"]
-             if named and spec is not None and spec.key != target.key else [])
-    return {"collective_provenance": timed.provenance, "collective_reason": timed.reason}, notes + timed.notes
-
-
-def _efficiency_for(efficiency: float | Mapping[str, float], op: str) -> float:
-    if isinstance(efficiency, Mapping):
-        if op not in efficiency:
-            raise ValueError(f"efficiency: no entry for op {op!r} (has {sorted(efficiency)}); give every op of the "
-                             "plan, or one number")
-        value = efficiency[op]
-    else:
-        value = efficiency
-    eff = check_positive(f"efficiency[{op}]" if isinstance(efficiency, Mapping) else "efficiency", value)
-    if eff > 1.0:
-        raise ValueError(f"efficiency: expected a fraction of the roofline in (0, 1], got {value!r} for {op}")
-    return eff
-
-
 def modelled(config: ModelConfig, gpu: str | GpuSpec, batches: list[int], contexts: list[int],
-             dtype: str = "bf16", efficiency: float | Mapping[str, float] = DEFAULT_EFFICIENCY, *,
+             dtype: str = "bf16", efficiency: float | Mapping[str, float] | None = None, *,
              prices: PriceOptions | None = None, block_size: int = DEFAULT_BLOCK_SIZE, tp: int = 1,
-             collectives: CollectiveOptions | None = None) -> list[RollupPoint]:
-    """Points from the datasheet alone: every call of the plan at `efficiency` (one number or per op) of its roof.
+             collectives: CollectiveOptions | None = None, step_model: StepModel | None = None,
+             memory_utilization: float = DEFAULT_MEMORY_UTILIZATION) -> list[RollupPoint]:
+    """Points from the datasheet alone, timed by the step model (tokprof.rollup.step_model: efficiency curves, the
+    per-step overhead, collectives by algorithm); `efficiency` (one number or per op) replaces the op curves with a
+    flat fraction of the roof. A point that does not fit in the GPU's memory (tokprof.rollup.capacity) is infeasible:
+    no tokens/s, the reason says what it needs.
 
-    tp > 1: one GPU's plan of a tensor-parallel group, its collectives modelled from the interconnect spec
-    (`collectives`: stated efficiency and latency, or another GPU's link)."""
+    tp > 1: one GPU's plan of a tensor-parallel group, its collectives over the GPU's link (or `collectives`'s
+    named GPU / link, a stated fixed latency and link efficiency)."""
     spec = resolve_gpu(gpu)
     tp = _check_tp(tp)
-    options = collectives or CollectiveOptions()
+    check_tp(config, tp)
+    # the step model: the caller's, else one fitted to a shipped reference run of this GPU, else the defaults
+    model = _with_collective_options(step_model or reference_step_model(spec.key) or StepModel(), collectives)
+    link_spec = _interconnect(collectives, spec)
     batches, contexts = check_sweep(batches, contexts)
     dname = dtype_name(parse_dtype(dtype))
     pricing = (prices or PriceOptions()).for_gpu(spec.key)
-    stated = (f"{efficiency:g} for every op" if not isinstance(efficiency, Mapping)
-              else ", ".join(f"{op} {e:g}" for op, e in efficiency.items()))
+    if efficiency is not None:
+        model.describe(efficiency)  # validates a flat efficiency up front
     points = []
     for batch in batches:
         for context in contexts:
-            ops = []
-            kernels, colls = tp_step(config, batch, context, dname, tp, block_size)
-            for call in kernels:
-                eff = _efficiency_for(efficiency, call.op)
-                t_roof, bound = roof_time_us(*call.cost(), spec, dname)
-                ops.append(_share(call, t_roof / eff, None, eff, bound))
-            tp_kw, tp_notes = _with_collectives(ops, colls, spec, options) if tp > 1 else ({}, [])
-            step_us = sum(o.total_us for o in ops)
+            memory = memory_budget(config, spec, batch, context, dname, tp, block_size=block_size,
+                                   memory_utilization=memory_utilization)
+            if memory.fits is False:
+                points.append(infeasible_point(model=config.name, gpu=spec.key, batch=batch, context=context,
+                                               dtype=dname, backend="modelled", provenance="modelled",
+                                               memory=memory, tp=tp))
+                continue
+            calls = decode_plan(config, batch, context, dname, tp=tp, block_size=block_size)
+            est = model.step(calls, spec, dname, efficiency, interconnect=link_spec)
             points.append(build_point(
                 model=config.name, gpu=spec.key, batch=batch, context=context, dtype=dname, backend="modelled",
-                provenance="modelled", ops=ops, pricing=pricing,
-                energy_reason=f"modelled: no energy measured; {_tdp_bound(spec, step_us, batch, tp)}",
-                notes=[f"modelled from the {spec.name} datasheet ({spec.source}, {spec.date}) at a stated "
-                       f"efficiency of the roofline: {stated}; launch gaps between kernels are not modelled",
-                       *tp_notes], tp=tp, **tp_kw))
+                provenance="modelled", ops=est.shares, pricing=pricing,
+                energy_reason=f"modelled: no energy measured; {_tdp_bound(spec, est.step_time_us, batch, tp)}",
+                notes=[f"modelled from the {spec.name} datasheet ({spec.source}, {spec.date}); "
+                       f"{model.describe(efficiency)}", *_collective_notes(est, spec, link_spec)],
+                tp=tp, collective_provenance="modelled" if tp > 1 else None, memory=memory))
     return points
+
+
+def _with_collective_options(model: StepModel, options: CollectiveOptions | None) -> StepModel:
+    """The step model with the collective settings of `options` (a stated latency, link efficiency, link)."""
+    if options is None:
+        return model
+    changes: dict = {}
+    if options.latency_us is not None:
+        changes["collective_latency_us"] = options.latency_us
+    if options.efficiency != coll.DEFAULT_EFFICIENCY:
+        changes["collective_efficiency"] = options.efficiency
+    if options.link != coll.AUTO:
+        changes["link"] = options.link
+    return model.with_overrides(changes) if changes else model
+
+
+def _interconnect(options: CollectiveOptions | None, own: GpuSpec) -> GpuSpec:
+    if options is None or options.interconnect_gpu is None:
+        return own
+    return resolve_gpu(options.interconnect_gpu)
+
+
+def _collective_notes(est: StepEstimate, spec: GpuSpec, link_spec: GpuSpec) -> list[str]:
+    if est.link is None:
+        return []
+    notes = [f"collectives modelled over {est.link.kind} ({est.link.gbps_per_direction:g} GB/s per direction; "
+             f"{est.link.source}): " + ", ".join(f"{label} {algo}" for label, algo in est.algorithms.items())]
+    if link_spec.key != spec.key:
+        notes.append(f"collectives modelled on the {link_spec.key} interconnect (named), not {spec.key}'s")
+    return notes
 
 
 def _share(call: KernelCall, time_us: float, eff_measured: float | None, eff_datasheet: float | None,
@@ -161,17 +182,19 @@ def _measurements(run: RunResult) -> dict[tuple, KernelMeasurement]:
 def project(run: RunResult, target_gpu: str | GpuSpec, *, prices: PriceOptions | None = None,
             batches: list[int] | None = None, contexts: list[int] | None = None, dtype: str | None = None,
             backend: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE, tp: int | None = None,
-            collectives: CollectiveOptions | None = None) -> list[RollupPoint]:
+            collectives: CollectiveOptions | None = None, step_model: StepModel | None = None,
+            memory_utilization: float = DEFAULT_MEMORY_UTILIZATION) -> list[RollupPoint]:
     """Carry each op's measured datasheet-roofline efficiency on the run's GPU to `target_gpu`'s datasheet.
 
     The sweep is the run's measured roll-up points (or `batches` x `contexts`, whose calls must all be in the run),
     for every dtype and backend measured unless `dtype` / `backend` pick one, at each point's tensor-parallel
     degree (or `tp`). At tp > 1 the collectives are modelled on the target's interconnect (`collectives`): a
-    measurement on the run's GPU times another link.
+    measurement on the run's GPU times another link. The step model (`step_model`) adds the collectives and the
+    per-step overhead that no kernel measurement holds; points that do not fit in the target's memory are
+    infeasible (no tokens/s, the reason in infeasible_reason).
     """
     target = resolve_gpu(target_gpu)
     tp = _check_tp(tp) if tp is not None else None
-    options = collectives or CollectiveOptions()
     if run.model is None:
         raise ValueError("run: has no model section (a kernel-only run); projection needs a roll-up run "
                          "(tokprof rollup ... -o run.json)")
@@ -194,8 +217,17 @@ def project(run: RunResult, target_gpu: str | GpuSpec, *, prices: PriceOptions |
         raise ValueError(f"run: no measurements of dtype {dtype!r} with backend {backend!r} to project")
     pricing = (prices or PriceOptions()).for_gpu(target.key)
     table = _measurements(run)
+    model = _with_collective_options(step_model or StepModel(), collectives)
+    link_spec = _interconnect(collectives, target)
     points = []
     for batch, context, dname, backend, point_tp in sweep:
+        memory = memory_budget(config, target, batch, context, dname, point_tp, block_size=block_size,
+                               memory_utilization=memory_utilization)
+        if memory.fits is False:
+            points.append(infeasible_point(model=config.name, gpu=target.key, batch=batch, context=context,
+                                           dtype=dname, backend=backend, provenance="projected", memory=memory,
+                                           tp=point_tp))
+            continue
         ops = []
         kernels, colls = tp_step(config, batch, context, dname, point_tp, block_size)
         for call in kernels:
@@ -209,7 +241,10 @@ def project(run: RunResult, target_gpu: str | GpuSpec, *, prices: PriceOptions |
                                  f"({m.roofline.note or 'unknown'}); it cannot be projected")
             t_roof, bound = roof_time_us(*call.cost(), target, dname)
             ops.append(_share(call, t_roof / eff, None, eff, bound))
-        tp_kw, tp_notes = _with_collectives(ops, colls, target, options) if point_tp > 1 else ({}, [])
+        # collectives and the per-step overhead are not in a kernel measurement: the step model adds them
+        est = model.step(colls, target, dname, interconnect=link_spec, extra_kernel_calls=sum(c.count for c in kernels),
+                         extra_gpu_time_us=sum(o.total_us for o in ops))
+        ops.extend(est.shares)
         step_us = sum(o.total_us for o in ops)
         points.append(build_point(
             model=config.name, gpu=target.key, batch=batch, context=context, dtype=dname, backend=backend,
@@ -218,5 +253,7 @@ def project(run: RunResult, target_gpu: str | GpuSpec, *, prices: PriceOptions |
                           f"{_tdp_bound(target, step_us, batch, point_tp)}",
             notes=[f"projected from {source.spec_key} ({source.name}, run {run.run_id or 'unnamed'}): each op's "
                    f"measured efficiency against the {source.spec_key} datasheet applied to the {target.key} "
-                   f"datasheet ({target.source}, {target.date})", *tp_notes], tp=point_tp, **tp_kw))
+                   f"datasheet ({target.source}, {target.date}); collectives and the per-step overhead from the "
+                   f"step model ({model.describe()})", *_collective_notes(est, target, link_spec)],
+            tp=point_tp, collective_provenance="modelled" if point_tp > 1 else None, memory=memory))
     return points

@@ -13,9 +13,17 @@ For one (model, GPU, batch, context, dtype) point (ARCHITECTURE.md, "The iceberg
     L5 served               L4 (else L3) x a utilisation the user states; not applied unless given
 
 Each layer: tokens/s per GPU (batch / step time), $/M tokens (the point's $/GPU-hour), J/token. The gap from one
-known layer to the next known one is named after the layers it crosses; gaps telescope, so their shares of the whole
-L0 -> last gap sum to 100% (a negative share means a lower layer beat the one above it). Inside L1 -> L2, each op's
-lost time (measured - time at the measured roof) and its share of that gap. Bottom-up error, signed, in tokens/s:
+known layer to the next known one is named after the layers it crosses; each loss's share is of the sum of the
+losses, so the shares add up to 100%. The reconciliation cannot contradict itself silently: a layer faster than the
+known layer above it is `inverted`, has no share, and is flagged (`flags`) with its likely cause (INVERSION_CAUSES);
+a CPU run that other processes competed with is `reliable = False` with the reason, so none of its gaps is a
+finding. Inside L1 -> L2, each op's lost time (measured - time at the measured roof) and its share of the ops'
+losses (adding up to 100%); an op faster than its roof is not a negative loss but a flag (`finding = False`), and
+`op_gains_us` / `op_unexplained_us` say what separates the losses from the gap.
+
+L4 (eager; and L3, graphs, on a GPU) also gets `predicted_step_time_us`: the kernel sum plus the overheads the
+run measured (tokprof.rollup.step_prediction, tokprof.profiler.overhead), computed from the roll-up point and the
+overhead record only, and `prediction_error_pct` against the measured step. Bottom-up error, signed, in tokens/s:
 (L2 - L3) / L3 x 100 (against L4 when no graph run; positive = the kernel sum promises more than the loop gives).
 J/token at L0/L1 is modelled at the GPU's TDP for the roofline time (an upper bound for that time); at L5 the idle
 share of the time is charged at the datasheet idle power.
@@ -74,7 +82,16 @@ class Layer:
     reason: str | None = None  # why tokens/s (or another figure) is None
     gap_name: str | None = None  # the gap from the previous known layer to this one
     gap_tokens_per_s: float | None = None  # previous known layer's tokens/s minus this one's
-    gap_share: float | None = None  # of the whole gap from the first to the last known layer
+    gap_share: float | None = None  # of the sum of the losses (positive gaps) from the first to the last known layer
+    # A layer faster than the known layer above it: flagged with the likely cause, never a loss or a share.
+    inverted: bool = False
+    flag: str | None = None
+    # L3/L4: the step the bottom-up model predicts (kernel sum + modelled overheads), computed from the roll-up point
+    # and the run's overhead micro-benchmark only, never from the end-to-end measurement it is held against.
+    predicted_step_time_us: float | None = None
+    predicted_tokens_per_s_per_gpu: float | None = None
+    prediction_source: str | None = None  # how, or why there is none
+    prediction_error_pct: float | None = None  # (predicted / measured step time - 1) x 100, once both are known
 
 
 @dataclass
@@ -84,8 +101,9 @@ class OpInefficiency:
     count: int
     time_us_measured: float  # per step: count x measured time per call
     time_us_at_roof: float  # per step: count x time at the measured roof
-    lost_us: float
-    share_of_L1_L2_gap: float | None  # noqa: N815 - the contract's key
+    lost_us: float  # signed: negative when the op ran faster than its measured roof
+    share_of_L1_L2_gap: float | None  # noqa: N815 - the contract's key; of the sum of the positive losses
+    finding: bool = True  # False for an op faster than its roof (a measurement to check, not a loss)
 
 
 @dataclass
@@ -103,6 +121,11 @@ class Reconciliation:
     energy_error_pct: float | None = None  # (L2 J/token - end-to-end J/token) / end-to-end x 100
     tp: int = 1  # tensor-parallel GPUs; tp > 1 adds the L1i interconnect layer
     notes: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)  # contradictions (inverted layers, ops above their roof), causes
+    reliable: bool = True  # False when another process competed for the CPU: figures measured, gaps not findings
+    unreliable_reason: str | None = None
+    op_gains_us: float = 0.0  # sum of |lost| of the ops faster than their roof (not findings)
+    op_unexplained_us: float | None = None  # the L1 -> L2 gap less the ops' net loss (another plan, rounding)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -185,8 +208,12 @@ def _op_inefficiency(point: Any, ceilings: Ceilings, l1_l2_gap_us: float, link: 
         at_roof = o.count * roof_us
         lost = o.total_us - at_roof
         out.append(OpInefficiency(op=o.op, label=o.label, count=o.count, time_us_measured=o.total_us,
-                                  time_us_at_roof=at_roof, lost_us=lost,
-                                  share_of_L1_L2_gap=lost / l1_l2_gap_us if l1_l2_gap_us else None))
+                                  time_us_at_roof=at_roof, lost_us=lost, share_of_L1_L2_gap=None, finding=lost > 0))
+    # Shares of the losses, which add up to 100%: an op faster than its roof is not a negative loss but a flag.
+    losses = sum(x.lost_us for x in out if x.finding)
+    if l1_l2_gap_us > 0 and losses > 0:
+        for x in out:
+            x.share_of_L1_L2_gap = x.lost_us / losses if x.finding else None
     return sorted(out, key=lambda x: -x.lost_us)
 
 
@@ -255,7 +282,7 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str, int], p
         else:
             step, more = _roof_step_us(config, batch, context, dtype, tp, ceilings=run.ceilings)
             fill("L1", step, "modelled", f"decode plan at the ceilings measured on {run.ceilings.device} "
-                 f"({run.ceilings.copy_gbps:.0f} GB/s copy, {run.ceilings.gemm_tflops:.1f} TFLOP/s "
+                 f"({run.ceilings.bandwidth_gbps:.0f} GB/s memory, {run.ceilings.gemm_tflops:.1f} TFLOP/s "
                  f"{run.ceilings.gemm_dtype} GEMM); J/token at TDP", *tdp_j(step))
             notes += [f"L1 {n}" for n in more]
     if tp > 1:
@@ -287,6 +314,7 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str, int], p
             continue
         fill(name, m.median_step_us, m.provenance, f"{m.framework} {m.mode} ({m.backend}), median of {m.steps} "
              "steps", m.j_per_token, m.energy_reason)
+    _predict(layers, run, point, l4, batch, tp)
     others = [m for m in e2e if m is not l3 and m is not l4]
     for m in others:
         notes.append(f"also measured: {m.framework} {m.mode} ({m.backend}) {m.tokens_per_s_per_gpu:.4g} tokens/s")
@@ -313,6 +341,7 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str, int], p
 
     ordered = [layers[name] for name, _, _ in defs]
     _gaps(ordered, defs)
+    contention = _contention(run)
     if tp > 1 and layers["L1"].tokens_per_s_per_gpu is None and layers["L1i"].tokens_per_s_per_gpu is not None:
         # L1i stands on L0 here: the gap above it is the interconnect alone, the derate falls in the next gap
         layers["L1i"].gap_name = INTERCONNECT_LAYER[2]
@@ -320,6 +349,10 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str, int], p
             layers["L2"].gap_name = f"{LAYERS[1][2]} + {TP_L2_GAP}"
     rec = Reconciliation(model=model, gpu=gpu, batch=batch, context=context, dtype=dtype, utilisation=utilisation,
                          layers=ordered, tp=tp, notes=notes)
+    if contention is not None:
+        rec.reliable = False
+        rec.unreliable_reason = (f"{contention}: the CPU was shared while it measured, so its figures are "
+                                 "unreliable and no gap between them is a finding")
     l1, l2 = layers["L1"], layers["L2"]
     if point is not None and l1.step_time_us is not None and run.ceilings is not None:
         # at tp > 1 the ops are measured against L1i (kernels at the measured roof + collectives at the link roof)
@@ -335,6 +368,7 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str, int], p
         if abs(roof_sum - roof.step_time_us) > 1e-3 * roof.step_time_us:
             notes.append(f"the roll-up's ops sum to {roof_sum:.4g} us at the roof, the plan to "
                          f"{roof.step_time_us:.4g} us: the point was built from another plan (block size?)")
+        _op_invariants(rec, l2.step_time_us - roof.step_time_us, roof.name)
     against = layers["L3"] if layers["L3"].tokens_per_s_per_gpu is not None else None
     if against is None and l4 is not None and l4.framework == "tokprof":
         against = layers["L4"]
@@ -344,7 +378,94 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str, int], p
         rec.bottom_up_error_against = against.name
         if l2.j_per_token is not None and against.j_per_token is not None:
             rec.energy_error_pct = (l2.j_per_token - against.j_per_token) / against.j_per_token * 100
+    _flag_inversions(rec, contention)
     return rec
+
+
+# Why a layer can come out faster than the layer above it, by (upper, lower) layer: the likely causes to check.
+INVERSION_CAUSES = {
+    ("L0", "L1"): "the measured ceilings exceed the datasheet: the copy benchmark read cached data, or the spec row "
+                  "is wrong",
+    ("L1", "L2"): "the kernel sum beats the measured roofline: the ceilings were measured low (another process "
+                  "competed, or the GPU throttled), or kernels were timed with warm caches (inputs cache-resident, "
+                  "read above the DRAM ceiling), or a cost formula counts too many bytes",
+    ("L1i", "L2"): "the kernel and collective sum beats its roof: the ceilings or the link bandwidth were measured "
+                   "low, or kernels were timed with warm caches",
+    ("L2", "L3"): "the end-to-end loop beats the sum of its own kernels: kernels timed slower than they run in the "
+                  "loop (contended while the kernels were timed, or caches flushed harder than the loop does)",
+    ("L2", "L4"): "the end-to-end loop beats the sum of its own kernels: kernels timed slower than they run in the "
+                  "loop (contended while the kernels were timed, or caches flushed harder than the loop does)",
+    ("L3", "L4"): "the eager loop beats the CUDA-graph replay of the same step: different backends or a graph "
+                  "capture problem",
+}
+
+
+def _predict(layers: dict[str, Layer], run: RunResult, point: Any, l4: Any, batch: int, tp: int) -> None:
+    """L4 (eager; and L3, graphs, on a GPU): the step the kernel sum and the measured overheads predict. Reads the
+    roll-up point and run.overhead only; the measured step is compared afterwards."""
+    from tokprof.rollup.step_prediction import predict_step
+
+    kind = run.provenance.device.kind
+    for name, mode in [("L4", "eager")] + ([("L3", "graph")] if kind == "cuda" else []):
+        layer = layers[name]
+        if name == "L4" and l4 is not None and l4.framework != "tokprof":
+            layer.prediction_source = f"no prediction: L4 is {l4.framework}, not tokprof's loop of these kernels"
+            continue
+        pred, why = predict_step(point, run.overhead, mode=mode, device_kind=kind)
+        if pred is None:
+            layer.prediction_source = f"no prediction: {why}"
+            continue
+        layer.predicted_step_time_us = pred.step_time_us
+        layer.predicted_tokens_per_s_per_gpu = batch / (pred.step_time_us * 1e-6) / tp
+        layer.prediction_source = f"modelled: {pred.source}"
+        if layer.step_time_us:
+            layer.prediction_error_pct = (pred.step_time_us / layer.step_time_us - 1) * 100
+
+
+def _contention(run: RunResult) -> str | None:
+    """How other processes competed for a CPU run's cores, or None (a GPU run, an idle CPU, not recorded)."""
+    from tokprof.profiler.cpu_load import describe_record
+
+    if run.provenance.device.kind != "cpu":
+        return None
+    if run.cpu_load is None:  # a file from before cpu_load was recorded: its note says whether the CPU was shared
+        return next((n.split(": the CPU was shared")[0] for n in run.notes if "the CPU was shared" in n), None)
+    return describe_record(run.cpu_load)
+
+
+def _op_invariants(rec: Reconciliation, gap_us: float, roof_name: str) -> None:
+    """Op losses are shares of the losses (adding up to 100%); ops faster than their roof are flagged apart; what
+    the ops' net loss leaves of the gap is said."""
+    ops = rec.op_inefficiency
+    losses = sum(o.lost_us for o in ops if o.finding)
+    gains = -sum(o.lost_us for o in ops if not o.finding)
+    rec.op_gains_us = gains
+    rec.op_unexplained_us = gap_us - (losses - gains)
+    if gains > 0:
+        faster = [f"{o.op} {o.label}" for o in ops if not o.finding]
+        rec.flags.append(f"{len(faster)} op(s) ran faster than their measured roof ({', '.join(faster[:4])}"
+                         f"{', ...' if len(faster) > 4 else ''}; {gains:.4g} us per step in all): not losses; likely "
+                         "the ceilings were measured low (contended or throttled) or the inputs were cache-resident")
+    if losses > 0 and gap_us > 0:
+        text = f"op losses inside {roof_name} -> L2: {losses:.4g} us per step, each op's share of them adds up to 100%"
+        if gains > 0:
+            text += f"; less {gains:.4g} us of ops faster than their roof, the gap is {gap_us:.4g} us"
+        if abs(rec.op_unexplained_us) > 1e-3 * max(abs(gap_us), 1e-9):
+            text += f"; {rec.op_unexplained_us:.4g} us of the gap unexplained by the ops (another plan?)"
+        rec.notes.append(text)
+
+
+def _flag_inversions(rec: Reconciliation, contention: str | None) -> None:
+    known = [layer for layer in rec.layers if layer.tokens_per_s_per_gpu is not None]
+    for prev, cur in zip(known, known[1:], strict=False):
+        if not cur.inverted:
+            continue
+        faster = (cur.tokens_per_s_per_gpu / prev.tokens_per_s_per_gpu - 1) * 100
+        cause = INVERSION_CAUSES.get((prev.name, cur.name), "a lower layer cannot beat the one above it: a "
+                                     "measurement or model error")
+        cur.flag = (f"{cur.name} ({cur.title}) is {faster:.1f}% faster than {prev.name} ({prev.title}): {cause}"
+                    + (f"; {contention}" if contention else ""))
+        rec.flags.append(cur.flag)
 
 
 def _interconnect_layer(layers: dict[str, Layer], config: Any, why_no_config: str | None,
@@ -377,13 +498,17 @@ def _gaps(layers: list[Layer], defs: tuple[tuple[str, str, str | None], ...] = L
     known = [layer for layer in layers if layer.tokens_per_s_per_gpu is not None]
     if len(known) < 2:
         return
-    total = known[0].tokens_per_s_per_gpu - known[-1].tokens_per_s_per_gpu
     order = [layer.name for layer in layers]
     for prev, cur in zip(known, known[1:], strict=False):
         crossed = order[order.index(prev.name) + 1:order.index(cur.name) + 1]
         cur.gap_name = " + ".join(gap_names[n] for n in crossed)
         cur.gap_tokens_per_s = prev.tokens_per_s_per_gpu - cur.tokens_per_s_per_gpu
-        cur.gap_share = cur.gap_tokens_per_s / total if total else None
+        cur.inverted = cur.gap_tokens_per_s < 0
+    # Shares of the losses: they add up to 100% of the tokens/s lost; an inverted layer's gain is flagged apart
+    # (without inversions the losses are the whole first -> last gap, as before).
+    losses = sum(layer.gap_tokens_per_s for layer in known[1:] if layer.gap_tokens_per_s > 0)
+    for cur in known[1:]:
+        cur.gap_share = cur.gap_tokens_per_s / losses if losses and not cur.inverted else None
 
 
 # --------------------------------------------------------------------------------------------------- the run
@@ -403,7 +528,7 @@ def reconcile(run: RunResult, utilisation: float | None = None, *,
         raise ValueError(f"utilisation: expected a fraction in (0, 1] (the duty cycle served), got {utilisation!r}")
     if l4_framework is not None and l4_framework not in FRAMEWORKS:
         raise ValueError(f"l4_framework: expected one of {list(FRAMEWORKS)}, got {l4_framework!r}")
-    points = points_from_run(run.rollup)
+    points = [p for p in points_from_run(run.rollup) if p.infeasible_reason is None]  # no step time to reconcile
     e2e = [E2EMeasurement.from_dict(d) for d in run.e2e]
     keys: dict[tuple[str, str, int, int, str, int], None] = {}
     for x in [*points, *e2e]:
@@ -439,7 +564,11 @@ def waterfall_rows(rec: Reconciliation) -> list[dict[str, Any]]:
             "$/M tokens": fmt(layer.usd_per_million_tokens, ",.4g"),
             "J/token": fmt(layer.j_per_token, ".4g"),
             "gap": "" if layer.gap_name is None else
+                   f"INVERTED: {fmt(-layer.gap_tokens_per_s, ',.4g')} faster than the layer above (see flags)"
+                   if layer.inverted else
                    f"{layer.gap_name}: {fmt(layer.gap_tokens_per_s, ',.4g')} ({fmt(layer.gap_share, '.1%')})",
+            "predicted": fmt(layer.predicted_tokens_per_s_per_gpu, ",.4g") + (
+                "" if layer.prediction_error_pct is None else f" ({layer.prediction_error_pct:+.1f}% step)"),
             "provenance / why": layer.provenance if layer.tokens_per_s_per_gpu is not None else (layer.reason or ""),
         })
     return rows

@@ -57,9 +57,9 @@ class RollupPoint:
     dtype: str
     backend: str
     provenance: str  # "measured" | "modelled" | "projected"
-    step_time_us: float
-    tokens_per_s_per_gpu: float
-    tokens_per_s_per_user: float
+    step_time_us: float | None  # None only when the point does not fit in memory (infeasible_reason)
+    tokens_per_s_per_gpu: float | None
+    tokens_per_s_per_user: float | None
     j_per_token_total: float | None = None
     j_per_token_dynamic: float | None = None
     energy_reason: str | None = None  # why J/token is None, or how a modelled figure was made
@@ -77,9 +77,21 @@ class RollupPoint:
     collective_reason: str | None = None  # why collective_time_us is None at tp > 1
     ops: list[OpShare] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # capacity (tokprof.rollup.capacity): one GPU's memory at this point and the GPU's; None when unknown (a CPU)
+    memory_bytes_per_gpu: int | None = None
+    memory_capacity_bytes: int | None = None
+    # set when the point does not fit ("needs 168 GB ..., has 141 GB"): step time, tokens/s and cost are then None
+    infeasible_reason: str | None = None
+    # modelled / projected: the step model's per-step overhead (host work, launches, sampling; op "step_overhead"),
+    # part of step_time_us; tp > 1: step = kernel_time_us + collective_time_us + overhead_time_us
+    overhead_time_us: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+    @property
+    def feasible(self) -> bool:
+        return self.infeasible_reason is None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RollupPoint:
@@ -93,7 +105,7 @@ class RollupPoint:
     @property
     def collective_share(self) -> float | None:
         """The collectives' share of the step time (tp > 1 with known collective times), else None."""
-        if self.collective_time_us is None or not self.step_time_us:
+        if self.collective_time_us is None or not self.step_time_us:  # None too when infeasible
             return None
         return self.collective_time_us / self.step_time_us
 
@@ -102,7 +114,8 @@ def _tp_figures(tp: int, ops: list[OpShare], step_us: float, collective_provenan
                 collective_reason: str | None) -> tuple[dict[str, Any], str]:
     """The tensor-parallel fields of a point and the note that explains its step time."""
     colls = [o for o in ops if o.op in COLLECTIVE_OPS]
-    kernel_us = step_us - sum(o.total_us for o in colls)
+    # the kernels' part: neither the collectives nor a modelled per-step overhead (op "step_overhead")
+    kernel_us = step_us - sum(o.total_us for o in colls) - sum(o.total_us for o in ops if o.op == "step_overhead")
     head = f"tensor parallel over {tp} GPUs: tokens/s per GPU = batch / step time / {tp}; J/token and $/M tokens " \
            f"count the {tp} GPUs; the step time is one GPU's"
     if not colls:
@@ -115,7 +128,7 @@ def _tp_figures(tp: int, ops: list[OpShare], step_us: float, collective_provenan
                 "upper bound")
     if collective_provenance not in PROVENANCES:
         raise ValueError(f"collective_provenance: expected one of {PROVENANCES}, got {collective_provenance!r}")
-    return ({"kernel_time_us": kernel_us, "collective_time_us": step_us - kernel_us,
+    return ({"kernel_time_us": kernel_us, "collective_time_us": sum(o.total_us for o in colls),
              "collective_provenance": collective_provenance, "collective_reason": None},
             f"{head}: kernels (kernel_time_us) + count x time of its collectives (collective_time_us, "
             f"{collective_provenance})")
@@ -125,12 +138,17 @@ def build_point(*, model: str, gpu: str, batch: int, context: int, dtype: str, b
                 ops: list[OpShare], pricing: Pricing, j_per_step_total: float | None = None,
                 j_per_step_dynamic: float | None = None, energy_reason: str | None = None,
                 notes: list[str] | None = None, tp: int = 1, collective_provenance: str | None = None,
-                collective_reason: str | None = None) -> RollupPoint:
+                collective_reason: str | None = None, memory: Any = None) -> RollupPoint:
     """A priced point from the step's op shares (their total_us filled) and, where known, the step's energy.
 
     tp > 1: `ops` are one GPU's (collectives included, op "all_reduce" / "all_gather"), `j_per_step_*` one GPU's
     energy; `collective_provenance` says where the collectives' times came from, or `collective_reason` why they
-    are unknown (then `ops` holds no collective and the step counts the kernels only)."""
+    are unknown (then `ops` holds no collective and the step counts the kernels only). `memory` (a
+    tokprof.rollup.capacity.MemoryBudget) fills the memory fields; a budget that does not fit makes the point
+    infeasible (infeasible_point: no step time, tokens/s or cost)."""
+    if memory is not None and memory.fits is False:
+        return infeasible_point(model=model, gpu=gpu, batch=batch, context=context, dtype=dtype, backend=backend,
+                                provenance=provenance, memory=memory, notes=notes, tp=tp)
     if provenance not in PROVENANCES:
         raise ValueError(f"provenance: expected one of {PROVENANCES}, got {provenance!r}")
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
@@ -179,7 +197,30 @@ def build_point(*, model: str, gpu: str, batch: int, context: int, dtype: str, b
                        energy_reason=energy_reason, usd_per_gpu_hour=usd, usd_per_million_tokens=cost,
                        all_in_kw_per_gpu=kw, tokens_per_s_per_mw=per_mw, energy_usd_per_million_tokens=energy_usd,
                        price_source=pricing.price_source if usd is not None else None, power_source=power_source,
-                       tp=tp, ops=ops, notes=notes, **tp_fields)
+                       tp=tp, ops=ops, notes=notes, **tp_fields, **_memory_fields(memory),
+                       overhead_time_us=sum(o.total_us for o in ops if o.op == "step_overhead") or None)
+
+
+def _memory_fields(memory: Any) -> dict[str, Any]:
+    if memory is None:
+        return {}
+    return {"memory_bytes_per_gpu": memory.total_bytes, "memory_capacity_bytes": memory.capacity_bytes}
+
+
+def infeasible_point(*, model: str, gpu: str, batch: int, context: int, dtype: str, backend: str, provenance: str,
+                     memory: Any, notes: list[str] | None = None, tp: int = 1) -> RollupPoint:
+    """A point that does not fit in one GPU's memory (`memory`, a MemoryBudget whose fits is False): no step time,
+    no tokens/s, no cost; the reason says what it needs and what the GPU has."""
+    reason = memory.reason or "does not fit in memory"
+    return RollupPoint(model=model, gpu=gpu, batch=batch, context=context, dtype=dtype, backend=backend,
+                       provenance=provenance, step_time_us=None, tokens_per_s_per_gpu=None,
+                       tokens_per_s_per_user=None, energy_reason=f"infeasible: {reason}", tp=tp,
+                       notes=list(notes or []), infeasible_reason=reason, **_memory_fields(memory))
+
+
+def feasible(points: Sequence[RollupPoint]) -> list[RollupPoint]:
+    """The points that fit in memory (an infeasible point has no tokens/s to compare)."""
+    return [p for p in points if p.infeasible_reason is None]
 
 
 def points_from_run(rollup: list[Mapping[str, Any]]) -> list[RollupPoint]:

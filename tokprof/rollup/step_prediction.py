@@ -1,0 +1,101 @@
+"""The end-to-end step time the bottom-up model predicts, from kernel measurements and measured overheads only.
+
+    pred, why_not = predict_step(point, overhead, mode="eager", device_kind="cpu")
+    pred.step_time_us, pred.terms
+
+The inputs are a roll-up point (its kernel sum, op by op with counts) and the overhead micro-benchmark of the run
+(tokprof.profiler.overhead); an end-to-end measurement is never an input, so the prediction can be held against one.
+
+    CPU, eager   kernel sum + host work per step
+                 (every op is synchronous and each measured kernel time already holds its own dispatch)
+    GPU, eager   max(kernel sum + bookkeeping kernels, dispatch sum + host work)
+                 (the host issues calls while the GPU runs them: the slower of the two sets the step; dispatch sum =
+                 sum over the plan of count x the op's measured dispatch)
+    GPU, graphs  kernel sum + bookkeeping kernels + the step model's graph overhead
+                 (tokprof.rollup.step_model.StepModel(execution="graph").overhead_us: a per-step cost for the
+                 host work and sampling around the replay, plus a launch per graph node; its sources print with it)
+
+Only measured kernel calls count (a modelled point's "step_overhead" op is not a kernel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# The decode step's bookkeeping ops on a GPU: 4 tiny kernels (tokprof.models.transformer) of ~2 us each, launch
+# included (an assumption of the size of a one-warp kernel on an H100-class GPU; they are not timed by the roll-up).
+GPU_BOOKKEEPING_KERNELS = 4
+GPU_TINY_KERNEL_US = 2.0
+
+
+@dataclass
+class StepPrediction:
+    mode: str  # "eager" | "graph"
+    step_time_us: float
+    kernel_sum_us: float  # the roll-up point's step time (L2)
+    terms: dict[str, float] = field(default_factory=dict)  # every added term, us per step
+    source: str = ""  # how it was computed, in words
+    provenance: str = "modelled"
+
+
+def _overhead(overhead: Any) -> Any:
+    from tokprof.profiler.overhead import Overhead
+
+    if overhead is None or isinstance(overhead, Overhead):
+        return overhead
+    return Overhead.from_dict(overhead)
+
+
+def predict_step(point: Any, overhead: Any, *, mode: str, device_kind: str) -> tuple[StepPrediction | None, str | None]:
+    """(the predicted step, None) or (None, why not) for `point` (a RollupPoint) run end to end in `mode`.
+
+    `overhead`: an Overhead (or its dict) measured on the same device, None when the run has none."""
+    if mode not in ("eager", "graph"):
+        raise ValueError(f"mode: expected 'eager' or 'graph', got {mode!r}")
+    if device_kind not in ("cpu", "cuda"):
+        raise ValueError(f"device_kind: expected 'cpu' or 'cuda', got {device_kind!r}")
+    if point is None:
+        return None, "no roll-up point: no kernel sum to predict from"
+    if getattr(point, "tp", 1) != 1:
+        return None, "end-to-end runs are single-GPU: no prediction at tp > 1"
+    kernel_ops = [o for o in point.ops if o.op != "step_overhead"]
+    kernels = sum(o.total_us for o in kernel_ops)
+    calls = sum(o.count for o in kernel_ops)
+    if mode == "graph":
+        if device_kind != "cuda":
+            return None, "CUDA graphs need a GPU"
+        from tokprof.rollup.step_model import StepModel
+
+        model = StepModel(execution="graph")
+        book = GPU_BOOKKEEPING_KERNELS * GPU_TINY_KERNEL_US
+        graph = model.overhead_us(calls + GPU_BOOKKEEPING_KERNELS, kernels + book)
+        terms = {"bookkeeping kernels": book, "graph overhead": graph}
+        return StepPrediction(mode, kernels + book + graph, kernels, terms,
+                              f"kernel sum + {GPU_BOOKKEEPING_KERNELS} bookkeeping kernels x {GPU_TINY_KERNEL_US:g} us "
+                              f"(stated) + the step model's graph overhead {graph:.4g} us ("
+                              f"{model.step_overhead_us['graph']:g} us per step + {calls + GPU_BOOKKEEPING_KERNELS} "
+                              f"nodes x {model.launch_us['graph']:g} us; {model.sources['step_overhead_us']})"), None
+    oh = _overhead(overhead)
+    if oh is None:
+        return None, "no overhead micro-benchmark in this run (tokprof run measures it): no host work to add"
+    if oh.kind != device_kind:
+        return None, f"the overhead was measured on a {oh.kind} device, the point is on a {device_kind} device"
+    host = oh.host_work_us(point.batch)
+    if host is None:
+        return None, "the overhead record has no host-work measurement"
+    if device_kind == "cpu":
+        return StepPrediction(mode, kernels + host, kernels, {"host work": host},
+                              f"kernel sum + host work per step ({host:.4g} us at batch "
+                              f"{point.batch}, measured); each kernel time holds its dispatch already"), None
+    missing = sorted({o.op for o in kernel_ops if oh.dispatch_us(o.op) is None})
+    if missing:
+        return None, f"no dispatch measured for {', '.join(missing)}"
+    dispatch = sum(o.count * oh.dispatch_us(o.op) for o in kernel_ops)
+    book = GPU_BOOKKEEPING_KERNELS * GPU_TINY_KERNEL_US
+    gpu_side, host_side = kernels + book, dispatch + host
+    bound = "host" if host_side > gpu_side else "GPU"
+    return StepPrediction(mode, max(gpu_side, host_side), kernels,
+                          {"bookkeeping kernels": book, "dispatch": dispatch, "host work": host},
+                          f"max(kernel sum + bookkeeping {book:g} us, dispatch {dispatch:.4g} us + host work "
+                          f"{host:.4g} us): {bound}-bound"), None
