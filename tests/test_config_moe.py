@@ -177,3 +177,17 @@ def test_card_counts_the_experts_one_token_reads_and_the_window():
     assert card["batch1"][0]["bytes_per_step"] - card["decode_weight_bytes"] == (12 * 8192 + 12 * 128) * 1024 * 2
     dense = ModelConfig.from_name("llama-3.1-8b")
     assert analytic_card(dense, spec, [1], "bf16")["decode_weight_bytes"] == dense.decode_weight_bytes(torch.bfloat16)
+
+
+def test_capacity_counts_experts_latent_rows_and_windows():
+    from tokprof.rollup.capacity import kv_cache_bytes_per_gpu, weight_bytes_per_gpu
+
+    ds = ModelConfig.from_name("deepseek-r1")
+    assert weight_bytes_per_gpu(ds, "bf16") == ds.weight_bytes(torch.bfloat16)  # all 256 experts resident
+    # 8 sequences of 4096 tokens, one 576-wide latent row per token and layer: 2.30 GB (a dense cache of 128 heads
+    # would be ~72x that)
+    assert kv_cache_bytes_per_gpu(ds, 8, 4096, "bf16") == 8 * 4096 * 61 * 576 * 2
+    oss = ModelConfig.from_name("gpt-oss-120b")
+    assert kv_cache_bytes_per_gpu(oss, 1, 4096, "bf16") == (18 * 4096 + 18 * 128) * 2 * 8 * 64 * 2
+    with pytest.raises(ValueError, match="tp:"):
+        weight_bytes_per_gpu(ds, "bf16", tp=8)
