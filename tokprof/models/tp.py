@@ -55,6 +55,10 @@ def check_tp(config: ModelConfig, tp: int) -> None:
     """ValueError unless `config` shards evenly over `tp` GPUs (heads, KV heads, intermediate size)."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp <= 0:
         raise ValueError(f"tp: expected a positive int, got {tp!r}")
+    if tp > 1 and (config.is_moe or config.is_mla or config.layer_types or config.attention_sinks):
+        from tokprof.models.plan_moe import check_supported
+
+        check_supported(config, tp)  # dense sharding rules would give wrong calls for experts and latent attention
     if config.num_heads % tp:
         raise ValueError(f"tp: expected a divisor of num_heads {config.num_heads} (num_kv_heads "
                          f"{config.num_kv_heads}) for {config.name}, got tp={tp}")
@@ -76,10 +80,6 @@ def tp_decode_calls(config: ModelConfig, batch: int, context: int, dtype: str | 
     if not isinstance(config, ModelConfig):
         raise ValueError(f"config: expected a ModelConfig (ModelConfig.from_name or from_hf), got "
                          f"{type(config).__name__}")
-    if tp > 1 and (config.is_moe or config.is_mla or config.layer_types or config.attention_sinks):
-        from tokprof.models.plan_moe import check_supported
-
-        check_supported(config, tp)  # dense sharding rules would give wrong calls for experts and latent attention
     for name, value in (("batch", batch), ("context", context), ("block_size", block_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
