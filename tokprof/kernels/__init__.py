@@ -14,8 +14,8 @@ from tokprof.kernels._common import BACKENDS, DTYPES, Op, dtype_name, parse_dtyp
 
 # Ops in decode-step order; each module defines the public function of the same name and an `OP` record.
 _OP_MODULES = ("embedding", "rms_norm", "linear", "rope", "append_kv", "append_mla_kv", "decode_attention",
-               "mla_decode_attention", "prefill_attention", "mla_prefill_attention", "batched_linear", "bias_add", "swiglu",
-               "moe_router", "fused_moe", "greedy_sample")
+               "mla_decode_attention", "prefill_attention", "mla_prefill_attention", "batched_linear", "bias_add",
+               "swiglu", "moe_router", "fused_moe", "greedy_sample")
 
 OPS: dict[str, Op] = {}
 for _name in _OP_MODULES:
