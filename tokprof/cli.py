@@ -54,6 +54,9 @@ def run(
     device: str = typer.Option("auto", help="auto (a GPU when torch sees one), cpu or cuda[:N]."),
     db: str = typer.Option(None, help="History database (default: TOKPROF_HISTORY_DB or the user's data dir)."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the report (RunResult and history only)."),
+    dtype: str = typer.Option(None, "--dtype", help="Weights: the device's default (bf16 on a GPU, fp32 on the CPU) "
+                              "or a format: fp8, fp8-block, mxfp4, nvfp4, int4 (activations stay in the default)."),
+    kv_dtype: str = typer.Option(None, "--kv-dtype", help="fp8: an e4m3 KV cache."),
 ) -> None:
     """The whole chain: ceilings, kernel benchmarks of the decode plan, roll-up, end to end, reconciliation, report."""
     from tokprof.runner import run_main
@@ -62,7 +65,8 @@ def run(
     check_output("--out", out, folder=True)
     check_output("--db", db)  # the history is written last: a bad path would fail after the whole run
     try:
-        run_main(model=model, out_dir=out, device=device, console=console, history_db=db, report=not no_report)
+        run_main(model=model, out_dir=out, device=device, console=console, history_db=db, report=not no_report,
+                 dtype=dtype, kv_dtype=kv_dtype)
     except ValueError as err:
         fail(str(err))
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ Steps, each saved to the RunResult as soon as it is measured (an interrupted run
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -34,6 +35,7 @@ from tokprof.models.config import ModelConfig
 from tokprof.profiler.cpu_load import CpuLoad, describe_record, load_record
 from tokprof.profiler.devices import resolve_device
 from tokprof.profiler.schema import RunResult, load_run, save_run
+from tokprof.quant.precision import check_supported, parse_precision
 from tokprof.reports.history import History
 
 REFERENCE_DIR = Path(__file__).parent / "data" / "reference"
@@ -143,7 +145,8 @@ def estimate_gpu_seconds(config: ModelConfig, rc: RunConfig) -> dict[str, float]
 
     distinct = {c.key(): c for b in rc.batches for c_ in rc.contexts for c in decode_plan(config, b, c_, rc.dtype)}
     h100 = load_specs()["h100-sxm"]
-    peak_flops, peak_bw = (h100.peak_tflops(rc.dtype) or h100.bf16_tflops) * 1e12, h100.hbm_tbps * 1e12
+    math = parse_precision(rc.dtype).activation  # a low-precision label's activation dtype bounds the estimate
+    peak_flops, peak_bw = (h100.peak_tflops(math) or h100.bf16_tflops) * 1e12, h100.hbm_tbps * 1e12
     timing_s = float(rc.timing_kwargs.get("max_time_s", 5.0))
     graphs_s = 0.0
     for f, b in (c.cost() for c in distinct.values()):
@@ -180,7 +183,7 @@ def estimate_gpu_seconds(config: ModelConfig, rc: RunConfig) -> dict[str, float]
     return parts
 
 
-def memory_needed_bytes(config: ModelConfig, dtype: torch.dtype, batch: int, context: int) -> int:
+def memory_needed_bytes(config: ModelConfig, dtype: torch.dtype | str, batch: int, context: int) -> int:
     """Weights, the KV cache of the largest point, and a 10% + 2 GiB allowance for activations and the allocator."""
     weights = config.weight_bytes(dtype)
     kv = config.kv_bytes_per_token(dtype) * batch * context
@@ -203,9 +206,7 @@ def available_memory_bytes(device: torch.device) -> tuple[int | None, str]:
 
 def check_fits(config: ModelConfig, rc: RunConfig) -> list[str]:
     """Refuse a model whose weights do not fit; drop end-to-end points whose KV cache does not (and say so)."""
-    from tokprof.kernels import parse_dtype
-
-    dtype = parse_dtype(rc.dtype)
+    dtype = rc.dtype  # a float dtype or a low-precision label: ModelConfig counts the bytes of either
     total, has = available_memory_bytes(rc.device)
     if total is None:
         return [f"memory not checked: the available memory of {rc.device} is unknown"]
@@ -313,7 +314,8 @@ def run_e2e_points(run: RunResult, rc: RunConfig, run_path: Path, console: Conso
 def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", device: str = "auto", *,
              console: Console | None = None, command: Sequence[str] | None = None,
              history_db: str | Path | None = None, report: bool = True,
-             config_override: RunConfig | None = None) -> Path:
+             config_override: RunConfig | None = None, dtype: str | None = None,
+             kv_dtype: str | None = None) -> Path:
     """Run the whole chain and return the RunResult path. See the module docstring."""
     from tokprof.profiler.bench import new_run
     from tokprof.profiler.ceilings import measure_ceilings
@@ -329,6 +331,12 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
     history = History(history_db)
     history.check()  # a bad history file is said before the run, not after it
     rc = config_override or RunConfig.for_device(dev, model)
+    if dtype is not None or kv_dtype is not None:  # a low-precision run (tokprof.quant.precision)
+        precision = parse_precision(dtype or rc.dtype, kv_dtype=kv_dtype)
+        if precision.weight_format is not None and "+act-" not in (dtype or ""):
+            precision = parse_precision(precision, activation=parse_precision(rc.dtype).activation)
+        check_supported(precision, device=dev, backend=rc.backend)
+        rc = dataclasses.replace(rc, dtype=precision.label)
     config = ModelConfig.from_name(rc.model)
     fit_notes = check_fits(config, rc)
     out = Path(out_dir)

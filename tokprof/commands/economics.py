@@ -40,8 +40,10 @@ def rollup(
                                "or cuda[:N]."),
     backend: str | None = typer.Option(None, "--backend", help="Kernel backend to measure: torch, triton or cuda "
                                        "(default triton; with --from: the run's)."),
-    dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default bf16; with --from: the "
-                                     "run's)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16, or a weight format: fp8, fp8-block, "
+                                     "mxfp4, nvfp4, int4 (default bf16; with --from: the run's)."),
+    kv_dtype: str | None = typer.Option(None, "--kv-dtype", help="fp8: an e4m3 KV cache (default: the activation "
+                                        "dtype)."),
     price_sheet: str | None = typer.Option(None, "--price-sheet", help="Your price sheet (format of "
                                            "tokprof/data/prices.json); its rows replace the shipped ones."),
     tier: str | None = typer.Option(None, "--tier", help="Price tier of the sheet: hyperscaler (default), neocloud "
@@ -103,6 +105,13 @@ def rollup(
         if not all(0 < t < math.inf for t in targets):
             fail("--interactivity: expected comma-separated positive numbers of tokens/s per user, got "
                  f"{interactivity!r}")
+        if kv_dtype is not None or dtype is not None:
+            from tokprof.quant.precision import check_supported, parse_precision
+
+            precision = parse_precision(dtype or "bf16", kv_dtype=kv_dtype)
+            dtype = precision.label
+            if not (from_run or modelled_):
+                check_supported(precision, device=device, backend=backend)
         batch_max = batch is not None and batch.strip().lower() == "max"
         step_model = _step_model(assumptions, execution=execution, step_overhead_us=step_overhead_us,
                                  call_latency_us=call_latency_us, collective_algorithm=collective_algorithm,

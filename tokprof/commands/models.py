@@ -39,7 +39,9 @@ def e2e(
     backend: str | None = typer.Option(None, "--backend", help="tokprof kernel backend: torch, triton or cuda "
                                        "(default triton on a GPU, torch on the CPU)."),
     dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default bf16 on a GPU, fp32 on the "
-                                     "CPU)."),
+                                     "CPU), or a weight format: fp8, fp8-block, mxfp4, nvfp4, int4 (the linears "
+                                     "quantised; the run records the logit error it introduces)."),
+    kv_dtype: str | None = typer.Option(None, "--kv-dtype", help="fp8: an e4m3 KV cache."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompts."),
     energy: bool = typer.Option(True, "--energy/--no-energy", help="J/token over the decode window (NVML)."),
     profile: bool = typer.Option(True, "--profile/--no-profile", help="GPU busy fraction from torch.profiler."),
@@ -61,7 +63,7 @@ def e2e(
                        contexts=parse_int_list("--context", context), modes=split_csv(mode) or None,
                        frameworks=split_csv(framework), steps=steps, warmup=warmup, device=dev,
                        backend=backend, dtype=dtype, output=output, seed=seed, energy=energy, profile=profile,
-                       command=list(sys.argv))
+                       command=list(sys.argv), kv_dtype=kv_dtype)
         results, path = run_e2e(args, console, err_console)
     except typer.Exit:
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -27,8 +28,11 @@ def bench(
     op: str = typer.Option(..., "--op", help="Op(s) to measure, comma-separated (see `tokprof kernels`)."),
     backend: str | None = typer.Option(None, "--backend", help="Backend(s), comma-separated: torch, triton, cuda "
                                        "(default: every backend that runs on the device)."),
-    dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16, comma-separated for several "
+    dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16, or a weight format for --op linear "
+                                     "(fp8, fp8-block, mxfp4, nvfp4, int4), comma-separated for several "
                                      "(default bf16 on a GPU, fp32 on the CPU)."),
+    kv_dtype: str | None = typer.Option(None, "--kv-dtype", help="fp8: decode_attention and append_kv on an fp8 "
+                                        "(e4m3) KV cache."),
     shape: list[str] | None = typer.Option(  # noqa: B008 - typer reads options from defaults
         None, "--shape", help="k=v,... over the op's default shape, e.g. T=16,I=14336; repeat --shape for a sweep."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda[:N] (default cuda when a GPU is visible)."),
@@ -70,14 +74,15 @@ def bench(
         backends = split_csv(backend) or [b for b in ("torch", "triton", "cuda") if b in usable]
         dtypes = split_csv(dtype) or (["bf16"] if dev.type == "cuda" else ["fp32"])
         shapes = [bench_mod.parse_shape(s) for s in shape]
-        calls, skipped = bench_mod.plan_calls(ops, backends, dtypes, shapes, dev)
+        calls, skipped = _bench_plan(ops, backends, dtypes, kv_dtype, shapes, dev)
     except ValueError as err:
         fail(str(err))
     for line in skipped:
         err_console.print(f"[yellow]skipped[/] {line}")
 
     run = bench_mod.new_run(["tokprof", "bench", "--op", ",".join(ops), "--backend", ",".join(backends), "--dtype",
-                             ",".join(dtypes), *[a for s in shape for a in ("--shape", s)], "--device", str(dev),
+                             ",".join(dtypes), *(["--kv-dtype", kv_dtype] if kv_dtype else []),
+                             *[a for s in shape for a in ("--shape", s)], "--device", str(dev),
                              "--mode", mode, "--timeout-s", str(timeout_s), "--seed", str(seed),
                              *(["--energy", "--energy-window-s", str(energy_window_s)] if energy else []),
                              *([] if with_ceilings else ["--no-ceilings"]), *(["-o", output] if output else [])], dev)
@@ -254,6 +259,32 @@ def energy_trace(
     print(json.dumps({"command": "energy-trace", "out": str(path), "readings": len(readings)}))
 
 
+
+
+def _bench_plan(ops: list[str], backends: list[str], dtypes: list[str], kv_dtype: str | None,
+                shapes: list[dict[str, int]], dev: Any) -> tuple[list[Any], list[str]]:
+    """The calls of a bench: each --dtype a precision label; a weight format turns --op linear into the format's
+    op (linear_int4, ...) at the activation dtype (bf16 on a GPU, fp32 on the CPU), --kv-dtype fp8 turns
+    decode_attention / append_kv into their fp8-cache ops. ValueError for a combination this device cannot run."""
+    from tokprof.profiler import bench as bench_mod
+    from tokprof.quant.precision import check_supported, op_for, parse_precision
+
+    calls: list[Any] = []
+    skipped: list[str] = []
+    for label in dtypes:
+        precision = parse_precision(label, kv_dtype=kv_dtype)
+        if precision.weight_format is not None and "+act-" not in label:
+            precision = parse_precision(precision, activation="bf16" if dev.type == "cuda" else "fp32")
+        if precision.weight_format is not None and "linear" not in ops:
+            raise ValueError(f"--dtype: {label} is a weight format for --op linear (the other ops run in the "
+                             f"activation dtype), got --op {','.join(ops)}")
+        for backend in backends:
+            check_supported(precision, device=dev, backend=backend)
+        mapped = list(dict.fromkeys(op_for(o, precision) for o in ops))
+        more, why = bench_mod.plan_calls(mapped, backends, [precision.activation], shapes, dev)
+        calls += [c for c in more if c not in calls]
+        skipped += why
+    return calls, list(dict.fromkeys(skipped))
 
 
 def _bench_collectives(ops: list[str], dtype: str | None, shapes: list[str], device: str | None,

@@ -67,6 +67,8 @@ TRITON_MAX_GROUP = 64  # query heads per KV head held as one (G_PAD, D) fp32 acc
 CUDA_HEAD_DIMS = (64, 128)  # template instances compiled in cuda/decode_attention.cu
 CUDA_GROUP_TILES = (1, 2, 4, 8)  # query heads per thread block; larger groups are split over several blocks
 CUDA_THREADS = 128
+FP8_KV = torch.float8_e4m3fn  # an fp8 KV cache (append_kv_fp8 writes it), read with per-head k_scale / v_scale
+CACHE_DTYPES = (*FLOAT_DTYPES, FP8_KV)
 SPLIT_GRANULARITY_CUDA = 64  # a multiple of every CUDA instance's tokens-per-step, so splits start on a step
 
 
@@ -75,7 +77,8 @@ SPLIT_GRANULARITY_CUDA = 64  # a multiple of every CUDA instance's tokens-per-st
 
 def _decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                             seq_lens: torch.Tensor, scale: float | None = None, sinks: torch.Tensor | None = None,
-                            sliding_window: int | None = None) -> torch.Tensor:
+                            sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Plain PyTorch: gather every sequence's pages, softmax in fp32. GQA groups the query heads per KV head, which
     equals repeating K and V Hq/Hkv times without materialising the copies. A sink is one more logit per head in the
     softmax, with no value (transformers' gpt-oss concatenates it and drops its column)."""
@@ -94,6 +97,10 @@ def _decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     pages = torch.where(used, block_table, torch.zeros_like(block_table)).long()
     k = k_cache[pages].reshape(batch, max_blocks * block_size, num_kv_heads, head_dim).float()  # (B, T, Hkv, D)
     v = v_cache[pages].reshape(batch, max_blocks * block_size, num_kv_heads, head_dim).float()  # (B, T, Hkv, D)
+    if k_scale is not None:  # an fp8 cache: per-head scales (Hkv,) back to real values
+        k = k * k_scale.float()[None, None, :, None]
+    if v_scale is not None:
+        v = v * v_scale.float()[None, None, :, None]
     qg = q.float().view(batch, num_kv_heads, group, head_dim)  # (B, Hkv, G, D)
     scores = torch.einsum("bhgd,bthd->bhgt", qg, k) * scale  # (B, Hkv, G, T)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
@@ -186,11 +193,11 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr, sinks_ptr,
-        scale_log2, group, num_q_heads, num_splits, tokens_per_split, window,
+        q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr, sinks_ptr, ks_ptr,
+        vs_ptr, scale_log2, group, num_q_heads, num_splits, tokens_per_split, window,
         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ob, stride_oh,
         PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, G_PAD: tl.constexpr,
-        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
         HAS_SINKS: tl.constexpr = False, WINDOW: tl.constexpr = False,
     ):
         # grid (B, Hkv, num_splits). One program: all `group` query heads of KV head `kvh` over one token range, so
@@ -211,6 +218,12 @@ if triton is not None:
         # Masks along D only when D is padded: a mask constant along D keeps the loads 16-byte vectors.
         qd_mask = g_mask[:, None] if D_PAD == HEAD_DIM else g_mask[:, None] & (d < HEAD_DIM)[None, :]
         q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :], mask=qd_mask, other=0.0)
+        if KV_SCALED:
+            # an fp8 cache: K's per-head scale folds into the softmax scale, V's multiplies p.V (both per tile)
+            qk_scale = scale_log2 * tl.load(ks_ptr + kvh)
+            v_scale = tl.load(vs_ptr + kvh)
+        else:
+            qk_scale = scale_log2
 
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)  # running max of the base-2 scores
         l_i = tl.zeros([G_PAD], tl.float32)  # running sum of exp2(score - m_i)
@@ -230,7 +243,7 @@ if triton is not None:
             rows = page.to(tl.int64) * stride_kb + (t % PAGE) * stride_kt + kvh * stride_kh  # (BLOCK_N,)
             kv_mask = t_mask[:, None] if D_PAD == HEAD_DIM else t_mask[:, None] & (d < HEAD_DIM)[None, :]
             k = tl.load(k_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, D_PAD)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # (G_PAD, BLOCK_N)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # (G_PAD, BLOCK_N)
             s = tl.where(t_mask[None, :], s, float("-inf"))
             # Every tile holds at least one valid token, so m_new is finite and exp2(-inf - m_new) = 0.
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -238,7 +251,11 @@ if triton is not None:
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, D_PAD)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            if KV_SCALED:
+                pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION) * v_scale
+            else:
+                pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
 
         # A split past the sequence's end (or before its window) ran no tile (l_i = 0): keep its values finite; the
@@ -342,7 +359,8 @@ def _outputs(q: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tens
 
 def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                              seq_lens: torch.Tensor, scale: float | None = None, sinks: torch.Tensor | None = None,
-                             sliding_window: int | None = None) -> torch.Tensor:
+                             sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
+                             v_scale: torch.Tensor | None = None) -> torch.Tensor:
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
@@ -355,7 +373,14 @@ def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     scale = head_dim**-0.5 if scale is None else float(scale)
     d_pad = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dimension >= 16
     g_pad = max(16, triton.next_power_of_2(group))
+    # sized by q's dtype: an fp8 cache's tiles are converted to it in registers, where the size matters
     block_n, num_warps, num_stages = _triton_config(d_pad, q.element_size(), q.device)
+    scaled = k_scale is not None or v_scale is not None
+    if scaled and q.dtype == torch.float32:  # fp32 dots on converted fp8 tiles: half the tile, no spills on sm_90
+        block_n = max(16, block_n // 2)
+    if scaled:  # one (Hkv,) fp32 tensor each, 1.0 where only the other scale was given
+        k_scale = k_scale if k_scale is not None else torch.ones(num_kv_heads, device=q.device)
+        v_scale = v_scale if v_scale is not None else torch.ones(num_kv_heads, device=q.device)
     num_splits, tokens_per_split = _split_plan(batch, num_kv_heads, block_table.shape[1] * block_size, block_n,
                                                q.device, _triton_ctas_per_sm(d_pad, q.element_size(), q.device))
     out, part_o, part_lse = _outputs(q, num_splits)
@@ -370,11 +395,12 @@ def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         extras["WINDOW"] = True
     _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, out, part_o, part_lse, sinks if sinks is not None else q,
+        k_scale if scaled else seq_lens, v_scale if scaled else seq_lens,  # unread pointers when not scaled
         scale * LOG2E, group, num_q_heads, num_splits, tokens_per_split, int(sliding_window or 0),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         out.stride(0), out.stride(1),
         PAGE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad, G_PAD=g_pad, BLOCK_N=block_n, SPLIT=num_splits > 1,
-        DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages, **extras,
+        DOT_PRECISION=precision, KV_SCALED=scaled, num_warps=num_warps, num_stages=num_stages, **extras,
     )
     if num_splits > 1:
         _decode_attention_reduce_kernel[(batch, num_q_heads)](
@@ -391,11 +417,15 @@ def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 
 def _decode_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float | None = None, sinks: torch.Tensor | None = None,
-                           sliding_window: int | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     if sinks is not None or sliding_window is not None:
         name = "sinks" if sinks is not None else "sliding_window"
         raise ValueError(f"{name}: the cuda backend has no attention sinks or sliding window; use backend='triton' "
                          "or 'torch'")
+    if k_scale is not None or v_scale is not None or k_cache.dtype not in FLOAT_DTYPES:
+        raise ValueError("k_cache: the cuda backend reads fp32/fp16/bf16 caches without scales; for an fp8 cache "
+                         "(k_scale, v_scale) use backend='triton' or 'torch'")
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
@@ -462,12 +492,15 @@ def _check_lengths(block_table: torch.Tensor, seq_lens: torch.Tensor, num_blocks
 
 def _validate(q: Any, k_cache: Any, v_cache: Any, block_table: Any, seq_lens: Any, scale: Any) -> None:
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, contiguous=True)
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES, contiguous=True)
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES, contiguous=True)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=CACHE_DTYPES, contiguous=True)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=CACHE_DTYPES, contiguous=True)
     check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), contiguous=True)
     check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,), contiguous=True)
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens)
-    check_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
+    if k_cache.dtype == FP8_KV:
+        check_same_dtype(k_cache=k_cache, v_cache=v_cache)
+    else:
+        check_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
     batch, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     if batch == 0:
@@ -497,7 +530,8 @@ def _validate(q: Any, k_cache: Any, v_cache: Any, block_table: Any, seq_lens: An
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, *, scale: float | None = None, sinks: torch.Tensor | None = None,
-                     sliding_window: int | None = None, backend: str = "triton") -> torch.Tensor:
+                     sliding_window: int | None = None, k_scale: float | torch.Tensor | None = None,
+                     v_scale: float | torch.Tensor | None = None, backend: str = "triton") -> torch.Tensor:
     """out (B, Hq, D) = softmax(scale * q K^T) V per sequence, over that sequence's pages of the KV cache.
 
     q (B, Hq, D); k_cache, v_cache (num_blocks, block_size, Hkv, D); block_table (B, max_blocks) int32;
@@ -505,13 +539,32 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     (a device synchronisation), except while a CUDA graph is being captured.
     gpt-oss: `sinks` (Hq,) adds exp(sinks[h]) to head h's softmax denominator (a logit with no value);
     `sliding_window` W attends to the last W positions only, t >= seq_lens[b] - W (transformers' mask).
+    An fp8 (float8_e4m3fn) cache holds K / k_scale and V / v_scale (append_kv_fp8): k_scale, v_scale are a float
+    (per tensor) or an fp32 (Hkv,) tensor (per head), 1.0 when omitted; q and out stay in the model dtype.
     """
     _validate(q, k_cache, v_cache, block_table, seq_lens, scale)
     check_sinks_and_window(sinks, sliding_window, q.shape[1], q.device)
     impl = resolve("decode_attention", _IMPLS, backend, q.device)
-    if sinks is None and sliding_window is None:  # the original call, for implementations that predate the extras
+    ks, vs = _kv_scales(k_cache, k_scale, v_scale)
+    extras: dict[str, Any] = {}
+    if sinks is not None or sliding_window is not None:
+        extras.update(sinks=sinks, sliding_window=sliding_window)
+    if ks is not None:
+        extras.update(k_scale=ks, v_scale=vs)
+    if not extras:  # the original call, for implementations that predate the extras
         return impl(q, k_cache, v_cache, block_table, seq_lens, scale=scale)
-    return impl(q, k_cache, v_cache, block_table, seq_lens, scale=scale, sinks=sinks, sliding_window=sliding_window)
+    return impl(q, k_cache, v_cache, block_table, seq_lens, scale=scale, **extras)
+
+
+def _kv_scales(k_cache: torch.Tensor, k_scale: Any, v_scale: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(k_scale, v_scale) as fp32 (Hkv,) tensors, or (None, None) for an unscaled high-precision cache."""
+    if k_scale is None and v_scale is None and k_cache.dtype != FP8_KV:
+        return None, None
+    from tokprof.kernels.append_kv_fp8 import kv_scale_tensor
+
+    hkv = k_cache.shape[2]
+    return (kv_scale_tensor("k_scale", 1.0 if k_scale is None else k_scale, hkv, k_cache.device),
+            kv_scale_tensor("v_scale", 1.0 if v_scale is None else v_scale, hkv, k_cache.device))
 
 
 def make_inputs(shape: Mapping[str, int], dtype: torch.dtype, device: torch.device | str, seed: int) -> dict[str, Any]:

@@ -25,6 +25,7 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwe
                            "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
                            "GptOssForCausalLM": "gpt_oss"}
 LAYER_TYPES = ("full_attention", "sliding_attention")
+_ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 @dataclass(frozen=True)
@@ -176,11 +177,40 @@ class ModelConfig:
         k = self.num_experts_per_tok if self.is_moe else None
         return self._layers_params(k) + self.hidden_size + self.vocab_size * self.hidden_size
 
-    def weight_bytes(self, dtype: torch.dtype) -> int:
-        """Bytes of all weights stored in `dtype`."""
-        return self.num_params() * torch.empty((), dtype=dtype).element_size()
+    def linear_weight_shapes(self) -> list[tuple[int, int, int]]:
+        """(count, N, K) of the layers' linear weights (fused QKV, O, fused gate-up, down): the weights a low-precision
+        format quantises. The LM head and the embedding stay in the activation dtype (tokprof.quant.precision)."""
+        h, layers = self.hidden_size, self.num_layers
+        return [(layers, self.q_size + 2 * self.kv_size, h), (layers, h, self.q_size),
+                (layers, 2 * self.intermediate_size, h), (layers, h, self.intermediate_size)]
 
-    def decode_weight_bytes(self, dtype: torch.dtype, experts_touched: float | None = None,
+    def _stored_bytes(self, params: int, dtype: torch.dtype | str) -> int:
+        """Bytes of `params` parameters that include every layer's linear weights, in `dtype`: a torch dtype (every
+        parameter that size) or a precision label ("bf16", "fp8", "mxfp4", "nvfp4+kv-fp8", ...: the linear weights
+        in the format, scales included, the rest in the activation dtype). MoE/MLA models: float dtypes only (their
+        expert and latent weights have no low-precision layout in tokprof yet)."""
+        if isinstance(dtype, torch.dtype):
+            return params * torch.empty((), dtype=dtype).element_size()
+        from tokprof.quant.formats import WEIGHT_FORMATS
+        from tokprof.quant.precision import parse_precision
+
+        precision = parse_precision(dtype)
+        elem = _ELEMENT_BYTES[precision.activation]
+        if precision.weight_format is None:
+            return params * elem
+        if self.is_moe or self.is_mla:
+            raise ValueError(f"dtype: low-precision weight formats of MoE/MLA models ({self.name}) are not modelled "
+                             f"yet; expected fp32, fp16 or bf16, got {dtype!r}")
+        fmt = WEIGHT_FORMATS[precision.weight_format]
+        shapes = self.linear_weight_shapes()
+        linear_params = sum(count * n * k for count, n, k in shapes)
+        return sum(count * fmt.weight_bytes(n, k) for count, n, k in shapes) + (params - linear_params) * elem
+
+    def weight_bytes(self, dtype: torch.dtype | str) -> int:
+        """Bytes of all weights stored in `dtype` (a torch dtype or a precision label, see _stored_bytes)."""
+        return self._stored_bytes(self.num_params(), dtype)
+
+    def decode_weight_bytes(self, dtype: torch.dtype | str, experts_touched: float | None = None,
                             batch: int | None = None) -> int:
         """Weight bytes one decode step reads: every layer, the final norm and the LM head, but of the embedding
         table only the rows of the tokens (counted with activations, not here).
@@ -200,8 +230,7 @@ class ModelConfig:
             from tokprof.models.config_moe import expert_params
 
             layers -= round((self.num_experts - experts_touched) * expert_params(self)) * self.num_moe_layers
-        return (layers + self.hidden_size + self.vocab_size * self.hidden_size) * torch.empty(
-            (), dtype=dtype).element_size()
+        return self._stored_bytes(layers + self.hidden_size + self.vocab_size * self.hidden_size, dtype)
 
     def kv_elements_per_token_per_layer(self) -> int:
         """Cache elements one token takes in one layer: K and V heads, or MLA's one compressed latent row
@@ -210,17 +239,28 @@ class ModelConfig:
             return self.kv_lora_rank + self.qk_rope_head_dim
         return 2 * self.kv_size
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """K and V (MLA: the latent row) of one token across all layers. Sliding-window layers are counted too: this
-        is the marginal cost of a token while the context fits the window, an upper bound beyond; capacity of a
-        sliding-window model uses kv_bytes_per_sequence, which holds at most sliding_window tokens on those layers."""
-        return self.num_layers * self.kv_elements_per_token_per_layer() * torch.empty((), dtype=dtype).element_size()
+    def _kv_element_bytes(self, dtype: torch.dtype | str, kv_dtype: str | None = None) -> int:
+        if isinstance(dtype, torch.dtype) and kv_dtype is None:
+            return torch.empty((), dtype=dtype).element_size()
+        from tokprof.quant.precision import parse_precision
 
-    def kv_bytes_per_sequence(self, dtype: torch.dtype, context: int) -> int:
+        precision = parse_precision(dtype, kv_dtype=kv_dtype)
+        return 1 if precision.kv_dtype == "fp8" else _ELEMENT_BYTES[precision.activation]
+
+    def kv_bytes_per_token(self, dtype: torch.dtype | str, *, kv_dtype: str | None = None) -> int:
+        """K and V (MLA: the latent row) of one token across all layers: in `dtype`'s element size (a torch dtype),
+        or for a precision label one byte per element with an fp8 cache ("...+kv-fp8", or kv_dtype="fp8") and the
+        activation dtype's size otherwise ("fp8" alone is W8A8 weights with a bf16 cache). Per-head fp8 scales are
+        per layer, not per token, and left out. Sliding-window layers are counted too: this is the marginal cost of
+        a token while the context fits the window, an upper bound beyond; capacity of a sliding-window model uses
+        kv_bytes_per_sequence, which holds at most sliding_window tokens on those layers."""
+        return self.num_layers * self.kv_elements_per_token_per_layer() * self._kv_element_bytes(dtype, kv_dtype)
+
+    def kv_bytes_per_sequence(self, dtype: torch.dtype | str, context: int, *, kv_dtype: str | None = None) -> int:
         """KV bytes one sequence of `context` tokens holds: full layers every token, sliding layers at most
         sliding_window tokens (a serving engine frees what slid out of the window)."""
         tokens = sum(self.attended_tokens(i, context) for i in range(self.num_layers))
-        return tokens * self.kv_elements_per_token_per_layer() * torch.empty((), dtype=dtype).element_size()
+        return tokens * self.kv_elements_per_token_per_layer() * self._kv_element_bytes(dtype, kv_dtype)
 
     def inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies (head_dim/2,) float32, with Llama 3.1 scaling applied when configured."""

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokprof.kernels._common import dtype_name
 from tokprof.profiler.energy_sources import energy_not_asked
 from tokprof.profiler.schema import from_dict, to_dict
 
@@ -392,7 +391,7 @@ def _e2e_modes(model: Any, batch: int, context: int, modes: list[str], steps: in
             if len(modes) > 1:
                 session.notes.append(f"one prefill shared by the modes {', '.join(modes)}")
             yield measure_session(session, model=model.config.name, framework="tokprof", mode=mode,
-                                  backend=model.backend, dtype=dtype_name(model.dtype), batch=batch, context=context,
+                                  backend=model.backend, dtype=model.precision.label, batch=batch, context=context,
                                   steps=steps, warmup=warmup, prompt_len=prefilled.prompt_len, device=model.device,
                                   **session_kwargs)
     finally:

@@ -45,6 +45,7 @@ from tokprof.profiler.schema import (
     RunResult,
     save_run,
 )
+from tokprof.quant.precision import math_dtype
 
 SHORT_KERNEL_US = timing.SHORT_KERNEL_US  # below this, event times carry launch jitter: graph time goes beside
 # Stated assumptions of the graph-time gate (wants_graph_time): a short kernel reaches about this fraction of its
@@ -174,8 +175,9 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
     graph_failed = ""
     # One capture of the rotating copies serves the graph-mode timing and the energy window.
     captured: timing.CapturedGraph | None = None
-    if dev.type == "cuda" and mode == "events" and wants_graph_time(flops, min_bytes, datasheet, dname,
-                                                                     measured.median_us):
+    gate_dtype = math_dtype(op, dname, datasheet)  # the roof of the op's math dtype (fp8 for W8A8, ...)
+    if dev.type == "cuda" and mode == "events" and wants_graph_time(flops, min_bytes, datasheet, gate_dtype,
+                                                                    measured.median_us):
         cold_l2 = kwargs.get("cold_l2", True)
         try:
             captured = timing.capture_graph(call, inputs, device=dev, rotate=cold_l2, bytes_touched=int(min_bytes))
@@ -189,7 +191,9 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
             captured = None  # one warm copy: the energy window needs the rotating copies
 
     best = graph_timing if graph_timing is not None else measured  # KernelMeasurement.best_timing
-    point = roofline(int(flops), int(min_bytes), best.median_us, spec=datasheet, ceilings=ceilings, dtype=dname)
+    # the roof of the op's math dtype: fp8 for W8A8, fp4 for MXFP4/NVFP4 where the GPU has FP4 tensor cores
+    point = roofline(int(flops), int(min_bytes), best.median_us, spec=datasheet, ceilings=ceilings,
+                     dtype=math_dtype(op, dname, datasheet))
     if graph_timing is not None:
         extra = (f"graph-mode median {graph_timing.median_us:.3f} us beside the events median "
                  f"{measured.median_us:.3f} us; the roofline and the kernel sum use the graph time (no launch "
@@ -289,7 +293,8 @@ def bench_sequence(calls: Sequence[Call], device: str | torch.device = "cpu", *,
         if keep is not None and not keep((op, shape, dname, backend)):
             continue
         flops, min_bytes = get_op(op).cost(shape, parse_dtype(dname))
-        point = roofline(int(flops), int(min_bytes), measured.median_us, spec=None, ceilings=ceilings, dtype=dname)
+        point = roofline(int(flops), int(min_bytes), measured.median_us, spec=None, ceilings=ceilings,
+                         dtype=math_dtype(op, dname, None))
         explain_cache(point, resident, f"one of the {len(seq)} calls of a step, round-robin")
         out.append(KernelMeasurement(op=op, shape=shape, dtype=dname, backend=backend, device=_device_name(str(dev)),
                                      timing=measured, roofline=point, energy=None,

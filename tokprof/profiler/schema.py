@@ -217,6 +217,8 @@ class RunResult:
     rollup: list[dict[str, Any]] = field(default_factory=list)
     e2e: list[dict[str, Any]] = field(default_factory=list)
     reconciliation: list[dict[str, Any]] = field(default_factory=list)
+    # tokprof.quant.accuracy.AccuracyReport dicts: a low-precision model's logit error against its reference
+    accuracy: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     run_id: str = ""
     # The eager loop's costs beyond the kernels (tokprof.profiler.overhead.Overhead.to_dict()), None when not measured.

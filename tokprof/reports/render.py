@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tokprof.profiler.devices import PEAK_DTYPES
 from tokprof.profiler.schema import RunResult, load_run
 from tokprof.reports import plots
 from tokprof.reports.document import (
@@ -138,7 +139,7 @@ def _datasheet_roof(run: RunResult, dtype: str | None) -> tuple[plots.Roof | Non
     spec = _spec_of(run)
     if spec is None:
         return None, "no datasheet row for this device (a CPU or a GPU missing from tokprof/data/gpus.json)"
-    tflops = spec.peak_tflops(dtype) if dtype in ("bf16", "fp16", "fp8", "fp32") else None
+    tflops = spec.peak_tflops(dtype) if dtype in PEAK_DTYPES else None
     gbps = spec.hbm_tbps * 1e3 if spec.hbm_tbps is not None else None
     return plots.Roof("datasheet", gbps, tflops, f"[{spec.key}, {dtype}]"), f"{spec.key}: {spec.source} ({spec.date})"
 

@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tokprof.kernels._common import parse_dtype
 from tokprof.models.config import ModelConfig
 from tokprof.models.tp import check_tp
 from tokprof.profiler.devices import GpuSpec
+from tokprof.quant.precision import parse_precision
 from tokprof.rollup.capacity import DEFAULT_MEMORY_UTILIZATION, max_batch
 from tokprof.rollup.pareto import InteractivityCost
 from tokprof.rollup.records import RollupPoint
@@ -36,12 +36,14 @@ def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int]
     (modelled, from specs; `capacity_bytes` a device's own memory instead of the spec table's).
 
     tp > 1 adds the linear-weight bytes one GPU of the group reads per step (the bound stays a single GPU's)."""
-    torch_dtype = parse_dtype(dtype)
-    weights = config.decode_weight_bytes(torch_dtype, batch=1)  # MoE: the k experts one token takes
-    kv = config.kv_bytes_per_token(torch_dtype)
+    precision = parse_precision(dtype)  # a float dtype or a low-precision label: bytes by format
+    weights = config.decode_weight_bytes(precision.label, batch=1)  # MoE: the k experts one token takes
+    kv = config.kv_bytes_per_token(precision.label)
     card: dict[str, Any] = {
-        "model": config.name, "dtype": dtype, "params": config.num_params(), "active_params": config.active_params(),
-        "weight_bytes": config.weight_bytes(torch_dtype), "decode_weight_bytes": weights,
+        "model": config.name, "dtype": precision.label, "params": config.num_params(),
+        "active_params": config.active_params(),
+        "weight_format": precision.weight_format, "kv_dtype": precision.kv_dtype or precision.activation,
+        "weight_bytes": config.weight_bytes(precision.label), "decode_weight_bytes": weights,
         "kv_bytes_per_token": kv, "gpu": spec.key if spec is not None else None,
         "hbm_tbps": spec.hbm_tbps if spec is not None else None, "provenance": "modelled", "batch1": [],
     }
@@ -57,7 +59,7 @@ def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int]
         return card
     card["spec_source"] = f"{spec.source} ({spec.date})"
     for context in contexts:
-        step_bytes = weights + config.kv_bytes_per_sequence(torch_dtype, context)  # sliding layers: the window
+        step_bytes = weights + config.kv_bytes_per_sequence(precision.label, context)  # sliding layers: the window
         card["batch1"].append({"context": context, "bytes_per_step": step_bytes,
                                "tokens_per_s_max": spec.hbm_tbps * 1e12 / step_bytes})
     return card
@@ -96,6 +98,15 @@ def print_card(console: Console, card: dict[str, Any]) -> None:
     console.print(f"[bold]{card['model']}[/] ({card['dtype']}): {_count_params(card['params'])} parameters, "
                   f"weights {_gb(card['weight_bytes'])}, read per decode step {_gb(card['decode_weight_bytes'])}; "
                   f"KV cache {card['kv_bytes_per_token'] / 1024:.0f} KiB per token")
+    if card.get("weight_format"):
+        from tokprof.quant.formats import WEIGHT_FORMATS
+
+        fmt = WEIGHT_FORMATS[card["weight_format"]]
+        console.print(f"layer linears in {fmt.name} ({fmt.bits_per_weight():.2f} bits per weight with scales; "
+                      f"{fmt.description}); embedding and LM head in the activation dtype; KV cache "
+                      f"{card['kv_dtype']}")
+    elif card.get("kv_dtype") == "fp8":
+        console.print("KV cache fp8 (e4m3, per-head scales)")
     if card.get("tp"):
         console.print(f"tensor parallel over {card['tp']} GPUs: each reads {_gb(card['linear_weight_bytes_per_gpu'])} "
                       "of linear weights per step and pays 2 all-reduces per layer; the bound below is one GPU's")
