@@ -5,9 +5,9 @@
 
 Every benchmark times one kernel call with a device-synchronising target (the call, then a whole-device sync), so
 the host clock pytest-benchmark reads covers the GPU work; on a GPU each round starts from a cold L2 (a 2x-L2
-flush in the untimed setup, MEASUREMENT.md rule 2). GPU runs use the ops' default shapes (Llama-3.1-8B decode for
-the dense ops, DeepSeek-R1 decode for the MoE/MLA ops) plus the MoE models' decode shapes of MODEL_SHAPES, in bf16;
-CPU runs use small shapes in fp32 with the torch backend, so the suite runs anywhere in well under a minute.
+flush in the untimed setup, docs/measurement.md rule 2). GPU runs use the ops' default shapes (Llama-3.1-8B decode
+for the dense ops, DeepSeek-R1 decode for the MoE/MLA ops) plus the MoE models' decode shapes of MODEL_SHAPES, in
+bf16; CPU runs use small shapes in fp32 with the torch backend, so the suite runs anywhere in well under a minute.
 These are host-clock regression figures; `tokprof bench` is the tool for event-timed, roofline-placed numbers.
 """
 
@@ -75,7 +75,7 @@ MODEL_SHAPES: dict[str, list[tuple[str, dict[str, int]]]] = {
 }
 
 TARGET_S = 1.0 if DEVICE.type == "cuda" else 0.25  # timed seconds per benchmark
-WARMUP_S = 0.025  # MEASUREMENT.md rule 1: ~25 ms of warm-up after the first (compiling) call
+WARMUP_S = 0.025  # docs/measurement.md rule 1: ~25 ms of warm-up after the first (compiling) call
 
 
 def cases() -> list[Any]:

@@ -1,6 +1,6 @@
 """The decode-step kernels of an LLM, one op per file, each with torch (reference), Triton and CUDA backends.
 
-The public functions follow ARCHITECTURE.md ("The kernel API"); `OPS[name]` is the registry record that the
+The public functions follow docs/design.md ("The kernel API"); `OPS[name]` is the registry record that the
 profiler and the model plans use (inputs, cost formula, implementations per backend).
 """
 
@@ -14,9 +14,9 @@ from tokprof.kernels._common import BACKENDS, DTYPES, Op, dtype_name, parse_dtyp
 
 # Ops in decode-step order; each module defines the public function of the same name and an `OP` record.
 _OP_MODULES = ("embedding", "rms_norm", "linear", "rope", "append_kv", "append_mla_kv", "decode_attention",
-               "mla_decode_attention", "prefill_attention", "mla_prefill_attention", "batched_linear", "bias_add",
-               "swiglu", "moe_router", "fused_moe", "greedy_sample", "quantize_fp8", "linear_w8a8", "linear_w4a16",
-               "append_kv_fp8", "decode_attention_fp8kv")
+               "mla_decode_attention", "prefill_attention", "paged_prefill_attention", "mla_prefill_attention",
+               "batched_linear", "bias_add", "swiglu", "moe_router", "fused_moe", "greedy_sample", "quantize_fp8",
+               "linear_w8a8", "linear_w4a16", "append_kv_fp8", "decode_attention_fp8kv")
 
 OPS: dict[str, Op] = {}
 for _name in _OP_MODULES:
@@ -60,6 +60,7 @@ __all__ = [
     "moe_router",
     "linear_w4a16",
     "linear_w8a8",
+    "paged_prefill_attention",
     "parse_dtype",
     "prefill_attention",
     "quantize_fp8",

@@ -1,6 +1,6 @@
 """Shared pieces of the kernel library: argument checks, backend availability and the registry record.
 
-Every public kernel function (see ARCHITECTURE.md, "The kernel API") validates its arguments with the helpers here,
+Every public kernel function (see docs/design.md, "The kernel API") validates its arguments with the helpers here,
 so that a bad call raises a ValueError naming the argument, what was expected and what came, whatever the backend.
 """
 

@@ -339,6 +339,12 @@ def _check_rope_scaling(scaling: Mapping[str, Any], architecture: str = "llama")
     for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
         if key not in scaling:
             raise ValueError(f"rope_scaling.{key}: missing from the llama3 rope scaling {dict(scaling)}")
+        value = scaling[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"rope_scaling.{key}: expected a positive finite number, got {value!r}")
+    if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ValueError(f"rope_scaling: expected high_freq_factor > low_freq_factor, got "
+                         f"{scaling['high_freq_factor']!r} and {scaling['low_freq_factor']!r}")
 
 
 def _llama3_scale(inv_freq: torch.Tensor, s: Mapping[str, Any]) -> torch.Tensor:
@@ -356,7 +362,42 @@ def _llama3_scale(inv_freq: torch.Tensor, s: Mapping[str, Any]) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+MAX_HF_INT = 2**31 - 1  # no real model dimension comes near it; a larger value is a corrupt or hostile file
+_HF_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _check_hf_types(hf: Any, source: str) -> None:
+    """ValueError naming the field for a config.json whose values have the wrong type or range, before any is used:
+    a top-level list, a size that is not a positive int (a list, a float such as 1e30, 0), settings that are not
+    objects. A num_key_value_heads of 0 is refused, never read as "absent" (which would silently mean MHA)."""
+    if not isinstance(hf, Mapping):
+        raise ValueError(f"config: expected a JSON object (a Hugging Face config.json), got {type(hf).__name__} "
+                         f"({source})")
+    for key in _HF_INTS:
+        value = hf.get(key)
+        if value is None and key in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+            continue  # optional: absent or null means the documented default
+        if key not in hf:
+            continue  # required keys are reported as missing below
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_HF_INT:
+            raise ValueError(f"{key}: expected a positive int up to {MAX_HF_INT}, got {value!r} ({source})")
+    for key in ("rope_scaling", "rope_parameters"):
+        if hf.get(key) is not None and not isinstance(hf[key], Mapping):
+            raise ValueError(f"{key}: expected an object or null, got {hf[key]!r} ({source})")
+    if hf.get("architectures") is not None and not (isinstance(hf["architectures"], list) and
+                                                     all(isinstance(a, str) for a in hf["architectures"])):
+        raise ValueError(f"architectures: expected a list of names, got {hf['architectures']!r} ({source})")
+    params = hf.get("rope_parameters") or {}
+    for key, value in (("rope_theta", params.get("rope_theta", hf.get("rope_theta"))),
+                       ("rms_norm_eps", hf.get("rms_norm_eps"))):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"{key}: expected a positive finite number, got {value!r} ({source})")
+
+
 def _from_hf_dict(hf: Mapping[str, Any], name: str, source: str) -> ModelConfig:
+    _check_hf_types(hf, source)
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
     arch = None
@@ -403,7 +444,7 @@ def _from_hf_dict(hf: Mapping[str, Any], name: str, source: str) -> ModelConfig:
         intermediate_size=int(hf["intermediate_size"]),
         num_layers=int(hf["num_hidden_layers"]),
         num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        num_kv_heads=int(heads if hf.get("num_key_value_heads") is None else hf["num_key_value_heads"]),
         head_dim=int(head_dim),
         rope_theta=float(theta),
         rope_scaling=dict(scaling) if scaling else None,

@@ -3,7 +3,7 @@
     m = measure_e2e(model, batch=8, context=1024, steps=64, mode="graph")     # tokprof's Transformer
     m.median_step_us, m.tokens_per_s_per_gpu, m.ttft_ms, m.j_per_token, m.gpu_busy_fraction
 
-How a point is measured (MEASUREMENT.md, "End to end"):
+How a point is measured (docs/measurement.md, "End to end"):
 1. Random prompts of length P are prefilled (the TTFT: the whole batch, synchronised at both ends, after one
    warm-up prefill of the first sub-batch that compiles the kernels). `measure_e2e_modes` measures eager and graph
    from one prefill: each mode rewinds the decode state to the end of the prefill.
@@ -138,7 +138,7 @@ def time_steps(step: Callable[[], Any], n: int, device: torch.device) -> list[fl
     return times
 
 
-E2E_COOLDOWN_S = 0.2  # sleep before the decode energy window: the timed steps just heated the GPU (MEASUREMENT.md
+E2E_COOLDOWN_S = 0.2  # sleep before the decode energy window: the timed steps just heated the GPU (docs/measurement.md
 # energy rule 4); as long as the kernel windows' cool-down in `tokprof run`
 
 

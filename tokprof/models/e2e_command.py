@@ -273,6 +273,8 @@ def _wide(console: Console) -> Console:
 
 
 def print_e2e(console: Console, results: list[E2EMeasurement]) -> None:
+    from tokprof.reports.document import num
+
     console = _wide(console)
     if not results:
         console.print("[yellow]no end-to-end measurement[/]")
@@ -285,9 +287,9 @@ def print_e2e(console: Console, results: list[E2EMeasurement]) -> None:
     for m in results:  # "tokprof (triton)"; a framework's versioned backend ("transformers-5.23.0") alone
         who = m.backend if m.backend.startswith(m.framework) else f"{m.framework} [dim]({m.backend})[/]"
         table.add_row(who, m.mode, str(m.batch), str(m.context),
-                      f"{m.median_step_us:,.1f}", f"{m.p90_step_us:,.1f}", f"{m.tokens_per_s_per_gpu:,.4g}",
-                      f"{m.tokens_per_s_per_user:,.4g}", "-" if m.ttft_ms is None else f"{m.ttft_ms:,.1f}",
-                      "-" if m.j_per_token is None else f"{m.j_per_token:.4g}",
+                      num(m.median_step_us), num(m.p90_step_us), num(m.tokens_per_s_per_gpu),
+                      num(m.tokens_per_s_per_user), "-" if m.ttft_ms is None else num(m.ttft_ms),
+                      "-" if m.j_per_token is None else num(m.j_per_token),
                       "-" if m.gpu_busy_fraction is None else f"{m.gpu_busy_fraction:.0%}")
     console.print(table)
     reasons = {r for m in results for r in (m.energy_reason if m.j_per_token is None else None,
@@ -305,12 +307,12 @@ def print_reconciliation(console: Console, recs: list[Any], top_ops: int = 5) ->
         tp = getattr(rec, "tp", 1) or 1
         title = (f"{rec.model} on {rec.gpu}, batch {rec.batch}, context {rec.context}, {rec.dtype}"
                  + (f", tp={tp}" if tp > 1 else ""))
-        table = Table(title=title, show_lines=False)
+        table = Table(title=escape(title), show_lines=False)  # the model and GPU names are the user's text
         rows = waterfall_rows(rec)
         for col in rows[0]:
             table.add_column(col, justify="left" if col in ("layer", "gap", "provenance / why") else "right")
         for row in rows:
-            table.add_row(*row.values())
+            table.add_row(*(escape(str(v)) for v in row.values()))
         console.print(table)
         if rec.op_inefficiency:
             where = "L1i -> L2 (kernels and collectives)" if tp > 1 else "L1 -> L2"
@@ -318,7 +320,7 @@ def print_reconciliation(console: Console, recs: list[Any], top_ops: int = 5) ->
             for col in ("op", "where", "measured us", "at roof us", "lost us", "share of gap"):
                 ops.add_column(col, justify="left" if col in ("op", "where") else "right")
             for o in [o for o in rec.op_inefficiency if getattr(o, "finding", True)][:top_ops]:
-                ops.add_row(o.op, o.label, f"{o.time_us_measured:,.1f}", f"{o.time_us_at_roof:,.1f}",
+                ops.add_row(escape(o.op), escape(o.label), f"{o.time_us_measured:,.1f}", f"{o.time_us_at_roof:,.1f}",
                             f"{o.lost_us:,.1f}", "-" if o.share_of_L1_L2_gap is None else
                             f"{o.share_of_L1_L2_gap:.1%}")
             console.print(ops)
@@ -332,4 +334,4 @@ def print_reconciliation(console: Console, recs: list[Any], top_ops: int = 5) ->
         for flag in getattr(rec, "flags", []):
             console.print(f"[yellow]flag[/] {escape(flag)}")
         for note in rec.notes:
-            console.print(f"[dim]{note}[/]")
+            console.print(f"[dim]{escape(note)}[/]")

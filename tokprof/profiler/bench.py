@@ -43,6 +43,7 @@ from tokprof.profiler.schema import (
     KernelMeasurement,
     Provenance,
     RunResult,
+    mark_interrupted,
     save_run,
 )
 from tokprof.quant.precision import math_dtype
@@ -67,9 +68,10 @@ IDLE_DRIFT_WARN = 0.10
 def _sweep_errors() -> tuple[type[BaseException], ...]:
     """What a failing kernel call raises, recorded as a Failure so that a sweep goes on: RuntimeError (CUDA errors,
     torch.OutOfMemoryError; the cuda backend wraps NVRTC's CompileException in one), ValueError (arguments),
-    MemoryError (CuPy's out of memory), and where importable Triton's compile and resource errors (TritonError:
+    MemoryError (CuPy's out of memory), ArithmeticError (a shape that divides by zero in an input's set-up), and
+    where importable Triton's compile and resource errors (TritonError:
     OutOfResources, CompilationError, PTXASError), which derive from Exception only."""
-    errors: list[type[BaseException]] = [RuntimeError, ValueError, MemoryError]
+    errors: list[type[BaseException]] = [RuntimeError, ValueError, MemoryError, ArithmeticError]
     try:
         from triton.errors import TritonError
 
@@ -215,7 +217,7 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
         if energy_reason is None:
             if meter is None:
                 meter = energy_mod.make_meter(dev)
-            if idle_power_w is None:  # an idle window as long as the kernel window (MEASUREMENT.md, energy 3)
+            if idle_power_w is None:  # an idle window as long as the kernel window (docs/measurement.md, energy 3)
                 idle_power_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0),
                                                              settle_s=IDLE_SETTLE_S if dev.type == "cuda" else 0.0)
             try:
@@ -361,6 +363,11 @@ def parse_shape(text: str) -> dict[str, int]:
     return shape
 
 
+# Shape keys that divide (block_size, heads) or size the cache: 0 is refused up front (a ZeroDivisionError in the
+# inputs' set-up otherwise); other zeros reach the op, whose own check records a Failure.
+POSITIVE_SHAPE_KEYS = ("block_size", "num_blocks", "Hq", "Hkv", "D")
+
+
 def plan_calls(ops: Sequence[str], backends: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Mapping[str, int]],
                device: str | torch.device) -> tuple[list[Call], list[str]]:
     """The checked cross product of ops x shapes x dtypes x backends, and the combinations skipped (with why).
@@ -382,6 +389,10 @@ def plan_calls(ops: Sequence[str], backends: Sequence[str], dtypes: Sequence[str
         if unknown:
             takes = "; ".join(f"{rec.name}: {', '.join(rec.shape_keys)}" for rec in recs)
             raise ValueError(f"shape: unknown key(s) {unknown}; the ops take ({takes})")
+    for shape in shapes:
+        for key in POSITIVE_SHAPE_KEYS:
+            if shape.get(key) == 0:  # a divisor or a tensor dimension of the inputs: 0 can never be measured
+                raise ValueError(f"shape: {key} expected a positive int, got 0")
     dev = torch.device(device)
     calls: list[Call] = []
     skipped: list[str] = []
@@ -438,7 +449,7 @@ def bench_calls(calls: Sequence[Call], device: str | torch.device = "cuda", *, m
     if energy and energy_mod.energy_status(dev) is None:
         try:
             meter = energy_mod.make_meter(dev)
-            # Once per run, a sleeping window as long as a kernel window (MEASUREMENT.md, kernel energy 3), after
+            # Once per run, a sleeping window as long as a kernel window (docs/measurement.md, kernel energy 3), after
             # the GPU has settled.
             idle_power_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0),
                                                          settle_s=IDLE_SETTLE_S if dev.type == "cuda" else 0.0)
@@ -475,6 +486,7 @@ def bench_calls(calls: Sequence[Call], device: str | torch.device = "cuda", *, m
                 if run is not None:
                     run.failures.append(failure)
                     run.notes.append(f"interrupted at {label}: the calls after it were not measured")
+                    mark_interrupted(run, f"the kernel benchmark of {label}")
                 save()
                 raise
             except SWEEP_ERRORS as err:  # torch.OutOfMemoryError is a RuntimeError; Triton's errors are not

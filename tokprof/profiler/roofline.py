@@ -1,4 +1,4 @@
-"""Where a measured kernel call sits against the roofline (MEASUREMENT.md, "Roofline").
+"""Where a measured kernel call sits against the roofline (docs/measurement.md, "Roofline").
 
 For a call of `flops` and `min_bytes` (each input read once, each output written once) that took `time_us`:
 
