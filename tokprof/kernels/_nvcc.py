@@ -9,6 +9,7 @@ decode-attention issue budget. This module imports nothing from tokprof: setup.p
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -70,12 +71,24 @@ def parse_ptxas(log: str) -> list[KernelReport]:
     return reports
 
 
+@functools.cache
+def _splits_compile(nvcc: str) -> bool:
+    """Whether this nvcc takes --split-compile (CUDA 12 and later list it in --help)."""
+    try:
+        proc = subprocess.run([nvcc, "--help"], capture_output=True, text=True, check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--split-compile" in proc.stdout
+
+
 def compile_cubin(source: Path, arch: str, out: Path, nvcc: str = "nvcc") -> list[KernelReport]:
     """nvcc -cubin for one architecture; raises RuntimeError with nvcc's output when it fails. Each report carries
     the kernel's SASS budget when cuobjdump is found (`find_cuobjdump`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [nvcc, f"-arch={arch}", "-cubin", "-O3", "--std=c++17", "-Xptxas", "-v", f"-I{CUDA_DIR}",
            "-o", str(out), str(source)]
+    if _splits_compile(nvcc):  # the kernels of one file optimised on all cores (same SASS, a shorter install)
+        cmd.insert(1, "--split-compile=0")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed for {source.name} ({arch}), exit {proc.returncode}:\n"
@@ -191,7 +204,7 @@ def _loop_budget(instrs: list[SassInstr]) -> tuple[int, int, int] | None:
     """(instructions in the main loop, on its shortest head-to-back-branch path, 16-byte load bytes on that path)."""
     index = {ins.address: i for i, ins in enumerate(instrs)}
     back = [(index[t], i) for i, ins in enumerate(instrs)
-            if (t := ins.branch_target) is not None and t <= ins.address and t in index]
+            if (t := ins.branch_target) is not None and t < ins.address and t in index]  # not the final BRA-to-self
     if not back:
         return None
     head, tail = max(back, key=lambda hb: hb[1] - hb[0])
@@ -311,7 +324,8 @@ def format_reports(reports: list[KernelReport], rate: IssueRate = H200_SXM) -> s
         if sass is None:
             lines.append(cells[0] + "  (no cuobjdump: SASS not read)")
             continue
-        cells.append(f"{sass.instructions:>6} {sass.loop_instructions or '-':>6} {sass.loop_path_instructions or '-':>5}")
+        loop, path = sass.loop_instructions or "-", sass.loop_path_instructions or "-"
+        cells.append(f"{sass.instructions:>6} {loop:>6} {path:>5}")
         shape = decode_kernel_shape(r.kernel)
         if shape and sass.loop_path_load_bytes:
             b = decode_budget(sass, *shape, rate)

@@ -12,7 +12,7 @@ give one program (thread block) all query heads of its KV group, and split long 
 (flash-decoding) when batch x KV heads is too small to fill the GPU; a second small kernel merges the splits.
 
 Backends: torch (reference), triton (tensor-core tiles, the benchmarked one), cuda (`cuda/decode_attention.cu`,
-16-byte vector loads and warp reductions on CUDA cores).
+16-byte vector loads and warp reductions on CUDA cores; pages of CUDA_BLOCK_SIZES tokens only).
 
 Validation reads seq_lens (and the used block_table entries) on the host, which synchronises the device; the check is
 skipped while a CUDA graph is being captured, and the kernels themselves never synchronise, so a call can be
