@@ -64,8 +64,11 @@ def test_decode_attention_loop_fits_the_issue_budget(arch, build_root):
     for r in reports:
         assert r.sass is not None and r.sass.loop_path_instructions, f"{r.kernel}: no loop found in its SASS"
         budget = _nvcc.decode_budget(r.sass, *_nvcc.decode_kernel_shape(r.kernel))
-        # every path step streams whole rows: 2 steps x C tokens x (K, V) 16-byte loads per thread
-        assert budget.rows_per_iteration in (8, 16, 32), (r.kernel, budget.rows_per_iteration)
+        # The path streams two full steps: 2 x C tokens per token group (C = 2 at 8 heads, else 4) x the groups of a
+        # warp (32 lanes / (D / 16-byte vector)), so it is the common path, not a shortcut past the loads.
+        head_dim, elem_bytes = _nvcc.decode_kernel_shape(r.kernel)
+        tokens = 2 if "_g8_" in r.kernel else 4
+        assert budget.rows_per_iteration == 2 * tokens * 32 // (head_dim * elem_bytes // 16), r.kernel
         if budget.peak_issue_per_row / budget.instructions_per_row < MIN_BANDWIDTH_FRACTION:
             over.append(f"{r.kernel}: {budget.instructions_per_row:.1f} warp-instructions per {budget.row_bytes}-byte "
                         f"row, {budget.peak_issue_per_row:.1f} issue at peak")
