@@ -5,8 +5,9 @@
 
 Every benchmark times one kernel call with a device-synchronising target (the call, then a whole-device sync), so
 the host clock pytest-benchmark reads covers the GPU work; on a GPU each round starts from a cold L2 (a 2x-L2
-flush in the untimed setup, MEASUREMENT.md rule 2). GPU runs use the ops' default (Llama-3.1-8B decode) shapes in
-bf16; CPU runs use small shapes in fp32 with the torch backend, so the suite runs anywhere in well under a minute.
+flush in the untimed setup, docs/measurement.md rule 2). GPU runs use the ops' default shapes (Llama-3.1-8B decode for
+the dense ops, DeepSeek-R1 decode for the MoE/MLA ops) plus the MoE models' decode shapes of MODEL_SHAPES, in bf16;
+CPU runs use small shapes in fp32 with the torch backend, so the suite runs anywhere in well under a minute.
 These are host-clock regression figures; `tokprof bench` is the tool for event-timed, roofline-placed numbers.
 """
 
@@ -36,17 +37,54 @@ CPU_SHAPES: dict[str, dict[str, int]] = {
     "prefill_attention": {"B": 1, "Hq": 4, "Hkv": 2, "S": 128, "D": 64, "causal": 1},
     "swiglu": {"T": 4, "I": 1024},
     "greedy_sample": {"B": 2, "V": 1024},
+    "moe_router": {"T": 4, "E": 64, "k": 4, "n_group": 4, "topk_group": 2},
+    "fused_moe": {"T": 4, "H": 256, "I": 128, "E": 16, "k": 4},
+    "mla_decode_attention": {"B": 2, "H": 4, "L": 128, "R": 32, "context": 256, "block_size": 16},
+    "mla_prefill_attention": {"B": 1, "H": 2, "S": 64, "L": 128, "R": 32, "causal": 1},
+}
+
+# GPU only: decode shapes of the mixture-of-experts models, on top of each op's default shape. Whole-model head
+# counts (one GPU holding every head), except where marked per GPU at tensor parallelism 8. Sources: the models'
+# config.json on Hugging Face (deepseek-ai/DeepSeek-R1: hidden 7168, moe_intermediate 2048, 256 routed experts,
+# 8 per token, n_group 8, topk_group 4, 128 heads, kv_lora_rank 512, qk_rope_head_dim 64; Qwen/Qwen3-235B-A22B:
+# hidden 4096, moe_intermediate 1536, 128 experts, 8 per token, 64 query / 4 KV heads of 128; openai/gpt-oss-120b:
+# hidden 2880, intermediate 2880, 128 experts, 4 per token, 64 query / 8 KV heads of 64, sliding window 128).
+MODEL_SHAPES: dict[str, list[tuple[str, dict[str, int]]]] = {
+    "moe_router": [
+        ("deepseek-r1-B64", {"T": 64, "E": 256, "k": 8, "n_group": 8, "topk_group": 4}),
+        ("qwen3-235b-B64", {"T": 64, "E": 128, "k": 8, "n_group": 0, "topk_group": 0}),
+    ],
+    "fused_moe": [
+        ("deepseek-r1-B1", {"T": 1, "H": 7168, "I": 2048, "E": 256, "k": 8}),
+        ("deepseek-r1-B64", {"T": 64, "H": 7168, "I": 2048, "E": 256, "k": 8}),
+        ("qwen3-235b-B16", {"T": 16, "H": 4096, "I": 1536, "E": 128, "k": 8}),
+        ("qwen3-235b-B64", {"T": 64, "H": 4096, "I": 1536, "E": 128, "k": 8}),
+        ("gpt-oss-120b-B64", {"T": 64, "H": 2880, "I": 2880, "E": 128, "k": 4, "gpt_oss": 1}),
+    ],
+    "mla_decode_attention": [
+        ("deepseek-r1-tp8-B64", {"B": 64, "H": 16, "L": 512, "R": 64, "context": 4096, "block_size": 64}),
+        ("deepseek-r1-B64", {"B": 64, "H": 128, "L": 512, "R": 64, "context": 4096, "block_size": 64}),
+    ],
+    "decode_attention": [
+        ("qwen3-235b-B64", {"B": 64, "Hq": 64, "Hkv": 4, "D": 128, "context": 4096, "block_size": 16}),
+        ("gpt-oss-120b-sliding-B64", {"B": 64, "Hq": 64, "Hkv": 8, "D": 64, "context": 4096, "block_size": 16,
+                                      "window": 128, "sinks": 1}),
+        ("gpt-oss-120b-full-B64", {"B": 64, "Hq": 64, "Hkv": 8, "D": 64, "context": 4096, "block_size": 16,
+                                   "sinks": 1}),
+    ],
 }
 
 TARGET_S = 1.0 if DEVICE.type == "cuda" else 0.25  # timed seconds per benchmark
-WARMUP_S = 0.025  # MEASUREMENT.md rule 1: ~25 ms of warm-up after the first (compiling) call
+WARMUP_S = 0.025  # docs/measurement.md rule 1: ~25 ms of warm-up after the first (compiling) call
 
 
 def cases() -> list[Any]:
     """pytest params (op, backend, shape) for every backend that runs on DEVICE; the rest are listed as skips."""
     params = []
     for name, op in OPS.items():
-        shape = op.full_shape(CPU_SHAPES.get(name, {})) if DEVICE.type == "cpu" else dict(op.default_shape)
+        shapes = [("", op.full_shape(CPU_SHAPES.get(name, {})) if DEVICE.type == "cpu" else dict(op.default_shape))]
+        if DEVICE.type == "cuda":
+            shapes += [(f"-{label}", op.full_shape(shape)) for label, shape in MODEL_SHAPES.get(name, [])]
         for backend, why_not in op.available_backends(DEVICE).items():
             marks = []
             if why_not is not None:
@@ -55,7 +93,8 @@ def cases() -> list[Any]:
                 marks.append(pytest.mark.skip(reason=f"no small CPU shape for {name} in benchmarks/conftest.py"))
             elif DTYPE not in op.dtypes:
                 marks.append(pytest.mark.skip(reason=f"{name} does not take {DTYPE}"))
-            params.append(pytest.param(name, backend, shape, id=f"{name}-{backend}", marks=marks))
+            for label, shape in shapes:
+                params.append(pytest.param(name, backend, shape, id=f"{name}-{backend}{label}", marks=marks))
     return params
 
 

@@ -127,7 +127,7 @@ else
 fi
 step run 240 $PROBE run --device $DEV --out-dir "$WORK/run"
 step targets 200 $PY -m tokprof.targets --out "$WORK/targets/targets.json" --repeat 2 --aa-modes events \
-  --no-aa-energy --max-time-s 0.5
+  --no-aa-energy --timeout-s 0.5
 step compile 120 env -u TRITON_INTERPRET $PY scripts/triton_compile_check.py --arch "$ARCH_NUM"
 
 collect

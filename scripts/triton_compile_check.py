@@ -101,6 +101,10 @@ def build_cases(ops: Sequence[str], dtypes: Sequence[str], models: Sequence[str]
                     shaped.append((call.op, {**call.shape, "causal": 0}, f"{where}: attention, causal=0"))
     for name, op in OPS.items():
         shaped.append((name, op.full_shape(), "registry default shape"))
+        # Shapes an op lists for this check: variants no dense plan calls (gpt-oss's sinks and windows, MoE routing
+        # rules and decode/prefill sizes, the split and one-pass paths of MLA decode).
+        for extra in op.extra.get("compile_check_shapes", ()):
+            shaped.append((name, op.full_shape(extra), "registry compile-check shape"))
 
     cases: dict[tuple[Any, ...], Case] = {}
     for op_name, shape, origin in shaped:
@@ -183,9 +187,13 @@ def fake_gpu(profile: GpuProfile, tools: Toolchain, sink: list[Launch], current:
         stack.enter_context(_patched(torch.cuda, "get_device_properties", lambda device=None: props))
         stack.enter_context(_patched(torch.cuda, "is_current_stream_capturing", lambda: False))
         stack.enter_context(_patched(torch.cuda, "current_device", lambda: 0))
+        patched: set[str] = set()
         for op_name, op in OPS.items():
             # importlib, not `import tokprof.kernels.x`: the package rebinds each op module's name to its function.
             module = importlib.import_module(op.fn.__module__)
+            if module.__name__ in patched:  # one module serving several registry ops (one per weight format)
+                continue
+            patched.add(module.__name__)
             kernels = {n: v for n, v in vars(module).items() if isinstance(v, tools.jit_function)}
             if not kernels:
                 raise RuntimeError(f"{module.__name__} ({op_name}) defines no compiled @triton.jit kernel; was "
@@ -193,6 +201,22 @@ def fake_gpu(profile: GpuProfile, tools: Toolchain, sink: list[Launch], current:
             for attr, kernel in kernels.items():
                 stack.enter_context(_patched(module, attr, _LaunchRecorder(kernel, sink, current)))
         yield stack.enter_context(FakeTensorMode())
+
+
+def _fake_cuda(value: Any, device: Any) -> Any:
+    """A tensor as an empty fake CUDA tensor of the same layout; a dataclass of tensors (a quantised weight) field
+    by field; anything else as it is."""
+    import dataclasses
+
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=device)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _fake_cuda(getattr(value, f.name), device)
+                                             for f in dataclasses.fields(value)
+                                             if isinstance(getattr(value, f.name), torch.Tensor)})
+    return value
 
 
 def capture_launches(cases: Sequence[Case], profile: GpuProfile,
@@ -217,8 +241,7 @@ def capture_launches(cases: Sequence[Case], profile: GpuProfile,
             op = OPS[case.op]
             # make_inputs on the fake CPU (its generators are CPU ones), then the same layouts as fake CUDA tensors.
             inputs = op.make_inputs(case.shape, DTYPES[case.dtype], "cpu", 0)
-            inputs = {k: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=device)
-                      if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            inputs = {k: _fake_cuda(v, device) for k, v in inputs.items()}
             before = len(sink)
             try:
                 op.run(inputs, backend="triton")

@@ -61,7 +61,7 @@ PRICE_SOURCE = "FACTS.md: SemiAnalysis InferenceX hyperscaler $/GPU-h and all-in
 
 
 def timing_from_samples(samples_us: list[float], mode: str = "events") -> Timing:
-    """A Timing whose statistics follow MEASUREMENT.md from `samples_us` (noise: rel. std after 1.5x IQR removal)."""
+    """A Timing whose statistics follow docs/measurement.md from `samples_us` (noise: rel. std after IQR removal)."""
     x = np.asarray(samples_us, dtype=np.float64)
     q1, q3 = np.percentile(x, [25, 75])
     keep = x[(x >= q1 - 1.5 * (q3 - q1)) & (x <= q3 + 1.5 * (q3 - q1))]

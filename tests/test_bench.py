@@ -160,6 +160,8 @@ def test_ctrl_c_saves_what_was_measured_then_reraises(tmp_path, monkeypatch):
     assert [k.shape["T"] for k in run.kernels] == [2]
     assert run.failures[0].shape["T"] == 9 and "KeyboardInterrupt" in run.failures[0].error
     assert any("interrupted" in n for n in run.notes)
+    assert "during the kernel benchmark of swiglu" in run.interrupted and "keeps everything measured" in \
+        run.interrupted
 
 
 def test_new_run_provenance():

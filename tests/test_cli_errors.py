@@ -139,7 +139,7 @@ def test_bench_with_every_call_failed_exits_1_and_keeps_the_file(tmp_path):
 
 def test_bench_energy_window_must_be_positive(tmp_path):
     _refused(*BENCH, "--energy", "--energy-window-s", "0", "-o", str(tmp_path / "x.json"),
-             message="--energy-window-s: expected a positive number of seconds, got 0.0")
+             message="--energy-window-s: expected a positive number of seconds up to 3600, got 0.0")
     assert not (tmp_path / "x.json").exists()
 
 

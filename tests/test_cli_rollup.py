@@ -84,7 +84,7 @@ def test_measure_on_cpu_then_project_from_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKPROF_CACHE_DIR", str(tmp_path / "cache"))  # the measured ceilings are cached there
     out = tmp_path / "cpu.json"
     result, lines = _invoke("rollup", "--model", "tiny", "--device", "cpu", "--backend", "torch", "--dtype", "fp32",
-                            "--batch", "1", "--context", "16", "--max-time-s", "0.01", "--usd-per-gpu-hour", "0.5",
+                            "--batch", "1", "--context", "16", "--timeout-s", "0.01", "--usd-per-gpu-hour", "0.5",
                             "-o", str(out))
     assert result.exit_code == 0, result.output
     doc = json.loads(lines[-1])

@@ -11,6 +11,8 @@ from make_fixtures import timing_from_samples
 from typer.testing import CliRunner
 
 from tokprof.cli import app
+from tokprof.profiler.bench import bench_calls, new_run
+from tokprof.profiler.cpu_load import CpuLoad
 from tokprof.profiler.schema import RunResult, load_run, save_run
 from tokprof.reports.compare import (
     AMBIGUOUS,
@@ -55,7 +57,7 @@ def kernel_rows(result, index: int, run: RunResult):
     return [r for r in result.rows if r.kind == "kernel" and r.item.startswith(label_start)]
 
 
-def test_aa_pair_is_all_same(h100):
+def test_matching_covers_kernels_points_and_e2e(h100):
     a, b = resampled(h100, seed=1, run_id="a"), resampled(h100, seed=2, run_id="b")
     result = compare_runs(a, b, threshold=0.05)
     assert result.exit_code == 0
@@ -65,6 +67,31 @@ def test_aa_pair_is_all_same(h100):
     assert kinds == {"kernel", "point", "e2e"}
     assert len([r for r in result.rows if r.kind == "kernel"]) == len(h100.kernels)
     assert {r.metric for r in result.rows} == {"time us"}
+
+
+def _real_cpu_run(run_id: str) -> RunResult:
+    """A real, short CPU benchmark of small shapes (perf_counter timing): the kind of run CI compares."""
+    calls = [("swiglu", {"T": 4, "I": 256}, "fp32", "torch"), ("swiglu", {"T": 16, "I": 512}, "fp32", "torch"),
+             ("rms_norm", {"T": 4, "H": 256}, "fp32", "torch"), ("rms_norm", {"T": 16, "H": 1024}, "fp32", "torch"),
+             ("linear", {"M": 1, "N": 256, "K": 256}, "fp32", "torch"),
+             ("linear", {"M": 4, "N": 512, "K": 256}, "fp32", "torch")]
+    run = new_run(["tokprof", "bench"], "cpu")
+    run.run_id = run_id
+    meter = CpuLoad.start()
+    bench_calls(calls, "cpu", timing_kwargs={"min_time_s": 0.02, "max_time_s": 0.1}, run=run, progress=False)
+    run.notes.append(meter.stop().note())  # as `tokprof bench` does on a CPU: says when the CPU was shared
+    return run
+
+
+def test_aa_pair_of_real_measurements_is_never_slow():
+    # Identical code measured twice back to back on this (possibly shared) CPU: the gate must not cry wolf.
+    # SAME or AMBIGUOUS are honest answers here; SLOW (exit 1) or FAST on identical code is not.
+    a, b = _real_cpu_run("a"), _real_cpu_run("b")
+    assert len(a.kernels) == len(b.kernels) == 6
+    result = compare_runs(a, b, threshold=0.05)
+    assert result.exit_code == 0, result.to_markdown()
+    assert {r.verdict for r in result.rows} <= {SAME, AMBIGUOUS}, result.to_markdown()
+    assert result.drift is not None and result.drift.kernels == 6
 
 
 def test_ten_percent_slowdown_is_slow(h100):
@@ -234,3 +261,77 @@ def test_cli_against_history(h100, tmp_path):
     # With --against, exactly one file; a device never recorded is unusable input.
     assert _invoke(["--against", "best", new, new, "--db", db]).exit_code == 2
     assert _invoke(["--against", "best", H200, "--db", db]).exit_code == 2
+
+
+def test_a_points_tolerance_carries_the_noise_of_its_kernels(h100):
+    # Each kernel's own noise is 15%: the step summing them is as uncertain, so a point 12% slower is not SLOW.
+    base = resampled(h100, seed=40, noise=0.15)
+    new = resampled(h100, seed=41, noise=0.15)
+    point = next(i for i, p in enumerate(new.rollup) if p["provenance"] == "measured")
+    new.rollup[point]["step_time_us"] *= 1.12
+    result = compare_runs(base, new, threshold=0.05)
+    row = next(r for r in result.rows if r.kind == "point" and r.new != r.base)
+    assert row.delta == pytest.approx(0.12)
+    shares = [(o["share"], o) for o in base.rollup[point]["ops"]]
+    noise = {k.key(): k.timing.noise for k in base.kernels}
+    expected = sum(sh * noise[(o["op"], tuple(sorted(o["shape"].items())), "bf16", "triton")] for sh, o in shares)
+    assert row.tolerance >= expected > 0.10  # sum of share x noise
+    assert row.verdict in (SAME, AMBIGUOUS) and result.exit_code == 0
+    # The same +12% with quiet kernels (0.3% noise) and nothing else moving is a regression.
+    quiet_base, quiet_new = resampled(h100, seed=42), resampled(h100, seed=43)
+    quiet_new.rollup[point]["step_time_us"] *= 1.12
+    result = compare_runs(quiet_base, quiet_new, threshold=0.05)
+    row = next(r for r in result.rows if r.kind == "point" and r.new != r.base)
+    assert row.verdict == SLOW and row.tolerance == pytest.approx(0.05) and result.exit_code == 1
+
+
+def test_a_uniform_shift_of_the_whole_run_is_drift_not_n_regressions(h100):
+    base = resampled(h100, seed=50)
+    new = resampled(h100, seed=51, factors={i: 1.10 for i in range(len(h100.kernels))})
+    result = compare_runs(base, new, threshold=0.05)
+    assert result.drift is not None and result.drift.delta == pytest.approx(0.10, abs=0.01)
+    kernel_verdicts = {r.verdict for r in result.rows if r.kind == "kernel"}
+    assert kernel_verdicts == {AMBIGUOUS} and result.exit_code == 0
+    md = result.to_markdown()
+    assert "Whole-run drift: +10" in md and "within the whole run's drift" in md
+    # One kernel 15% slower beyond the same uniform shift is still a regression.
+    factors = {i: 1.10 for i in range(len(h100.kernels))}
+    factors[6] = 1.10 * 1.15
+    result = compare_runs(base, resampled(h100, seed=52, factors=factors), threshold=0.05)
+    assert [r.item.split(" ")[0] for r in result.rows if r.verdict == SLOW] == ["decode_attention"]
+    assert result.exit_code == 1
+
+
+def test_between_run_scatter_widens_the_tolerance(h100):
+    # Kernels scattered by ~+-6% between runs (no common shift): a kernel 7% off is inside the between-run noise.
+    rng = np.random.default_rng(60)
+    factors = {i: float(np.exp(0.06 * rng.standard_normal())) for i in range(len(h100.kernels))}
+    result = compare_runs(resampled(h100, seed=61), resampled(h100, seed=62, factors=factors), threshold=0.05)
+    assert result.drift.sigma == pytest.approx(0.06, rel=0.5)
+    assert all(r.tolerance >= 2 * result.drift.sigma for r in result.rows if r.gating)
+
+
+def test_zero_and_non_finite_times_are_not_compared_and_never_divide_by_zero(h100):
+    base, new = resampled(h100, seed=70), resampled(h100, seed=71)
+    base.kernels[0].timing.median_us = 0.0
+    new.kernels[1].timing.median_us = float("nan")
+    result = compare_runs(base, new)
+    assert len([r for r in result.rows if r.kind == "kernel"]) == len(h100.kernels) - 2
+    assert any("zero, negative or non-finite" in n for n in result.notes)
+
+
+def test_verdicts_say_when_a_run_was_made_on_a_shared_cpu(h100):
+    base, new = resampled(h100, seed=80), resampled(h100, seed=81, factors={6: 1.10})
+    new.notes.append("other processes kept 1.20 of 2 cores busy over the 30 s run (tokprof 0.9): the CPU was shared, "
+                     "so these CPU figures are slower and noisier than on an idle CPU")
+    new.kernels[2].timing.throttled = True
+    result = compare_runs(base, new)
+    assert any("new was made on a shared CPU" in c for c in result.conditions)
+    assert any("throttled GPU" in c for c in result.conditions)
+    (row,) = kernel_rows(result, 6, h100)
+    assert row.verdict == AMBIGUOUS and "shared CPU" in row.note and result.exit_code == 0
+    assert "**Conditions:**" in result.to_markdown()
+    # A throttled GPU alone keeps the verdict and says so on the row.
+    new.notes.pop()
+    (row,) = kernel_rows(compare_runs(base, new), 6, h100)
+    assert row.verdict == SLOW and "throttled GPU" in row.note

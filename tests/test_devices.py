@@ -47,8 +47,9 @@ def test_peak_by_dtype():
     h100 = load_specs()["h100-sxm"]
     assert h100.peak_tflops("bf16") == 989 and h100.peak_tflops("fp8") == 1979 and h100.peak_tflops("fp32") == 67
     assert load_specs()["a100-sxm-40gb"].peak_tflops("fp8") is None
+    assert h100.peak_tflops("int8") == 1979 and h100.peak_tflops("fp4") is None  # no FP4 tensor cores on Hopper
     with pytest.raises(ValueError, match="dtype: expected one of"):
-        h100.peak_tflops("int8")
+        h100.peak_tflops("int4")
 
 
 @pytest.mark.parametrize("name, key", [

@@ -157,7 +157,7 @@ def test_cli_e2e_then_reconcile(tmp_path: Path, one_thread: object) -> None:
     assert got == {("tokprof", "eager", 1), ("tokprof", "eager", 2), ("transformers", "eager", 1),
                    ("transformers", "eager", 2)}
     assert "skipped tokprof graph: CUDA graphs need a CUDA device" in " ".join(res.output.split())
-    res = runner.invoke(app, ["reconcile", str(out), "--utilisation", "0.5"])
+    res = runner.invoke(app, ["reconcile", str(out), "--utilisation", "0.5", "--write"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout.strip().splitlines()[-1])
     assert len(doc["reconciliation"]) == 2
@@ -269,12 +269,19 @@ def test_cli_e2e_from_a_model_directory(tmp_path: Path, one_thread: object) -> N
     from tokprof.models.adapters import save_hf_dir
 
     directory = save_hf_dir(_tiny(seed=7), tmp_path / "hf")
-    res = CliRunner().invoke(app, ["e2e", "--model-dir", str(directory), "--model", "my-tiny", "--context", "40",
-                                   "--steps", "4", "--warmup", "2", "--framework", "tokprof,vllm", "--device", "cpu"])
+    res = CliRunner().invoke(app, ["e2e", "--model", str(directory), "--name", "my-tiny", "--batch", "1", "--context",
+                                   "40", "--steps", "4", "--warmup", "2", "--framework", "tokprof,vllm", "--device",
+                                   "cpu"])
     assert res.exit_code == 0, res.output
     (m,) = json.loads(res.stdout.strip().splitlines()[-1])["e2e"]
     assert (m["model"], m["framework"], m["batch"], m["context"]) == ("my-tiny", "tokprof", 1, 40)
     assert "skipped vllm eager: vLLM needs a CUDA GPU" in " ".join(res.output.split())
+    # --model-dir DIR --model NAME: the old spelling still works (a hidden, deprecated alias)
+    res = CliRunner().invoke(app, ["e2e", "--model-dir", str(directory), "--model", "old-form", "--batch", "1",
+                                   "--context", "40", "--steps", "4", "--warmup", "2", "--framework", "tokprof",
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["e2e"][0]["model"] == "old-form"
     res = CliRunner().invoke(app, ["e2e", "--model-dir", str(tmp_path / "nowhere"), "--device", "cpu"])
     assert res.exit_code == 2 and "not a directory" in " ".join(res.output.split())  # rich wraps lines
 

@@ -1,4 +1,4 @@
-"""The energy meter driven by a replayed NVML counter trace on a controllable clock (MEASUREMENT.md energy 1-5).
+"""The energy meter driven by a replayed NVML counter trace on a controllable clock (docs/measurement.md energy 1-5).
 
 tests/data/nvml_energy_trace_h100.json is synthetic, written from the documented behaviour of an H100 (its metadata
 says so): 0-3 s idle at ~70 W, 3-6 s busy at ~600 W, 6-9 s settling; the counter steps every 20-100 ms; the power

@@ -187,9 +187,9 @@ def test_cli_history_lists_runs_and_trends(tmp_path):
     result = runner.invoke(app, ["history", "--db", str(db)])
     assert result.exit_code == 0 and "no history yet" in result.output
     result = runner.invoke(app, ["history", "--db", str(db), "--record", str(H100), "--record", str(H200),
-                                 "--op", "swiglu"], env={"COLUMNS": "250"})
+                                 "--op", "swiglu"])
     assert result.exit_code == 0, result.output
     assert "recorded:" in result.output and "fixture-h100-0001" in result.output
     assert "fixture-h200-0001" in result.output and "kernel trends: swiglu" in result.output
-    result = runner.invoke(app, ["history", "--db", str(db), "--gpu", "h200"], env={"COLUMNS": "250"})
+    result = runner.invoke(app, ["history", "--db", str(db), "--gpu", "h200"])
     assert "fixture-h200-0001" in result.output and "fixture-h100-0001" not in result.output

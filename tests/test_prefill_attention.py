@@ -150,7 +150,8 @@ def test_cost_hand_count():
 
 def test_registry_record():
     op = OPS["prefill_attention"]
-    assert op.shape_keys == ("B", "Hq", "Hkv", "S", "D", "causal")
+    assert op.shape_keys == ("B", "Hq", "Hkv", "S", "D", "causal", "window", "sinks")
+    assert set(op.default_shape) == {"B", "Hq", "Hkv", "S", "D", "causal"}  # gpt-oss's window and sinks optional
     shape = op.full_shape({"S": 9, "D": 64, "Hq": 4, "Hkv": 2})
     inputs = op.make_inputs(shape, torch.float32, "cpu", seed=0)
     assert set(inputs) == {"q", "k", "v", "causal"} and inputs["causal"] is True
@@ -158,6 +159,11 @@ def test_registry_record():
     again = op.make_inputs(shape, torch.float32, "cpu", seed=0)
     assert torch.equal(inputs["q"], again["q"])  # seeded
     assert op.available_backends("cpu")["cuda"] == "prefill_attention has no cuda implementation"
+    extras = op.make_inputs(op.full_shape({**shape, "window": 4, "sinks": 1}), torch.float32, "cpu", seed=0)
+    assert extras["sliding_window"] == 4 and extras["sinks"].shape == (4,) and extras["sinks"].dtype == torch.float32
+    # Causal window 4 over S=9: rows see 1, 2, 3, 4, 4, 4, 4, 4, 4 keys = 30 pairs; 4*D FLOP per pair per head.
+    flops, min_bytes = op.cost({**shape, "window": 4, "sinks": 1}, torch.float16)
+    assert flops == 4 * 64 * 4 * 30 and min_bytes == op.cost(shape, torch.float16)[1] + 4 * 4
 
 
 def test_bad_inputs_name_the_argument():

@@ -42,7 +42,8 @@ def test_every_kind_of_figure_is_a_valid_png(full_report):
     assert "op_share_R1.png" in names and "op_share_R2.png" in names
     # Two reconciled (batch, context) points per fixture run: one iceberg each.
     assert sorted(n for n in names if n.startswith("iceberg_")) == [
-        "iceberg_R1_b1_c1024.png", "iceberg_R1_b64_c8192.png", "iceberg_R2_b1_c1024.png", "iceberg_R2_b64_c8192.png"]
+        "iceberg_R1_b1_c1024_h100-sxm.png", "iceberg_R1_b64_c8192_h100-sxm.png", "iceberg_R2_b1_c1024_h200.png",
+        "iceberg_R2_b64_c8192_h200.png"]
     for path in full_report.figures:
         data = path.read_bytes()
         assert len(data) > 5000, f"{path.name}: only {len(data)} bytes"
@@ -182,3 +183,23 @@ def test_unknowns_become_numbered_notes_under_their_table():
 def test_number_formatting_keeps_three_significant_digits():
     assert [num(x) for x in (1.41, 2.226, 23.14, 99.96, 0.05731, 35836.4, 7, None, float("nan"))] == [
         "1.41", "2.23", "23.1", "100", "0.0573", "35,836", "7", "n/a", "n/a"]
+
+
+def test_index_lists_every_run_folder(tmp_path):
+    from tokprof.reports.render import write_index
+
+    for name in ("run-a", "run-b"):
+        render_report([H100], tmp_path / name)
+    index = write_index(tmp_path).read_text()
+    assert 'href="run-a/report.html"' in index and 'href="run-b/report.html"' in index and "2 report(s)" in index
+
+
+def test_roofline_points_carry_their_shape_tag(tmp_path):
+    from tokprof.reports.render import _roof_tag
+
+    run = load_run(H100)
+    tags = {_roof_tag(k) for k in run.kernels}
+    assert len(tags) > 1 and all(t for t in tags)  # calls of one op told apart by their sizes
+    lin = next(k for k in run.kernels if k.op == "linear")
+    assert _roof_tag(lin) == f"M={lin.shape['M']} N={lin.shape['N']} K={lin.shape['K']}"[:28]
+

@@ -71,7 +71,8 @@ def test_run_main_writes_run_report_and_history(tmp_path, capsys):
     assert run.reconciliation and run.reconciliation[0]["layers"][0]["name"] == "L0"
     assert any("CPU run" in n for n in run.notes)
     assert any("cores busy over the" in n for n in run.notes)  # how shared the CPU was, as found
-    report = tmp_path / "out" / "report" / "report.html"
+    report = tmp_path / "out" / "report" / path.stem / "report.html"  # one folder per run
+    assert (tmp_path / "out" / "report" / "index.html").read_text().count(f"{path.stem}/report.html") == 1
     assert report.stat().st_size > 10_000
     assert db.exists()
     printed = capsys.readouterr().out
@@ -129,7 +130,7 @@ def test_gpu_defaults_fit_the_five_minute_budget(h100_memory):
     rc = RunConfig.for_device(torch.device("cuda"))
     check_fits(cfg, rc)
     est = estimate_gpu_seconds(cfg, rc)
-    # 60 distinct decode-step calls, each: 0.4 s timing + 1 s energy window (MEASUREMENT.md: >= 1 s) + 0.2 s cool-down
+    # 60 distinct decode-step calls, each: 0.4 s timing + 1 s energy window (>= 1 s) + 0.2 s cool-down
     # + alignment + set-up.
     assert est["kernels"] == pytest.approx(60 * (0.4 + 1.0 + 0.2 + EST_ENERGY_ALIGN_S + EST_KERNEL_OVERHEAD_S)
                                            + EST_COMPILE_S)
@@ -202,6 +203,41 @@ def test_cpu_run_projects_other_gpus_from_a_shipped_reference(tmp_path, monkeypa
     assert {(p["batch"], p["context"]) for p in run.rollup if p["gpu"] == "h100-sxm"} == measured
 
 
+def test_other_gpus_show_the_model_asked_for(tmp_path, monkeypatch):
+    """`tokprof run --model llama-3.2-1b` on a CPU: the other GPUs' rows are llama-3.2-1b, and a shipped reference
+    of another model (the fixture measured llama-3.1-8b) is not projected in its place."""
+    (tmp_path / "h100-sxm").mkdir()
+    shutil.copy(FIXTURES / "run_h100.json", tmp_path / "h100-sxm" / "run-h100.json")
+    monkeypatch.setattr("tokprof.runner.REFERENCE_DIR", tmp_path)
+    run = load_run(FIXTURES / "run_h200.json")
+    run.rollup = []
+    rc = RunConfig.for_device(torch.device("cpu"), "llama-3.2-1b")
+    rc.other_gpu_model = "llama-3.2-1b"  # run_main sets it when --model is given
+    notes = other_gpu_rows(run, rc, Console(file=io.StringIO()))
+    assert {p["model"] for p in run.rollup} == {"llama-3.2-1b"}
+    assert {(p["gpu"], p["provenance"]) for p in run.rollup} == {("h100-sxm", "modelled"), ("h200", "modelled"),
+                                                                 ("b200", "modelled")}
+    assert any("h100-sxm: the shipped reference" in n and "llama-3.1-8b, not llama-3.2-1b" in n for n in notes)
+    # the modelled rows are those of a modelled roll-up of that model at the GPU sweep
+    from tokprof.rollup import modelled
+
+    want = modelled(ModelConfig.from_name("llama-3.2-1b"), "h200", [1, 8, 32, 128], [1024, 8192], "bf16")
+    got = {(p["batch"], p["context"]): p["tokens_per_s_per_gpu"] for p in run.rollup if p["gpu"] == "h200"}
+    assert got == pytest.approx({(p.batch, p.context): p.tokens_per_s_per_gpu for p in want})
+
+
+def test_run_options_override_the_device_defaults():
+    rc = RunConfig.for_device(torch.device("cpu")).with_options(batches=[2], contexts=[64], dtype="fp16",
+                                                                 backend="triton", utilisation=0.5,
+                                                                 skip=["e2e", "report"])
+    assert (rc.batches, rc.contexts, rc.e2e_batches, rc.e2e_contexts) == ([2], [64], [2], [64])
+    assert (rc.dtype, rc.backend, rc.utilisation, rc.skip) == ("fp16", "triton", 0.5, {"e2e", "report"})
+    with pytest.raises(ValueError, match="--skip: expected some of"):
+        RunConfig.for_device(torch.device("cpu")).with_options(skip=["kernels"])
+    with pytest.raises(ValueError, match="--utilisation: expected a fraction"):
+        RunConfig.for_device(torch.device("cpu")).with_options(utilisation=1.5)
+
+
 def test_a_broken_reference_falls_back_to_modelled_rows(tmp_path, monkeypatch):
     (tmp_path / "b200").mkdir()
     (tmp_path / "b200" / "run.json").write_text('{"schema_version": 1}')
@@ -223,12 +259,14 @@ def test_an_interrupted_run_keeps_its_kernels_and_says_where(tmp_path, monkeypat
         run_main(out_dir=tmp_path, device="cpu", command=["tokprof", "run"], history_db=tmp_path / "h.db",
                  config_override=small_cpu_config(), console=Console(file=out, width=200))
     saved = list(tmp_path.glob("run-tiny-*.json"))
-    assert len(saved) == 1 and f"interrupted: {saved[0]} keeps what was measured" in out.getvalue()
+    assert len(saved) == 1 and f"{saved[0]} keeps what was measured" in out.getvalue()
     run = load_run(saved[0])
     assert run.kernels and all(k.timing.median_us > 0 for k in run.kernels) and run.ceilings is not None
+    assert run.interrupted.startswith("interrupted (Ctrl-C) at ") and "during end-to-end measurements" in \
+        run.interrupted
 
 
-def test_an_interrupt_before_any_measurement_says_nothing_was_saved(tmp_path, monkeypatch):
+def test_an_interrupt_before_any_measurement_leaves_a_file_that_says_so(tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -237,7 +275,72 @@ def test_an_interrupt_before_any_measurement_says_nothing_was_saved(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         run_main(out_dir=tmp_path, device="cpu", command=["tokprof", "run"], history_db=tmp_path / "h.db",
                  config_override=small_cpu_config(), console=Console(file=out, width=200))
-    assert "interrupted: nothing was saved yet" in out.getvalue() and not list(tmp_path.glob("*.json"))
+    (saved,) = tmp_path.glob("run-*.json")
+    run = load_run(saved)
+    assert not run.kernels and run.ceilings is None and "during ceilings" in run.interrupted
+    assert "interrupted during ceilings" in out.getvalue()
+
+
+def test_ctrl_c_inside_a_save_keeps_the_last_measurement(tmp_path, monkeypatch):
+    # SIGINT arrives while the file is being written: the save completes, then KeyboardInterrupt is raised.
+    import os
+    import signal
+
+    from tokprof.profiler import schema
+
+    run = load_run(FIXTURES / "run_h100.json")
+    real_fsync = os.fsync
+
+    def fsync_then_sigint(fd):
+        real_fsync(fd)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(schema.os, "fsync", fsync_then_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        schema.save_run(run, tmp_path / "r.json")
+    assert len(load_run(tmp_path / "r.json").kernels) == len(run.kernels)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+CONCURRENT_RUN = """
+import dataclasses, sys
+import torch
+import tokprof.profiler.bench as bench
+import tokprof.runner as runner
+from tokprof.cli import main
+
+bench.utc_now = lambda: "2026-01-01T00:00:00Z"  # both processes in the same second, whenever they start
+tiny = dataclasses.replace(runner.RunConfig.for_device(torch.device("cpu")), batches=[1], contexts=[16],
+                           e2e_points=[], frameworks=[], timing_kwargs={"min_time_s": 0.005, "max_time_s": 0.01})
+runner.RunConfig.for_device = classmethod(lambda cls, device, model=None: tiny)
+sys.argv = ["tokprof", "run", "--device", "cpu", "--no-report", "-o", sys.argv[1], "--db", sys.argv[2]]
+main()
+"""
+
+
+def test_concurrent_runs_in_one_folder_never_overwrite_each_other(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tokprof.reports.history import History
+
+    out, db = tmp_path / "out", tmp_path / "history.db"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "COLUMNS": "120"}
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_RUN, str(out), str(db)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (_stdout, stderr) in zip(procs, results, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
+    files = sorted(out.glob("run-*.json"))
+    assert len(files) == 2, files
+    runs = [load_run(f) for f in files]
+    assert {r.provenance.timestamp_utc for r in runs} == {"2026-01-01T00:00:00Z"}  # the same second
+    assert len({r.run_id for r in runs}) == 2 and all(r.kernels for r in runs)
+    recorded = History(db).runs()
+    assert sorted(r.run_id for r in recorded) == sorted(r.run_id for r in runs)
+    assert sorted(Path(r.source).name for r in recorded) == [f.name for f in files]
 
 
 def test_cli_run_interrupted_exits_130_without_a_traceback(tmp_path, monkeypatch):
@@ -266,3 +369,26 @@ def test_a_bad_history_file_is_refused_before_the_run(tmp_path, monkeypatch):
     with pytest.raises(HistoryDatabaseError, match="not a tokprof history database"):
         run_main(out_dir=tmp_path / "o", device="cpu", command=["tokprof", "run"], history_db=bad,
                  config_override=small_cpu_config(), console=Console(file=io.StringIO()))
+    # Another program's SQLite database, a newer tokprof's, an unwritable one: each refused with its real cause.
+    import sqlite3
+
+    from tokprof.reports.history import APPLICATION_ID
+
+    foreign, future = tmp_path / "other.db", tmp_path / "future.db"
+    con = sqlite3.connect(foreign)
+    con.execute("CREATE TABLE t (x)")
+    con.close()
+    con = sqlite3.connect(future)
+    con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    con.execute("PRAGMA user_version = 99")
+    con.execute("CREATE TABLE runs (x)")
+    con.close()
+    for db, cause in ((foreign, "another program"), (future, "schema version 99 is newer")):
+        with pytest.raises(HistoryDatabaseError, match=cause):
+            run_main(out_dir=tmp_path / "o", device="cpu", command=["tokprof", "run"], history_db=db,
+                     config_override=small_cpu_config(), console=Console(file=io.StringIO()))
+    monkeypatch.setattr("tokprof.reports.history.os.access", lambda path, mode: False)  # tests may run as root
+    with pytest.raises(HistoryDatabaseError, match="cannot record runs there .*not writable"):
+        run_main(out_dir=tmp_path / "o", device="cpu", command=["tokprof", "run"], history_db=tmp_path / "new.db",
+                 config_override=small_cpu_config(), console=Console(file=io.StringIO()))
+    assert not list((tmp_path / "o").glob("run-*.json")) if (tmp_path / "o").exists() else True

@@ -1,4 +1,4 @@
-"""Statistics of timing samples: outlier removal, percentiles, noise, and the adaptive stop rule (MEASUREMENT.md 5)."""
+"""Statistics of timing samples: outlier removal, percentiles, noise, and the adaptive stop rule (measurement 5)."""
 
 from __future__ import annotations
 

@@ -257,7 +257,7 @@ def test_a_failed_graph_capture_gives_the_callers_stream_back(monkeypatch):
 
 
 def test_tokprof_never_changes_clocks_or_limits():
-    # MEASUREMENT.md rule 6: measure the card as found. No NVML setter or reset appears in the profiler.
+    # docs/measurement.md rule 6: measure the card as found. No NVML setter or reset appears in the profiler.
     from pathlib import Path
 
     import tokprof.profiler

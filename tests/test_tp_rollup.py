@@ -231,7 +231,8 @@ def test_reconcile_tp2_has_the_interconnect_layer_and_shares_sum_to_one():
         assert layer.tokens_per_s_per_gpu == pytest.approx(BATCH / (step * 1e-6) / 2, rel=1e-9), name
     assert rec.layer("L1i").provenance == "modelled" and "link roof" in rec.layer("L1i").source
     assert [layer.gap_name for layer in rec.layers[:4]] == [None, "hardware derate", "interconnect (all-reduce)",
-                                                            "kernel and collective inefficiency"]
+                                                            # p2 is modelled: its L2 gap is the stated efficiency
+                                                            "assumed kernel and collective efficiency (modelled)"]
     assert math.isclose(sum(layer.gap_share for layer in rec.layers if layer.gap_share is not None), 1.0,
                         rel_tol=1e-12)
     assert "single-GPU" in rec.layer("L3").reason and rec.bottom_up_error_pct is None
@@ -244,7 +245,7 @@ def test_reconcile_tp2_has_the_interconnect_layer_and_shares_sum_to_one():
     rec0 = next(r for r in reconcile(_h100_run([p2], ceilings=False)) if r.tp == 2)
     assert rec0.layer("L1i").step_time_us == pytest.approx(rec0.layer("L0").step_time_us + coll_roof, rel=1e-9)
     assert rec0.layer("L1i").gap_name == "interconnect (all-reduce)"
-    assert rec0.layer("L2").gap_name == "hardware derate + kernel and collective inefficiency"
+    assert rec0.layer("L2").gap_name == "hardware derate + assumed kernel and collective efficiency (modelled)"
 
 
 def test_report_of_a_tp2_run_shows_the_interconnect_layer(tmp_path: Path):
@@ -256,7 +257,8 @@ def test_report_of_a_tp2_run_shows_the_interconnect_layer(tmp_path: Path):
                                            "bf16", link)]
     report = render_report([save_run(run, tmp_path / "run.json")], tmp_path / "out")
     names = [f.name for f in report.figures]
-    assert names == ["pareto.png", "op_share_R1.png", "iceberg_R1_b8_c1024_tp2.png"]  # no roofline: collectives
+    # no roofline: collectives only
+    assert names == ["pareto.png", "op_share_R1.png", "iceberg_R1_b8_c1024_h100-sxm_tp2.png"]
     md = report.markdown.read_text()
     assert "L1i" in md and "interconnect (all-reduce)" in md and "interconnect at the link roof" in md
     assert "llama-3.1-8b on h100-sxm x2 (tp=2), batch 8, context 1024" in md

@@ -9,8 +9,9 @@ its environment, for --arch 90, on a representative subset of the configurations
   flash-decoding splits, M=1 constants) and 64 (unsplit), a 2048-token prefill (tiled GEMM, causal and non-causal
   attention), plus every op's registry default shape;
 - in bf16 (the 16-bit configurations; fp16 takes the same ones) and fp32 (exact "ieee" dots held in registers,
-  where spills show up first): about 60 kernels, 28-32 s with Triton's kernel cache cold, ~10 s warm, on 2 shared
-  cores, hence the `slow` mark.
+  where spills show up first): about 60 kernels of the dense ops, 28-32 s with Triton's kernel cache cold, ~10 s
+  warm, on 2 shared cores, hence the `slow` mark; the MoE, MLA and gpt-oss variants (each op's
+  compile_check_shapes) add about 40 kernels and several minutes cold on 2 loaded cores.
 
 Skipped only when the script says the compile API is missing (exit 3, e.g. triton not installed).
 """
@@ -34,7 +35,7 @@ SUBSET_ARGS = ["--arch", "90", "--models", "llama-3.1-8b,llama-3.2-1b", "--dtype
 
 
 def _run(args: list[str], env_extra: dict[str, str] | None = None,
-         timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+         timeout_s: float = 1200) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for this process
     env.update(env_extra or {})
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -90,7 +91,13 @@ def test_every_kernel_compiles_for_sm90():
                 ("_prefill_attn_kernel", "CAUSAL=True"), ("_prefill_attn_kernel", "CAUSAL=False"),
                 ("_prefill_attn_kernel", "HEAD_DIM=64"), ("_prefill_attn_kernel", "HEAD_DIM=128"),
                 ("_linear_skinny_kernel", "BLOCK_M=16"), ("_linear_skinny_kernel", "BLOCK_M=64"),
-                ("_linear_skinny_kernel", "DOT_PRECISION=ieee"), ("_linear_tiled_kernel", "DOT_PRECISION=tf32")]
+                ("_linear_skinny_kernel", "DOT_PRECISION=ieee"), ("_linear_tiled_kernel", "DOT_PRECISION=tf32"),
+                # gpt-oss's attention extras, MLA's two paths, the MoE routing rules and activations
+                ("_decode_attention_kernel", "HAS_SINKS=True"), ("_decode_attention_kernel", "WINDOW=True"),
+                ("_decode_attention_reduce_kernel", "HAS_SINKS=True"), ("_prefill_attn_kernel", "WINDOW=True"),
+                ("_mla_decode_kernel", "SPLIT=True"), ("_mla_decode_kernel", "SPLIT=False"),
+                ("_moe_router_kernel", "SIGMOID=True"), ("_moe_router_kernel", "SIGMOID=False"),
+                ("_moe_gate_up_kernel", "GPT_OSS=True"), ("_moe_gate_up_kernel", "GPT_OSS=False")]
     for kernel, flag in branches:
         assert any(name == kernel and flag in config.split() for name, config in configs), (kernel, flag)
     # The table names every op too.

@@ -17,6 +17,7 @@ Steps, each saved to the RunResult as soon as it is measured (an interrupted run
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -33,12 +34,15 @@ from rich.console import Console
 from tokprof.models.config import ModelConfig
 from tokprof.profiler.cpu_load import CpuLoad, describe_record, load_record
 from tokprof.profiler.devices import resolve_device
-from tokprof.profiler.schema import RunResult, load_run, save_run
+from tokprof.profiler.schema import RunResult, file_part, load_run, mark_interrupted, save_run
+from tokprof.quant.precision import check_supported, parse_precision
 from tokprof.reports.history import History
+from tokprof.term import OutputConsole
 
 REFERENCE_DIR = Path(__file__).parent / "data" / "reference"
 OTHER_GPUS = ("h100-sxm", "h200", "b200")
 GPU_DEFAULT_MODEL = "llama-3.1-8b"
+SKIPPABLE = ("e2e", "other-gpus", "report", "history")  # `tokprof run --skip`: the stages a user may leave out
 
 
 @dataclass
@@ -83,6 +87,30 @@ class RunConfig:
     e2e_points: list[tuple[int, int]] | None = None
     # Where frameworks other than tokprof run; None: at every end-to-end point.
     framework_points: list[tuple[int, int]] | None = None
+    prices: Any = None  # rollup.economics.PriceOptions; None: the shipped price sheet
+    utilisation: float | None = None  # duty cycle served, for L5 of the iceberg; None: L5 not applied
+    skip: frozenset[str] = frozenset()  # stages left out: some of SKIPPABLE
+    other_gpu_model: str | None = None  # the model of the other GPUs' rows; None: the model measured, on a GPU
+
+    def with_options(self, *, batches: list[int] | None = None, contexts: list[int] | None = None,
+                     dtype: str | None = None, backend: str | None = None, prices: Any = None,
+                     utilisation: float | None = None, skip: Sequence[str] = ()) -> RunConfig:
+        """These defaults with what the user asked for (`tokprof run --batch ... --skip e2e`); a sweep the user
+        names is measured end to end too."""
+        unknown = sorted(set(skip) - set(SKIPPABLE))
+        if unknown:
+            raise ValueError(f"--skip: expected some of {list(SKIPPABLE)}, got {unknown}")
+        if utilisation is not None and not 0 < utilisation <= 1:
+            raise ValueError(f"--utilisation: expected a fraction in (0, 1], got {utilisation}")
+        rc = dataclasses.replace(self, skip=frozenset(skip), prices=prices, utilisation=utilisation)
+        if batches:
+            rc.batches, rc.e2e_batches, rc.e2e_points, rc.framework_points = list(batches), list(batches), None, None
+        if contexts:
+            rc.contexts, rc.e2e_contexts, rc.e2e_points, rc.framework_points = (list(contexts), list(contexts), None,
+                                                                                 None)
+        rc.dtype = dtype or rc.dtype
+        rc.backend = backend or rc.backend
+        return rc
 
     @classmethod
     def for_device(cls, device: torch.device, model: str | None = None) -> RunConfig:
@@ -143,7 +171,8 @@ def estimate_gpu_seconds(config: ModelConfig, rc: RunConfig) -> dict[str, float]
 
     distinct = {c.key(): c for b in rc.batches for c_ in rc.contexts for c in decode_plan(config, b, c_, rc.dtype)}
     h100 = load_specs()["h100-sxm"]
-    peak_flops, peak_bw = (h100.peak_tflops(rc.dtype) or h100.bf16_tflops) * 1e12, h100.hbm_tbps * 1e12
+    math = parse_precision(rc.dtype).activation  # a low-precision label's activation dtype bounds the estimate
+    peak_flops, peak_bw = (h100.peak_tflops(math) or h100.bf16_tflops) * 1e12, h100.hbm_tbps * 1e12
     timing_s = float(rc.timing_kwargs.get("max_time_s", 5.0))
     graphs_s = 0.0
     for f, b in (c.cost() for c in distinct.values()):
@@ -180,7 +209,7 @@ def estimate_gpu_seconds(config: ModelConfig, rc: RunConfig) -> dict[str, float]
     return parts
 
 
-def memory_needed_bytes(config: ModelConfig, dtype: torch.dtype, batch: int, context: int) -> int:
+def memory_needed_bytes(config: ModelConfig, dtype: torch.dtype | str, batch: int, context: int) -> int:
     """Weights, the KV cache of the largest point, and a 10% + 2 GiB allowance for activations and the allocator."""
     weights = config.weight_bytes(dtype)
     kv = config.kv_bytes_per_token(dtype) * batch * context
@@ -203,9 +232,7 @@ def available_memory_bytes(device: torch.device) -> tuple[int | None, str]:
 
 def check_fits(config: ModelConfig, rc: RunConfig) -> list[str]:
     """Refuse a model whose weights do not fit; drop end-to-end points whose KV cache does not (and say so)."""
-    from tokprof.kernels import parse_dtype
-
-    dtype = parse_dtype(rc.dtype)
+    dtype = rc.dtype  # a float dtype or a low-precision label: ModelConfig counts the bytes of either
     total, has = available_memory_bytes(rc.device)
     if total is None:
         return [f"memory not checked: the available memory of {rc.device} is unknown"]
@@ -247,13 +274,17 @@ def reference_runs(directory: Path | None = None) -> dict[str, Path]:
 def other_gpu_rows(run: RunResult, rc: RunConfig, console: Console) -> list[str]:
     """Projected or modelled roll-up rows for H100, H200 and B200, appended to run.rollup; returns notes."""
     from tokprof.rollup import modelled, project
+    from tokprof.rollup.command import load_model
     from tokprof.rollup.records import merge_points
 
     notes: list[str] = []
+    # A CPU run of the default tiny model shows the GPUs with the GPU default model; a model the user named is the
+    # model shown on every GPU.
+    wanted = rc.other_gpu_model or GPU_DEFAULT_MODEL
     if rc.device.type == "cuda":
         for gpu in OTHER_GPUS:
             try:
-                points = project(run, gpu)
+                points = project(run, gpu, prices=rc.prices)
             except ValueError as err:
                 notes.append(f"projection to {gpu} not made: {err}")
                 continue
@@ -267,17 +298,19 @@ def other_gpu_rows(run: RunResult, rc: RunConfig, console: Console) -> list[str]
         if ref is not None:
             try:
                 ref_run = load_run(ref)
-                points = project(ref_run, gpu)
+                if (ref_run.model or {}).get("name") != load_model(wanted).name:  # the model asked for, not the ref's
+                    raise ValueError(f"it measured {(ref_run.model or {}).get('name')}, not {wanted}")
+                points = project(ref_run, gpu, prices=rc.prices)
                 notes.append(f"{gpu}: projected from the shipped reference run {ref.name} "
                              f"({ref_run.provenance.device.name}, {ref_run.provenance.timestamp_utc})")
             except ValueError as err:
                 notes.append(f"{gpu}: the shipped reference {ref} could not be used ({err}); modelled instead")
         if not points:
-            config = ModelConfig.from_name(GPU_DEFAULT_MODEL)
-            gpu_rc = RunConfig.for_device(torch.device("cuda"), GPU_DEFAULT_MODEL)
-            points = modelled(config, gpu, gpu_rc.batches, gpu_rc.contexts, dtype=gpu_rc.dtype)
+            config = load_model(wanted)
+            gpu_rc = RunConfig.for_device(torch.device("cuda"), wanted)
+            points = modelled(config, gpu, gpu_rc.batches, gpu_rc.contexts, dtype=gpu_rc.dtype, prices=rc.prices)
             if ref is None:
-                notes.append(f"{gpu}: {GPU_DEFAULT_MODEL} modelled from the datasheet by the step model (no "
+                notes.append(f"{gpu}: {config.name} modelled from the datasheet by the step model (no "
                              "shipped reference run)")
         merge_points(run.rollup, points)
     for note in notes:
@@ -299,12 +332,14 @@ def run_e2e_points(run: RunResult, rc: RunConfig, run_path: Path, console: Conso
     if rc.device.type == "cuda":  # what the kernel benchmarks left in the caching allocator goes back first
         gc.collect()
         torch.cuda.empty_cache()
-    args = E2EArgs(model=rc.model, model_dir=None, batches=rc.e2e_batches, contexts=rc.e2e_contexts,
+    from_dir = Path(rc.model).expanduser().is_dir()  # a Hugging Face directory: its real weights end to end
+    args = E2EArgs(model=None if from_dir else rc.model, model_dir=rc.model if from_dir else None,
+                   batches=rc.e2e_batches, contexts=rc.e2e_contexts,
                    modes=rc.e2e_modes, frameworks=rc.frameworks, steps=rc.e2e_steps, warmup=4, device=rc.device,
                    backend=rc.backend, dtype=rc.dtype, output=str(run_path), energy=rc.energy,
                    command=list(run.provenance.command), points=points, framework_points=rc.framework_points,
                    energy_window_s=rc.e2e_energy_window_s)
-    run_e2e_command(args, console, Console(stderr=True))
+    run_e2e_command(args, console, OutputConsole(stderr=True))
     fresh = load_run(run_path)
     run.e2e = fresh.e2e
     run.notes = fresh.notes
@@ -313,29 +348,46 @@ def run_e2e_points(run: RunResult, rc: RunConfig, run_path: Path, console: Conso
 def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", device: str = "auto", *,
              console: Console | None = None, command: Sequence[str] | None = None,
              history_db: str | Path | None = None, report: bool = True,
-             config_override: RunConfig | None = None) -> Path:
-    """Run the whole chain and return the RunResult path. See the module docstring."""
+             config_override: RunConfig | None = None, batches: list[int] | None = None,
+             contexts: list[int] | None = None, dtype: str | None = None, kv_dtype: str | None = None,
+             backend: str | None = None, prices: Any = None, utilisation: float | None = None,
+             skip: Sequence[str] = ()) -> Path:
+    """Run the whole chain and return the RunResult path. See the module docstring. `model` is a preset or a
+    Hugging Face directory; `batches` .. `skip` override RunConfig.for_device's defaults (RunConfig.with_options);
+    `dtype` may be a low-precision format and `kv_dtype` fp8 (tokprof.quant.precision)."""
     from tokprof.profiler.bench import new_run
     from tokprof.profiler.ceilings import measure_ceilings
     from tokprof.profiler.overhead import measure_overhead
     from tokprof.rollup import bottom_up
     from tokprof.rollup.reconcile import reconcile
 
-    console = console or Console()
+    console = console or OutputConsole()
     t0 = time.perf_counter()
     cpu_load = CpuLoad.start()
     phases: dict[str, Any] = {}  # phase -> CpuLoadResult: how shared the CPU was in each
     dev = resolve_device(device)
     history = History(history_db)
-    history.check()  # a bad history file is said before the run, not after it
-    rc = config_override or RunConfig.for_device(dev, model)
-    config = ModelConfig.from_name(rc.model)
+    history.check(write=True)  # a foreign, newer or unwritable history is said before the run, not after it
+    from tokprof.rollup.command import load_model
+
+    rc = (config_override or RunConfig.for_device(dev, model)).with_options(
+        batches=batches, contexts=contexts, backend=backend, prices=prices, utilisation=utilisation,
+        skip=[*skip, *([] if report else ["report"])])
+    if model is not None and rc.other_gpu_model is None:
+        rc.other_gpu_model = model  # the other GPUs' rows show the model asked for
+    if dtype is not None or kv_dtype is not None:  # a low-precision run (tokprof.quant.precision)
+        precision = parse_precision(dtype or rc.dtype, kv_dtype=kv_dtype)
+        if precision.weight_format is not None and "+act-" not in (dtype or ""):
+            precision = parse_precision(precision, activation=parse_precision(rc.dtype).activation)
+        check_supported(precision, device=dev, backend=rc.backend)
+        rc = dataclasses.replace(rc, dtype=precision.label)
+    config = load_model(rc.model)
     fit_notes = check_fits(config, rc)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = new_run(list(command) if command is not None else sys.argv, dev)
-    stamp = run.provenance.timestamp_utc.replace(":", "").replace("-", "")
-    run_path = out / f"run-{config.name}-{run.provenance.device.spec_key or dev.type}-{stamp}.json"
+    run_path = reserve_run_path(run, out, config.name, run.provenance.device.spec_key or dev.type)
+    stage = "set-up"
     label = "GPU" if dev.type == "cuda" else "CPU run: CPU figures"
     console.rule(f"tokprof run: {config.name} on {run.provenance.device.name} [{label}]")
     run.notes.extend(fit_notes)
@@ -357,6 +409,7 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
         mark[0] = now
 
     try:
+        stage = "ceilings"
         console.print("[bold]1/5[/] ceilings")
         phase = CpuLoad.start()
         ceilings = measure_ceilings(dev)
@@ -366,11 +419,12 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
                       f"({ceilings.gemm_dtype})")
         lap("ceilings")
 
+        stage = "kernel benchmarks"
         console.print(f"[bold]2/5[/] kernels of the decode plan: batch {rc.batches} x context {rc.contexts}")
         phase = CpuLoad.start()
         points, run = bottom_up(config, rc.batches, rc.contexts, rc.backend, dev, dtype=rc.dtype, energy=rc.energy,
                                 timing_kwargs=rc.timing_kwargs, energy_kwargs=rc.energy_kwargs or None,
-                                ceilings=ceilings, run=run, out=run_path)
+                                ceilings=ceilings, run=run, out=run_path, prices=rc.prices)
         lap("kernels")
         phases["kernels"] = phase.stop()
         phase = CpuLoad.start()
@@ -384,11 +438,17 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
 
         e2e_where = (f"(batch, context) {rc.e2e_points}" if rc.e2e_points is not None
                      else f"batch {rc.e2e_batches} x context {rc.e2e_contexts}")
-        console.print(f"[bold]3/5[/] end to end: {e2e_where}, {', '.join(rc.frameworks)} ({', '.join(rc.e2e_modes)})")
-        phase = CpuLoad.start()
-        run_e2e_points(run, rc, run_path, console)
-        lap("e2e")
-        phases["e2e"] = phase.stop()
+        stage = "end-to-end measurements"
+        if "e2e" in rc.skip:
+            console.print("[bold]3/5[/] end to end: skipped (--skip e2e)")
+            run.notes.append("end to end not measured: skipped (--skip e2e)")
+        else:
+            console.print(f"[bold]3/5[/] end to end: {e2e_where}, {', '.join(rc.frameworks)} "
+                          f"({', '.join(rc.e2e_modes)})")
+            phase = CpuLoad.start()
+            run_e2e_points(run, rc, run_path, console)
+            lap("e2e")
+            phases["e2e"] = phase.stop()
 
         if dev.type == "cpu":  # a CPU is found shared more often than a GPU: say how shared it was while measuring
             load = cpu_load.stop()
@@ -398,25 +458,33 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
                 console.print(f"[yellow]warning: {describe_record(run.cpu_load)}: the CPU was shared, so these "
                               "CPU figures are slower and noisier than on an idle CPU[/]")
 
+        stage = "reconciliation"
         console.print("[bold]4/5[/] reconciliation and other GPUs")
-        run.reconciliation = [r.to_dict() for r in reconcile(run)]
-        run.notes.extend(other_gpu_rows(run, rc, console))
+        from tokprof.serving.served import provider as served_provider  # L5: the simulator on the run's step times
+
+        run.reconciliation = [r.to_dict() for r in reconcile(run, rc.utilisation, served=served_provider())]
+        if "other-gpus" not in rc.skip:
+            run.notes.extend(other_gpu_rows(run, rc, console))
         lap("reconcile")
         save_run(run, run_path)
 
+        stage = "report and history"
         console.print("[bold]5/5[/] report and history")
         summary: dict[str, Any] = {"run": str(run_path), "device": run.provenance.device.name, "model": config.name,
                                    "kind": dev.type}
-        if report:
-            from tokprof.reports.render import render_report
+        if "report" not in rc.skip:
+            from tokprof.reports.render import render_report, write_index
 
-            rep = render_report([run_path], out / "report")
+            # one folder per run (the run file's name), and an index of every run's report beside them
+            rep = render_report([run_path], out / "report" / run_path.stem)
             summary["report_html"] = str(rep.html)
             summary["report_md"] = str(rep.markdown)
-        history.record_run(run, run_path)
+            summary["report_index"] = str(write_index(out / "report"))
+        if "history" not in rc.skip:
+            history.record_run(run, run_path)
+            summary["history_db"] = str(history.path)
         lap("report")
         summary["phase_seconds"] = wall_s
-        summary["history_db"] = str(history.path)
         summary["seconds"] = round(time.perf_counter() - t0, 1)
         summary["points"] = [_point_summary(p) for p in points]
         summary["prediction"] = prediction_summary(run)
@@ -425,10 +493,30 @@ def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", devi
         print(json.dumps(summary))
         return run_path
     except KeyboardInterrupt:
-        kept = (f"{run_path} keeps what was measured up to the last finished kernel or end-to-end point"
-                if run_path.exists() else "nothing was saved yet")
-        console.print(f"[yellow]interrupted[/]: {kept}")
+        # The file is what was saved (end to end extends the file, not `run`); it says that the run was cut short.
+        try:
+            saved = load_run(run_path)
+        except ValueError:
+            saved = run
+        mark_interrupted(saved, stage)
+        save_run(saved, run_path)
+        console.print(f"[yellow]interrupted[/] during {stage}: {run_path} keeps what was measured up to the last "
+                      "finished kernel or end-to-end point, and says that the run was interrupted")
         raise
+
+
+def reserve_run_path(run: RunResult, out: Path, model: str, device: str) -> Path:
+    """Create `out/run-<model>-<device>-<run id>.json` exclusively (the run id ends in a random part): runs started in
+    the same second, in other processes, never write one file. A clash, however unlikely, takes a new id."""
+    import uuid
+
+    for _ in range(5):
+        path = out / f"run-{file_part(model)}-{file_part(device)}-{file_part(run.run_id)}.json"
+        try:
+            return save_run(run, path, exclusive=True)
+        except FileExistsError:
+            run.run_id = f"{run.run_id.rsplit('-', 1)[0]}-{uuid.uuid4().hex[:8]}"
+    raise ValueError(f"--out {out}: could not create a new run file there (names kept clashing)")
 
 
 def _point_summary(p: Any) -> dict[str, Any]:
@@ -567,9 +655,12 @@ def _print_story(console: Console, run: RunResult) -> None:
 
 def _print_summary(console: Console, summary: dict[str, Any]) -> None:
     console.rule("done")
-    console.print(f"RunResult: {summary['run']}")
+    from rich.markup import escape  # paths are text, not markup
+
+    console.print(escape(f"RunResult: {summary['run']}"))
     if "report_html" in summary:
-        console.print(f"report:    {summary['report_html']} (and {summary['report_md']})")
-    console.print(f"history:   {summary['history_db']}")
+        console.print(escape(f"report:    {summary['report_html']} (and {summary['report_md']})"))
+    if "history_db" in summary:
+        console.print(escape(f"history:   {summary['history_db']}"))
     phases = ", ".join(f"{k} {v:g} s" for k, v in summary.get("phase_seconds", {}).items())
     console.print(f"time:      {summary['seconds']} s" + (f" ({phases})" if phases else ""))

@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--backends", default="triton,cuda")
     parser.add_argument("--repeat", type=int, default=2, help="2 runs the A/A check; 0 skips it")
-    parser.add_argument("--max-time-s", type=float, default=1.0,
-                        help="longest sampling time per kernel, s (the stop rule's timeout)")
+    parser.add_argument("--timeout-s", "--max-time-s", dest="max_time_s", type=float, default=1.0,
+                        help="longest sampling time per kernel, s (the stop rule's timeout; --max-time-s: old name)")
     parser.add_argument("--aa-modes", default="events,graph", help="timing modes of the A/A check")
     parser.add_argument("--no-aa-energy", action="store_true", help="no energy windows in the A/A check (faster)")
     args = parser.parse_args(argv)
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--aa-modes: expected events and/or graph, got {args.aa_modes!r}", file=sys.stderr)
         return 2
     if not args.max_time_s > 0:
-        print(f"--max-time-s: expected a positive number of seconds, got {args.max_time_s}", file=sys.stderr)
+        print(f"--timeout-s: expected a positive number of seconds, got {args.max_time_s}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     if device.type != "cuda" or not torch.cuda.is_available():

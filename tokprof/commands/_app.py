@@ -2,35 +2,72 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import sys
 from pathlib import Path
+from typing import Any
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from tokprof.term import OutputConsole
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="tokprof: GPU kernel-level throughput profiler, from kernels to cost per million tokens.")
-console = Console()
+console = OutputConsole()  # a terminal's width, else a fixed width (tokprof/term.py)
 DB_HELP = ("History database (default: TOKPROF_HISTORY_DB, else $XDG_DATA_HOME or ~/.local/share, "
            "tokprof/history.db).")
-err_console = Console(stderr=True)
+err_console = OutputConsole(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from tokprof import __version__
+
+        print(f"tokprof {__version__}")
+        raise typer.Exit(0)
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print tokprof's version and exit."),
+) -> None:
     """tokprof: GPU kernel-level throughput profiler, from kernels to cost per million tokens."""
 
 
+def quiet_console() -> OutputConsole:
+    """A console that prints nowhere: for --json and --csv, whose stdout is the document alone."""
+    return OutputConsole(file=io.StringIO())
+
+
+def print_csv(rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+    """`rows` as CSV on stdout (a header line, then one line per row; None as an empty cell): for --csv."""
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in columns})
+
+
+def check_one_format(as_json: bool, as_csv: bool) -> None:
+    if as_json and as_csv:
+        fail("--json and --csv: choose one output format")
+
+
 def fail(message: str, code: int = 2) -> None:
-    """Print a clear error (no traceback) and exit with `code`."""
-    err_console.print(f"[bold red]error:[/] {message}")
+    """Print a clear error (no traceback) and exit with `code`; the message is text, never rich markup (a hint such
+    as pip install 'tokprof[fleet]' keeps its brackets)."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
 def interrupted(kept: str | None) -> None:
     """Ctrl-C: say what was kept (None: nothing to say, already said) and exit 130, without a traceback."""
     if kept:
-        err_console.print(f"[yellow]interrupted[/]: {kept}")
+        err_console.print(f"[yellow]interrupted[/]: {escape(kept)}")
     raise typer.Exit(130)
 
 
@@ -64,6 +101,29 @@ def check_output(name: str, path: str | Path | None, folder: bool = False) -> No
             if not parent.is_dir():
                 fail(f"{name}: expected a path under a folder, got {path} ({parent} is a file)")
             break
+    _check_writable(name, path, p, folder)
+
+
+MIN_FREE_BYTES = 16 << 20  # less free space than this where results go: refused up front, not after measuring
+
+
+def _check_writable(name: str, path: str | Path, p: Path, folder: bool) -> None:
+    """Exit 2 when this process cannot create or replace `p` (permissions, a read-only or full file system)."""
+    import os
+    import shutil
+
+    where = p if folder and p.is_dir() else p.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not os.access(where, os.W_OK | os.X_OK) or (not folder and p.exists() and not os.access(p, os.W_OK)):
+        fail(f"{name}: cannot write {path} ({where} is not writable by this user)")
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return
+    if free < MIN_FREE_BYTES:
+        fail(f"{name}: cannot write {path}: only {free >> 20} MiB free on the file system of {where} (at least "
+             f"{MIN_FREE_BYTES >> 20} MiB needed)")
 
 
 def check_device_index(device: str | None) -> None:
@@ -95,8 +155,8 @@ def bench_device(device: str | None) -> object:
 
 
 def print_wide(table: Table) -> None:
-    """Print a wide table whole: a terminal wraps it to its width, a pipe or a file gets 160 columns, not 80."""
-    (console if console.is_terminal else Console(width=160)).print(table)
+    """Print a wide table: a terminal wraps it to its width, a pipe or a file gets term.PIPE_WIDTH columns."""
+    console.print(table)
 
 
 def pct(value: float | None) -> str:

@@ -11,12 +11,20 @@ import typer
 from tokprof.commands._app import (
     app,
     check_device_index,
+    check_one_format,
     check_output,
     console,
     fail,
     interrupted,
     parse_int_list,
+    print_csv,
+    quiet_console,
 )
+
+# Sampling budget per kernel call of a roll-up sweep (--timeout-s): dozens of distinct calls, most of which reach the
+# 0.5% noise target in well under a second on a GPU; on a shared CPU they rarely do, and bench's 5 s each made the
+# tiny model's sweep take minutes.
+ROLLUP_TIMEOUT_S = 1.0
 
 
 @app.command()
@@ -40,8 +48,10 @@ def rollup(
                                "or cuda[:N]."),
     backend: str | None = typer.Option(None, "--backend", help="Kernel backend to measure: torch, triton or cuda "
                                        "(default triton; with --from: the run's)."),
-    dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default bf16; with --from: the "
-                                     "run's)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="fp32, fp16 or bf16, or a weight format: fp8, fp8-block, "
+                                     "mxfp4, nvfp4, int4 (default bf16; with --from: the run's)."),
+    kv_dtype: str | None = typer.Option(None, "--kv-dtype", help="fp8: an e4m3 KV cache (default: the activation "
+                                        "dtype)."),
     price_sheet: str | None = typer.Option(None, "--price-sheet", help="Your price sheet (format of "
                                            "tokprof/data/prices.json); its rows replace the shipped ones."),
     tier: str | None = typer.Option(None, "--tier", help="Price tier of the sheet: hyperscaler (default), neocloud "
@@ -56,11 +66,14 @@ def rollup(
                                              "tokens."),
     pue: float = typer.Option(1.0, "--pue", help="Facility energy over IT energy, for energy $ per M tokens."),
     energy: bool = typer.Option(False, "--energy", help="Measure kernel energy too (needs NVML on a GPU)."),
-    max_time_s: float | None = typer.Option(None, "--max-time-s", help="Timing budget per kernel call, seconds "
-                                            "(default: the harness's 5 s)."),
+    timeout_s: float = typer.Option(ROLLUP_TIMEOUT_S, "--timeout-s", help="Longest sampling time per kernel call, "
+                                    "s (stops earlier at 0.5% noise; a sweep measures dozens of calls)."),
+    max_time_s: float | None = typer.Option(None, "--max-time-s", hidden=True, help="Deprecated: --timeout-s."),
     interactivity: str | None = typer.Option(None, "--interactivity", help="Target tokens/s per user, e.g. 20,50: "
                                              "cost per M tokens on the frontier there (interpolated)."),
     output: str | None = typer.Option(None, "-o", "--output", help="Write the RunResult (kernels, roll-up) here."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON document (no card, no tables)."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print the points as CSV instead (one row per point)."),
     tp: int | None = typer.Option(None, "--tp", help="Tensor-parallel GPUs: one GPU's share of the model plus its "
                                   "all-reduces, measured in the run or modelled from the interconnect spec "
                                   "(default 1; with --from: the run's)."),
@@ -90,6 +103,7 @@ def rollup(
     from tokprof.rollup.command import RollupArgs, run_rollup
 
     check_output("--output", output)  # up front: a bad path would lose the measurements
+    check_one_format(as_json, as_csv)
     if not (from_run or modelled_):
         check_device_index(device)
     try:
@@ -103,6 +117,13 @@ def rollup(
         if not all(0 < t < math.inf for t in targets):
             fail("--interactivity: expected comma-separated positive numbers of tokens/s per user, got "
                  f"{interactivity!r}")
+        if kv_dtype is not None or dtype is not None:
+            from tokprof.quant.precision import check_supported, parse_precision
+
+            precision = parse_precision(dtype or "bf16", kv_dtype=kv_dtype)
+            dtype = precision.label
+            if not (from_run or modelled_):
+                check_supported(precision, device=device, backend=backend)
         batch_max = batch is not None and batch.strip().lower() == "max"
         step_model = _step_model(assumptions, execution=execution, step_overhead_us=step_overhead_us,
                                  call_latency_us=call_latency_us, collective_algorithm=collective_algorithm,
@@ -114,17 +135,21 @@ def rollup(
                           else None,
                           contexts=parse_int_list("--context", context) if context is not None else None,
                           from_run=from_run, gpu=gpu, modelled=modelled_, efficiency=efficiency, device=device,
-                          backend=backend, dtype=dtype, prices=prices, energy=energy, max_time_s=max_time_s,
+                          backend=backend, dtype=dtype, prices=prices, energy=energy,
+                          max_time_s=max_time_s if max_time_s is not None else timeout_s,
                           interactivity=targets, output=output, command=list(sys.argv), tp=tp,
                           collectives=collectives, step_model=step_model, batch_max=batch_max,
                           memory_utilization=memory_utilization)
-        doc = run_rollup(args, console)
+        doc = run_rollup(args, quiet_console() if as_json or as_csv else console)
     except typer.Exit:
         raise
     except (ValueError, RuntimeError) as err:  # bad arguments or files; a backend that cannot run here
         fail(str(err))
     except KeyboardInterrupt:  # bottom_up saves --output after every kernel
         interrupted(f"the kernels measured so far are in {output}" if output else "nothing written (no --output)")
+    if as_csv:
+        print_csv([{k: v for k, v in p.items() if not isinstance(v, (list, dict))} for p in doc["points"]])
+        return
     print(json.dumps(doc))
 
 

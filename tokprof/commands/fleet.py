@@ -49,7 +49,7 @@ def fleet(
         table.add_column(col)
     for t in targets:
         if t.name in result.runs:
-            table.add_row(t.name, result.hosts[t.name], str(result.runs[t.name]))
+            table.add_row(escape(t.name), escape(result.hosts[t.name]), escape(str(result.runs[t.name])))
         else:
             table.add_row(t.name, "-", f"[red]{escape(result.failures.get(t.name, 'no result'))}[/]")
     print_wide(table)
@@ -57,7 +57,7 @@ def fleet(
         console.print(f"[dim]{escape(note)}[/]")
     for what, path in (("compare", result.compare), ("report", result.report)):
         if path is not None:
-            console.print(f"{what}: {path}")
+            console.print(f"{what}: {escape(str(path))}")
     print(json.dumps({"command": "fleet", **result.to_dict()}))
     if result.failures:
         raise typer.Exit(1)

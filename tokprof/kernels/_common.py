@@ -1,6 +1,6 @@
 """Shared pieces of the kernel library: argument checks, backend availability and the registry record.
 
-Every public kernel function (see ARCHITECTURE.md, "The kernel API") validates its arguments with the helpers here,
+Every public kernel function (see docs/design.md, "The kernel API") validates its arguments with the helpers here,
 so that a bad call raises a ValueError naming the argument, what was expected and what came, whatever the backend.
 """
 
@@ -114,6 +114,17 @@ def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
     return value
+
+
+def check_sinks_and_window(sinks: Any, sliding_window: Any, num_q_heads: int, device: torch.device) -> None:
+    """gpt-oss's attention extras: sinks (Hq,) float, one logit per query head that joins the softmax denominator;
+    sliding_window a positive int (attend to the last `sliding_window` positions, the current one included)."""
+    if sinks is not None:
+        check_tensor("sinks", sinks, shape=(num_q_heads,), dtypes=FLOAT_DTYPES, contiguous=True, device=device)
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                       or sliding_window < 1):
+        raise ValueError(f"sliding_window: expected None or a positive int (positions attended, the current one "
+                         f"included), got {sliding_window!r}")
 
 
 def check_backend(backend: Any) -> str:
@@ -348,7 +359,8 @@ def poisoned_outputs() -> Iterator[None]:
 
 
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate a kernel output (uninitialised; NaN-filled inside `poisoned_outputs()`)."""
+    """Allocate a kernel output (uninitialised; NaN-filled inside `poisoned_outputs()`, -1 for integer dtypes,
+    which have no NaN)."""
     if _POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)

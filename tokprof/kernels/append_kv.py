@@ -4,7 +4,8 @@
     token t -> slot s = slot_mapping[t] -> k_cache[s // block_size, s % block_size] = k[t] (same for v)
 
 A negative slot (-1, vLLM's PAD_SLOT_ID) skips the token (padding of a CUDA-graph batch). Valid slots must be
-distinct: with duplicates, which token lands is unspecified (as in vLLM's reshape_and_cache).
+distinct: duplicates (which token lands would be unspecified, as in vLLM's reshape_and_cache) are refused by the
+value checks.
 k and v may be row slices of a fused qkv projection: heads and head_dim contiguous (strides (*, D, 1)), any token
 stride. The caches are contiguous.
 Pure data movement (0 FLOP): the roof is HBM bandwidth.
@@ -139,6 +140,14 @@ def _check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
         bad = lo if lo < -1 else hi
         raise ValueError(f"slot_mapping: expected slots in [0, {num_slots}) (num_blocks * block_size) or -1 to skip "
                          f"a token, got {bad}")
+    # Two tokens to one slot race on a GPU (which lands is unspecified): refused, like any other bad slot. Part of
+    # the value checks, so a timed call (inside skip_value_checks) holds no extra host sync.
+    valid = slot_mapping[slot_mapping >= 0]  # (valid tokens,)
+    uniq, counts = torch.unique(valid, return_counts=True)
+    if uniq.numel() != valid.numel():
+        dup = int(uniq[counts > 1][0])
+        raise ValueError(f"slot_mapping: expected distinct slots (a slot written by two tokens is a race), got slot "
+                         f"{dup} {int(counts.max())} times")
 
 
 def append_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -36,6 +36,7 @@ from tokprof.kernels._common import (
     cdiv,
     check_same_device,
     check_same_dtype,
+    check_sinks_and_window,
     check_tensor,
     dtype_bytes,
     make_generator,
@@ -69,6 +70,8 @@ CUDA_GROUP_TILES = (1, 2, 4, 8)  # query heads per thread block; larger groups a
 # mask, and a group's tokens of one step share a page id): 16 is tokprof's and vLLM's default, 32 the other common one.
 CUDA_BLOCK_SIZES = (16, 32)
 CUDA_THREADS = 128
+FP8_KV = torch.float8_e4m3fn  # an fp8 KV cache (append_kv_fp8 writes it), read with per-head k_scale / v_scale
+CACHE_DTYPES = (*FLOAT_DTYPES, FP8_KV)
 SPLIT_GRANULARITY_CUDA = 64  # a multiple of every CUDA instance's tokens-per-step, so splits start on a step
 
 
@@ -76,25 +79,39 @@ SPLIT_GRANULARITY_CUDA = 64  # a multiple of every CUDA instance's tokens-per-st
 
 
 def _decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                            seq_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                            seq_lens: torch.Tensor, scale: float | None = None, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                            sliding_window: int | None = None) -> torch.Tensor:
     """Plain PyTorch: gather every sequence's pages, softmax in fp32. GQA groups the query heads per KV head, which
-    equals repeating K and V Hq/Hkv times without materialising the copies."""
+    equals repeating K and V Hq/Hkv times without materialising the copies. A sink is one more logit per head in the
+    softmax, with no value (transformers' gpt-oss concatenates it and drops its column)."""
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
     max_blocks = block_table.shape[1]
     scale = head_dim**-0.5 if scale is None else float(scale)
     lens = seq_lens.long()
-    valid = torch.arange(max_blocks * block_size, device=q.device)[None, :] < lens[:, None]  # (B, T)
+    positions = torch.arange(max_blocks * block_size, device=q.device)[None, :]
+    valid = positions < lens[:, None]  # (B, T)
+    if sliding_window is not None:  # the query sits at position len - 1 and sees keys t > len - 1 - window
+        valid &= positions >= lens[:, None] - sliding_window
     # Entries past a sequence's last page may hold anything (serving engines leave them stale): never index with them.
     used = torch.arange(max_blocks, device=q.device)[None, :] * block_size < lens[:, None]  # (B, max_blocks)
     pages = torch.where(used, block_table, torch.zeros_like(block_table)).long()
     k = k_cache[pages].reshape(batch, max_blocks * block_size, num_kv_heads, head_dim).float()  # (B, T, Hkv, D)
     v = v_cache[pages].reshape(batch, max_blocks * block_size, num_kv_heads, head_dim).float()  # (B, T, Hkv, D)
+    if k_scale is not None:  # an fp8 cache: per-head scales (Hkv,) back to real values
+        k = k * k_scale.float()[None, None, :, None]
+    if v_scale is not None:
+        v = v * v_scale.float()[None, None, :, None]
     qg = q.float().view(batch, num_kv_heads, group, head_dim)  # (B, Hkv, G, D)
     scores = torch.einsum("bhgd,bthd->bhgt", qg, k) * scale  # (B, Hkv, G, T)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        sink = sinks.float().view(1, num_kv_heads, group, 1).expand(batch, -1, -1, -1)  # (B, Hkv, G, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bhgt,bthd->bhgd", probs, v)  # (B, Hkv, G, D)
     return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
 
@@ -179,11 +196,12 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-        scale_log2, group, num_q_heads, num_splits, tokens_per_split,
+        q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr, ks_ptr, vs_ptr,
+        sinks_ptr, scale_log2, group, num_q_heads, num_splits, tokens_per_split, window,
         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ob, stride_oh,
         PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, G_PAD: tl.constexpr,
-        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
+        HAS_SINKS: tl.constexpr = False, WINDOW: tl.constexpr = False,
     ):
         # grid (B, Hkv, num_splits). One program: all `group` query heads of KV head `kvh` over one token range, so
         # each K/V byte of the range is read once. K and V share strides (same shape, both contiguous).
@@ -193,6 +211,11 @@ if triton is not None:
         seq_len = tl.load(seq_lens_ptr + b)
         start = split * tokens_per_split
         end = tl.minimum(seq_len, start + tokens_per_split)
+        if WINDOW:
+            # gpt-oss sliding window: only the last `window` positions, t >= seq_len - window. The splits share the
+            # window (their ranges count from its first token), so no program is spent on tokens before it.
+            start = tl.maximum(seq_len - window, 0) + split * tokens_per_split
+            end = tl.minimum(seq_len, start + tokens_per_split)
 
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D_PAD)
@@ -201,6 +224,12 @@ if triton is not None:
         # Masks along D only when D is padded: a mask constant along D keeps the loads 16-byte vectors.
         qd_mask = g_mask[:, None] if D_PAD == HEAD_DIM else g_mask[:, None] & (d < HEAD_DIM)[None, :]
         q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :], mask=qd_mask, other=0.0)
+        if KV_SCALED:
+            # an fp8 cache: K's per-head scale folds into the softmax scale, V's multiplies p.V (both per tile)
+            qk_scale = scale_log2 * tl.load(ks_ptr + kvh)
+            v_scale = tl.load(vs_ptr + kvh)
+        else:
+            qk_scale = scale_log2
 
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)  # running max of the base-2 scores
         l_i = tl.zeros([G_PAD], tl.float32)  # running sum of exp2(score - m_i)
@@ -220,7 +249,7 @@ if triton is not None:
             rows = page.to(tl.int64) * stride_kb + (t % PAGE) * stride_kt + kvh * stride_kh  # (BLOCK_N,)
             kv_mask = t_mask[:, None] if D_PAD == HEAD_DIM else t_mask[:, None] & (d < HEAD_DIM)[None, :]
             k = tl.load(k_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, D_PAD)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # (G_PAD, BLOCK_N)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # (G_PAD, BLOCK_N)
             s = tl.where(t_mask[None, :], s, float("-inf"))
             # Every tile holds at least one valid token, so m_new is finite and exp2(-inf - m_new) = 0.
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -228,11 +257,22 @@ if triton is not None:
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, D_PAD)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            if KV_SCALED:
+                pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION) * v_scale
+            else:
+                pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
 
-        # A split past the sequence's end ran no tile (l_i = 0): keep its values finite; the merge skips it.
+        # A split past the sequence's end (or before its window) ran no tile (l_i = 0): keep its values finite; the
+        # merge skips it (or weighs it 0: its lse is -inf).
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        if HAS_SINKS and not SPLIT:
+            # The sink joins the denominator once: exp2(sink - m) next to l_i, rescaled to the larger of the two maxima.
+            sink = tl.load(sinks_ptr + head, mask=g_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+            m_all = tl.maximum(m_i, sink)
+            l_safe = l_i * tl.exp2(m_i - m_all) + tl.exp2(sink - m_all)
+            acc = acc * tl.exp2(m_i - m_all)[:, None]
         o = acc / l_safe[:, None]
         if SPLIT:
             # scratch part_o (B, Hq, num_splits, HEAD_DIM), part_lse (B, Hq, num_splits): fp32, lse in base 2
@@ -245,9 +285,9 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_reduce_kernel(
-        part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, num_q_heads, num_splits, tokens_per_split,
+        part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, sinks_ptr, num_q_heads, num_splits, tokens_per_split,
         stride_ob, stride_oh,
-        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, HAS_SINKS: tl.constexpr = False,
     ):
         # grid (B, Hq): out[b, h] = sum_s w_s o_s / sum_s w_s with w_s = exp2(lse_s - max lse), over the splits
         # that hold tokens of this sequence (the first cdiv(seq_len, tokens_per_split)).
@@ -260,10 +300,18 @@ if triton is not None:
         s_mask = s < n_valid
         row = (b * num_q_heads + h) * num_splits + s  # (SPLITS_PAD,)
         lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))
-        w = tl.exp2(lse - tl.max(lse, 0))  # split 0 always holds a token: the max is finite, masked weights are 0
+        # The last valid split always holds a token: the max is finite; masked (and empty) splits weigh 0.
+        m = tl.max(lse, 0)
+        if HAS_SINKS:
+            sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634  # base 2, like lse
+            m = tl.maximum(m, sink)
+        w = tl.exp2(lse - m)
         o_mask = s_mask[:, None] & (d < HEAD_DIM)[None, :]
         o = tl.load(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=o_mask, other=0.0)  # (SPLITS_PAD, D_PAD)
-        out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+        denom = tl.sum(w, 0)
+        if HAS_SINKS:
+            denom += tl.exp2(sink - m)  # the sink joins the denominator once, with no value
+        out = tl.sum(o * w[:, None], 0) / denom
         tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
@@ -316,7 +364,9 @@ def _outputs(q: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                             seq_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                             seq_lens: torch.Tensor, scale: float | None = None, k_scale: torch.Tensor | None = None,
+                             v_scale: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                             sliding_window: int | None = None) -> torch.Tensor:
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
@@ -329,24 +379,45 @@ def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     scale = head_dim**-0.5 if scale is None else float(scale)
     d_pad = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dimension >= 16
     g_pad = max(16, triton.next_power_of_2(group))
+    # sized by q's dtype: an fp8 cache's tiles are converted to it in registers, where the size matters
     block_n, num_warps, num_stages = _triton_config(d_pad, q.element_size(), q.device)
-    num_splits, tokens_per_split = _split_plan(batch, num_kv_heads, block_table.shape[1] * block_size, block_n,
-                                               q.device, _triton_ctas_per_sm(d_pad, q.element_size(), q.device))
+    scaled = k_scale is not None or v_scale is not None
+    if scaled and q.dtype == torch.float32:  # fp32 dots on converted fp8 tiles: half the tile, no spills on sm_90
+        block_n = max(16, block_n // 2)
+    if scaled:  # one (Hkv,) fp32 tensor each, 1.0 where only the other scale was given
+        k_scale = k_scale if k_scale is not None else torch.ones(num_kv_heads, device=q.device)
+        v_scale = v_scale if v_scale is not None else torch.ones(num_kv_heads, device=q.device)
+    capacity = block_table.shape[1] * block_size
+    if sliding_window is not None:  # at most `sliding_window` tokens per sequence to split
+        capacity = min(capacity, sliding_window)
+    num_splits, tokens_per_split = _split_plan(batch, num_kv_heads, capacity, block_n, q.device,
+                                               _triton_ctas_per_sm(d_pad, q.element_size(), q.device))
     out, part_o, part_lse = _outputs(q, num_splits)
     # fp32 inputs: "ieee" keeps the dot in full fp32 (the default would round to tf32, ~1e-3 relative error).
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    # gpt-oss extras, compiled in only when used: sinks (Hq,) join the softmax denominator; with a sliding window the
+    # splits cover only the window (counted from its first token), so the pages before it are never read.
+    extras: dict[str, Any] = {}
+    if sinks is not None:
+        extras["HAS_SINKS"] = True
+    if sliding_window is not None:
+        extras["WINDOW"] = True
     _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, out, part_o, part_lse,
-        scale * LOG2E, group, num_q_heads, num_splits, tokens_per_split,
+        k_scale if scaled else seq_lens, v_scale if scaled else seq_lens,  # unread pointers when not scaled
+        sinks if sinks is not None else q,
+        scale * LOG2E, group, num_q_heads, num_splits, tokens_per_split, int(sliding_window or 0),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         out.stride(0), out.stride(1),
         PAGE=block_size, HEAD_DIM=head_dim, D_PAD=d_pad, G_PAD=g_pad, BLOCK_N=block_n, SPLIT=num_splits > 1,
-        DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION=precision, KV_SCALED=scaled, num_warps=num_warps, num_stages=num_stages, **extras,
     )
     if num_splits > 1:
         _decode_attention_reduce_kernel[(batch, num_q_heads)](
-            part_o, part_lse, seq_lens, out, num_q_heads, num_splits, tokens_per_split, out.stride(0), out.stride(1),
+            part_o, part_lse, seq_lens, out, sinks if sinks is not None else q, num_q_heads, num_splits,
+            tokens_per_split, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, D_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+            **({"HAS_SINKS": True} if sinks is not None else {}),
         )
     return out
 
@@ -355,7 +426,16 @@ def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 
 
 def _decode_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                           seq_lens: torch.Tensor, scale: float | None = None, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                           sliding_window: int | None = None) -> torch.Tensor:
+    if sinks is not None or sliding_window is not None:
+        name = "sinks" if sinks is not None else "sliding_window"
+        raise ValueError(f"{name}: the cuda backend has no attention sinks or sliding window; use backend='triton' "
+                         "or 'torch'")
+    if k_scale is not None or v_scale is not None or k_cache.dtype not in FLOAT_DTYPES:
+        raise ValueError("k_cache: the cuda backend reads fp32/fp16/bf16 caches without scales; for an fp8 cache "
+                         "(k_scale, v_scale) use backend='triton' or 'torch'")
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
@@ -425,12 +505,15 @@ def _check_lengths(block_table: torch.Tensor, seq_lens: torch.Tensor, num_blocks
 
 def _validate(q: Any, k_cache: Any, v_cache: Any, block_table: Any, seq_lens: Any, scale: Any) -> None:
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, contiguous=True)
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES, contiguous=True)
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES, contiguous=True)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=CACHE_DTYPES, contiguous=True)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=CACHE_DTYPES, contiguous=True)
     check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), contiguous=True)
     check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,), contiguous=True)
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens)
-    check_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
+    if k_cache.dtype == FP8_KV:
+        check_same_dtype(k_cache=k_cache, v_cache=v_cache)
+    else:
+        check_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
     batch, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     if batch == 0:
@@ -459,16 +542,41 @@ def _validate(q: Any, k_cache: Any, v_cache: Any, block_table: Any, seq_lens: An
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                     seq_lens: torch.Tensor, *, scale: float | None = None, backend: str = "triton") -> torch.Tensor:
+                     seq_lens: torch.Tensor, *, scale: float | None = None,
+                     k_scale: float | torch.Tensor | None = None, v_scale: float | torch.Tensor | None = None,
+                     sinks: torch.Tensor | None = None, sliding_window: int | None = None,
+                     backend: str = "triton") -> torch.Tensor:
     """out (B, Hq, D) = softmax(scale * q K^T) V per sequence, over that sequence's pages of the KV cache.
 
     q (B, Hq, D); k_cache, v_cache (num_blocks, block_size, Hkv, D); block_table (B, max_blocks) int32;
     seq_lens (B,) int32 with 1 <= seq_lens[b] <= max_blocks * block_size. Checking seq_lens reads it on the host
     (a device synchronisation), except while a CUDA graph is being captured.
+    An fp8 (float8_e4m3fn) cache holds K / k_scale and V / v_scale (append_kv_fp8): k_scale, v_scale are a float
+    (per tensor) or an fp32 (Hkv,) tensor (per head), 1.0 when omitted; q and out stay in the model dtype.
+    gpt-oss: `sinks` (Hq,) adds exp(sinks[h]) to head h's softmax denominator (a logit with no value);
+    `sliding_window` W attends to the last W positions only, t >= seq_lens[b] - W (transformers' mask).
     """
     _validate(q, k_cache, v_cache, block_table, seq_lens, scale)
+    check_sinks_and_window(sinks, sliding_window, q.shape[1], q.device)
     impl = resolve("decode_attention", _IMPLS, backend, q.device)
-    return impl(q, k_cache, v_cache, block_table, seq_lens, scale=scale)
+    ks, vs = _kv_scales(k_cache, k_scale, v_scale)
+    extras: dict[str, Any] = {}  # only the keywords in use, so implementations keep their original call
+    if ks is not None:
+        extras.update(k_scale=ks, v_scale=vs)
+    if sinks is not None or sliding_window is not None:
+        extras.update(sinks=sinks, sliding_window=sliding_window)
+    return impl(q, k_cache, v_cache, block_table, seq_lens, scale=scale, **extras)
+
+
+def _kv_scales(k_cache: torch.Tensor, k_scale: Any, v_scale: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(k_scale, v_scale) as fp32 (Hkv,) tensors, or (None, None) for an unscaled high-precision cache."""
+    if k_scale is None and v_scale is None and k_cache.dtype != FP8_KV:
+        return None, None
+    from tokprof.kernels.append_kv_fp8 import kv_scale_tensor
+
+    hkv = k_cache.shape[2]
+    return (kv_scale_tensor("k_scale", 1.0 if k_scale is None else k_scale, hkv, k_cache.device),
+            kv_scale_tensor("v_scale", 1.0 if v_scale is None else v_scale, hkv, k_cache.device))
 
 
 def make_inputs(shape: Mapping[str, int], dtype: torch.dtype, device: torch.device | str, seed: int) -> dict[str, Any]:
@@ -487,12 +595,26 @@ def make_inputs(shape: Mapping[str, int], dtype: torch.dtype, device: torch.devi
         "v_cache": randn((num_blocks, block_size, num_kv_heads, head_dim), dtype, device, gen),
         "block_table": block_table.to(device),
         "seq_lens": torch.full((batch,), context, dtype=torch.int32, device=device),
+        **_gpt_oss_inputs(shape, device, gen),
     }
+
+
+def _gpt_oss_inputs(shape: Mapping[str, int], device: torch.device | str, gen: torch.Generator) -> dict[str, Any]:
+    """The optional shape keys `sinks` (1: per-head sink logits) and `window` (> 0: sliding window of that many
+    positions) as gpt-oss's attention layers call the op; nothing when they are absent or 0."""
+    extras: dict[str, Any] = {}
+    if shape.get("sinks"):
+        extras["sinks"] = randn((shape["Hq"],), torch.float32, device, gen)
+    if shape.get("window"):
+        extras["sliding_window"] = shape["window"]
+    return extras
 
 
 def cost(shape: Mapping[str, int], dtype: torch.dtype) -> tuple[int, int]:
     batch, hq, hkv, d = shape["B"], shape["Hq"], shape["Hkv"], shape["D"]
     context, block_size, b = shape["context"], shape["block_size"], dtype_bytes(dtype)
+    if shape.get("window"):  # a sliding window reads only its last `window` tokens
+        context = min(context, shape["window"])
     # q.K^T and p.V: one multiply-add (2 FLOP) per (query head, token, d) each. Softmax's exp and sums are O(Hq * T)
     # and left out, as in every attention FLOP count.
     flops = 4 * batch * hq * context * d
@@ -501,6 +623,7 @@ def cost(shape: Mapping[str, int], dtype: torch.dtype) -> tuple[int, int]:
         + 2 * batch * hq * d * b  # read q, write out
         + batch * cdiv(context, block_size) * 4  # the block_table entries in use (int32)
         + batch * 4  # seq_lens (int32)
+        + (4 * hq if shape.get("sinks") else 0)  # fp32 sink logits
     )
     return flops, min_bytes
 
@@ -509,12 +632,20 @@ OP = Op(
     name="decode_attention",
     fn=decode_attention,
     impls=_IMPLS,
-    shape_keys=("B", "Hq", "Hkv", "D", "context", "block_size"),
+    shape_keys=("B", "Hq", "Hkv", "D", "context", "block_size", "window", "sinks"),
     default_shape={"B": 16, "Hq": 32, "Hkv": 8, "D": 128, "context": 4096, "block_size": 16},
     make_inputs=make_inputs,
     cost=cost,
     cost_formula=("flops = 4*B*Hq*context*D; bytes = 2*B*context*Hkv*D*dtype_bytes (K, V once per KV head) "
-                  "+ 2*B*Hq*D*dtype_bytes (q, out) + 4*B*ceil(context/block_size) (block_table) + 4*B (seq_lens)"),
+                  "+ 2*B*Hq*D*dtype_bytes (q, out) + 4*B*ceil(context/block_size) (block_table) + 4*B (seq_lens); "
+                  "with window: context -> min(context, window); with sinks: + 4*Hq"),
     description="paged decode attention (GQA), q (B, Hq, D) over a paged KV cache -> (B, Hq, D)",
-    shape_doc="B sequences, Hq query heads, Hkv KV heads, D head dim, context tokens each, block_size tokens per page",
+    shape_doc=("B sequences, Hq query heads, Hkv KV heads, D head dim, context tokens each, block_size tokens per "
+               "page; optional window (> 0: sliding window; K/V bytes and FLOPs count min(context, window) tokens, the "
+               "pages in use counted as ceil(min(context, window)/block_size)) and sinks (1: gpt-oss sink logits)"),
+    extra={"compile_check_shapes": (
+        {"B": 1, "Hq": 64, "Hkv": 8, "D": 64, "context": 4096, "block_size": 16, "window": 128, "sinks": 1},
+        {"B": 64, "Hq": 64, "Hkv": 8, "D": 64, "context": 4096, "block_size": 16, "window": 128, "sinks": 1},
+        {"B": 64, "Hq": 64, "Hkv": 8, "D": 64, "context": 4096, "block_size": 16, "sinks": 1},
+    )},
 )

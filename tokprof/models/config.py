@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
+_ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 @dataclass(frozen=True)
@@ -92,19 +93,53 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else embed
         return self.num_layers * self.params_per_layer() + embed + head + self.hidden_size
 
-    def weight_bytes(self, dtype: torch.dtype) -> int:
-        """Bytes of all weights stored in `dtype`."""
-        return self.num_params() * torch.empty((), dtype=dtype).element_size()
+    def linear_weight_shapes(self) -> list[tuple[int, int, int]]:
+        """(count, N, K) of the layers' linear weights (fused QKV, O, fused gate-up, down): the weights a low-precision
+        format quantises. The LM head and the embedding stay in the activation dtype (tokprof.quant.precision)."""
+        h, layers = self.hidden_size, self.num_layers
+        return [(layers, self.q_size + 2 * self.kv_size, h), (layers, h, self.q_size),
+                (layers, 2 * self.intermediate_size, h), (layers, h, self.intermediate_size)]
 
-    def decode_weight_bytes(self, dtype: torch.dtype) -> int:
+    def _stored_bytes(self, params: int, dtype: torch.dtype | str) -> int:
+        """Bytes of `params` parameters that include every layer's linear weights, in `dtype`: a torch dtype (every
+        parameter that size) or a precision label ("bf16", "fp8", "mxfp4", "nvfp4+kv-fp8", ...: the linear weights
+        in the format, scales included, the rest in the activation dtype)."""
+        if isinstance(dtype, torch.dtype):
+            return params * torch.empty((), dtype=dtype).element_size()
+        from tokprof.quant.formats import WEIGHT_FORMATS
+        from tokprof.quant.precision import parse_precision
+
+        precision = parse_precision(dtype)
+        elem = _ELEMENT_BYTES[precision.activation]
+        if precision.weight_format is None:
+            return params * elem
+        fmt = WEIGHT_FORMATS[precision.weight_format]
+        shapes = self.linear_weight_shapes()
+        linear_params = sum(count * n * k for count, n, k in shapes)
+        return sum(count * fmt.weight_bytes(n, k) for count, n, k in shapes) + (params - linear_params) * elem
+
+    def weight_bytes(self, dtype: torch.dtype | str) -> int:
+        """Bytes of all weights stored in `dtype` (a torch dtype or a precision label, see _stored_bytes)."""
+        return self._stored_bytes(self.num_params(), dtype)
+
+    def decode_weight_bytes(self, dtype: torch.dtype | str) -> int:
         """Weight bytes one decode step reads: every layer, the final norm and the LM head, but of the embedding
         table only the rows of the tokens (counted with activations, not here)."""
-        return (self.num_layers * self.params_per_layer() + self.hidden_size
-                + self.vocab_size * self.hidden_size) * torch.empty((), dtype=dtype).element_size()
+        return self._stored_bytes(self.num_layers * self.params_per_layer() + self.hidden_size
+                                  + self.vocab_size * self.hidden_size, dtype)
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """K and V of one token across all layers."""
-        return 2 * self.num_layers * self.kv_size * torch.empty((), dtype=dtype).element_size()
+    def kv_bytes_per_token(self, dtype: torch.dtype | str, *, kv_dtype: str | None = None) -> int:
+        """K and V of one token across all layers: in `dtype`'s element size (a torch dtype), or for a precision
+        label one byte per element with an fp8 cache ("...+kv-fp8", or kv_dtype="fp8") and the activation dtype's
+        size otherwise ("fp8" alone is W8A8 weights with a bf16 cache). Per-head fp8 scales are per layer, not per
+        token, and left out."""
+        elements = 2 * self.num_layers * self.kv_size
+        if isinstance(dtype, torch.dtype) and kv_dtype is None:
+            return elements * torch.empty((), dtype=dtype).element_size()
+        from tokprof.quant.precision import parse_precision
+
+        precision = parse_precision(dtype, kv_dtype=kv_dtype)
+        return elements * (1 if precision.kv_dtype == "fp8" else _ELEMENT_BYTES[precision.activation])
 
     def inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies (head_dim/2,) float32, with Llama 3.1 scaling applied when configured."""
@@ -167,6 +202,12 @@ def _check_rope_scaling(scaling: Mapping[str, Any]) -> None:
     for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
         if key not in scaling:
             raise ValueError(f"rope_scaling.{key}: missing from the llama3 rope scaling {dict(scaling)}")
+        value = scaling[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"rope_scaling.{key}: expected a positive finite number, got {value!r}")
+    if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ValueError(f"rope_scaling: expected high_freq_factor > low_freq_factor, got "
+                         f"{scaling['high_freq_factor']!r} and {scaling['low_freq_factor']!r}")
 
 
 def _llama3_scale(inv_freq: torch.Tensor, s: Mapping[str, Any]) -> torch.Tensor:
@@ -184,7 +225,42 @@ def _llama3_scale(inv_freq: torch.Tensor, s: Mapping[str, Any]) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+MAX_HF_INT = 2**31 - 1  # no real model dimension comes near it; a larger value is a corrupt or hostile file
+_HF_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _check_hf_types(hf: Any, source: str) -> None:
+    """ValueError naming the field for a config.json whose values have the wrong type or range, before any is used:
+    a top-level list, a size that is not a positive int (a list, a float such as 1e30, 0), settings that are not
+    objects. A num_key_value_heads of 0 is refused, never read as "absent" (which would silently mean MHA)."""
+    if not isinstance(hf, Mapping):
+        raise ValueError(f"config: expected a JSON object (a Hugging Face config.json), got {type(hf).__name__} "
+                         f"({source})")
+    for key in _HF_INTS:
+        value = hf.get(key)
+        if value is None and key in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+            continue  # optional: absent or null means the documented default
+        if key not in hf:
+            continue  # required keys are reported as missing below
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_HF_INT:
+            raise ValueError(f"{key}: expected a positive int up to {MAX_HF_INT}, got {value!r} ({source})")
+    for key in ("rope_scaling", "rope_parameters"):
+        if hf.get(key) is not None and not isinstance(hf[key], Mapping):
+            raise ValueError(f"{key}: expected an object or null, got {hf[key]!r} ({source})")
+    if hf.get("architectures") is not None and not (isinstance(hf["architectures"], list) and
+                                                     all(isinstance(a, str) for a in hf["architectures"])):
+        raise ValueError(f"architectures: expected a list of names, got {hf['architectures']!r} ({source})")
+    params = hf.get("rope_parameters") or {}
+    for key, value in (("rope_theta", params.get("rope_theta", hf.get("rope_theta"))),
+                       ("rms_norm_eps", hf.get("rms_norm_eps"))):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"{key}: expected a positive finite number, got {value!r} ({source})")
+
+
 def _from_hf_dict(hf: Mapping[str, Any], name: str, source: str) -> ModelConfig:
+    _check_hf_types(hf, source)
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
     arch = None
@@ -227,7 +303,7 @@ def _from_hf_dict(hf: Mapping[str, Any], name: str, source: str) -> ModelConfig:
         intermediate_size=int(hf["intermediate_size"]),
         num_layers=int(hf["num_hidden_layers"]),
         num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        num_kv_heads=int(heads if hf.get("num_key_value_heads") is None else hf["num_key_value_heads"]),
         head_dim=int(head_dim),
         rope_theta=float(theta),
         rope_scaling=dict(scaling) if scaling else None,

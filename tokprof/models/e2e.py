@@ -3,7 +3,7 @@
     m = measure_e2e(model, batch=8, context=1024, steps=64, mode="graph")     # tokprof's Transformer
     m.median_step_us, m.tokens_per_s_per_gpu, m.ttft_ms, m.j_per_token, m.gpu_busy_fraction
 
-How a point is measured (MEASUREMENT.md, "End to end"):
+How a point is measured (docs/measurement.md, "End to end"):
 1. Random prompts of length P are prefilled (the TTFT: the whole batch, synchronised at both ends, after one
    warm-up prefill of the first sub-batch that compiles the kernels). `measure_e2e_modes` measures eager and graph
    from one prefill: each mode rewinds the decode state to the end of the prefill.
@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokprof.kernels._common import dtype_name
 from tokprof.profiler.energy_sources import energy_not_asked
 from tokprof.profiler.schema import from_dict, to_dict
 
@@ -139,7 +138,7 @@ def time_steps(step: Callable[[], Any], n: int, device: torch.device) -> list[fl
     return times
 
 
-E2E_COOLDOWN_S = 0.2  # sleep before the decode energy window: the timed steps just heated the GPU (MEASUREMENT.md
+E2E_COOLDOWN_S = 0.2  # sleep before the decode energy window: the timed steps just heated the GPU (docs/measurement.md
 # energy rule 4); as long as the kernel windows' cool-down in `tokprof run`
 
 
@@ -392,7 +391,7 @@ def _e2e_modes(model: Any, batch: int, context: int, modes: list[str], steps: in
             if len(modes) > 1:
                 session.notes.append(f"one prefill shared by the modes {', '.join(modes)}")
             yield measure_session(session, model=model.config.name, framework="tokprof", mode=mode,
-                                  backend=model.backend, dtype=dtype_name(model.dtype), batch=batch, context=context,
+                                  backend=model.backend, dtype=model.precision.label, batch=batch, context=context,
                                   steps=steps, warmup=warmup, prompt_len=prefilled.prompt_len, device=model.device,
                                   **session_kwargs)
     finally:

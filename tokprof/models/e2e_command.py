@@ -35,7 +35,7 @@ class E2EArgs:
     warmup: int
     device: torch.device
     backend: str | None
-    dtype: str | None
+    dtype: str | None  # a precision label: fp32 | fp16 | bf16, or a weight format (fp8, mxfp4, ...)
     output: str | None
     seed: int = 0
     energy: bool = True
@@ -47,15 +47,36 @@ class E2EArgs:
     # Where the frameworks other than tokprof are measured; None: at every point.
     framework_points: list[tuple[int, int]] | None = None
     energy_window_s: float = 1.0  # seconds of decode steps inside one NVML window per point and mode
+    kv_dtype: str | None = None  # "fp8": an e4m3 KV cache
+    accuracy: bool = True  # a quantised model also measures its logit error against the unquantised one
 
 
-def load_model(a: E2EArgs) -> Any:
-    """The tokprof Transformer of --model-dir (weights from disk) or of the --model preset (random weights)."""
-    from tokprof.kernels._common import parse_dtype
+def model_precision(a: E2EArgs) -> Any:
+    """The Precision of `a`: --dtype a float dtype or a weight format (activations bf16 on a GPU, fp32 on the CPU
+    unless the label names them), --kv-dtype fp8; ValueError for a combination this device cannot run."""
+    from tokprof.quant.precision import ACT_PREFIX, check_supported, parse_precision
+
+    default = "bf16" if a.device.type == "cuda" else "fp32"
+    precision = parse_precision(a.dtype or default, kv_dtype=a.kv_dtype)
+    if precision.weight_format is not None and ACT_PREFIX not in (a.dtype or ""):
+        precision = parse_precision(precision, activation=default)
+    check_supported(precision, device=a.device, backend=a.backend or ("triton" if a.device.type == "cuda"
+                                                                      else "torch"))
+    return precision
+
+
+def load_model(a: E2EArgs, quantise: bool = True) -> Any:
+    """The tokprof Transformer of --model-dir (weights from disk) or of the --model preset (random weights), in
+    --dtype's format (`quantise=False`: the unquantised model of the same weights, the accuracy reference)."""
+    precision = model_precision(a)
+    model = _load_weights(a, precision.activation)
+    return model.quantize(precision.label) if quantise and precision.quantised else model
+
+
+def _load_weights(a: E2EArgs, dtype: str) -> Any:
     from tokprof.models.config import ModelConfig
     from tokprof.models.transformer import Transformer
 
-    dtype = parse_dtype(a.dtype or ("bf16" if a.device.type == "cuda" else "fp32"))
     backend = a.backend or ("triton" if a.device.type == "cuda" else "torch")
     if a.model_dir:
         model = Transformer.from_pretrained(a.model_dir, device=a.device, dtype=dtype, backend=backend)
@@ -160,7 +181,10 @@ def run_e2e(a: E2EArgs, console: Console, err_console: Console) -> tuple[list[E2
         for fw in a.frameworks:
             fw_modes = []
             for mode in modes:
-                if mode == "graph" and a.device.type != "cuda" and fw != "vllm":
+                if fw != "tokprof" and model.precision.quantised:
+                    skip(f"{fw} {mode}", f"tokprof's {model.precision.label} weights run in tokprof's kernels only; "
+                         f"{fw} would measure another model (its own quantisation or the unquantised weights)")
+                elif mode == "graph" and a.device.type != "cuda" and fw != "vllm":
                     skip(f"{fw} graph", "CUDA graphs need a CUDA device")
                 elif fw == "transformers" and mode == "graph":
                     skip("transformers graph", "the transformers adapter measures eager decoding only")
@@ -212,8 +236,35 @@ def run_e2e(a: E2EArgs, console: Console, err_console: Console) -> tuple[list[E2
                         free()
                         continue
                     keep(m)
+    if results and a.accuracy and model.precision.quantised:
+        _accuracy(a, model, run, console, err_console)
     print_e2e(console, results)
     return results, a.output
+
+
+def _accuracy(a: E2EArgs, model: Any, run: Any, console: Console, err_console: Console) -> None:
+    """Measure the quantised model's logit error against the same weights unquantised; into run.accuracy."""
+    from tokprof.profiler.bench import SWEEP_ERRORS
+    from tokprof.profiler.schema import save_run
+    from tokprof.quant.accuracy import measure_accuracy
+
+    err_console.print(f"accuracy of {model.precision.label} against {model.precision.activation} ...")
+    try:
+        reference = load_model(a, quantise=False)
+        report = measure_accuracy(reference, model)
+    except SWEEP_ERRORS as err:
+        run.notes.append(f"accuracy not measured: {type(err).__name__}: {err}")
+        err_console.print(f"[yellow]accuracy not measured[/]: {escape(str(err))}")
+        return
+    finally:
+        model.free_cache()
+    run.accuracy.append(report.to_dict())
+    if a.output:
+        save_run(run, a.output)
+    console.print(f"accuracy ({report.provenance}) of {report.precision} against {report.reference}: greedy "
+                  f"agreement {report.greedy_agreement:.1%} over {report.positions} positions; logit error max "
+                  f"{report.max_abs_logit_error:.4g}, mean {report.mean_abs_logit_error:.4g} (mean |logit| "
+                  f"{report.mean_abs_reference_logit:.4g}); {report.prompt_set}")
 
 
 def _wide(console: Console) -> Console:
@@ -222,6 +273,8 @@ def _wide(console: Console) -> Console:
 
 
 def print_e2e(console: Console, results: list[E2EMeasurement]) -> None:
+    from tokprof.reports.document import num
+
     console = _wide(console)
     if not results:
         console.print("[yellow]no end-to-end measurement[/]")
@@ -234,9 +287,9 @@ def print_e2e(console: Console, results: list[E2EMeasurement]) -> None:
     for m in results:  # "tokprof (triton)"; a framework's versioned backend ("transformers-5.23.0") alone
         who = m.backend if m.backend.startswith(m.framework) else f"{m.framework} [dim]({m.backend})[/]"
         table.add_row(who, m.mode, str(m.batch), str(m.context),
-                      f"{m.median_step_us:,.1f}", f"{m.p90_step_us:,.1f}", f"{m.tokens_per_s_per_gpu:,.4g}",
-                      f"{m.tokens_per_s_per_user:,.4g}", "-" if m.ttft_ms is None else f"{m.ttft_ms:,.1f}",
-                      "-" if m.j_per_token is None else f"{m.j_per_token:.4g}",
+                      num(m.median_step_us), num(m.p90_step_us), num(m.tokens_per_s_per_gpu),
+                      num(m.tokens_per_s_per_user), "-" if m.ttft_ms is None else num(m.ttft_ms),
+                      "-" if m.j_per_token is None else num(m.j_per_token),
                       "-" if m.gpu_busy_fraction is None else f"{m.gpu_busy_fraction:.0%}")
     console.print(table)
     reasons = {r for m in results for r in (m.energy_reason if m.j_per_token is None else None,
@@ -254,12 +307,12 @@ def print_reconciliation(console: Console, recs: list[Any], top_ops: int = 5) ->
         tp = getattr(rec, "tp", 1) or 1
         title = (f"{rec.model} on {rec.gpu}, batch {rec.batch}, context {rec.context}, {rec.dtype}"
                  + (f", tp={tp}" if tp > 1 else ""))
-        table = Table(title=title, show_lines=False)
+        table = Table(title=escape(title), show_lines=False)  # the model and GPU names are the user's text
         rows = waterfall_rows(rec)
         for col in rows[0]:
             table.add_column(col, justify="left" if col in ("layer", "gap", "provenance / why") else "right")
         for row in rows:
-            table.add_row(*row.values())
+            table.add_row(*(escape(str(v)) for v in row.values()))
         console.print(table)
         if rec.op_inefficiency:
             where = "L1i -> L2 (kernels and collectives)" if tp > 1 else "L1 -> L2"
@@ -267,7 +320,7 @@ def print_reconciliation(console: Console, recs: list[Any], top_ops: int = 5) ->
             for col in ("op", "where", "measured us", "at roof us", "lost us", "share of gap"):
                 ops.add_column(col, justify="left" if col in ("op", "where") else "right")
             for o in [o for o in rec.op_inefficiency if getattr(o, "finding", True)][:top_ops]:
-                ops.add_row(o.op, o.label, f"{o.time_us_measured:,.1f}", f"{o.time_us_at_roof:,.1f}",
+                ops.add_row(escape(o.op), escape(o.label), f"{o.time_us_measured:,.1f}", f"{o.time_us_at_roof:,.1f}",
                             f"{o.lost_us:,.1f}", "-" if o.share_of_L1_L2_gap is None else
                             f"{o.share_of_L1_L2_gap:.1%}")
             console.print(ops)
@@ -281,4 +334,4 @@ def print_reconciliation(console: Console, recs: list[Any], top_ops: int = 5) ->
         for flag in getattr(rec, "flags", []):
             console.print(f"[yellow]flag[/] {escape(flag)}")
         for note in rec.notes:
-            console.print(f"[dim]{note}[/]")
+            console.print(f"[dim]{escape(note)}[/]")

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tokprof.kernels._common import cdiv, dtype_name, parse_dtype
+from tokprof.kernels._common import cdiv, parse_dtype
 from tokprof.models.config import ModelConfig
 
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV page, the Transformer's default too
@@ -159,42 +159,55 @@ def _head_calls(b: PlanBuilder, config: ModelConfig, rows: int) -> None:
 
 
 def decode_plan(config: ModelConfig, batch: int, context: int, dtype: str | torch.dtype, tp: int = 1,
-                block_size: int = DEFAULT_BLOCK_SIZE) -> list[KernelCall]:
+                block_size: int = DEFAULT_BLOCK_SIZE, *, weight_format: str | None = None,
+                kv_dtype: str | None = None) -> list[KernelCall]:
     """The kernel calls of one decode step: `batch` sequences each attending `context` KV tokens (the new one
     included), in step order, deduplicated.
 
     tp > 1: the calls of ONE GPU of `tp` (tokprof.models.tp.tp_decode_calls), its collectives included; ValueError
-    when the model does not shard evenly over `tp` GPUs."""
+    when the model does not shard evenly over `tp` GPUs.
+    Low precision (tokprof.quant.precision): `dtype` may be a precision label ("fp8", "nvfp4", "mxfp4+kv-fp8"), or
+    `weight_format` / `kv_dtype` name the format of the linear weights and of the KV cache; the linears become the
+    format's ops (linear_fp8, ...; the LM head stays in the activation dtype) and an fp8 cache's append and
+    attention become append_kv_fp8 / decode_attention_fp8kv, each costed in that format's bytes."""
+    from tokprof.quant.precision import apply_precision, parse_precision
+
+    precision = parse_precision(dtype, weight_format=weight_format, kv_dtype=kv_dtype)
     _check_args(config, batch, context, "context", tp, block_size, tp_supported=True)
     if tp > 1:
         from tokprof.models.tp import tp_decode_calls  # tp.py builds on this module: imported when asked for
 
-        return tp_decode_calls(config, batch, context, dtype, tp, block_size)
-    b = PlanBuilder(dtype_name(parse_dtype(dtype)))
+        return apply_precision(tp_decode_calls(config, batch, context, precision.activation, tp, block_size),
+                               precision)
+    b = PlanBuilder(precision.activation)
     b.add("embedding", "embedding", 1, T=batch, V=config.vocab_size, H=config.hidden_size)
     attention = ("decode_attention", {"B": batch, "Hq": config.num_heads, "Hkv": config.num_kv_heads,
                                       "D": config.head_dim, "context": context, "block_size": block_size})
     _layer_calls(b, config, batch, attention, batch * cdiv(context, block_size), block_size)
     _head_calls(b, config, batch)
-    return b.plan()
+    return apply_precision(b.plan(), precision)
 
 
 def prefill_plan(config: ModelConfig, batch: int, prompt_len: int, dtype: str | torch.dtype, tp: int = 1,
-                 block_size: int = DEFAULT_BLOCK_SIZE) -> list[KernelCall]:
+                 block_size: int = DEFAULT_BLOCK_SIZE, *, weight_format: str | None = None,
+                 kv_dtype: str | None = None) -> list[KernelCall]:
     """The kernel calls of prefilling `batch` prompts of `prompt_len` tokens each, deduplicated.
 
     Every prompt token runs through the layers (T = batch * prompt_len); only the last position of each sequence
     goes through the final norm, the LM head and sampling, since the other positions' logits are never used.
     """
+    from tokprof.quant.precision import apply_precision, parse_precision
+
+    precision = parse_precision(dtype, weight_format=weight_format, kv_dtype=kv_dtype)
     _check_args(config, batch, prompt_len, "prompt_len", tp, block_size, tp_supported=False)
     tokens = batch * prompt_len
-    b = PlanBuilder(dtype_name(parse_dtype(dtype)))
+    b = PlanBuilder(precision.activation)
     b.add("embedding", "embedding", 1, T=tokens, V=config.vocab_size, H=config.hidden_size)
     attention = ("prefill_attention", {"B": batch, "Hq": config.num_heads, "Hkv": config.num_kv_heads,
                                        "S": prompt_len, "D": config.head_dim, "causal": 1})
     _layer_calls(b, config, tokens, attention, batch * cdiv(prompt_len, block_size), block_size)
     _head_calls(b, config, batch)
-    return b.plan()
+    return apply_precision(b.plan(), precision)
 
 
 def plan_table(plan: list[KernelCall]) -> list[dict[str, Any]]:

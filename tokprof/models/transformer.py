@@ -40,11 +40,17 @@ from tokprof.kernels import (
     swiglu,
 )
 from tokprof.kernels._common import check_backend, parse_dtype, skip_value_checks
+from tokprof.kernels.append_kv_fp8 import append_kv_fp8
+from tokprof.kernels.linear_w4a16 import linear_w4a16
+from tokprof.kernels.linear_w8a8 import linear_w8a8
+from tokprof.kernels.quantize_fp8 import quantize_fp8
 from tokprof.models.config import ModelConfig
 from tokprof.models.kv_cache import PagedKVCache
 from tokprof.models.loader import LayerWeights, ModelWeights, load_pretrained
 from tokprof.models.plan import DEFAULT_BLOCK_SIZE  # the plans' page size: both sides measure the same calls
 from tokprof.profiler.timing import restore_stream
+from tokprof.quant.formats import QuantizedWeight, quantize_weight
+from tokprof.quant.precision import Precision, parse_precision
 
 # Prefill runs in sub-batches of whole prompts of at most this many tokens, so that activations stay small
 # (Llama-3.1-8B gate-up output at 16k tokens: 16384 x 28672 x 2 bytes = 0.9 GiB).
@@ -90,6 +96,8 @@ class Transformer:
         self._decode_checked = False  # whether a decode step of this batch ran with the value checks
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_out: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.precision: Precision = parse_precision(self.dtype)  # quantize() changes it
+        self.kv_scale = 1.0  # per-tensor e4m3 KV scale of an fp8 cache (vLLM's default without calibration)
 
     # ------------------------------------------------------------------------------------------------ construction
 
@@ -136,14 +144,43 @@ class Transformer:
         weights = ModelWeights(embed=embed, layers=layers, final_norm=norm_weight(c.hidden_size), lm_head=lm_head)
         return cls(config, weights, backend=backend, block_size=block_size)
 
+    def quantize(self, dtype: str, kv_dtype: str | None = None) -> Transformer:
+        """Quantise the layers' linear weights in place to a low-precision format (tokprof.quant.precision label:
+        "fp8", "fp8-block", "mxfp4", "nvfp4", "int4", optionally "+kv-fp8") and/or switch to an fp8 KV cache. The
+        embedding and the LM head stay in the model dtype (as the published checkpoints keep them)."""
+        precision = parse_precision(dtype, kv_dtype=kv_dtype, activation=self.precision.activation)
+        if self.precision.weight_format is not None and precision.weight_format != self.precision.weight_format:
+            raise ValueError(f"dtype: the weights are already {self.precision.weight_format}; quantise a fresh model")
+        if precision.weight_format is not None and self.precision.weight_format is None:
+            for lw in self.weights.layers:
+                for name in ("qkv", "o", "gate_up", "down"):
+                    setattr(lw, name, quantize_weight(getattr(lw, name), precision.weight_format))
+        self.precision = precision
+        self.release_graph()
+        self.cache = None  # the next prefill allocates the cache in the new KV dtype
+        return self
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+        """x @ w.T with w in the model dtype or quantised (W8A8: the activations quantised per token or group)."""
+        if not isinstance(w, QuantizedWeight):
+            return linear(x, w, backend=self.backend)
+        if w.format in ("fp8", "fp8-block"):
+            x_q, x_scale = quantize_fp8(x, group=128 if w.format == "fp8-block" else 0, backend=self.backend)
+            return linear_w8a8(x_q, x_scale, w, out_dtype=x.dtype, backend=self.backend)
+        return linear_w4a16(x, w, backend=self.backend)
+
     @property
     def weight_bytes(self) -> int:
         w = self.weights
         tensors = [w.embed, w.final_norm] + ([] if w.lm_head is w.embed else [w.lm_head])
+        total = 0
         for lw in w.layers:
-            tensors += [t for t in (lw.input_norm, lw.qkv, lw.o, lw.post_norm, lw.gate_up, lw.down, lw.q_norm,
-                                    lw.k_norm) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+            for t in (lw.input_norm, lw.qkv, lw.o, lw.post_norm, lw.gate_up, lw.down, lw.q_norm, lw.k_norm):
+                if isinstance(t, QuantizedWeight):
+                    total += t.nbytes()
+                elif t is not None:
+                    tensors.append(t)
+        return total + sum(t.numel() * t.element_size() for t in tensors)
 
     # ----------------------------------------------------------------------------------------------- the layers
 
@@ -157,7 +194,7 @@ class Transformer:
             residual = x
         else:
             h, residual = rms_norm(x, w.input_norm, eps=eps, residual=residual, backend=be)
-        qkv = linear(h, w.qkv, backend=be)  # (T, q_size + 2*kv_size)
+        qkv = self._linear(h, w.qkv)  # (T, q_size + 2*kv_size)
         t = qkv.shape[0]
         q_size, kv_size = cfg.q_size, cfg.kv_size
         # Row slices of the fused output: heads and head_dim contiguous, token stride q_size + 2*kv_size.
@@ -168,12 +205,16 @@ class Transformer:
             q = rms_norm(q.contiguous().view(t * hq, d), w.q_norm, eps=eps, backend=be).view(t, hq, d)
             k = rms_norm(k.contiguous().view(t * hkv, d), w.k_norm, eps=eps, backend=be).view(t, hkv, d)
         q, k = rope(q, k, positions, inv_freq=self.inv_freq, backend=be)  # (T, Hq, D), (T, Hkv, D)
-        append_kv(k, v, self.cache.k[index], self.cache.v[index], slots, backend=be)
+        if self.precision.kv_dtype == "fp8":  # quantise on append (static per-tensor scale)
+            append_kv_fp8(k, v, self.cache.k[index], self.cache.v[index], slots, k_scale=self.kv_scale,
+                          v_scale=self.kv_scale, backend=be)
+        else:
+            append_kv(k, v, self.cache.k[index], self.cache.v[index], slots, backend=be)
         attn = attend(index, q, k, v)  # (T, q_size)
-        o = linear(attn, w.o, backend=be)  # (T, H)
+        o = self._linear(attn, w.o)  # (T, H)
         h, residual = rms_norm(o, w.post_norm, eps=eps, residual=residual, backend=be)
-        gate_up = linear(h, w.gate_up, backend=be)  # (T, 2*I)
-        x = linear(swiglu(gate_up, backend=be), w.down, backend=be)  # (T, H)
+        gate_up = self._linear(h, w.gate_up)  # (T, 2*I)
+        x = self._linear(swiglu(gate_up, backend=be), w.down)  # (T, H)
         return x, residual
 
     def _head(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,8 +301,10 @@ class Transformer:
         cache = self.cache
 
         def attend(index: int, q: torch.Tensor, _k: torch.Tensor, _v: torch.Tensor) -> torch.Tensor:
+            scales = ({"k_scale": self.kv_scale, "v_scale": self.kv_scale} if self.precision.kv_dtype == "fp8"
+                      else {})
             out = decode_attention(q, cache.k[index], cache.v[index], cache.block_table, self._seq_lens,
-                                   backend=self.backend)  # (B, Hq, D)
+                                   backend=self.backend, **scales)  # (B, Hq, D)
             return out.view(out.shape[0], -1)
 
         x = embedding(self._tokens, self.weights.embed, backend=self.backend)  # (B, H)
@@ -277,6 +320,16 @@ class Transformer:
         return tokens, logits
 
     @torch.no_grad()
+    def force_next_tokens(self, tokens: torch.Tensor) -> None:
+        """Teacher forcing: the next decode step feeds `tokens` (B,) instead of its own greedy choice (accuracy
+        comparisons feed a quantised model the reference's tokens, so every step's logits compare like for like)."""
+        if self._tokens is None:
+            raise RuntimeError("force_next_tokens: no batch is set up; call prefill first")
+        check = tokens.to(device=self.device, dtype=torch.int64).view(-1)
+        if check.shape != self._tokens.shape:
+            raise ValueError(f"tokens: expected shape {tuple(self._tokens.shape)}, got {tuple(tokens.shape)}")
+        self._tokens.copy_(check)
+
     def decode_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One greedy decode step for the whole batch: (tokens (B,) int64, logits (B, V)).
 
@@ -333,7 +386,8 @@ class Transformer:
             self.cache = None  # free the old pages before taking new ones
             self.cache = PagedKVCache.allocate(
                 num_layers=self.config.num_layers, batch=batch, max_tokens=max_tokens,
-                num_kv_heads=self.config.num_kv_heads, head_dim=self.config.head_dim, dtype=self.dtype,
+                num_kv_heads=self.config.num_kv_heads, head_dim=self.config.head_dim,
+                dtype=torch.float8_e4m3fn if self.precision.kv_dtype == "fp8" else self.dtype,
                 device=self.device, block_size=self.block_size)
 
     def free_cache(self) -> None:

@@ -43,8 +43,10 @@ from tokprof.profiler.schema import (
     KernelMeasurement,
     Provenance,
     RunResult,
+    mark_interrupted,
     save_run,
 )
+from tokprof.quant.precision import math_dtype
 
 SHORT_KERNEL_US = timing.SHORT_KERNEL_US  # below this, event times carry launch jitter: graph time goes beside
 # Stated assumptions of the graph-time gate (wants_graph_time): a short kernel reaches about this fraction of its
@@ -66,9 +68,10 @@ IDLE_DRIFT_WARN = 0.10
 def _sweep_errors() -> tuple[type[BaseException], ...]:
     """What a failing kernel call raises, recorded as a Failure so that a sweep goes on: RuntimeError (CUDA errors,
     torch.OutOfMemoryError; the cuda backend wraps NVRTC's CompileException in one), ValueError (arguments),
-    MemoryError (CuPy's out of memory), and where importable Triton's compile and resource errors (TritonError:
+    MemoryError (CuPy's out of memory), ArithmeticError (a shape that divides by zero in an input's set-up), and
+    where importable Triton's compile and resource errors (TritonError:
     OutOfResources, CompilationError, PTXASError), which derive from Exception only."""
-    errors: list[type[BaseException]] = [RuntimeError, ValueError, MemoryError]
+    errors: list[type[BaseException]] = [RuntimeError, ValueError, MemoryError, ArithmeticError]
     try:
         from triton.errors import TritonError
 
@@ -174,8 +177,9 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
     graph_failed = ""
     # One capture of the rotating copies serves the graph-mode timing and the energy window.
     captured: timing.CapturedGraph | None = None
-    if dev.type == "cuda" and mode == "events" and wants_graph_time(flops, min_bytes, datasheet, dname,
-                                                                     measured.median_us):
+    gate_dtype = math_dtype(op, dname, datasheet)  # the roof of the op's math dtype (fp8 for W8A8, ...)
+    if dev.type == "cuda" and mode == "events" and wants_graph_time(flops, min_bytes, datasheet, gate_dtype,
+                                                                    measured.median_us):
         cold_l2 = kwargs.get("cold_l2", True)
         try:
             captured = timing.capture_graph(call, inputs, device=dev, rotate=cold_l2, bytes_touched=int(min_bytes))
@@ -189,7 +193,9 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
             captured = None  # one warm copy: the energy window needs the rotating copies
 
     best = graph_timing if graph_timing is not None else measured  # KernelMeasurement.best_timing
-    point = roofline(int(flops), int(min_bytes), best.median_us, spec=datasheet, ceilings=ceilings, dtype=dname)
+    # the roof of the op's math dtype: fp8 for W8A8, fp4 for MXFP4/NVFP4 where the GPU has FP4 tensor cores
+    point = roofline(int(flops), int(min_bytes), best.median_us, spec=datasheet, ceilings=ceilings,
+                     dtype=math_dtype(op, dname, datasheet))
     if graph_timing is not None:
         extra = (f"graph-mode median {graph_timing.median_us:.3f} us beside the events median "
                  f"{measured.median_us:.3f} us; the roofline and the kernel sum use the graph time (no launch "
@@ -211,7 +217,7 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
         if energy_reason is None:
             if meter is None:
                 meter = energy_mod.make_meter(dev)
-            if idle_power_w is None:  # an idle window as long as the kernel window (MEASUREMENT.md, energy 3)
+            if idle_power_w is None:  # an idle window as long as the kernel window (docs/measurement.md, energy 3)
                 idle_power_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0),
                                                              settle_s=IDLE_SETTLE_S if dev.type == "cuda" else 0.0)
             try:
@@ -289,7 +295,8 @@ def bench_sequence(calls: Sequence[Call], device: str | torch.device = "cpu", *,
         if keep is not None and not keep((op, shape, dname, backend)):
             continue
         flops, min_bytes = get_op(op).cost(shape, parse_dtype(dname))
-        point = roofline(int(flops), int(min_bytes), measured.median_us, spec=None, ceilings=ceilings, dtype=dname)
+        point = roofline(int(flops), int(min_bytes), measured.median_us, spec=None, ceilings=ceilings,
+                         dtype=math_dtype(op, dname, None))
         explain_cache(point, resident, f"one of the {len(seq)} calls of a step, round-robin")
         out.append(KernelMeasurement(op=op, shape=shape, dtype=dname, backend=backend, device=_device_name(str(dev)),
                                      timing=measured, roofline=point, energy=None,
@@ -356,6 +363,11 @@ def parse_shape(text: str) -> dict[str, int]:
     return shape
 
 
+# Shape keys that divide (block_size, heads) or size the cache: 0 is refused up front (a ZeroDivisionError in the
+# inputs' set-up otherwise); other zeros reach the op, whose own check records a Failure.
+POSITIVE_SHAPE_KEYS = ("block_size", "num_blocks", "Hq", "Hkv", "D")
+
+
 def plan_calls(ops: Sequence[str], backends: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Mapping[str, int]],
                device: str | torch.device) -> tuple[list[Call], list[str]]:
     """The checked cross product of ops x shapes x dtypes x backends, and the combinations skipped (with why).
@@ -377,6 +389,10 @@ def plan_calls(ops: Sequence[str], backends: Sequence[str], dtypes: Sequence[str
         if unknown:
             takes = "; ".join(f"{rec.name}: {', '.join(rec.shape_keys)}" for rec in recs)
             raise ValueError(f"shape: unknown key(s) {unknown}; the ops take ({takes})")
+    for shape in shapes:
+        for key in POSITIVE_SHAPE_KEYS:
+            if shape.get(key) == 0:  # a divisor or a tensor dimension of the inputs: 0 can never be measured
+                raise ValueError(f"shape: {key} expected a positive int, got 0")
     dev = torch.device(device)
     calls: list[Call] = []
     skipped: list[str] = []
@@ -433,7 +449,7 @@ def bench_calls(calls: Sequence[Call], device: str | torch.device = "cuda", *, m
     if energy and energy_mod.energy_status(dev) is None:
         try:
             meter = energy_mod.make_meter(dev)
-            # Once per run, a sleeping window as long as a kernel window (MEASUREMENT.md, kernel energy 3), after
+            # Once per run, a sleeping window as long as a kernel window (docs/measurement.md, kernel energy 3), after
             # the GPU has settled.
             idle_power_w = energy_mod.measure_idle_power(meter, (energy_kwargs or {}).get("window_s", 1.0),
                                                          settle_s=IDLE_SETTLE_S if dev.type == "cuda" else 0.0)
@@ -470,6 +486,7 @@ def bench_calls(calls: Sequence[Call], device: str | torch.device = "cuda", *, m
                 if run is not None:
                     run.failures.append(failure)
                     run.notes.append(f"interrupted at {label}: the calls after it were not measured")
+                    mark_interrupted(run, f"the kernel benchmark of {label}")
                 save()
                 raise
             except SWEEP_ERRORS as err:  # torch.OutOfMemoryError is a RuntimeError; Triton's errors are not

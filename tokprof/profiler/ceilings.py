@@ -159,10 +159,10 @@ def measure_ceilings(device: str | torch.device = "cuda", *, cache: bool = True,
     copy_gbps = copy_bytes / (copy_t.median_us * 1e-6) / 1e9
     read_gbps = read_bytes / (read_t.median_us * 1e-6) / 1e9
     gemm_tflops = 2 * n**3 / (gemm_t.median_us * 1e-6) / 1e12
-    notes = [f"copy: {buffer_bytes} B buffer, median of {len(copy_t.samples_us)} samples, noise {copy_t.noise:.2%}",
-             f"read: amax over the same buffer ({read_bytes} B read), median of {len(read_t.samples_us)} samples, "
+    notes = [f"copy: {buffer_bytes} B buffer, median of {copy_t.samples_taken} samples, noise {copy_t.noise:.2%}",
+             f"read: amax over the same buffer ({read_bytes} B read), median of {read_t.samples_taken} samples, "
              f"noise {read_t.noise:.2%}",
-             f"gemm: torch.mm {gemm_dtype} {n}^3 on random data, median of {len(gemm_t.samples_us)} samples, "
+             f"gemm: torch.mm {gemm_dtype} {n}^3 on random data, median of {gemm_t.samples_taken} samples, "
              f"noise {gemm_t.noise:.2%}"]
     if copy_t.throttled or gemm_t.throttled or read_t.throttled:
         notes.append("throttled: the SM clock fell below 75% of its max during a ceiling measurement")

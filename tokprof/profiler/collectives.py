@@ -5,7 +5,7 @@
     torchrun --nproc-per-node 8 -m tokprof.profiler.collectives --op all_reduce --bytes 64k,1M -o run.json
     t_us = modelled_all_reduce_us(65536, 8, load_specs()["h100-sxm"])                 # no GPUs needed
 
-Measured (MEASUREMENT.md, kernel time): seeded random buffers; one untimed call, then a warm-up of about
+Measured (docs/measurement.md, kernel time): seeded random buffers; one untimed call, then a warm-up of about
 `warmup_ms` (the same call count on every rank); then samples, each one a barrier, a whole-device sync, the timed
 collective, a sync. Each rank times its own call; a sample is the slowest rank's time (all ranks then hold the same
 samples, so they stop together: StopRule over the samples, >= 10 samples and 0.1 s, 0.5% noise or the timeout).
@@ -50,7 +50,7 @@ from tokprof.kernels._common import dtype_name, parse_dtype
 from tokprof.profiler import nvml
 from tokprof.profiler.devices import GpuSpec, detect_device, spec_for
 from tokprof.profiler.schema import KernelMeasurement, Roofline, Timing, from_dict, to_dict
-from tokprof.profiler.stats import StopRule, summarize
+from tokprof.profiler.stats import StopRule, bounded_sample, summarize
 
 COLLECTIVES = ("all_reduce", "all_gather")
 BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
@@ -197,7 +197,7 @@ def collective_time_us(op: str, nbytes: int, world: int, dtype: str, *, spec: Gp
         if (m.op == op and m.shape.get("bytes") == nbytes and m.shape.get("world") == world and m.dtype == dtype
                 and m.provenance == "measured"):
             return CollectiveTime(op, nbytes, world, m.time_us, "measured",
-                                  f"measured {m.backend} on {m.device}, median of {len(m.timing.samples_us)} samples")
+                                  f"measured {m.backend} on {m.device}, median of {m.timing.samples_taken} samples")
     time_us, note = _modelled(op, nbytes, world, spec, efficiency, latency_us, link)
     return CollectiveTime(op, nbytes, world, time_us, "modelled", note + "; no measurement of this size in the run")
 
@@ -361,7 +361,8 @@ def measure_collective(op: str, nbytes: int, dtype: str | torch.dtype, device: t
     timer, mode = ("cuda_events", "events") if cuda else ("perf_counter", "cpu")
     note = (f"{rule.reason(samples, elapsed)}; {world} ranks, each sample the slowest rank's time, a barrier and a "
             f"device sync before each; {warm_calls} warm-up calls; {checked}")
-    timing = Timing(samples_us=list(samples), timer=timer, mode=mode, cold_l2=False, median_us=stats["median_us"],
+    timing = Timing(samples_us=bounded_sample(samples), n_samples=len(samples), timer=timer, mode=mode,
+                    cold_l2=False, median_us=stats["median_us"],
                     p10_us=stats["p10_us"], p90_us=stats["p90_us"], mean_us=stats["mean_us"], noise=stats["noise"],
                     n_outliers=stats["n_outliers"], noise_target=noise_target,
                     met_noise_target=stats["met_noise_target"], calls_per_sample=1, clocks_before=before,

@@ -56,15 +56,18 @@ class GpuSpec:
     date: str
     nvlink_gbps: float | None = None
     pcie_gen: int | None = None
+    fp4_tflops: float | None = None  # FP4 / FP6 tensor-core rates (Blackwell); None where the GPU has none
+    fp6_tflops: float | None = None
+    int8_tops: float | None = None
     note: str = ""
     patterns: tuple[str, ...] = field(default_factory=tuple)
     exclude: tuple[str, ...] = field(default_factory=tuple)
 
     def peak_tflops(self, dtype: str) -> float | None:
-        """Datasheet dense FLOP/s for `dtype` ("bf16", "fp16", "fp8", "fp32"); None where unknown."""
-        if dtype not in ("bf16", "fp16", "fp8", "fp32"):
-            raise ValueError(f"dtype: expected one of bf16, fp16, fp8, fp32, got {dtype!r}")
-        return getattr(self, f"{dtype}_tflops")
+        """Datasheet dense FLOP/s (TOPS for int8) for `dtype` (PEAK_DTYPES); None where unknown or absent."""
+        if dtype not in PEAK_DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(PEAK_DTYPES)}, got {dtype!r}")
+        return self.int8_tops if dtype == "int8" else getattr(self, f"{dtype}_tflops")
 
     def matches(self, device_name: str) -> bool:
         hit = any(re.search(p, device_name, re.IGNORECASE) for p in self.patterns)
@@ -72,7 +75,9 @@ class GpuSpec:
 
 
 _NUMBER_FIELDS = ("hbm_tbps", "bf16_tflops", "fp16_tflops", "fp8_tflops", "fp32_tflops", "tdp_w", "idle_w",
-                  "memory_gb", "l2_mb", "nvlink_gbps")
+                  "memory_gb", "l2_mb", "nvlink_gbps", "fp4_tflops", "fp6_tflops", "int8_tops")
+# the math dtypes with a datasheet peak (a roofline's compute roof)
+PEAK_DTYPES = ("bf16", "fp16", "fp8", "fp32", "fp4", "fp6", "int8")
 
 
 def _spec_from_row(row: Any, where: str) -> GpuSpec:

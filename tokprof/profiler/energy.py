@@ -1,4 +1,4 @@
-"""Energy per kernel call from the NVML energy counter (MEASUREMENT.md, kernel energy, rules 1-5).
+"""Energy per kernel call from the NVML energy counter (docs/measurement.md, kernel energy, rules 1-5).
 
     meter = make_meter("cuda:0")                       # NVML counter; power sampling where the counter is missing
     idle_w = measure_idle_power(meter, seconds=1.0)    # once per run, a sleeping window as long as a kernel window

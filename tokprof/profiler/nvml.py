@@ -4,7 +4,7 @@
     clocks("cuda:0")         # Clocks snapshot (SM/memory clock, max SM clock, temperature, power limit, power)
     handle("cuda:0")         # the NVML handle, or None
 
-tokprof only reads: it never changes clocks, power limits or persistence mode (MEASUREMENT.md rule 6).
+tokprof only reads: it never changes clocks, power limits or persistence mode (docs/measurement.md rule 6).
 Nothing here raises because NVML is missing; callers get None and `nvml_status()` says why.
 
 A torch CUDA index is not an NVML index: CUDA orders devices fastest-first by default and CUDA_VISIBLE_DEVICES
@@ -24,7 +24,7 @@ import torch
 
 from tokprof.profiler.schema import Clocks
 
-# SM clock below this fraction of its max flags a sample set as throttled (MEASUREMENT.md rule 6).
+# SM clock below this fraction of its max flags a sample set as throttled (docs/measurement.md rule 6).
 THROTTLE_FRACTION = 0.75
 
 _lock = threading.Lock()

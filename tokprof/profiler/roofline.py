@@ -1,4 +1,4 @@
-"""Where a measured kernel call sits against the roofline (MEASUREMENT.md, "Roofline").
+"""Where a measured kernel call sits against the roofline (docs/measurement.md, "Roofline").
 
 For a call of `flops` and `min_bytes` (each input read once, each output written once) that took `time_us`:
 
@@ -22,7 +22,7 @@ import math
 from tokprof.profiler.devices import GpuSpec
 from tokprof.profiler.schema import Ceilings, Roofline
 
-ROOFLINE_DTYPES = ("bf16", "fp16", "fp8", "fp32")
+ROOFLINE_DTYPES = ("bf16", "fp16", "fp8", "fp32", "fp4", "fp6", "int8")  # the math dtype of the call (its roof)
 
 
 def _t_roof_us(flops: int, min_bytes: int, peak_tflops: float | None, peak_gbps: float | None,

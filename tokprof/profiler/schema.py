@@ -13,13 +13,19 @@ measured unless its record says otherwise (`provenance`). The schema is document
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import re
+import signal
 import tempfile
+import threading
+import time
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,7 +49,11 @@ class Clocks:
 
 @dataclass
 class Timing:
-    """Every sample of one kernel call's time, and the statistics over them (MEASUREMENT.md, kernel time)."""
+    """One kernel call's time: the statistics over every sample, and a bounded sample of the raw times.
+
+    The statistics (median, percentiles, noise) are computed over all `n_samples` samples; `samples_us` keeps at
+    most stats.MAX_STORED_SAMPLES of them, evenly spaced in time order (all of them when there were fewer). Files
+    written before the bound hold every sample and no `n_samples` (None: len(samples_us) is the count)."""
 
     samples_us: list[float]
     timer: str  # "cuda_events" | "cuda_graph" | "perf_counter"
@@ -70,6 +80,12 @@ class Timing:
     # sample batches, and the lowest SM clock seen then; empty / None without NVML.
     clock_reasons: list[str] = field(default_factory=list)
     sm_mhz_min: int | None = None
+    n_samples: int | None = None  # samples the statistics are over; None in older files (every sample is stored)
+
+    @property
+    def samples_taken(self) -> int:
+        """How many samples the statistics are over (older files: the stored samples, which were all of them)."""
+        return self.n_samples if self.n_samples is not None else len(self.samples_us)
 
 
 @dataclass
@@ -84,7 +100,7 @@ class Energy:
 
 @dataclass
 class KernelEnergy:
-    """Energy per call from back-to-back replays over a window of >= 1 s (MEASUREMENT.md, kernel energy)."""
+    """Energy per call from back-to-back replays over a window of >= 1 s (docs/measurement.md, kernel energy)."""
 
     total_j_per_call: float
     dynamic_j_per_call: float  # total minus idle power x time per call
@@ -217,6 +233,8 @@ class RunResult:
     rollup: list[dict[str, Any]] = field(default_factory=list)
     e2e: list[dict[str, Any]] = field(default_factory=list)
     reconciliation: list[dict[str, Any]] = field(default_factory=list)
+    # tokprof.quant.accuracy.AccuracyReport dicts: a low-precision model's logit error against its reference
+    accuracy: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     run_id: str = ""
     # The eager loop's costs beyond the kernels (tokprof.profiler.overhead.Overhead.to_dict()), None when not measured.
@@ -224,6 +242,9 @@ class RunResult:
     # How busy other processes kept a CPU while the run measured, per phase (tokprof.profiler.cpu_load), None on a
     # GPU run or when not recorded.
     cpu_load: dict[str, Any] | None = None
+    # Set when the run was stopped before its end (Ctrl-C): when, during what, and that the file keeps everything
+    # measured up to then. None: the run finished (or the file predates this field).
+    interrupted: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -303,6 +324,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{path}: expected a number, got {_got(value)}")
+        if not math.isfinite(value):
+            raise ValueError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -320,10 +343,93 @@ def _got(value: Any) -> str:
     return f"{type(value).__name__} {text[:60]}"
 
 
-def save_json_atomic(data: Any, path: str | Path) -> Path:
-    """Write JSON so that a reader never sees a half-written file: temp file in the same folder, fsync, rename."""
+def find_non_finite(value: Any, path: str) -> str | None:
+    """The path of the first NaN or infinite float in `value` (a dataclass tree, dicts, lists), else None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} = {value!r}"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items: Any = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+    elif isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for key, v in items:
+        found = find_non_finite(v, f"{path}{key}" if str(key).startswith("[") else f"{path}.{key}")
+        if found:
+            return found
+    return None
+
+
+def check_finite(value: Any, what: str) -> None:
+    """ValueError naming the field when `value` holds NaN or infinity: JSON has neither, and a NaN median would
+    compare as anything (an all-NaN run compared with itself said FAST)."""
+    found = find_non_finite(value, what)
+    if found:
+        raise ValueError(f"{found}: expected a finite number (NaN and infinity are not measurements; a figure that "
+                         "is unknown is None with a reason)")
+
+
+STALE_TMP_S = 600.0  # a temporary file of an atomic save older than this was left by a killed process
+
+
+def remove_stale_tmp(folder: Path, now: float | None = None) -> list[Path]:
+    """Remove `.*.tmp` files of atomic saves (ours: `.<name>.<random>.tmp`) older than STALE_TMP_S in `folder`:
+    what a SIGKILL between the write and the rename leaves. A save in progress is younger, so it is never touched."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        candidates = list(folder.glob(".*.json.*.tmp"))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        try:
+            if now - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            continue  # gone already, or not ours to remove
+    return removed
+
+
+def save_json_atomic(data: Any, path: str | Path, *, exclusive: bool = False) -> Path:
+    """Write JSON so that a reader never sees a half-written file: temp file in the same folder, fsync, rename.
+    ValueError (naming the field) on NaN or infinity; `exclusive`: FileExistsError when `path` exists (never
+    replace another run's file); OSError (disk full, no permission) leaves no file behind, not even an empty one."""
+    check_finite(data, Path(path).name)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(path.parent)
+    with _sigint_deferred():  # Ctrl-C during a save lands after it: the file keeps the last measurement
+        return _write_atomic(data, path, exclusive)
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold SIGINT while the block runs (main thread only; elsewhere signals go to the main thread anyway), then
+    deliver it: KeyboardInterrupt after the block, or the handler that was installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous) and previous is not signal.default_int_handler:
+                previous(signal.SIGINT, None)
+            elif previous is not signal.SIG_IGN:
+                raise KeyboardInterrupt
+
+
+def _write_atomic(data: Any, path: Path, exclusive: bool) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -335,6 +441,37 @@ def save_json_atomic(data: Any, path: str | Path) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        if exclusive:
+            try:
+                os.link(tmp, path)  # atomic, and fails when `path` exists (os.replace would overwrite it)
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: reserve the name exclusively, then replace it
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+                os.replace(tmp, path)
+            else:
+                os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_text_atomic(text: str, path: str | Path) -> Path:
+    """Write a text file atomically (a failed write leaves the old file or none, never an empty one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -342,8 +479,58 @@ def save_json_atomic(data: Any, path: str | Path) -> Path:
     return path
 
 
-def save_run(run: RunResult, path: str | Path) -> Path:
-    return save_json_atomic(run.to_dict(), path)
+def mark_interrupted(run: RunResult, during: str) -> None:
+    """Record in `run` that it was stopped by Ctrl-C `during` a stage (what it holds is all that was measured)."""
+    from datetime import datetime, timezone
+
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    run.interrupted = (f"interrupted (Ctrl-C) at {when} during {during}; this file keeps everything measured up to "
+                       "then, and nothing after it was measured")
+
+
+def save_run(run: RunResult, path: str | Path, *, exclusive: bool = False) -> Path:
+    """Save `run` atomically; ValueError naming the field when a figure is NaN or infinite (see save_json_atomic)."""
+    check_finite(run, "RunResult")
+    return save_json_atomic(run.to_dict(), path, exclusive=exclusive)
+
+
+def file_part(value: Any, limit: int = 64) -> str:
+    """`value` as a safe piece of a file name: letters, digits, '.', '_' and '-' only, no leading dot, bounded.
+    File names built from a RunResult's fields go through this, so that a field such as "1/../../x" cannot name a
+    path outside the output folder."""
+    text = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9._-]+|\.{2,}", "-", str(value))).strip(".-")[:limit]
+    return text or "x"
+
+
+# Fields of the free-form sections (rollup, e2e, reconciliation and their nested records) that other code uses as
+# numbers or in names: checked at load, so that a hostile or corrupt file cannot pass a string where an int goes.
+_INT_FIELDS = ("batch", "context", "tp", "count", "steps")
+_STR_FIELDS = ("model", "gpu", "dtype", "backend", "framework", "mode", "provenance", "op", "label", "name")
+_NUMBER_SUFFIXES = ("_us", "_s", "_w", "_j", "_kw", "_gbps", "_tflops", "_pct", "share", "_per_gpu", "_per_user",
+                    "_tokens", "_per_mw", "_bytes", "_hour")
+
+
+def check_section(records: Any, path: str) -> None:
+    """Type-check the named fields of a free-form section, recursively; ValueError naming the field."""
+    if isinstance(records, list):
+        for i, v in enumerate(records):
+            check_section(v, f"{path}[{i}]")
+        return
+    if not isinstance(records, dict):
+        return
+    for key, v in records.items():
+        where = f"{path}.{key}"
+        if v is None:
+            continue
+        if key in _INT_FIELDS and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{where}: expected an integer, got {_got(v)}")
+        if key in _STR_FIELDS and not isinstance(v, str):
+            raise ValueError(f"{where}: expected a string, got {_got(v)}")
+        if key.endswith(_NUMBER_SUFFIXES) and not isinstance(v, (list, dict)) and (
+                isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"{where}: expected a number, got {_got(v)}")
+        if isinstance(v, (dict, list)):
+            check_section(v, where)
 
 
 def run_from_dict(data: Any, source: str = "RunResult") -> RunResult:
@@ -357,7 +544,10 @@ def run_from_dict(data: Any, source: str = "RunResult") -> RunResult:
                          "upgrade tokprof")
     if version < 1:
         raise ValueError(f"{source}: schema_version: expected 1..{SCHEMA_VERSION}, got {version}")
+    check_finite(data, source)
     run = from_dict(RunResult, data, source)
+    for name in ("rollup", "e2e", "reconciliation"):
+        check_section(getattr(run, name), f"{source}.{name}")
     for i, k in enumerate(run.kernels):
         if k.provenance not in PROVENANCES:
             raise ValueError(f"{source}.kernels[{i}].provenance: expected one of {PROVENANCES}, got {k.provenance!r}")

@@ -1,9 +1,9 @@
 """Statistics over timing samples: outlier removal, summaries and the adaptive stopping rule.
 
-MEASUREMENT.md, kernel time, rule 5: keep every sample; report median, p10, p90 and the relative noise (standard
-deviation over mean) after removing outliers outside 1.5x the interquartile range; stop sampling once at least
-10 samples and 0.1 s are in and the noise is <= 0.5%, or at a timeout (default 5 s), and then say the target was
-missed.
+docs/measurement.md, kernel time, rule 5: statistics over every sample (a bounded sample of them is stored); report
+median, p10, p90 and the relative noise (standard deviation over mean) after removing outliers outside 1.5x the
+interquartile range; stop sampling once at least 10 samples and 0.1 s are in and the noise is <= 0.5%, or at a
+timeout (default 5 s), and then say the target was missed.
 
     kept, n_removed = remove_outliers(samples_us)
     stats = summarize(samples_us, noise_target=0.005)   # median_us, p10_us, p90_us, mean_us, noise, ...
@@ -119,7 +119,7 @@ def summarize(samples_us: Sequence[float], noise_target: float = 0.005) -> dict[
 
 @dataclass(frozen=True)
 class StopRule:
-    """When to stop sampling (MEASUREMENT.md rule 5).
+    """When to stop sampling (docs/measurement.md rule 5).
 
     Stop when at least `min_samples` samples and `min_time_s` seconds are in and the noise after outlier removal
     is <= `noise_target`; or, once those minimums are in, when `max_time_s` has passed (the noise target is then
@@ -170,3 +170,20 @@ class StopRule:
             return (f"noise target missed: {100 * noise:.2f}% > {100 * self.noise_target:.2f}% at the "
                     f"{self.max_time_s:g} s timeout ({n} samples)")
         return f"continuing: noise {100 * noise:.2f}% > {100 * self.noise_target:.2f}% after {n} samples"
+
+
+# A RunResult keeps at most this many raw samples per Timing: the statistics are computed over every sample first,
+# and a CPU call of a few microseconds can take a million samples in its time budget (a 100 MB file otherwise).
+MAX_STORED_SAMPLES = 256
+
+
+def bounded_sample(samples_us: Sequence[float], k: int = MAX_STORED_SAMPLES) -> list[float]:
+    """At most `k` of `samples_us`, evenly spaced in time order (the first and the last always in), so that a drift
+    or a throttled stretch stays visible in what is kept. Deterministic: the same samples give the same subset."""
+    n = len(samples_us)
+    if k < 2:
+        raise ValueError(f"k: expected at least 2 samples to keep, got {k!r}")
+    if n <= k:
+        return [float(v) for v in samples_us]
+    return [float(samples_us[round(i * (n - 1) / (k - 1))]) for i in range(k)]
+

@@ -1,4 +1,4 @@
-"""Kernel time, measured the way MEASUREMENT.md says (kernel time, rules 1-7).
+"""Kernel time, measured the way docs/measurement.md says (kernel time, rules 1-7).
 
     timing = measure(lambda kw: op.run(kw, "triton"), inputs, device="cuda:0")                # CUDA events
     timing = measure(lambda kw: op.run(kw, "triton"), inputs, device="cuda:0", mode="graph")  # CUDA graph
@@ -15,7 +15,8 @@
    MAX_ROTATION_COPIES, and a quarter of the free memory: tokprof.profiler.graphs), capture one CUDA graph that
    calls the kernel on every copy in turn (checking each copy is touched), time replays with events, divide by
    the calls per replay; a capped rotation that spans less than 5x the L2 is said in the note (cold_l2 False);
-4. keep every sample; stop by `StopRule` (>= 10 samples and >= 0.1 s, noise <= 0.5%, or the 5 s timeout);
+4. summarise every sample (store a bounded sample of them); stop by `StopRule` (>= 10 samples and >= 0.1 s,
+   noise <= 0.5%, or the 5 s timeout);
 5. record NVML clocks before and after, sample clocks and clock-event reasons between sample batches, and flag
    `throttled` when the SM clock fell below 75% of its max or a slowdown reason (power cap, thermal) was seen;
 6. synchronise the whole device before reading a host clock.
@@ -63,7 +64,7 @@ from tokprof.profiler.graphs import (  # noqa: F401  (re-exported)
     rotation_spans_l2,
 )
 from tokprof.profiler.schema import Timing
-from tokprof.profiler.stats import StopRule, summarize
+from tokprof.profiler.stats import StopRule, bounded_sample, summarize
 
 MODES = ("events", "graph")
 SHORT_KERNEL_US = 10.0  # below this, event times include launch jitter (rule 4)
@@ -194,7 +195,8 @@ def _sample_cuda(step: Callable[[Any, Any], None], device: torch.device, rule: S
 def _timing(samples: list[float], rule: StopRule, elapsed_s: float, *, timer: str, mode: str, cold_l2: bool,
             calls_per_sample: int, notes: list[str]) -> Timing:
     stats = summarize(samples, rule.noise_target)
-    return Timing(samples_us=list(samples), timer=timer, mode=mode, cold_l2=cold_l2, median_us=stats["median_us"],
+    return Timing(samples_us=bounded_sample(samples), n_samples=len(samples), timer=timer, mode=mode,
+                  cold_l2=cold_l2, median_us=stats["median_us"],
                   p10_us=stats["p10_us"], p90_us=stats["p90_us"], mean_us=stats["mean_us"], noise=stats["noise"],
                   n_outliers=stats["n_outliers"], noise_target=rule.noise_target,
                   met_noise_target=stats["met_noise_target"], calls_per_sample=calls_per_sample,

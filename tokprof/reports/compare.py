@@ -1,18 +1,28 @@
-"""`tokprof compare`: the regression gate between two runs (MEASUREMENT.md, "Regression verdicts").
+"""`tokprof compare`: the regression gate between two runs (docs/measurement.md, "Regression verdicts").
 
     result = compare_runs(load_run("base.json"), load_run("new.json"), threshold=0.05)
     print(result.to_markdown()); sys.exit(result.exit_code)        # 1 when anything gating is SLOW, else 0
 
 What is compared, item by item (matched by key; items in only one run are counted, not judged):
   kernels          by (op, shape, dtype, backend): median time, samples' p10-p90, relative noise
-  roll-up points   measured ones only, by (model, batch, context, dtype, backend): step time (no samples: noise 0)
+  roll-up points   measured ones only, by (model, batch, context, dtype, backend, tp): step time; its noise is the
+                   sum of its kernels' noise weighted by their share of the step, its p10-p90 the step at the
+                   kernels' p10/p90 (an op without a kernel measurement, a modelled collective, adds no spread)
   end to end       by (model, framework, mode, backend, dtype, batch, context): median step time over its samples
+Items whose time is zero, negative or not finite are left out with a note (no ratio can be formed).
 
 Verdict per item, with delta = new / base - 1 of the metric:
-  SAME       |delta| <= max(noise_base, noise_new, threshold)
-  AMBIGUOUS  otherwise, when the two sample sets overlap heavily: their p10-p90 ranges overlap by more than 50% of
-             the narrower range (the medians differ, but most samples of one run fall among the other's)
+  SAME       |delta| <= tolerance = max(noise_base, noise_new, threshold, 2 x between-run scatter)
+  AMBIGUOUS  otherwise, when the two sample sets overlap heavily (p10-p90 ranges overlapping by more than 50% of
+             the narrower range), when the change is within the whole run's drift, or when either run was measured
+             on a shared CPU (RunResult.cpu_load, else its note): a co-tenant's time slice moves a whole sampling
+             window, so it is no evidence about the code
   FAST/SLOW  otherwise, by the sign of delta (for efficiency, higher is better)
+Between-run drift: within-run noise does not see what moves between two runs (clocks, caches, co-tenants). The
+median kernel's change is the run's drift (a uniform shift of the whole run is drift, reported once, not N
+regressions) and the robust scatter of the kernels' changes around it (1.4826 x MAD of the log ratios, >= 5
+kernels) is the between-run noise. A SLOW or FAST verdict needs the change beyond the tolerance both as measured and
+after the drift is taken out. The summary says when a run was made on a shared CPU or a throttled GPU.
 
 Across GPU generations (different device names) raw time says nothing about the code, so kernels and roll-up points
 are compared by roofline efficiency (time at each GPU's own roof / time; the measured roof when both runs have
@@ -104,20 +114,70 @@ def _kernel_label(k: KernelMeasurement) -> str:
     return f"{k.op} {' '.join(f'{a}={b}' for a, b in k.shape.items())} {k.dtype} {k.backend}"
 
 
+def _finite_positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _finite_or_none(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _positive_or_none(x: Any) -> float | None:
+    return float(x) if _finite_positive(x) else None
+
+
+def _point_spread(p: dict, kernels: dict[tuple, KernelMeasurement]) -> tuple[float | None, float | None,
+                                                                              float | None, int, int]:
+    """A roll-up point's relative noise, p10 and p90 from the kernels it sums (matched in the same run by op, shape,
+    dtype, backend): noise = sum over ops of share x kernel noise (the step's relative noise when the kernels' noise
+    moves together, as it does under a shared load; an upper bound otherwise), p10/p90 = the point's step time x
+    (the step summed at each kernel's p10 or p90 / the step summed at the kernels' medians). Ops without a kernel
+    measurement (modelled collectives) count at their time with no spread. Returns (noise, p10, p90, ops matched,
+    ops in all); None for all three when no op matched."""
+    ops = [o for o in p.get("ops") or [] if isinstance(o, dict)]
+    noise, p10, p90, mid, matched = 0.0, 0.0, 0.0, 0.0, 0
+    for o in ops:
+        shape = o.get("shape") if isinstance(o.get("shape"), dict) else {}
+        k = kernels.get((o.get("op"), tuple(sorted(shape.items())), p.get("dtype"), p.get("backend")))
+        count, total, share = o.get("count"), o.get("total_us"), o.get("share")
+        if not (_finite_positive(total) and isinstance(count, int) and _finite_or_none(share) is not None):
+            return None, None, None, 0, len(ops)
+        t = k.timing if k is not None else None
+        if t is not None and all(_finite_or_none(x) is not None for x in (t.noise, t.p10_us, t.p90_us)):
+            matched += 1
+            noise += float(share) * t.noise
+            p10 += count * t.p10_us
+            p90 += count * t.p90_us
+            mid += count * t.median_us
+        else:
+            p10, p90, mid = p10 + float(total), p90 + float(total), mid + float(total)
+    step = p.get("step_time_us")
+    if not matched or not (_finite_positive(mid) and _finite_positive(step)):
+        return None, None, None, 0, len(ops)
+    return noise, step * p10 / mid, step * p90 / mid, matched, len(ops)
+
+
 def observations(run: RunResult, run_ref: str) -> tuple[dict[tuple, Observation], list[str]]:
     """Every comparable item of `run` by key, and notes about what was left out."""
     out: dict[tuple, Observation] = {}
     notes: list[str] = []
     duplicates = 0
+    unusable: list[str] = []  # items whose time is zero, negative or not finite: no ratio can be formed
     for k in run.kernels:
         key = kernel_key(k)
         if key in out:
             duplicates += 1
             continue
         t = k.timing
+        if not _finite_positive(t.median_us):
+            unusable.append(f"{_kernel_label(k)} (median {t.median_us!r} us)")
+            continue
         mhz, source = _clock_of(run, (t.clocks_before, t.clocks_after))
-        out[key] = Observation("kernel", key, _kernel_label(k), t.median_us, t.p10_us, t.p90_us, t.noise,
-                               k.roofline.t_roof_measured_us, k.roofline.t_roof_datasheet_us, mhz, source, run_ref)
+        out[key] = Observation("kernel", key, _kernel_label(k), t.median_us, _finite_or_none(t.p10_us),
+                               _finite_or_none(t.p90_us), _finite_or_none(t.noise),
+                               _positive_or_none(k.roofline.t_roof_measured_us),
+                               _positive_or_none(k.roofline.t_roof_datasheet_us), mhz, source, run_ref)
+    by_key = {k.key(): k for k in reversed(run.kernels)}  # the first measurement of a key wins, as above
     run_mhz, run_source = _clock_of(run)
     skipped = 0
     for p in run.rollup:
@@ -125,7 +185,11 @@ def observations(run: RunResult, run_ref: str) -> tuple[dict[tuple, Observation]
             skipped += 1
             continue
         step = p.get("step_time_us")
-        if not isinstance(step, (int, float)) or step <= 0:
+        label = (f"roll-up {p.get('model')} batch {p.get('batch')} context {p.get('context')} {p.get('dtype')} "
+                 f"{p.get('backend')}")
+        if not _finite_positive(step):
+            if step is not None:  # None: an infeasible point, nothing measured to compare
+                unusable.append(f"{label} (step time {step!r} us)")
             continue
         tp = p.get("tp") or 1  # tensor-parallel points of one model are different points
         key = ("point", p.get("model"), p.get("batch"), p.get("context"), p.get("dtype"), p.get("backend"), tp)
@@ -136,28 +200,34 @@ def observations(run: RunResult, run_ref: str) -> tuple[dict[tuple, Observation]
         roofs = {}
         for which in ("measured", "datasheet"):
             effs = [(o.get("total_us"), o.get(f"efficiency_{which}")) for o in ops]
-            ok = ops and all(isinstance(t, (int, float)) and isinstance(e, (int, float)) for t, e in effs)
-            roofs[which] = sum(t * e for t, e in effs) if ok else None  # t_roof per op = efficiency x time
-        label = (f"roll-up {p.get('model')} batch {p.get('batch')} context {p.get('context')} {p.get('dtype')} "
-                 f"{p.get('backend')}" + (f" tp={tp}" if tp > 1 else ""))
-        out[key] = Observation("point", key, label, float(step), None, None,
-                               None, roofs["measured"], roofs["datasheet"], run_mhz, run_source, run_ref)
+            ok = ops and all(_finite_or_none(t) is not None and _finite_or_none(e) is not None for t, e in effs)
+            roof = sum(t * e for t, e in effs) if ok else None  # t_roof per op = efficiency x time
+            roofs[which] = roof if _finite_positive(roof) else None
+        noise, p10, p90, _, _ = _point_spread(p, by_key)
+        out[key] = Observation("point", key, label + (f" tp={tp}" if tp > 1 else ""), float(step), p10, p90,
+                               noise, roofs["measured"], roofs["datasheet"], run_mhz, run_source, run_ref)
     if skipped:
         notes.append(f"{run_ref}: {skipped} modelled or projected roll-up point(s) not compared (not measurements)")
     if duplicates:
         notes.append(f"{run_ref}: {duplicates} kernel measurement(s) or roll-up point(s) repeat a key; the first "
                      "of each was used")
     for e in run.e2e:
-        samples = [s for s in e.get("step_times_us") or [] if isinstance(s, (int, float))]
+        samples = [s for s in e.get("step_times_us") or [] if _finite_positive(s)]
         median = e.get("median_step_us")
-        if not isinstance(median, (int, float)) or median <= 0:
+        label = (f"end to end {e.get('framework')} {e.get('mode')} {e.get('model')} batch {e.get('batch')} "
+                 f"context {e.get('context')}")
+        if not _finite_positive(median):
+            if median is not None:
+                unusable.append(f"{label} (median step {median!r} us)")
             continue
         key = ("e2e", e.get("model"), e.get("framework"), e.get("mode"), e.get("backend"), e.get("dtype"),
                e.get("batch"), e.get("context"))
         p10, p90 = (float(np.percentile(samples, 10)), float(np.percentile(samples, 90))) if samples else (None, None)
-        out[key] = Observation("e2e", key, f"end to end {e.get('framework')} {e.get('mode')} {e.get('model')} batch "
-                               f"{e.get('batch')} context {e.get('context')}", float(median), p10, p90,
-                               robust_noise(samples), None, None, run_mhz, run_source, run_ref)
+        out[key] = Observation("e2e", key, label, float(median), p10, p90, robust_noise(samples), None, None,
+                               run_mhz, run_source, run_ref)
+    if unusable:
+        notes.append(f"{run_ref}: {len(unusable)} item(s) with a zero, negative or non-finite time not compared "
+                     f"(no ratio can be formed): {'; '.join(unusable[:3])}")
     return out, notes
 
 
@@ -175,11 +245,19 @@ def range_overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
     return max(inter, 0.0) / narrow
 
 
-def verdict(delta: float, tolerance: float, overlap: float | None, higher_is_better: bool) -> str:
+def verdict(delta: float, tolerance: float, overlap: float | None, higher_is_better: bool,
+            drift: float | None = None) -> str:
+    """SAME inside the tolerance; AMBIGUOUS when the sample sets overlap heavily or when the change is explained by
+    the whole run's drift `drift` (new / base - 1 of the median item); else FAST or SLOW, which needs the change to
+    exceed the tolerance both as measured and after removing the drift, in the same direction."""
     if abs(delta) <= tolerance:
         return SAME
     if overlap is not None and overlap > OVERLAP_LIMIT:
         return AMBIGUOUS
+    if drift is not None:
+        adjusted = (1.0 + delta) / (1.0 + drift) - 1.0
+        if abs(adjusted) <= tolerance or (adjusted > 0) != (delta > 0):
+            return AMBIGUOUS
     worse = delta < 0 if higher_is_better else delta > 0
     return SLOW if worse else FAST
 
@@ -198,15 +276,67 @@ class Row:
     gating: bool
     base_ref: str
     note: str = ""
+    higher_is_better: bool = False
+    noises: tuple = ()
 
 
 def _row(kind: str, item: str, metric: str, base: float, new: float, ranges: tuple | None, noises: tuple,
          threshold: float, higher_is_better: bool, gating: bool, base_ref: str, note: str = "") -> Row:
-    delta = new / base - 1.0
+    delta = new / base - 1.0  # observations() keeps only positive, finite times and roofs
     tolerance = max([threshold, *[n for n in noises if n is not None]])
     overlap = range_overlap(*ranges) if ranges is not None else None
     return Row(kind, item, metric, base, new, delta, tolerance, overlap,
-               verdict(delta, tolerance, overlap, higher_is_better), gating, base_ref, note)
+               verdict(delta, tolerance, overlap, higher_is_better), gating, base_ref, note, higher_is_better,
+               noises)
+
+
+# Between-run drift: the median kernel's log ratio (new / base) and the robust scatter of the kernels around it.
+DRIFT_MIN_KERNELS = 3  # fewer matched kernels: no run-level drift estimate
+SCATTER_MIN_KERNELS = 5  # fewer: no between-run scatter in the tolerance
+SCATTER_SIGMAS = 2.0  # tolerance term: this many robust standard deviations of the kernels' log ratios
+
+
+@dataclass
+class Drift:
+    """How the whole new run moved against the base: the median over gating kernel rows of new / base (as a
+    change, `delta`), and the scatter of the kernels' changes around it (`sigma`, 1.4826 x the median absolute
+    deviation of the log ratios; None with fewer than SCATTER_MIN_KERNELS kernels)."""
+
+    delta: float
+    sigma: float | None
+    kernels: int
+
+
+def estimate_drift(rows: Sequence[Row]) -> Drift | None:
+    """Run-level drift from the gating kernel rows (None with fewer than DRIFT_MIN_KERNELS). The median is robust:
+    a few regressed kernels do not move it, a uniform shift of the machine (clocks, co-tenants, thermals) does."""
+    # In time terms: an efficiency (higher is better) ratio is the inverse of the time ratio.
+    logs = np.array([math.log(r.new / r.base) * (-1.0 if r.higher_is_better else 1.0)
+                     for r in rows if r.kind == "kernel" and r.gating and r.base > 0 and r.new > 0])
+    if logs.size < DRIFT_MIN_KERNELS:
+        return None
+    center = float(np.median(logs))
+    sigma = float(1.4826 * np.median(np.abs(logs - center))) if logs.size >= SCATTER_MIN_KERNELS else None
+    return Drift(math.exp(center) - 1.0, sigma, int(logs.size))
+
+
+def apply_drift(rows: list[Row], drift: Drift | None) -> None:
+    """Re-judge gating rows with the between-run drift: the tolerance gains SCATTER_SIGMAS x the kernels' scatter
+    (between-run noise that each item's own within-run noise does not see), and a change explained by the whole
+    run's shift is AMBIGUOUS, not FAST or SLOW."""
+    if drift is None:
+        return
+    for r in rows:
+        if not r.gating:
+            continue
+        if drift.sigma is not None:
+            r.tolerance = max(r.tolerance, SCATTER_SIGMAS * drift.sigma)
+        # Efficiency is higher-is-better: a run whose times grew by d has efficiencies shrunk by 1/(1+d).
+        d = 1.0 / (1.0 + drift.delta) - 1.0 if r.higher_is_better else drift.delta
+        r.verdict = verdict(r.delta, r.tolerance, r.overlap, r.higher_is_better, d)
+        if r.verdict == AMBIGUOUS and abs(r.delta) > r.tolerance and (r.overlap is None or
+                                                                       r.overlap <= OVERLAP_LIMIT):
+            r.note = (r.note + "; " if r.note else "") + f"within the whole run's drift of {drift.delta:+.1%}"
 
 
 def _ranges(b: Observation, n: Observation, fb: Any = None, fn: Any = None) -> tuple | None:
@@ -270,6 +400,8 @@ class Comparison:
     only_in_base: list[str] = field(default_factory=list)
     only_in_new: list[str] = field(default_factory=list)
     clock_sources: list[str] = field(default_factory=list)
+    drift: Drift | None = None
+    conditions: list[str] = field(default_factory=list)  # runs made on a shared CPU or a throttled GPU
 
     def counts(self, gating: bool = True) -> dict[str, int]:
         out = {v: 0 for v in (SLOW, AMBIGUOUS, FAST, SAME)}
@@ -287,12 +419,9 @@ class Comparison:
 
 
 def _fmt(value: float) -> str:
-    mag = abs(value)
-    if mag >= 1e5:
-        return f"{value:.4g}"
-    if mag >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.3g}"
+    from tokprof.reports.document import num  # one number format in every table
+
+    return num(value)
 
 
 def _table(rows: list[Row]) -> list[str]:
@@ -314,10 +443,25 @@ def summary_markdown(c: Comparison) -> str:
              f"**Base:** {c.base_ref} on {c.base_device}  ",
              f"**New:** {c.new_ref} on {c.new_device}", "",
              "Gating items: " + ", ".join(f"{v} {n}" for v, n in counts.items()) + ".", "",
-             f"Rule: SAME when \\|delta\\| <= max(noise base, noise new, threshold {c.threshold:.1%}); otherwise "
-             f"FAST or SLOW, except AMBIGUOUS when the p10-p90 ranges of the two sample sets overlap by more than "
-             f"{OVERLAP_LIMIT:.0%} of the narrower range. Noise: relative standard deviation after 1.5x IQR outlier "
-             "removal. delta = new / base - 1. Exit status 1 when a gating item is SLOW."]
+             f"Rule: SAME when \\|delta\\| <= tolerance = max(noise base, noise new, threshold {c.threshold:.1%}"
+             f", {SCATTER_SIGMAS:g} x the between-run scatter of the kernels); otherwise FAST or SLOW, except "
+             f"AMBIGUOUS when the p10-p90 ranges of the two sample sets overlap by more than {OVERLAP_LIMIT:.0%} of "
+             "the narrower range, or when the change is within the whole run's drift (the median kernel's change). "
+             "Noise: relative standard deviation after 1.5x IQR outlier removal; a roll-up point's is the sum of "
+             "its kernels' noise weighted by their share of the step. delta = new / base - 1. Exit status 1 when a "
+             "gating item is SLOW."]
+    if c.drift is not None:
+        scatter = f"{c.drift.sigma:.1%}" if c.drift.sigma is not None else "n/a (under 5 kernels)"
+        lines += ["", f"**Whole-run drift: {c.drift.delta:+.1%}** (median change over {c.drift.kernels} kernels; "
+                  f"scatter around it {scatter})."]
+        if abs(c.drift.delta) > c.threshold:
+            lines.append("The whole new run moved: a machine-level shift (clocks, co-tenants, thermals) or a change "
+                         "that slows every kernel alike. Items within it are AMBIGUOUS, not SLOW; re-measure both "
+                         "builds interleaved on a quiet machine to tell which.")
+    if c.conditions:
+        lines += ["", "**Conditions:** " + "; ".join(c.conditions) + ". Figures made on a shared CPU or a "
+                  "throttled GPU are slower and noisier than the code: a change measured on a shared CPU is "
+                  "AMBIGUOUS, never SLOW or FAST; treat changes on a throttled GPU as weak."]
     if c.cross_generation:
         lines += ["", f"**Cross-generation comparison ({c.base_device} -> {c.new_device}): raw times are NOT "
                   "compared.** Kernels and roll-up points are compared by roofline efficiency (time at each GPU's "
@@ -350,10 +494,46 @@ def _device(run: RunResult) -> str:
     return run.provenance.device.name
 
 
+SHARED_CPU_NOTE = "the CPU was shared"  # cpu_load.CpuLoadResult.note() of a contended run (runs without cpu_load)
+
+
+def shared_cpu(run: RunResult) -> bool:
+    """Whether `run` says it was measured on a CPU that other processes kept busy (RunResult.cpu_load when the run
+    has it, else the note tokprof run and bench write)."""
+    load = getattr(run, "cpu_load", None)
+    if isinstance(load, dict) and "contended" in load:
+        return bool(load.get("contended"))
+    return any(SHARED_CPU_NOTE in n for n in run.notes)
+
+
+def run_conditions(run: RunResult, ref: str) -> list[str]:
+    """Why `run`'s figures may be off: made on a shared CPU (RunResult.cpu_load, else its notes) or on a GPU whose
+    clock fell during a measurement (throttled timings)."""
+    out = []
+    if shared_cpu(run):
+        note = next((n for n in run.notes if SHARED_CPU_NOTE in n), None)
+        out.append(f"{ref} was made on a shared CPU" + (f" ({note.split(':')[0]})" if note else ""))
+    throttled = sum(1 for k in run.kernels if k.timing.throttled)
+    if throttled:
+        out.append(f"{ref}: {throttled} kernel measurement(s) ran on a throttled GPU (SM clock below 75% of max)")
+    return out
+
+
 def _finish(base_obs: dict, new_obs: dict, notes: list[str], *, base_ref: str, new_ref: str, base_device: str,
-            new_device: str, threshold: float) -> Comparison:
+            new_device: str, threshold: float, conditions: Sequence[str] = (), shared: bool = False) -> Comparison:
+    """`conditions`: what may be off in either run (said in the summary and on changed rows); `shared`: either run
+    was measured on a shared CPU, where a time slice lost to another process moves a whole sampling window, so a
+    change beyond the tolerance is AMBIGUOUS (a co-tenant's share is not the code's), never FAST or SLOW."""
     cross = base_device != new_device
     rows, more = compare_rows(base_obs, new_obs, cross_generation=cross, threshold=threshold)
+    drift = estimate_drift(rows)
+    apply_drift(rows, drift)
+    for r in rows:
+        if r.gating and r.verdict in (SLOW, FAST) and shared:
+            r.verdict = AMBIGUOUS
+            r.note = (r.note + "; " if r.note else "") + "measured on a shared CPU: re-run on an idle one to tell"
+        elif r.gating and r.verdict in (SLOW, FAST) and conditions:
+            r.note = (r.note + "; " if r.note else "") + "throttled GPU: see the conditions"
     if not rows:
         raise CompareInputError(f"nothing to compare: {base_ref} and {new_ref} have no kernel, measured roll-up "
                                 "point or end-to-end item in common (matched by op, shape, dtype, backend; by "
@@ -365,7 +545,7 @@ def _finish(base_obs: dict, new_obs: dict, notes: list[str], *, base_ref: str, n
     sources = [f"{ref}: {' / '.join(sorted(found))}" for ref, found in by_run.items()]
     return Comparison(base_ref, new_ref, base_device, new_device, cross, threshold, rows, notes + more,
                       [o.label for k, o in base_obs.items() if k not in new_obs],
-                      [o.label for k, o in new_obs.items() if k not in base_obs], sources)
+                      [o.label for k, o in new_obs.items() if k not in base_obs], sources, drift, list(conditions))
 
 
 def compare_runs(base: RunResult, new: RunResult, *, threshold: float = DEFAULT_THRESHOLD, base_ref: str = "base",
@@ -376,7 +556,9 @@ def compare_runs(base: RunResult, new: RunResult, *, threshold: float = DEFAULT_
     base_obs, notes_b = observations(base, base_ref)
     new_obs, notes_n = observations(new, new_ref)
     return _finish(base_obs, new_obs, notes_b + notes_n, base_ref=base_ref, new_ref=new_ref,
-                   base_device=_device(base), new_device=_device(new), threshold=threshold)
+                   base_device=_device(base), new_device=_device(new), threshold=threshold,
+                   conditions=run_conditions(base, base_ref) + run_conditions(new, new_ref),
+                   shared=shared_cpu(base) or shared_cpu(new))
 
 
 def run_ref(run: RunResult, path: str | Path | None) -> str:
@@ -418,8 +600,11 @@ def compare_against_history(new: RunResult, new_path: str | Path | None, history
     new_obs, notes_n = observations(new, new_ref)
     notes.append(f"base: per item, the fastest of {len(recorded)} recorded run(s) on {device}; each row's base run "
                  "is in the table")
+    conditions = [c for _, src, run in recorded for c in run_conditions(run, run_ref(run, src))]
     comparison = _finish(best, new_obs, notes + notes_n, base_ref=f"best of {len(recorded)} recorded run(s)",
-                         new_ref=new_ref, base_device=device, new_device=device, threshold=threshold)
+                         new_ref=new_ref, base_device=device, new_device=device, threshold=threshold,
+                         conditions=conditions + run_conditions(new, new_ref),
+                         shared=shared_cpu(new) or any(shared_cpu(run) for _, _, run in recorded))
     for r in comparison.rows:
         r.note = (r.note + "; " if r.note else "") + f"base: {r.base_ref}"
     return comparison

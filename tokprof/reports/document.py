@@ -32,6 +32,16 @@ def num(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+def num_bytes(value: Any) -> str:
+    """A byte count in binary units with three significant digits: 512 B, 2 KiB, 1.5 MiB, 16 GiB; n/a for None."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(value) >= scale:
+            return f"{num(value / scale)} {unit}"
+    return f"{num(int(value))} B"
+
+
 def pct(value: Any) -> str:
     if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
         return "n/a"

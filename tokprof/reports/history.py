@@ -162,19 +162,65 @@ class History:
                       "TOKPROF_HISTORY_DB")
         return HistoryDatabaseError(f"history database {self.path}: {what} failed ({text}); {advice}")
 
-    def check(self) -> None:
-        """Raise HistoryDatabaseError now when the file exists but is not a SQLite database (before a long run, not
-        after it); every connection checks it too."""
+    def check(self, write: bool = False) -> None:
+        """Raise HistoryDatabaseError now (before a long run, not after it) when the file cannot serve: not a SQLite
+        database, another program's database, a newer schema, or (`write`) a file or folder this process cannot
+        write (the schema read through a read-only connection); every connection checks the header too."""
         try:
             with self.path.open("rb") as fh:
-                head = fh.read(len(SQLITE_MAGIC))
+                head = fh.read(100)
         except FileNotFoundError:
-            return
+            head = None
+        except IsADirectoryError as err:
+            raise HistoryDatabaseError(f"history database {self.path}: is a folder, not a file; choose a file with "
+                                       "--db or TOKPROF_HISTORY_DB") from err
         except OSError as err:
             raise HistoryDatabaseError(f"history database {self.path}: cannot read it ({err.strerror}); check the "
                                        "path and its permissions, or choose another with --db") from err
-        if head and head != SQLITE_MAGIC:
+        if head and head[:len(SQLITE_MAGIC)] != SQLITE_MAGIC:
             raise self._fail("opening", sqlite3.DatabaseError("file is not a database (no SQLite header)"))
+        if write and head:
+            self._check_schema_read_only()
+        if write:
+            self._check_writable(exists=head is not None)
+
+    def _check_schema_read_only(self) -> None:
+        """Another program's database or a newer tokprof's, refused before a run that would record into it. Read
+        through SQLite (read-only), not from the file header: in WAL mode the header lags the last transactions."""
+        try:
+            con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=self.timeout_s)
+            try:
+                app_id = con.execute("PRAGMA application_id").fetchone()[0]
+                version = con.execute("PRAGMA user_version").fetchone()[0]
+                tables = con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            finally:
+                con.close()
+        except sqlite3.Error:
+            return  # corrupt or locked: the connection that writes says which, with its advice
+        if app_id != APPLICATION_ID and (app_id != 0 or tables > 0):
+            raise HistoryDatabaseError(f"history database {self.path}: an SQLite database of another program "
+                                       f"(application_id {app_id:#x}, not tokprof's {APPLICATION_ID:#x}); choose "
+                                       "another file with --db or TOKPROF_HISTORY_DB")
+        if version > SCHEMA_VERSION:
+            raise HistoryDatabaseError(f"history database {self.path}: schema version {version} is newer than this "
+                                       f"tokprof reads ({SCHEMA_VERSION}); upgrade tokprof or use another --db")
+
+    def _check_writable(self, exists: bool) -> None:
+        """The file (and its folder: SQLite writes -wal and -shm files beside it), or the nearest folder above a
+        file still to be made, must be writable by this process."""
+        folder = self.path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        problem = None
+        if not folder.is_dir():
+            problem = f"{folder} is not a folder"
+        elif exists and not os.access(self.path, os.W_OK):
+            problem = "the file is not writable by this user"
+        elif not os.access(folder, os.W_OK | os.X_OK):
+            problem = f"the folder {folder} is not writable by this user"
+        if problem:
+            raise HistoryDatabaseError(f"history database {self.path}: cannot record runs there ({problem}); fix "
+                                       "its permissions or choose another file with --db or TOKPROF_HISTORY_DB")
 
     @contextlib.contextmanager
     def _connect(self, what: str, write: bool = False) -> Iterator[sqlite3.Connection]:

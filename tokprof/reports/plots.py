@@ -24,6 +24,8 @@ matplotlib.use("Agg")  # explicit: reports are rendered on machines without a di
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from tokprof.reports.document import num  # noqa: E402
+
 DPI = 80  # ~640x400 px per figure: readable, and the self-contained HTML stays a few hundred KB
 PROVENANCE_STYLE = {
     "measured": {"color": "#1f77b4", "marker": "o", "linestyle": "-"},
@@ -45,6 +47,11 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+def _title(text: str, width_in: float, fontsize: float = 10.0) -> str:
+    """`text` wrapped to the figure's width (about 0.55 em per character), so that no title runs off a figure."""
+    return textwrap.fill(text, max(20, int(width_in * 72 / (0.55 * fontsize))))
+
+
 def _colors(n: int) -> list[tuple[float, float, float, float]]:
     cmap = matplotlib.colormaps["tab20" if n > 10 else "tab10"]
     return [cmap(i % cmap.N) for i in range(n)]
@@ -61,6 +68,7 @@ class RoofPoint:
     intensity_flop_per_byte: float
     tflops: float
     suspicious: bool = False
+    tag: str = ""  # printed beside the point: what tells calls of one op apart (e.g. "B=64", "M=8 N=4096")
 
 
 @dataclass
@@ -91,7 +99,7 @@ def roofline_chart(path: str | Path, *, title: str, points: Sequence[RoofPoint],
     y_hi = max(ys + peaks) * 2.5
     y_lo = min(ys) / 4.0
 
-    fig = Figure(figsize=(8.0, 5.0))
+    fig = Figure(figsize=(10.0, 5.2))
     ax = fig.add_subplot(1, 1, 1)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -117,9 +125,9 @@ def roofline_chart(path: str | Path, *, title: str, points: Sequence[RoofPoint],
                 for x in grid]
         parts = []
         if roof.bandwidth_gbps is not None:
-            parts.append(f"{roof.bandwidth_gbps:,.4g} GB/s")
+            parts.append(f"{num(roof.bandwidth_gbps)} GB/s")
         if roof.tflops is not None:
-            parts.append(f"{roof.tflops:,.4g} TFLOP/s")
+            parts.append(f"{num(roof.tflops)} TFLOP/s")
         label = f"{roof.name} roof ({', '.join(parts)})" + (f" {roof.detail}" if roof.detail else "")
         ax.plot(grid, line, color="black", linestyle=ls, lw=1.4, label=label)
 
@@ -128,15 +136,29 @@ def roofline_chart(path: str | Path, *, title: str, points: Sequence[RoofPoint],
         group = [p for p in points if p.label == label]
         ax.scatter([p.intensity_flop_per_byte for p in group], [p.tflops for p in group], s=22, color=color,
                    edgecolors="black", linewidths=0.4, label=label, zorder=3)
+    # Each point's tag beside it; points at the same place share one label, and labels alternate above and below
+    # so that neighbours do not print over each other.
+    tags: dict[tuple[float, float], list[str]] = {}
+    for p in points:
+        if p.tag:
+            spot = (round(math.log10(p.intensity_flop_per_byte), 2), round(math.log10(p.tflops), 2))
+            tags.setdefault(spot, [])
+            if p.tag not in tags[spot]:
+                tags[spot].append(p.tag)
+    for i, ((lx, ly), names) in enumerate(sorted(tags.items())):
+        text = ", ".join(names) if len(names) <= 2 else f"{names[0]}, +{len(names) - 1}"
+        ax.annotate(text, (10**lx, 10**ly), textcoords="offset points", xytext=(4, 4 if i % 2 == 0 else -8),
+                    fontsize=5.5, color="#333333", zorder=5)
     bad = [p for p in points if p.suspicious]
     if bad:
         ax.scatter([p.intensity_flop_per_byte for p in bad], [p.tflops for p in bad], s=90, facecolors="none",
                    edgecolors="red", linewidths=1.2, label="suspicious (>100% of a ceiling)", zorder=4)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_title(title, 7.0), fontsize=10)
     ax.set_xlabel("arithmetic intensity (FLOP/byte, min bytes)")
     ax.set_ylabel("achieved TFLOP/s")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=6.5, loc="lower right", ncol=2)
+    # outside the axes: a legend inside would sit on points somewhere
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -198,18 +220,18 @@ def iceberg_chart(path: str | Path, *, title: str, levels: Sequence[Level]) -> P
             if prev - value > 0.15 * top:
                 ax.text(i, value + (prev - value) / 2, gap, ha="center", va="center", fontsize=6.5,
                         bbox={"facecolor": "white", "alpha": 0.8, "lw": 0, "pad": 1})
-            else:  # too thin to hold text: beside the bar, at its top
-                ax.text(i + 0.32, prev, gap, ha="left", va="top", fontsize=6)
+            else:  # too thin to hold text: above its own bar (the bars to the right are lower, so it is free)
+                ax.text(i, prev * 1.01, gap, ha="center", va="bottom", fontsize=6)
         elif prev is not None and value > prev:
             ax.text(i, value * 1.04, "above the layer above!", ha="center", fontsize=6.5, color="#d62728")
         prev = value
     ax.set_xlim(-0.6, len(levels) - 0.4)
     ax.set_xticks(range(len(levels)))
     ax.set_xticklabels([f"{lv.name}\n{textwrap.fill(lv.title, 14)}" for lv in levels], fontsize=7)
-    ax.set_ylim(0, top * 1.18)
+    ax.set_ylim(0, top * 1.32)  # room above the tallest bar for a gap label and the legend
     ax.set_ylabel("tokens/s per GPU")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(_title(title, 8.0), fontsize=10)
+    ax.legend(fontsize=7, loc="upper right", ncol=2)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
@@ -225,6 +247,7 @@ class Series:
     label: str
     provenance: str
     points: list[tuple[float, float, int]] = field(default_factory=list)
+    axes: str = "GPU"  # the panel it is drawn on: "CPU" (a CPU's measured curves) or "GPU"
 
 
 @dataclass
@@ -246,48 +269,83 @@ def _nice_levels(lo: float, hi: float, limit: int = 6) -> list[float]:
 
 
 def pareto_chart(path: str | Path, *, title: str, series: Sequence[Series], prices: Sequence[Price]) -> Path:
-    """tokens/s per GPU (throughput) vs tokens/s per user (interactivity), log-log, with $/M-token isolines."""
-    pts = [(x, y) for s in series for x, y, _ in s.points if x > 0 and y > 0]
-    if not pts:
+    """tokens/s per GPU (throughput) vs tokens/s per user (interactivity), log-log, with $/M-token isolines.
+
+    Series of different `axes` groups (a CPU's measured curves, the GPUs') get panels of their own: a CPU is two or
+    three orders of magnitude slower and would flatten the GPUs' curves. Isolines (priced GPU-hours) go on the GPU
+    panel; each cost level is labelled once, with every price that draws it."""
+    kept = [s for s in series if any(x > 0 and y > 0 for x, y, _ in s.points)]
+    if not kept:
         raise ValueError("series: expected at least one point with positive tokens/s, got none")
-    x_lo, x_hi = min(p[0] for p in pts) / 1.6, max(p[0] for p in pts) * 1.6
-    y_lo, y_hi = min(p[1] for p in pts) / 2.0, max(p[1] for p in pts) * 2.0
-    fig = Figure(figsize=(10.0, 5.0))
-    ax = fig.add_subplot(1, 1, 1)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(x_lo, x_hi)
-    ax.set_ylim(y_lo, y_hi)
-    # Isolines in greys with one dash pattern per price, so that no isoline takes a series' colour.
+    groups = list(dict.fromkeys(s.axes for s in kept))
+    color_of = {id(s): c for s, c in zip(kept, _colors(len(kept)), strict=True)}
+    width_in = 10.0 if len(groups) == 1 else 13.0
+    fig = Figure(figsize=(width_in, 5.2))
+    axes = [fig.add_subplot(1, len(groups), k + 1) for k in range(len(groups))]
+    for ax, group in zip(axes, groups, strict=True):
+        mine = [s for s in kept if s.axes == group]
+        pts = [(x, y) for s in mine for x, y, _ in s.points if x > 0 and y > 0]
+        x_lo, x_hi = min(p[0] for p in pts) / 1.6, max(p[0] for p in pts) * 1.6
+        y_lo, y_hi = min(p[1] for p in pts) / 2.0, max(p[1] for p in pts) * 2.0
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(x_lo, x_hi)
+        ax.set_ylim(y_lo, y_hi)
+        if group != "CPU":
+            _isolines(ax, prices, x_lo, x_hi, y_lo, y_hi)
+        for s in mine:
+            style = _style(s.provenance)
+            ordered = sorted(p for p in s.points if p[0] > 0 and p[1] > 0)
+            ax.plot([p[0] for p in ordered], [p[1] for p in ordered], marker=style["marker"],
+                    linestyle=style["linestyle"], lw=1.2, ms=5, label=f"{s.label} [{s.provenance}]",
+                    color=color_of[id(s)])  # one colour per curve across the panels: the legend is shared
+            for x, y, batch in ordered:
+                ax.annotate(f"b{batch}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+        ax.set_title(f"{group}" if len(groups) > 1 else "", fontsize=9)
+        ax.set_xlabel("tokens/s per user (interactivity, 1 / step time)")
+        ax.set_ylabel("tokens/s on the CPU (throughput)" if group == "CPU" else "tokens/s per GPU (throughput)")
+        ax.grid(True, which="major", alpha=0.3)
+        _plain_log_ticks(ax)
+    handles = [h for ax in axes for h in ax.get_legend_handles_labels()[0]]
+    names = [n for ax in axes for n in ax.get_legend_handles_labels()[1]]
+    fig.legend(handles, names, fontsize=6.5, loc="upper left", bbox_to_anchor=(0.8, 0.92), borderaxespad=0)
+    fig.suptitle(_title(title, width_in * 0.8), fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.79, 0.95))
+    return _save(fig, path)
+
+
+def _plain_log_ticks(ax: object) -> None:
+    """Log axes ticked at 1, 2, 5 x 10^n with plain numbers (1,000 not 10^3) and no minor labels: an axis spanning
+    less than a decade otherwise labels every minor tick, over each other."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):  # type: ignore[attr-defined]
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
+
+
+def _isolines(ax: object, prices: Sequence[Price], x_lo: float, x_hi: float, y_lo: float, y_hi: float) -> None:
+    """Horizontal $/M-token isolines, a grey dash pattern per price; one label per cost level, at its highest line,
+    naming every price that draws it (near-equal prices would otherwise print over each other)."""
     iso_styles = [("#444444", (0, (1, 2))), ("#777777", (0, (4, 2))), ("#444444", (0, (6, 2, 1, 2))),
                   ("#999999", (0, (2, 4)))]
     per_price = max(2, 6 // max(len(prices), 1))
+    levels: dict[float, list[tuple[float, Price]]] = {}
     for i, price in enumerate(prices):
         color, dash = iso_styles[i % len(iso_styles)]
         # cost per M tokens = $/h / (tokens/s/GPU * 3600 / 1e6)  =>  tokens/s/GPU = $/h * 1e6 / (3600 * cost)
         k = price.usd_per_gpu_hour * 1e6 / 3600.0
         for cost in _nice_levels(k / y_hi, k / y_lo, limit=per_price):
-            y = k / cost
-            ax.axhline(y, color=color, lw=0.8, ls=dash, alpha=0.8)
-            # Alternate label sides per price so that near-equal prices do not print over each other.
-            x_text, ha = (x_hi / 1.05, "right") if i % 2 == 0 else (x_lo * 1.05, "left")
-            # "\\$": a bare "$" pair would switch matplotlib into mathtext.
-            ax.text(x_text, y * 1.03, f"\\${cost:g}/M tok ({price.label} @ \\${price.usd_per_gpu_hour:g}/GPU-h)",
-                    fontsize=6, ha=ha, va="bottom", color=color, clip_on=True)
-    for s in series:
-        style = _style(s.provenance)
-        ordered = sorted(s.points)
-        ax.plot([p[0] for p in ordered], [p[1] for p in ordered], marker=style["marker"],
-                linestyle=style["linestyle"], lw=1.2, ms=5, label=f"{s.label} [{s.provenance}]")
-        for x, y, batch in ordered:
-            ax.annotate(f"b{batch}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("tokens/s per user (interactivity, 1 / step time)")
-    ax.set_ylabel("tokens/s per GPU (throughput)")
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    return _save(fig, path)
+            ax.axhline(k / cost, color=color, lw=0.8, ls=dash, alpha=0.8)  # type: ignore[attr-defined]
+            levels.setdefault(cost, []).append((k / cost, price))
+    for cost, lines in levels.items():
+        y = max(y for y, _ in lines)
+        # "\\$": a bare "$" pair would switch matplotlib into mathtext.
+        who = ", ".join(f"{p.label} @ \\${p.usd_per_gpu_hour:g}/h" for _, p in lines)
+        ax.text(x_hi / 1.05, y * 1.03, f"\\${cost:g}/M tokens ({who})", fontsize=6,  # type: ignore[attr-defined]
+                ha="right", va="bottom", color="#333333", clip_on=True,
+                bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 0.5})
 
 
 # ------------------------------------------------------------------------------------------------ op shares
@@ -314,7 +372,10 @@ def op_share_chart(path: str | Path, *, title: str, groups: Sequence[ShareGroup]
     color_of = dict(zip(labels, _colors(len(labels)), strict=True))
     ncols = min(3, len(groups))
     nrows = math.ceil(len(groups) / ncols)
-    fig = Figure(figsize=(3.2 * ncols + 1.8, 3.4 * nrows + 0.4))
+    legend_cols = 3 if ncols >= 2 else 2
+    legend_in = 0.2 * math.ceil(len(labels) / legend_cols) + 0.25  # the legend's height, below the panels
+    width_in, height_in = 3.3 * ncols + 0.6, 3.4 * nrows + 0.6 + legend_in
+    fig = Figure(figsize=(width_in, height_in))
     axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(len(groups))]
     for ax, g in zip(axes, groups, strict=True):
         bottom = [0.0] * len(g.batches)
@@ -331,7 +392,8 @@ def op_share_chart(path: str | Path, *, title: str, groups: Sequence[ShareGroup]
         ax.set_ylim(0, 105)
         ax.set_title(textwrap.fill(g.title, 40), fontsize=8)
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, fontsize=6.5, loc="center right")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1 - 1.7 / (3.2 * ncols + 1.8), 0.95))
+    # below the panels, in its own strip: a legend beside or inside them would cover one
+    fig.legend(handles, names, fontsize=6.5, loc="lower center", ncol=legend_cols, frameon=False)
+    fig.suptitle(_title(title, width_in), fontsize=10)
+    fig.tight_layout(rect=(0, legend_in / height_in, 1, 1 - 0.45 / height_in))
     return _save(fig, path)

@@ -14,13 +14,15 @@ interconnect layer. Both appear only when the runs hold such data.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tokprof.profiler.schema import RunResult, load_run
+from tokprof.profiler.devices import PEAK_DTYPES
+from tokprof.profiler.schema import RunResult, file_part, load_run
 from tokprof.reports import plots
 from tokprof.reports.document import (
     Block,
@@ -138,7 +140,7 @@ def _datasheet_roof(run: RunResult, dtype: str | None) -> tuple[plots.Roof | Non
     spec = _spec_of(run)
     if spec is None:
         return None, "no datasheet row for this device (a CPU or a GPU missing from tokprof/data/gpus.json)"
-    tflops = spec.peak_tflops(dtype) if dtype in ("bf16", "fp16", "fp8", "fp32") else None
+    tflops = spec.peak_tflops(dtype) if dtype in PEAK_DTYPES else None
     gbps = spec.hbm_tbps * 1e3 if spec.hbm_tbps is not None else None
     return plots.Roof("datasheet", gbps, tflops, f"[{spec.key}, {dtype}]"), f"{spec.key}: {spec.source} ({spec.date})"
 
@@ -183,6 +185,15 @@ def _kernel_row(r: LoadedRun, k: Any) -> list[str]:
             "; ".join(flags)]
 
 
+# The shape keys that tell calls of one op apart on a roofline (rows or batch first, then the matrix sizes).
+_TAG_KEYS = ("B", "T", "M", "N", "K", "context")
+
+
+def _roof_tag(k: Any) -> str:
+    """A point's label on the roofline: its op's varying sizes, e.g. 'M=8 N=4096' or 'B=64 context=8192'."""
+    return " ".join(f"{key}={k.shape[key]}" for key in _TAG_KEYS if key in k.shape)[:28]
+
+
 def _roofline_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], list[str]]:
     blocks: list[Block] = [Heading("Roofline and kernels")]
     omitted: list[str] = []
@@ -206,7 +217,7 @@ def _roofline_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], li
         if sheet is not None:
             roofs.append(sheet)
         points = [plots.RoofPoint(k.op, k.roofline.intensity_flop_per_byte, k.roofline.achieved_tflops,
-                                  k.roofline.suspicious) for k in kernels
+                                  k.roofline.suspicious, _roof_tag(k)) for k in kernels
                   if k.roofline.intensity_flop_per_byte > 0 and k.roofline.achieved_tflops > 0]
         left_out = sorted({k.op for k in kernels if k.roofline.intensity_flop_per_byte <= 0
                            or k.roofline.achieved_tflops <= 0})
@@ -253,7 +264,9 @@ def _pareto_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], list
         prov = str(p.get("provenance", "unknown"))
         key = (r.label, p.get("gpu"), p.get("model"), p.get("context"), prov, tp_of(p))
         label = f"{r.label} {_gpu_cell(p)} {p.get('model')} ctx {p.get('context')}"
-        series.setdefault(key, plots.Series(label, prov)).points.append((float(x), float(y), int(batch or 0)))
+        on_cpu = prov == "measured" and r.run.provenance.device.kind == "cpu"  # other rows are GPUs' figures
+        series.setdefault(key, plots.Series(label, prov, axes="CPU" if on_cpu else "GPU")).points.append(
+            (float(x), float(y), int(batch or 0)))
         usd = p.get("usd_per_gpu_hour")
         if isinstance(usd, (int, float)) and usd > 0:
             prices.setdefault((usd, p.get("gpu")), plots.Price(float(usd), str(p.get("gpu"))))
@@ -261,10 +274,11 @@ def _pareto_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], list
         reason = "no roll-up points with tokens/s in any run"
         return blocks + [Omitted(reason)], [f"throughput vs interactivity: {reason}"]
     shown = list(prices.values())[:4]
-    path = plots.pareto_chart(out / "pareto.png", title="Throughput vs interactivity per (run, GPU, context); "
+    path = plots.pareto_chart(out / "pareto.png", title="Throughput vs interactivity per (run, device, context); "
                               "dotted: cost per million tokens", series=list(series.values()), prices=shown)
     caption = ("Each curve one (run, GPU, model, context) across batch sizes (labels b1, b16, ...), marked by "
-               f"provenance; dotted lines: {COST_FORMULA}.")
+               f"provenance; dotted lines: {COST_FORMULA}. A CPU's measured curves, when present, have a panel of "
+               "their own (no price, and orders of magnitude below a GPU).")
     if len(prices) > len(shown):
         caption += f" Isolines drawn for the first {len(shown)} of {len(prices)} prices only."
     return blocks + [Image(path, "throughput vs interactivity", caption)], []
@@ -275,10 +289,30 @@ _COST_HEADERS = ["run", "provenance", "GPU", "model", "batch", "context", "dtype
                  "energy $/M tokens", "tokens/s per MW", "price source"]
 
 
+# rollup/project.py's reason for a modelled point's J/token: "...; upper bound at TDP (700 W ...): 3.96 J/token"
+_TDP_BOUND = re.compile(r"^(?P<why>.*?)[;:,]?\s*upper bound at TDP \((?P<what>[^)]*)\): (?P<j>[^ ]+) J/token$")
+
+
+def _energy_reason(p: dict[str, Any]) -> Any:
+    """The energy reason without a point's own TDP bound, so that one note serves every modelled row."""
+    m = _TDP_BOUND.match(str(p.get("energy_reason") or ""))
+    return (m.group("why") or "no energy measured") if m else p.get("energy_reason")
+
+
+def _energy_cell(p: dict[str, Any]) -> str:
+    """J/token, or a modelled row's TDP upper bound as '<= x (TDP bound)' in the cell, not in a note of its own."""
+    m = _TDP_BOUND.match(str(p.get("energy_reason") or ""))
+    if p.get("j_per_token_total") is None and m:
+        return f"<= {m.group('j')} (TDP bound)"
+    return na(p.get("j_per_token_total"), p.get("energy_reason"))
+
+
 def _cost_section(runs: list[LoadedRun]) -> tuple[list[Block], list[str]]:
     blocks: list[Block] = [Heading("Cost across GPUs"), Para(COST_FORMULA + ". Measured, modelled and projected "
                                                              "rows are in separate tables; none stands in for "
-                                                             "another.")]
+                                                             "another. '<= x (TDP bound)': no energy was measured "
+                                                             "for that row; x is the GPU's TDP over the whole step "
+                                                             "time, per token, an upper bound, not an estimate.")]
     points = _points(runs)
     if not points:
         reason = "no roll-up in any run"
@@ -297,8 +331,8 @@ def _cost_section(runs: list[LoadedRun]) -> tuple[list[Block], list[str]]:
              f"{p.get('dtype')} / {p.get('backend')}", num(p.get("step_time_us")),
              na(p.get("tokens_per_s_per_gpu"), p.get("infeasible_reason")),  # an infeasible point says why
              num(p.get("tokens_per_s_per_user")), num(p.get("usd_per_gpu_hour")), num(p.get("usd_per_million_tokens")),
-             na(p.get("j_per_token_total"), p.get("energy_reason")),
-             na(p.get("energy_usd_per_million_tokens"), p.get("energy_reason")), num(p.get("tokens_per_s_per_mw")),
+             _energy_cell(p), na(p.get("energy_usd_per_million_tokens"), _energy_reason(p)),
+             num(p.get("tokens_per_s_per_mw")),
              str(p.get("price_source") or "n/a")] for r, p in rows], [f"prov-{prov}"] * len(rows)))
     from tokprof.reports.tp_tables import tp_blocks
 
@@ -394,14 +428,18 @@ def _iceberg_section(runs: list[LoadedRun], out: Path) -> tuple[list[Block], lis
             b, c, tp = rec.get("batch"), rec.get("context"), int(rec.get("tp") or 1)
             where = f"{rec.get('model')} on {rec.get('gpu')}" + (f" x{tp} (tp={tp})" if tp > 1 else "") + \
                 f", batch {b}, context {c}"
-            suffix = f"_tp{tp}" if tp > 1 else ""
+            # the GPU in the name: a run holds the same (batch, context) measured here and modelled on other GPUs
+            gpu_slug = re.sub(r"[^A-Za-z0-9.-]+", "-", str(rec.get("gpu"))).strip("-")[:40] or "gpu"
+            suffix = f"_{gpu_slug}" + (f"_tp{tp}" if tp > 1 else "")
             blocks.append(Heading(f"{r.label}: {where}", 3))
             layers = [lv for lv in rec.get("layers") or [] if isinstance(lv, dict)]
             levels = [plots.Level(str(lv.get("name")), str(lv.get("title") or ""), lv.get("tokens_per_s_per_gpu"),
                                   str(lv.get("provenance") or "unknown"), lv.get("gap_name"), _layer_reason(lv))
                       for lv in layers]
             if any(lv.tokens_per_s_per_gpu is not None for lv in levels):
-                path = plots.iceberg_chart(out / f"iceberg_{r.label}_b{b}_c{c}{suffix}.png",
+                # Names from sanitised parts: a field of the file can never name a path outside `out`.
+                name = "_".join(file_part(x) for x in ("iceberg", r.label, f"b{b}", f"c{c}")) + suffix
+                path = plots.iceberg_chart(out / f"{name}.png",
                                            title=f"Iceberg: {where} [{r.label} {r.run.run_id}]", levels=levels)
                 blocks.append(Image(path, f"iceberg {r.label} batch {b} context {c}",
                                     f"{r.ref}: tokens/s per GPU at each layer (bar colour = provenance); red: lost "
@@ -483,5 +521,28 @@ def render_report(paths: Sequence[str | Path], out_dir: str | Path) -> Report:
     html_path = out / "report.html"
     md_path.write_text(to_markdown(blocks))
     html_path.write_text(to_html(blocks, "tokprof report: " + ", ".join(r.ref for r in runs)))
-    figures = [b.path for b in blocks if isinstance(b, Image)]
+    figures = list(dict.fromkeys(b.path for b in blocks if isinstance(b, Image)))  # each PNG once
     return Report(md_path, html_path, figures, omitted)
+
+
+def write_index(folder: str | Path) -> Path:
+    """index.html in `folder`: a link to each report one level below it (one folder per run), newest first, with the
+    run's first heading line; rewritten after every run so that it lists every report the folder holds."""
+    import html
+
+    root = Path(folder)
+    reports = sorted(root.glob("*/report.html"), key=lambda p: p.stat().st_mtime, reverse=True)
+    items = []
+    for path in reports:
+        when = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        name = html.escape(path.parent.name)
+        items.append(f'<li><a href="{html.escape(path.parent.name)}/report.html">{name}</a> '
+                     f'<span class="when">({when})</span></li>')
+    page = ["<!DOCTYPE html>", '<html lang="en">', '<head><meta charset="utf-8"><title>tokprof reports</title>',
+            "<style>body { font-family: system-ui, sans-serif; max-width: 900px; margin: 1.5em auto; } "
+            ".when { color: #666; font-size: 12px; }</style></head>", "<body>", "<h1>tokprof reports</h1>",
+            f"<p>{len(reports)} report(s), newest first; each folder holds one run's report.md, report.html and "
+            "PNGs.</p>", "<ul>", *items, "</ul>", "</body>", "</html>"]
+    out = root / "index.html"
+    out.write_text("\n".join(page) + "\n")
+    return out

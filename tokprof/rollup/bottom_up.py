@@ -32,11 +32,11 @@ from typing import Any
 
 import torch
 
-from tokprof.kernels._common import dtype_name, parse_dtype
 from tokprof.models.config import ModelConfig
 from tokprof.models.plan import COLLECTIVE_OPS, DEFAULT_BLOCK_SIZE, KernelCall
 from tokprof.profiler.devices import GpuSpec, load_specs
 from tokprof.profiler.schema import Ceilings, Failure, KernelMeasurement, RunResult, save_run
+from tokprof.quant.precision import parse_precision
 from tokprof.rollup.economics import PriceOptions
 from tokprof.rollup.interconnect import (
     CollectiveOptions,
@@ -104,7 +104,7 @@ def rollup_points(config: ModelConfig, batches: Sequence[int], contexts: Sequenc
     batches, contexts = check_sweep(batches, contexts)
     tp = _check_tp(tp)
     options = collectives or CollectiveOptions()
-    dname = dtype_name(parse_dtype(dtype))
+    dname = parse_precision(dtype).label  # a float dtype or a low-precision label (tokprof.quant.precision)
     gpu = run_gpu_name(run)
     device_name = run.provenance.device.name
     measured: dict[Key, KernelMeasurement] = {k.key(): k for k in run.kernels if k.device == device_name}
@@ -238,7 +238,7 @@ def bottom_up(config: ModelConfig, batches: Sequence[int], contexts: Sequence[in
 
     batches, contexts = check_sweep(batches, contexts)
     tp = _check_tp(tp)
-    dname = dtype_name(parse_dtype(dtype))
+    dname = parse_precision(dtype).label  # a float dtype or a low-precision label (tokprof.quant.precision)
     dev = torch.device(device)
     if run is None:
         run = new_run(list(command) if command is not None else sys.argv, dev)

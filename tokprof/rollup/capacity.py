@@ -21,6 +21,10 @@ Terms, bytes per GPU (each is a field of `MemoryBudget`):
                `gpu_memory_utilization` default (vLLM engine arguments, docs.vllm.ai "Engine Arguments"): the
                remaining 10% covers the CUDA context, NCCL buffers, CUDA graphs and allocator fragmentation.
 
+A low-precision label as dtype (tokprof.quant.precision: "fp8", "nvfp4+kv-fp8", ...) stores the layers' linear
+weights in its format (scales included; the embedding, LM head and norms in the activation dtype), the KV cache in
+one byte per element with "+kv-fp8", and the activations in the activation dtype.
+
 Capacity is the spec table's `memory_gb` (decimal GB, as tokprof/data/gpus.json states its units), or the bytes the
 device reports (`capacity_bytes`, e.g. torch.cuda.mem_get_info()[1]). A point fits when the sum of the four terms is
 at most the capacity (exactly full fits).
@@ -31,15 +35,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tokprof.kernels._common import cdiv, dtype_name, parse_dtype
+from tokprof.kernels._common import cdiv
 from tokprof.models.config import ModelConfig
 from tokprof.models.plan import DEFAULT_BLOCK_SIZE
 from tokprof.models.tp import check_tp, kv_heads_per_gpu
 from tokprof.profiler.devices import GpuSpec
+from tokprof.quant.formats import WEIGHT_FORMATS
+from tokprof.quant.precision import parse_precision
 
 DEFAULT_MEMORY_UTILIZATION = 0.9
 MEMORY_UTILIZATION_SOURCE = ("vLLM's default gpu_memory_utilization 0.9 (vLLM docs, Engine Arguments): the rest "
                              "covers the CUDA context, NCCL buffers, CUDA graphs and allocator fragmentation")
+_ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}  # activation dtypes
 WORKSPACE_BYTES = 64 * 2**20  # stated: cuBLAS(Lt) and attention workspaces, one per GPU
 
 
@@ -52,14 +59,23 @@ def _check_positive_int(name: str, value: Any) -> int:
 def weight_bytes_per_gpu(config: ModelConfig, dtype: str, tp: int = 1) -> int:
     """Bytes of the parameters one GPU of `tp` holds (see the module docstring); tp 1: config.weight_bytes."""
     check_tp(config, tp)
-    elem = parse_dtype(dtype).itemsize
+    precision = parse_precision(dtype)  # a low-precision label stores the layers' linears in its format
+    elem = _ELEMENT_BYTES[precision.activation]
     h, d = config.hidden_size, config.head_dim
     hq, hkv = config.num_heads // tp, kv_heads_per_gpu(config, tp)
     inter = config.intermediate_size // tp
+    linears = [((hq + 2 * hkv) * d, h), (h, hq * d), (2 * inter, h), (h, inter)]  # (N, K): QKV, O, gate-up, down
+    norms = 2 * h + (2 * d if config.qk_norm else 0)  # replicated
+    if precision.weight_format is not None:
+        fmt = WEIGHT_FORMATS[precision.weight_format]
+        linear_bytes = sum(fmt.weight_bytes(n, k) for n, k in linears)
+        embed = config.vocab_size * h
+        head = 0 if config.tie_word_embeddings else cdiv(config.vocab_size, tp) * h
+        return config.num_layers * (linear_bytes + norms * elem) + (embed + head + h) * elem
     per_layer = (h * (hq + 2 * hkv) * d  # QKV, column-parallel (KV heads replicated when Hkv < tp)
                  + hq * d * h  # O, row-parallel
                  + 3 * h * inter  # gate-up and down
-                 + 2 * h + (2 * d if config.qk_norm else 0))  # norms, replicated
+                 + norms)
     embed = config.vocab_size * h  # replicated (tokprof.models.tp's default)
     head = 0 if config.tie_word_embeddings else cdiv(config.vocab_size, tp) * h
     return (config.num_layers * per_layer + embed + head + h) * elem
@@ -71,13 +87,15 @@ def kv_cache_bytes_per_gpu(config: ModelConfig, batch: int, context: int, dtype:
     for name, value in (("batch", batch), ("context", context), ("block_size", block_size)):
         _check_positive_int(name, value)
     tokens = batch * cdiv(context, block_size) * block_size
-    return tokens * 2 * config.num_layers * kv_heads_per_gpu(config, tp) * config.head_dim * parse_dtype(dtype).itemsize
+    precision = parse_precision(dtype)  # an fp8 cache ("+kv-fp8") holds one byte per element
+    elem = 1 if precision.kv_dtype == "fp8" else _ELEMENT_BYTES[precision.activation]
+    return tokens * 2 * config.num_layers * kv_heads_per_gpu(config, tp) * config.head_dim * elem
 
 
 def activation_bytes_per_gpu(config: ModelConfig, batch: int, dtype: str, tp: int = 1) -> int:
     """Live tensors of one decode step plus WORKSPACE_BYTES (the formula of the module docstring)."""
     _check_positive_int("batch", batch)
-    elem = parse_dtype(dtype).itemsize
+    elem = _ELEMENT_BYTES[parse_precision(dtype).activation]
     hq, hkv = config.num_heads // tp, kv_heads_per_gpu(config, tp)
     per_token = (elem * (2 * config.hidden_size + (hq + 2 * hkv) * config.head_dim
                          + 2 * (config.intermediate_size // tp)) + 4 * config.vocab_size)
@@ -160,7 +178,7 @@ def memory_budget(config: ModelConfig, gpu: GpuSpec | str | None, batch: int, co
         gpu = resolve_gpu(gpu)
     check_tp(config, tp)
     utilization = _check_utilization(memory_utilization)
-    dname = dtype_name(parse_dtype(dtype))
+    dname = parse_precision(dtype).label  # a float dtype or a low-precision label (tokprof.quant.precision)
     capacity, source = capacity_of(gpu, capacity_bytes)
     reserve = round((1.0 - utilization) * capacity) if capacity is not None else 0
     return MemoryBudget(

@@ -19,10 +19,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tokprof.kernels._common import parse_dtype
 from tokprof.models.config import ModelConfig
 from tokprof.models.tp import check_tp
 from tokprof.profiler.devices import GpuSpec
+from tokprof.quant.precision import parse_precision
+from tokprof.reports.document import num, num_bytes
 from tokprof.rollup.capacity import DEFAULT_MEMORY_UTILIZATION, max_batch
 from tokprof.rollup.pareto import InteractivityCost
 from tokprof.rollup.records import RollupPoint
@@ -36,12 +37,13 @@ def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int]
     (modelled, from specs; `capacity_bytes` a device's own memory instead of the spec table's).
 
     tp > 1 adds the linear-weight bytes one GPU of the group reads per step (the bound stays a single GPU's)."""
-    torch_dtype = parse_dtype(dtype)
-    weights = config.decode_weight_bytes(torch_dtype)
-    kv = config.kv_bytes_per_token(torch_dtype)
+    precision = parse_precision(dtype)  # a float dtype or a low-precision label: bytes by format
+    weights = config.decode_weight_bytes(precision.label)
+    kv = config.kv_bytes_per_token(precision.label)
     card: dict[str, Any] = {
-        "model": config.name, "dtype": dtype, "params": config.num_params(),
-        "weight_bytes": config.weight_bytes(torch_dtype), "decode_weight_bytes": weights,
+        "model": config.name, "dtype": precision.label, "params": config.num_params(),
+        "weight_format": precision.weight_format, "kv_dtype": precision.kv_dtype or precision.activation,
+        "weight_bytes": config.weight_bytes(precision.label), "decode_weight_bytes": weights,
         "kv_bytes_per_token": kv, "gpu": spec.key if spec is not None else None,
         "hbm_tbps": spec.hbm_tbps if spec is not None else None, "provenance": "modelled", "batch1": [],
     }
@@ -85,7 +87,7 @@ def _max_batches(config: ModelConfig, spec: GpuSpec | None, contexts: list[int],
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+    return f"{num(n / 1e9)} GB" if n >= 1e9 else f"{num(n / 1e6)} MB"
 
 
 def _count_params(n: int) -> str:
@@ -93,25 +95,36 @@ def _count_params(n: int) -> str:
 
 
 def print_card(console: Console, card: dict[str, Any]) -> None:
-    console.print(f"[bold]{card['model']}[/] ({card['dtype']}): {_count_params(card['params'])} parameters, "
+    console.print(f"[bold]{escape(str(card['model']))}[/] ({escape(str(card['dtype']))}): "
+                  f"{_count_params(card['params'])} parameters, "
                   f"weights {_gb(card['weight_bytes'])}, read per decode step {_gb(card['decode_weight_bytes'])}; "
-                  f"KV cache {card['kv_bytes_per_token'] / 1024:.0f} KiB per token")
+                  f"KV cache {num_bytes(card['kv_bytes_per_token'])} per token")
+    if card.get("weight_format"):
+        from tokprof.quant.formats import WEIGHT_FORMATS
+
+        fmt = WEIGHT_FORMATS[card["weight_format"]]
+        console.print(f"layer linears in {fmt.name} ({fmt.bits_per_weight():.2f} bits per weight with scales; "
+                      f"{fmt.description}); embedding and LM head in the activation dtype; KV cache "
+                      f"{card['kv_dtype']}")
+    elif card.get("kv_dtype") == "fp8":
+        console.print("KV cache fp8 (e4m3, per-head scales)")
     if card.get("tp"):
         console.print(f"tensor parallel over {card['tp']} GPUs: each reads {_gb(card['linear_weight_bytes_per_gpu'])} "
                       "of linear weights per step and pays 2 all-reduces per layer; the bound below is one GPU's")
     _print_max_batch(console, card)
     if not card["batch1"]:
-        console.print(f"batch-1 bandwidth bound: unknown ({card.get('batch1_reason')})")
+        console.print(f"batch-1 bandwidth bound: unknown ({escape(str(card.get('batch1_reason')))})")
         return
-    bounds = ", ".join(f"{b['tokens_per_s_max']:.1f} tokens/s at context {b['context']}" for b in card["batch1"])
-    console.print(f"batch-1 bound on the {card['gpu']} datasheet ({card['hbm_tbps']} TB/s, modelled): {bounds}")
+    bounds = ", ".join(f"{num(b['tokens_per_s_max'])} tokens/s at context {b['context']}" for b in card["batch1"])
+    console.print(f"batch-1 bound on the {escape(str(card['gpu']))} datasheet ({card['hbm_tbps']} TB/s, modelled): "
+                  f"{bounds}")
 
 
 def _print_max_batch(console: Console, card: dict[str, Any]) -> None:
     rows = card.get("max_batch") or []
     if not rows:
         if card.get("max_batch_reason"):
-            console.print(f"largest batch that fits: unknown ({card['max_batch_reason']})")
+            console.print(f"largest batch that fits: unknown ({escape(str(card['max_batch_reason']))})")
         return
     first = rows[0]
     head = (f"largest batch that fits in {_gb(first['capacity_bytes'])} per GPU "
@@ -124,25 +137,22 @@ def _print_max_batch(console: Console, card: dict[str, Any]) -> None:
     console.print(head + " " + "; ".join(parts))
     for r in rows:
         if r["batch"] is None and r["tp"] == first["tp"]:
-            console.print(f"[dim]tp {r['tp']}, context {r['context']}: {r['reason']}[/]")
+            console.print(f"[dim]tp {r['tp']}, context {r['context']}: {escape(str(r['reason']))}[/]")
             break
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+def _fmt(x: float | None, spec: str = "") -> str:
+    """One number format for every table (reports/document.num); `spec` is kept for the callers' reading."""
+    return "-" if x is None else num(x)
 
 
 def _count(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if x >= 1e6:
-        return f"{x / 1e6:.3g}M"
-    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+    return "-" if x is None else num(x)
 
 
 def print_points(console: Console, points: list[RollupPoint], title: str) -> None:
     # two-line headers and no vertical rules keep the 8 columns inside the 80 columns rich gives a pipe
-    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+    table = Table(title=escape(title), box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
                   collapse_padding=True)
     for col in ("batch", "context", "tokens/s\nper GPU", "tokens/s\nper user", "J/token", "$ per M\ntokens",
                 "tokens/s\nper MW", "provenance"):
@@ -153,7 +163,7 @@ def print_points(console: Console, points: list[RollupPoint], title: str) -> Non
             continue
         table.add_row(str(p.batch), str(p.context), _count(p.tokens_per_s_per_gpu), _count(p.tokens_per_s_per_user),
                       _fmt(p.j_per_token_total, ".3g"), _fmt(p.usd_per_million_tokens, ".4g"),
-                      _count(p.tokens_per_s_per_mw), p.provenance)
+                      _count(p.tokens_per_s_per_mw), escape(p.provenance))
     console.print(table)
     for p in points:
         if p.infeasible_reason is not None:
@@ -162,13 +172,13 @@ def print_points(console: Console, points: list[RollupPoint], title: str) -> Non
     first = next((p for p in points if p.infeasible_reason is None), None)
     if first is not None:
         console.print(f"price: {first.usd_per_gpu_hour if first.usd_per_gpu_hour is not None else '-'} $/GPU-h "
-                      f"({first.price_source or 'none'}); power: {first.all_in_kw_per_gpu or '-'} kW per GPU all-in "
-                      f"({first.power_source or 'none'})")
+                      f"({escape(first.price_source or 'none')}); power: {first.all_in_kw_per_gpu or '-'} kW per GPU "
+                      f"all-in ({escape(first.power_source or 'none')})")
         for note in dict.fromkeys(n for p in points for n in p.notes):
-            console.print(f"[dim]note: {note}[/]")
+            console.print(f"[dim]note: {escape(note)}[/]")
         reasons = {p.energy_reason for p in points if p.energy_reason and p.infeasible_reason is None}
         if len(reasons) == 1:
-            console.print(f"[dim]J/token: {reasons.pop()}[/]")
+            console.print(f"[dim]J/token: {escape(reasons.pop())}[/]")
 
 
 def print_interconnect(console: Console, points: list[RollupPoint]) -> None:
@@ -202,9 +212,9 @@ def print_interactivity(console: Console, costs: list[InteractivityCost]) -> Non
         if c.tokens_per_s_per_gpu is None:
             console.print(f"at {c.target_tokens_per_s_per_user:g} tokens/s per user, context {c.context}: {c.reason}")
             continue
-        cost = f"${c.usd_per_million_tokens:.4g} per M tokens" if c.usd_per_million_tokens is not None else c.reason
+        cost = f"${num(c.usd_per_million_tokens)} per M tokens" if c.usd_per_million_tokens is not None else c.reason
         console.print(f"at {c.target_tokens_per_s_per_user:g} tokens/s per user, context {c.context}: "
-                      f"{c.tokens_per_s_per_gpu:,.1f} tokens/s per GPU, {cost} ({c.provenance}, "
+                      f"{num(c.tokens_per_s_per_gpu)} tokens/s per GPU, {cost} ({c.provenance}, "
                       f"between batch {' and '.join(map(str, c.between))})")
 
 

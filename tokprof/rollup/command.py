@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from tokprof.models.config import ModelConfig
 from tokprof.profiler.devices import GpuSpec, load_specs
@@ -201,21 +202,24 @@ def run_rollup(a: RollupArgs, console: Console) -> dict[str, Any]:
         from tokprof.profiler.devices import detect_device
 
         cfg = load_model(a.model)
-        contexts, dtype = a.contexts or default_contexts(cfg, notes), a.dtype or "bf16"
+        # the dtype rule of every command: bf16 on a GPU (measured or modelled), fp32 on the CPU
+        contexts, dtype = a.contexts or default_contexts(cfg, notes), a.dtype or ("bf16" if dev.type == "cuda"
+                                                                                   else "fp32")
         key = detect_device(dev).spec_key
         card = _card(console, cfg, load_specs().get(key) if key else None, contexts, dtype, tp)
         timing_kwargs = None
         if a.max_time_s is not None:
-            budget = check_positive("--max-time-s", a.max_time_s)
+            budget = check_positive("--timeout-s", a.max_time_s)
             # the harness's 0.1 s minimum would exceed a smaller budget
             timing_kwargs = {"max_time_s": budget, "min_time_s": min(0.1, budget)}
-        points, run = bottom_up(cfg, a.batches or DEFAULT_BATCHES, contexts, a.backend or "triton", dev,
+        backend = a.backend or ("triton" if dev.type == "cuda" else "torch")  # triton on a CPU: its slow interpreter
+        points, run = bottom_up(cfg, a.batches or DEFAULT_BATCHES, contexts, backend, dev,
                                 dtype=dtype, energy=a.energy, timing_kwargs=timing_kwargs, prices=a.prices,
                                 out=a.output, command=a.command, tp=tp, collectives=a.collectives)
         notes += [n for n in run.notes if n.startswith("batch ")]
         mode = "measured"
     for note in notes:
-        console.print(f"[yellow]{note}[/]")
+        console.print(f"[yellow]{escape(note)}[/]")
     if not points:
         raise ValueError("no roll-up point could be computed (see the notes above)")
     at_tp = f", tp={points[0].tp}" if points[0].tp > 1 else ""
@@ -234,6 +238,6 @@ def run_rollup(a: RollupArgs, console: Console) -> dict[str, Any]:
         merge_points(run.rollup, points)
         save_run(run, a.output)
     if a.output:
-        console.print(f"wrote {a.output}")
+        console.print(f"wrote {escape(str(a.output))}")
     return rcard.summary(card, points, command="rollup", mode=mode,
                          model=cfg.name, output=a.output, interactivity=[vars(c) for c in costs])

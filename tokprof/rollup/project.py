@@ -25,13 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from tokprof.kernels._common import dtype_name, parse_dtype
 from tokprof.models.config import ModelConfig
 from tokprof.models.plan import COLLECTIVE_OPS, DEFAULT_BLOCK_SIZE, KernelCall, decode_plan
 from tokprof.models.tp import check_tp
 from tokprof.profiler import collectives as coll
 from tokprof.profiler.devices import GpuSpec, load_specs, match_spec
 from tokprof.profiler.schema import KernelMeasurement, RunResult
+from tokprof.quant.precision import check_supported, math_dtype, parse_precision
 from tokprof.rollup.capacity import DEFAULT_MEMORY_UTILIZATION, memory_budget
 from tokprof.rollup.economics import PriceOptions
 from tokprof.rollup.interconnect import CollectiveOptions, tp_step
@@ -112,7 +112,9 @@ def modelled(config: ModelConfig, gpu: str | GpuSpec, batches: list[int], contex
     model = _with_collective_options(step_model or reference_step_model(spec.key) or StepModel(), collectives)
     link_spec = _interconnect(collectives, spec)
     batches, contexts = check_sweep(batches, contexts)
-    dname = dtype_name(parse_dtype(dtype))
+    precision = parse_precision(dtype)
+    check_supported(precision, spec=spec)  # e.g. W8A8 on a GPU without fp8 tensor cores
+    dname = precision.label  # "bf16", or a low-precision label ("fp8", "nvfp4+kv-fp8")
     pricing = (prices or PriceOptions()).for_gpu(spec.key)
     if efficiency is not None:
         model.describe(efficiency)  # validates a flat efficiency up front
@@ -231,7 +233,7 @@ def project(run: RunResult, target_gpu: str | GpuSpec, *, prices: PriceOptions |
         ops = []
         kernels, colls = tp_step(config, batch, context, dname, point_tp, block_size)
         for call in kernels:
-            m = table.get((call.op, tuple(sorted(call.shape.items())), dname, backend))
+            m = table.get((call.op, tuple(sorted(call.shape.items())), call.dtype, backend))
             if m is None:
                 raise ValueError(f"run: no measurement of {call.op} {call.shape} {dname} {backend} "
                                  f"(needed for batch {batch}, context {context}); measure it first")
@@ -239,7 +241,7 @@ def project(run: RunResult, target_gpu: str | GpuSpec, *, prices: PriceOptions |
             if eff is None:
                 raise ValueError(f"run: {call.op} {call.shape} has no datasheet efficiency "
                                  f"({m.roofline.note or 'unknown'}); it cannot be projected")
-            t_roof, bound = roof_time_us(*call.cost(), target, dname)
+            t_roof, bound = roof_time_us(*call.cost(), target, math_dtype(call.op, call.dtype, target))
             ops.append(_share(call, t_roof / eff, None, eff, bound))
         # collectives and the per-step overhead are not in a kernel measurement: the step model adds them
         est = model.step(colls, target, dname, interconnect=link_spec, extra_kernel_calls=sum(c.count for c in kernels),

@@ -3,14 +3,15 @@
     recs = reconcile(load_run("run.json"), utilisation=0.6)
     recs[0].layers[2].tokens_per_s_per_gpu, recs[0].bottom_up_error_pct, recs[0].op_inefficiency[0].lost_us
 
-For one (model, GPU, batch, context, dtype) point (ARCHITECTURE.md, "The iceberg"):
+For one (model, GPU, batch, context, dtype) point (docs/design.md, "The iceberg"):
 
     L0 datasheet roofline   sum over the decode plan of count x max(flops / peak FLOP/s, bytes / peak HBM B/s)
     L1 measured roofline    the same at the copy bandwidth and GEMM FLOP/s measured in the run
     L2 kernel sum           the roll-up point: sum of count x measured time per call (bottom-up)
     L3 end to end, graphs   tokprof's decode loop with the step captured in a CUDA graph (measured)
     L4 end to end, eager    tokprof eager, else a framework (vLLM, transformers) (measured)
-    L5 served               L4 (else L3) x a utilisation the user states; not applied unless given
+    L5 served               a continuous-batching server (tokprof.serving: measured, else simulated) when
+                            `served` is given; L4 (else L3) x a utilisation the user states overrides it
 
 Each layer: tokens/s per GPU (batch / step time), $/M tokens (the point's $/GPU-hour), J/token. The gap from one
 known layer to the next known one is named after the layers it crosses; each loss's share is of the sum of the
@@ -46,6 +47,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokprof.profiler.schema import Ceilings, RunResult, from_dict, to_dict
+
+
+def modelled_gap(name: str) -> str:
+    """A modelled L2 is the roofline at a stated efficiency: its gap is that assumption, not a measured loss
+    ("kernel inefficiency" -> "assumed kernel efficiency (modelled)")."""
+    return f"assumed {name.replace('inefficiency', 'efficiency')} (modelled)"
+
 
 LAYERS = (
     ("L0", "datasheet roofline", None),
@@ -92,6 +100,7 @@ class Layer:
     predicted_tokens_per_s_per_gpu: float | None = None
     prediction_source: str | None = None  # how, or why there is none
     prediction_error_pct: float | None = None  # (predicted / measured step time - 1) x 100, once both are known
+    causes: list[dict[str, Any]] = field(default_factory=list)  # L5: the L4 -> L5 gap by cause (tokprof.serving)
 
 
 @dataclass
@@ -239,7 +248,8 @@ def _pick_l4(e2e: list[Any], framework: str | None) -> Any:
 
 
 def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str, int], point: Any, e2e: list[Any],
-                     run_gpu: str, utilisation: float | None, l4_framework: str | None) -> Reconciliation:
+                     run_gpu: str, utilisation: float | None, l4_framework: str | None,
+                     served: Any = None) -> Reconciliation:
     from tokprof.profiler.devices import load_specs, match_spec
 
     model, gpu, batch, context, dtype, tp = key
@@ -321,7 +331,10 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str, int], p
 
     # L5: served at a stated utilisation.
     base = layers["L4"] if layers["L4"].tokens_per_s_per_gpu is not None else layers["L3"]
-    if utilisation is None:
+    below = next((layers[n] for n in ("L4", "L3", "L2") if layers[n].step_time_us is not None), None)
+    if utilisation is None and served is not None and below is not None:
+        _served_layer(layers["L5"], served(run, key, below.step_time_us), fill, batch, tp)
+    elif utilisation is None:
         layers["L5"].reason = "no utilisation stated: not applied (pass --utilisation, e.g. 0.6)"
         notes.append("L5 not applied: no utilisation was stated")
     elif base.tokens_per_s_per_gpu is None:
@@ -341,12 +354,15 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str, int], p
 
     ordered = [layers[name] for name, _, _ in defs]
     _gaps(ordered, defs)
+    if layers["L5"].causes and layers["L5"].gap_name:
+        layers["L5"].gap_name = "serving: " + ", ".join(c["name"] for c in layers["L5"].causes)
     contention = _contention(run)
     if tp > 1 and layers["L1"].tokens_per_s_per_gpu is None and layers["L1i"].tokens_per_s_per_gpu is not None:
         # L1i stands on L0 here: the gap above it is the interconnect alone, the derate falls in the next gap
         layers["L1i"].gap_name = INTERCONNECT_LAYER[2]
         if layers["L2"].gap_name is not None:
-            layers["L2"].gap_name = f"{LAYERS[1][2]} + {TP_L2_GAP}"
+            layers["L2"].gap_name = f"{LAYERS[1][2]} + " + (modelled_gap(TP_L2_GAP)
+                                                            if layers["L2"].provenance == "modelled" else TP_L2_GAP)
     rec = Reconciliation(model=model, gpu=gpu, batch=batch, context=context, dtype=dtype, utilisation=utilisation,
                          layers=ordered, tp=tp, notes=notes)
     if contention is not None:
@@ -492,6 +508,17 @@ def _interconnect_layer(layers: dict[str, Layer], config: Any, why_no_config: st
                  f"batch / step time / {tp}")
 
 
+def _served_layer(layer: Layer, s: Mapping[str, Any], fill: Any, batch: int, tp: int) -> None:
+    """L5 from a served run or the simulator (tokprof.serving.served.provider builds `s`)."""
+    layer.title = "served (continuous batching)"
+    if s.get("tokens_per_s_per_gpu") is None:
+        layer.reason = s.get("reason") or "no served figure"
+        return
+    fill("L5", batch / (s["tokens_per_s_per_gpu"] * tp) * 1e6, s["provenance"], s["source"], None,
+         "not metered for the served run")
+    layer.causes = list(s.get("causes") or [])
+
+
 def _gaps(layers: list[Layer], defs: tuple[tuple[str, str, str | None], ...] = LAYERS) -> None:
     """Name each gap between consecutive known layers and its share of the whole first -> last gap."""
     gap_names = {name: gap for name, _, gap in defs}
@@ -501,7 +528,9 @@ def _gaps(layers: list[Layer], defs: tuple[tuple[str, str, str | None], ...] = L
     order = [layer.name for layer in layers]
     for prev, cur in zip(known, known[1:], strict=False):
         crossed = order[order.index(prev.name) + 1:order.index(cur.name) + 1]
-        cur.gap_name = " + ".join(gap_names[n] for n in crossed)
+        # a modelled L2 is the roofline at a stated efficiency: its gap is that assumption, not a measured loss
+        cur.gap_name = " + ".join(modelled_gap(gap_names[n]) if n == "L2" and cur.provenance == "modelled"
+                                  else gap_names[n] for n in crossed)
         cur.gap_tokens_per_s = prev.tokens_per_s_per_gpu - cur.tokens_per_s_per_gpu
         cur.inverted = cur.gap_tokens_per_s < 0
     # Shares of the losses: they add up to 100% of the tokens/s lost; an inverted layer's gain is flagged apart
@@ -515,10 +544,11 @@ def _gaps(layers: list[Layer], defs: tuple[tuple[str, str, str | None], ...] = L
 
 
 def reconcile(run: RunResult, utilisation: float | None = None, *,
-              l4_framework: str | None = None) -> list[Reconciliation]:
+              l4_framework: str | None = None, served: Any = None) -> list[Reconciliation]:
     """One Reconciliation per (model, GPU, batch, context, dtype, tp) present in the run's roll-up or end-to-end
     sections (end-to-end runs are tp = 1); `utilisation` in (0, 1] applies L5; `l4_framework` picks L4 (default:
-    tokprof eager, vllm, transformers, the first measured)."""
+    tokprof eager, vllm, transformers, the first measured). `served` (tokprof.serving.served.provider()) fills L5
+    from a served run or the simulator; a stated utilisation overrides it."""
     from tokprof.models.e2e import FRAMEWORKS, E2EMeasurement
     from tokprof.rollup.bottom_up import run_gpu_name
     from tokprof.rollup.records import points_from_run
@@ -543,7 +573,7 @@ def reconcile(run: RunResult, utilisation: float | None = None, *,
         # The point of the backend the end-to-end run used, else a measured one, else any.
         candidates.sort(key=lambda p: (p.backend not in backends, p.provenance != "measured"))
         point = candidates[0] if candidates else None
-        rec = _reconcile_point(run, key, point, same, run_gpu, utilisation, l4_framework)
+        rec = _reconcile_point(run, key, point, same, run_gpu, utilisation, l4_framework, served)
         if len(candidates) > 1:
             rec.notes.append(f"{len(candidates)} roll-up points for this key; used backend {point.backend} "
                              f"({point.provenance})")
@@ -555,8 +585,10 @@ def waterfall_rows(rec: Reconciliation) -> list[dict[str, Any]]:
     """The table `tokprof reconcile` prints: one row per layer, figures formatted, None as '-' with the reason."""
     rows = []
     for layer in rec.layers:
-        def fmt(x: float | None, spec: str) -> str:
-            return "-" if x is None else format(x, spec)
+        def fmt(x: float | None, spec: str) -> str:  # one number format for every table (reports/document.num)
+            from tokprof.reports.document import num, pct
+
+            return "-" if x is None else (pct(x) if spec.endswith("%") else num(x))
         rows.append({
             "layer": f"{layer.name} {layer.title}",
             "tokens/s/GPU": fmt(layer.tokens_per_s_per_gpu, ",.4g"),

@@ -43,6 +43,7 @@ from typing import Any
 from tokprof.models.plan import COLLECTIVE_OPS, KernelCall
 from tokprof.profiler import collectives as coll
 from tokprof.profiler.devices import GpuSpec
+from tokprof.quant.precision import base_op, math_dtype
 
 EXECUTIONS = ("graph", "eager")
 ALGORITHMS = ("auto", "ring", "tree", "one_shot", "two_shot", "nvls")
@@ -175,12 +176,14 @@ class StepModel:
         """(time of one call in us, its datasheet roof time, bound) on `spec` (module docstring: op time)."""
         flops, nbytes = call.cost()
         t_mem = nbytes / (_hbm(spec) * 1e12) * 1e6
-        peak = spec.peak_tflops(dtype) if flops else None
+        # the roof of the call's math dtype: fp8 for W8A8, fp4 for MXFP4/NVFP4 on Blackwell (tokprof.quant.precision)
+        peak = spec.peak_tflops(math_dtype(call.op, call.dtype, spec)) if flops else None
         t_comp = flops / (peak * 1e12) * 1e6 if peak else 0.0
         roof, bound = (t_comp, "compute") if t_comp > t_mem else (t_mem, "memory" if peak or not flops else None)
         if efficiency is not None:
             return roof / _flat(efficiency, call.op), roof, bound
-        e_mem = self.memory_efficiency.get(call.op, self.memory_efficiency["default"])
+        e_mem = self.memory_efficiency.get(call.op, self.memory_efficiency.get(
+            base_op(call.op), self.memory_efficiency["default"]))  # linear_int4 etc. stream like linear
         latency = self.op_call_latency_us.get(call.op, self.call_latency_us)
         return latency + max(t_comp / self.compute_efficiency, t_mem / e_mem), roof, bound
 

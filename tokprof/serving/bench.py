@@ -1,0 +1,293 @@
+"""serve-bench: tokprof's server swept over request rates beside the simulator's prediction of it, the highest
+rate that meets an SLO, and the cost per million tokens there.
+
+Measured mode (a model that runs here, e.g. the tiny preset on the CPU): one server, a step table measured on it,
+then per rate a seeded workload served (measured) and simulated (predicted) with the relative errors of
+throughput, median TPOT and p90 TTFT. Modelled mode (`gpu` given): no server; the simulator with step times
+modelled for that GPU sweeps the rates (the throughput-vs-latency curve) and finds the SLO rate.
+The document is saved (atomically) after every rate, so an interrupted sweep keeps the rates it finished.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokprof.serving import loadgen
+from tokprof.serving.engine import ServeRun
+from tokprof.serving.metrics import Slo
+from tokprof.serving.scheduler import SchedulerConfig
+from tokprof.serving.served import gap_split, max_rate_meeting_slo
+from tokprof.serving.simulator import Overhead, simulate
+from tokprof.serving.step_time import MeasuredStepTable, ModelledStepTime, StepTimeModel
+from tokprof.serving.traffic import Workload
+
+# The validation goal of the simulator against the server (relative errors).
+GOAL = {"throughput": 0.10, "median_tpot": 0.10, "p90_ttft": 0.20}
+# SLO defaults. The tiny preset on 2 CPU cores takes ~5-20 ms per step, so 50 ms per output token is met below
+# saturation and missed past it; 1 s to the first token leaves room for a few queued prefills. On a GPU: 2 s / 50 ms.
+CPU_SLO = Slo(ttft_s=1.0, tpot_s=0.05)
+GPU_SLO = Slo(ttft_s=2.0, tpot_s=0.05)
+RATE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of the estimated capacity: the last is at saturation
+
+
+@dataclass
+class BenchOptions:
+    model: str = "tiny"
+    device: str = "cpu"
+    dtype: str = "fp32"
+    backend: str = "torch"
+    gpu: str | None = None  # modelled mode: a spec-table GPU, no server
+    block_size: int = 16
+    num_blocks: int | None = None  # None: enough for max_num_seqs requests of the longest lengths
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 256
+    prefix_caching: bool = False
+    mode: str = "poisson"  # poisson | agentic | concurrency | trace
+    input_len: str = "uniform:32:128"
+    output_len: str = "32"
+    turn_input_len: str = "16"  # agentic: new tokens per later turn
+    turns: int = 3
+    think_s: float = 0.0
+    clients: int = 8  # concurrency mode
+    trace: str | None = None
+    num_requests: int = 60
+    rates: list[float] | None = None  # None: fractions of the estimated capacity
+    seed: int = 0
+    threads: int | None = 1
+    clock: str = "wall"  # wall | cpu (this thread's CPU time: a shared CPU measured as if idle; needs threads=1)
+    efficiency: float = 0.8  # modelled mode
+    overhead_us: float | None = None  # None: measured (scheduler host time); modelled mode default 0
+    usd_per_gpu_hour: float | None = None
+    all_in_kw_per_gpu: float | None = None
+
+
+def _rel(pred: float | None, meas: float | None) -> float | None:
+    if pred is None or meas is None or meas == 0:
+        return None
+    return (pred - meas) / meas
+
+
+def workload_for(opts: BenchOptions, rate: float, vocab: int, seed: int) -> Workload:
+    inp = loadgen.LengthDist.parse("input_len", opts.input_len)
+    out = loadgen.LengthDist.parse("output_len", opts.output_len)
+    if opts.mode == "poisson":
+        return loadgen.poisson(rate, opts.num_requests, inp, out, vocab_size=vocab, seed=seed)
+    if opts.mode == "agentic":
+        turn = loadgen.LengthDist.parse("turn_input_len", opts.turn_input_len)
+        return loadgen.agentic(rate, max(1, opts.num_requests // opts.turns), opts.turns, inp, turn, out,
+                               vocab_size=vocab, think_s=opts.think_s, seed=seed)
+    if opts.mode == "concurrency":
+        return loadgen.concurrency(opts.clients, opts.num_requests, inp, out, vocab_size=vocab, seed=seed)
+    if opts.mode == "trace":
+        if not opts.trace:
+            raise ValueError("trace: mode 'trace' needs a trace file (--trace FILE.jsonl)")
+        return loadgen.read_trace(opts.trace, vocab_size=vocab, seed=seed)
+    raise ValueError(f"mode: expected poisson, agentic, concurrency or trace, got {opts.mode!r}")
+
+
+def scheduler_config(opts: BenchOptions) -> SchedulerConfig:
+    longest = loadgen.LengthDist.parse("input_len", opts.input_len).upper
+    longest += loadgen.LengthDist.parse("output_len", opts.output_len).upper
+    if opts.mode == "agentic":
+        longest += (opts.turns - 1) * (loadgen.LengthDist.parse("turn_input_len", opts.turn_input_len).upper
+                                       + loadgen.LengthDist.parse("output_len", opts.output_len).upper)
+    per = -(-longest // opts.block_size)
+    num_blocks = opts.num_blocks or opts.max_num_seqs * per + per
+    return SchedulerConfig(num_blocks=num_blocks, block_size=opts.block_size, max_num_seqs=opts.max_num_seqs,
+                           max_num_batched_tokens=opts.max_num_batched_tokens, prefix_caching=opts.prefix_caching)
+
+
+def capacity_per_s(step_time: StepTimeModel, opts: BenchOptions) -> float:
+    """Requests/s at saturation, estimated: a full running batch decoding, plus each request's prefill once."""
+    from tokprof.serving.step_time import StepShape
+
+    inp = loadgen.LengthDist.parse("input_len", opts.input_len).mean
+    out = loadgen.LengthDist.parse("output_len", opts.output_len).mean
+    b = opts.max_num_seqs
+    dec = step_time.step_time_s(StepShape(b, inp + out / 2, 0, 0, 0))
+    pre = step_time.step_time_s(StepShape(b, inp + out / 2, int(min(inp, opts.max_num_batched_tokens)), 1, 0)) - dec
+    per_request = out * dec / b + max(0.0, pre) * math.ceil(inp / opts.max_num_batched_tokens)
+    return 1.0 / per_request
+
+
+def _point(rate: float, wl: Workload, measured: ServeRun | None, predicted: ServeRun,
+           table: StepTimeModel) -> dict[str, Any]:
+    p = predicted.summary
+    doc: dict[str, Any] = {"rate_per_s": rate, "workload": wl.description, "predicted": p.to_dict()}
+    if measured is not None:
+        m = measured.summary
+        errors = {"throughput": _rel(p.output_tokens_per_s_per_gpu, m.output_tokens_per_s_per_gpu),
+                  "median_tpot": _rel(p.median_tpot_s, m.median_tpot_s),
+                  "p90_ttft": _rel(p.ttft_s["p90"], m.ttft_s["p90"])}
+        doc.update(measured=m.to_dict(), errors=errors,
+                   within_goal={k: v is not None and abs(v) <= GOAL[k] for k, v in errors.items()})
+        full = table.step_time_s(_full_batch_shape(measured))
+        b = max(1, max(s.num_decode for s in measured.steps))
+        doc["causes_measured"] = [asdict(c) for c in gap_split(measured, table, full, b, b / full)]
+    return doc
+
+
+def _full_batch_shape(run: ServeRun) -> Any:
+    from tokprof.serving.step_time import StepShape
+
+    dec = [s for s in run.steps if s.num_decode]
+    b = max((s.num_decode for s in dec), default=1)
+    ctx = sum(s.decode_context_mean for s in dec) / len(dec) if dec else 1.0
+    return StepShape(b, ctx, 0, 0, 0)
+
+
+@dataclass
+class BenchResult:
+    doc: dict[str, Any]
+    saved: list[Path] = field(default_factory=list)
+
+
+def cost_at(tokens_per_s: float | None, gpu: str | None, opts: BenchOptions) -> dict[str, Any]:
+    from tokprof.rollup.economics import cost_per_million_tokens, pricing_for, tokens_per_s_per_mw
+
+    out: dict[str, Any] = {"usd_per_million_tokens": None, "tokens_per_s_per_mw": None}
+    if tokens_per_s is None or tokens_per_s <= 0:
+        out["reason"] = "no rate meets the SLO: no throughput to price"
+        return out
+    if gpu is None and opts.usd_per_gpu_hour is None:
+        out["reason"] = "a CPU has no row in the price sheet: state --usd-per-hour to price it"
+    else:
+        pricing = pricing_for(gpu or "cpu", usd_per_gpu_hour=opts.usd_per_gpu_hour,
+                              all_in_kw_per_gpu=opts.all_in_kw_per_gpu)
+        if pricing.usd_per_gpu_hour is not None:
+            out["usd_per_million_tokens"] = cost_per_million_tokens(pricing.usd_per_gpu_hour, tokens_per_s)
+            out["price_source"] = pricing.price_source
+        else:
+            out["reason"] = pricing.price_reason
+        kw, label = pricing.all_in_kw(None)
+        if kw is not None:
+            out["tokens_per_s_per_mw"] = tokens_per_s_per_mw(tokens_per_s, kw)
+        out["power_source"] = label
+    return out
+
+
+def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
+              log: Callable[[str], None] = lambda _: None, slo: Slo | None = None) -> dict[str, Any]:
+    """The sweep; `save(doc)` is called after every rate (and at the end) with the document so far."""
+    import torch
+
+    from tokprof.models import ModelConfig
+
+    config = ModelConfig.from_name(opts.model)
+    cfg = scheduler_config(opts)
+    slo = slo or (GPU_SLO if opts.gpu or opts.device != "cpu" else CPU_SLO)
+    doc: dict[str, Any] = {"kind": "serve-bench", "model": config.name, "options": asdict(opts),
+                           "scheduler": asdict(cfg), "slo": asdict(slo), "slo_text": slo.describe(),
+                           "goal": {k: f"within {v:.0%}" for k, v in GOAL.items()}, "points": []}
+    server = None
+    if opts.gpu:
+        step_time: StepTimeModel = ModelledStepTime(config, opts.gpu, dtype=opts.dtype, efficiency=opts.efficiency,
+                                                    overhead_s=(opts.overhead_us or 0.0) * 1e-6,
+                                                    block_size=opts.block_size)
+        gpu_key = step_time.spec_key
+        doc.update(gpu=gpu_key, mode="modelled", step_time=step_time.describe())
+        overhead = Overhead(stated_s=0.0)  # inside the modelled step time
+    else:
+        from tokprof.models.transformer import Transformer
+        from tokprof.profiler.cpu_load import CpuLoad
+        from tokprof.serving.engine import Server, ThreadCpuClock
+        from tokprof.serving.step_time import measure_step_table
+
+        if opts.threads and opts.device == "cpu":
+            torch.set_num_threads(opts.threads)
+        dev = torch.device(opts.device)
+        model = Transformer.random(config, device=dev, dtype=opts.dtype, seed=opts.seed, backend=opts.backend,
+                                   block_size=opts.block_size)
+        if opts.clock not in ("wall", "cpu"):
+            raise ValueError(f"clock: expected 'wall' or 'cpu', got {opts.clock!r}")
+        if opts.clock == "cpu":
+            if opts.device != "cpu" or opts.threads != 1:
+                raise ValueError("clock: 'cpu' (thread CPU time) needs --device cpu and --threads 1 (all the work "
+                                 "on the calling thread)")
+            cpu_clock = ThreadCpuClock()
+            server = Server(model, cfg, clock=cpu_clock, sleep=cpu_clock.sleep)
+            timer, timer_name = cpu_clock, cpu_clock.name
+        else:
+            server = Server(model, cfg)
+            timer, timer_name = time.perf_counter, "wall"
+        doc.update(gpu=_device_name(dev), mode="measured")
+        log("warm-up and step table")
+        server.warmup()
+        meter = CpuLoad.start()
+        # tokens per sequence the pool holds at the full batch
+        longest = cfg.num_blocks // opts.max_num_seqs * cfg.block_size
+        contexts = sorted({c for c in (16, 64, 256, 1024) if c <= longest} | {min(longest, 1024)})
+        batches = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < opts.max_num_seqs} | {opts.max_num_seqs})
+        chunks = sorted({c for c in (16, 64) if c < opts.max_num_batched_tokens} | {opts.max_num_batched_tokens})
+
+        def measure() -> MeasuredStepTable:
+            return measure_step_table(server.runner, batches=batches, contexts=contexts, chunks=chunks, repeats=5,
+                                      seed=opts.seed, clock=timer, clock_name=timer_name)
+
+        step_time = measure()
+        doc["table"] = step_time.to_dict()
+        doc["step_time"] = step_time.describe()
+        overhead = Overhead(stated_s=None if opts.overhead_us is None else opts.overhead_us * 1e-6)
+    vocab = config.vocab_size
+    capacity = capacity_per_s(step_time, opts)
+    doc["capacity_estimate_per_s"] = capacity
+    rates = opts.rates or [round(f * capacity, 3) for f in RATE_FRACTIONS]
+    save(doc)
+    for i, rate in enumerate(rates):
+        wl = workload_for(opts, rate, vocab, opts.seed + i)
+        measured = None
+        point_table = step_time
+        if server is not None:
+            if i:  # measured again just before each rate, so that a CPU load that drifts hits both sides alike
+                point_table = measure()
+            log(f"rate {rate:g}/s: serving {wl.num_requests} requests")
+            measured = server.run(wl, slo, energy_reason=_energy_reason(opts.device))
+        predicted = simulate(wl, cfg, point_table, slo, overhead=overhead)
+        doc["points"].append(_point(rate, wl, measured, predicted, point_table))
+        if point_table is not step_time:
+            doc["points"][-1]["table"] = point_table.to_dict()
+        save(doc)
+    # The SLO rate, by the simulator (cheap): bisection over Poisson rates of the same lengths.
+    def make(rate: float) -> ServeRun:
+        return simulate(workload_for(opts, rate, vocab, opts.seed + 1000), cfg, step_time, slo, overhead=overhead)
+
+    if opts.mode in ("poisson", "agentic"):
+        best_rate, best = max_rate_meeting_slo(make, capacity, iterations=8)
+        tps = best.summary.output_tokens_per_s_per_gpu if best else None
+        doc["slo_search"] = {"provenance": "predicted", "max_rate_per_s": best_rate,
+                             "summary": best.summary.to_dict() if best else None,
+                             "cost": cost_at(tps, gpu_key if opts.gpu else None, opts)}
+    else:
+        doc["slo_search"] = {"max_rate_per_s": None, "reason": f"mode {opts.mode} has no request rate to search"}
+    if server is not None:
+        load = meter.stop()
+        doc["cpu_load"] = {"other_cores": load.other_cores, "cores": load.cores, "note": load.note(),
+                           "contended": load.contended}
+        errs = [p for p in doc["points"] if "errors" in p]
+        doc["validation"] = {"rates": len(errs), "met": bool(errs) and len(errs) >= 3 and all(
+            all(p["within_goal"].values()) for p in errs), "goal": doc["goal"]}
+    save(doc)
+    return doc
+
+
+def _device_name(dev: Any) -> str:
+    """The spec-table key of a GPU, else the device name (the CPU model): the rule of the roll-up points."""
+    from tokprof.profiler.devices import detect_device
+
+    info = detect_device(dev)
+    return info.spec_key or info.name
+
+
+def _energy_reason(device: str) -> str | None:
+    if device.startswith("cuda"):
+        return "energy not metered in serve-bench yet on this device (NVML meter not opened)"
+    return "a CPU has no energy meter here (NVML meters NVIDIA GPUs only)"
+
+
+def table_from_doc(doc: dict[str, Any]) -> MeasuredStepTable | None:
+    return MeasuredStepTable.from_dict(doc["table"]) if doc.get("table") else None

@@ -1,0 +1,241 @@
+"""Step times for the simulator: how long one scheduler step takes, from its shape (decode rows and their mean
+context, prefill chunk tokens and their cached prefix).
+
+- `MeasuredStepTable`: measured on this device through the server's own runner: decode steps over batch x context
+  and prefill chunks over chunk size, medians of a few repeats, interpolated (linear, extrapolated from the last two
+  points past the grid). A mixed step (decode rows + chunk tokens in one forward) is modelled as
+  decode(B, context) + prefill(chunk) - fixed, where fixed is the cost of a forward pass of one decode token at the
+  smallest context (on a CPU and at small sizes nearly all of it is per-kernel dispatch, paid once per step).
+- `ModelledStepTime`: for a GPU of the spec table, no measurement: every kernel call of the step at its datasheet
+  roofline divided by a stated efficiency (tokprof.rollup.project's convention), plus a stated per-step overhead.
+The scheduler's own host time per step is added by the simulator (measured on its calls, or stated).
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import random
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from tokprof.kernels._common import cdiv
+from tokprof.serving.scheduler import Chunk, Request, StepPlan
+
+
+@dataclass(frozen=True)
+class StepShape:
+    num_decode: int
+    decode_context_mean: float  # KV tokens per decode row, the new token included
+    num_prefill_tokens: int
+    num_prefill_seqs: int
+    prefill_context_tokens: int  # tokens cached before the chunks, summed
+    decode_context_max: float = 0.0  # the longest decode row's KV length (0: take the mean)
+
+    @classmethod
+    def of(cls, plan: StepPlan) -> StepShape:
+        return cls(plan.num_decode, plan.decode_context_mean, plan.num_prefill_tokens, len(plan.prefills),
+                   plan.prefill_context_tokens, plan.decode_context_max)
+
+    @classmethod
+    def of_record(cls, st: Any) -> StepShape:
+        """The shape of a recorded step (tokprof.serving.metrics.StepRecord)."""
+        return cls(st.num_decode, st.decode_context_mean, st.num_prefill_tokens, st.num_prefill_seqs,
+                   st.prefill_context_tokens, st.decode_context_max)
+
+    def decode_only(self) -> StepShape:
+        return StepShape(self.num_decode, self.decode_context_mean, 0, 0, 0, self.decode_context_max)
+
+
+class StepTimeModel(Protocol):
+    provenance: str  # "measured" (interpolated measurements) or "modelled"
+
+    def step_time_s(self, shape: StepShape) -> float: ...
+
+    def describe(self) -> str: ...
+
+
+def interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear through (xs, ys), xs increasing; past either end, the line through the last two points
+    (never below zero)."""
+    if len(xs) == 1:
+        return ys[0]
+    i = bisect.bisect_right(xs, x) - 1
+    i = min(max(i, 0), len(xs) - 2)
+    x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
+    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+@dataclass
+class MeasuredStepTable:
+    batches: list[int]
+    contexts: list[int]
+    decode_s: list[list[float]]  # [batch index][context index], median seconds of one decode step
+    chunks: list[int]
+    prefill_s: list[float]  # median seconds of one step holding one prefill chunk of that many tokens
+    device: str
+    repeats: int
+    cpu_load_note: str | None = None
+    # "max": a step's decode cost follows its longest row (the torch reference pads every row's gather to it);
+    # "mean": it follows the mean (the Triton and CUDA kernels stop at each row's own length)
+    context_axis: str = "mean"
+    provenance: str = "measured"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fixed_s(self) -> float:
+        return self.decode_s[0][0]
+
+    def decode_time_s(self, batch: float, context: float) -> float:
+        per_batch = [interp(self.contexts, row, context) for row in self.decode_s]
+        return interp(self.batches, per_batch, batch)
+
+    def prefill_time_s(self, tokens: float) -> float:
+        return interp(self.chunks, self.prefill_s, tokens)
+
+    def step_time_s(self, shape: StepShape) -> float:
+        if shape.num_prefill_tokens == 0:
+            return self.decode_time_s(shape.num_decode, self._context(shape)) if shape.num_decode else 0.0
+        pre = self.prefill_time_s(shape.num_prefill_tokens)
+        if not shape.num_decode:
+            return pre
+        return self.decode_time_s(shape.num_decode, self._context(shape)) + max(0.0, pre - self.fixed_s)
+
+    def _context(self, shape: StepShape) -> float:
+        if self.context_axis == "max" and shape.decode_context_max:
+            return shape.decode_context_max
+        return shape.decode_context_mean
+
+    def describe(self) -> str:
+        return (f"measured on {self.device}: decode steps over batch {self.batches} x context {self.contexts}, "
+                f"prefill chunks of {self.chunks} tokens, median of {self.repeats}, interpolated")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MeasuredStepTable:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def _fake_request(rid: int, tokens: int, vocab: int, rng: random.Random, decode: bool) -> Request:
+    ids = [rng.randrange(vocab) for _ in range(tokens)]
+    if decode:  # `tokens - 1` cached, the last one (a generated token) to decode
+        return Request(rid, ids[:-1], 2, 0.0, output=ids[-1:], num_computed=tokens - 1)
+    return Request(rid, ids, 1, 0.0)
+
+
+def measure_step_table(runner: Any, *, batches: Sequence[int], contexts: Sequence[int], chunks: Sequence[int],
+                       repeats: int = 5, seed: int = 0, clock: Callable[[], float] = time.perf_counter,
+                       clock_name: str = "wall") -> MeasuredStepTable:
+    """Time `runner.execute` (tokprof.serving.engine.ModelRunner) on synthetic steps of each shape.
+
+    Block ids are handed out from 0 for every shape (their contents are whatever the pool holds: timing only);
+    the pool must hold max(batches) x the blocks of max(contexts) + 1 tokens, and max(chunks) tokens."""
+    from tokprof.profiler.cpu_load import CpuLoad
+
+    model = runner.model
+    bs, vocab = model.block_size, model.config.vocab_size
+    pool_blocks = runner.cache.k[0].shape[0]
+    rng = random.Random(seed)
+    need = max(max(batches) * cdiv(max(contexts), bs), cdiv(max(chunks), bs))
+    if need > pool_blocks:
+        raise ValueError(f"runner: its pool of {pool_blocks} blocks cannot hold the table's largest step "
+                         f"({need} blocks)")
+
+    def timed(plan: StepPlan) -> float:
+        runner.execute(plan)  # warm
+        samples = []
+        for _ in range(repeats):
+            t0 = clock()
+            runner.execute(plan)
+            samples.append(clock() - t0)
+        return statistics.median(samples)
+
+    meter = CpuLoad.start()
+    decode_s = []
+    for b in batches:
+        row = []
+        for ctx in contexts:
+            reqs = []
+            per = cdiv(ctx, bs)
+            for i in range(b):
+                r = _fake_request(i, ctx, vocab, rng, decode=True)
+                r.blocks = list(range(i * per, (i + 1) * per))
+                reqs.append(r)
+            row.append(timed(StepPlan([Chunk(r, ctx - 1, 1, True) for r in reqs], [])))
+        decode_s.append(row)
+    prefill_s = []
+    for n in chunks:
+        r = _fake_request(0, n, vocab, rng, decode=False)
+        r.blocks = list(range(cdiv(n, bs)))
+        prefill_s.append(timed(StepPlan([], [Chunk(r, 0, n, True)])))
+    load = meter.stop()
+    return MeasuredStepTable(list(batches), list(contexts), decode_s, list(chunks), prefill_s,
+                             device=str(model.device), repeats=repeats, cpu_load_note=load.note(),
+                             context_axis="max" if model.backend == "torch" else "mean",
+                             notes=[f"clock: {clock_name}"])
+
+
+@dataclass
+class ModelledStepTime:
+    """Step times of `config` on GPU `gpu` (spec-table key) from the datasheet roofline at `efficiency`, plus a
+    stated `overhead_s` per step (launches, scheduling; 0 unless stated)."""
+
+    config: Any  # ModelConfig
+    gpu: str
+    dtype: str = "bf16"
+    efficiency: float = 0.8
+    overhead_s: float = 0.0
+    block_size: int = 16
+    provenance: str = "modelled"
+
+    def __post_init__(self) -> None:
+        from tokprof.rollup.project import resolve_gpu
+
+        self._spec = resolve_gpu(self.gpu)
+        if not 0 < self.efficiency <= 1:
+            raise ValueError(f"efficiency: expected a fraction of the roofline in (0, 1], got {self.efficiency!r}")
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - shapes repeat step after step; the model is immutable
+    def _time_us(self, n_decode: int, context: int, n_prefill: int, prefix: int) -> float:
+        from tokprof.models.plan import decode_plan, op_cost
+        from tokprof.rollup.project import roof_time_us
+
+        rows = n_decode + n_prefill
+        total = 0.0
+        cfg = self.config
+        for call in decode_plan(cfg, rows, max(1, context), self.dtype, block_size=self.block_size):
+            if call.op == "decode_attention":
+                continue
+            total += call.count * roof_time_us(*call.cost(), self._spec, self.dtype)[0]
+        heads = {"Hq": cfg.num_heads, "Hkv": cfg.num_kv_heads, "D": cfg.head_dim, "block_size": self.block_size}
+        if n_decode:
+            cost = op_cost("decode_attention", {"B": n_decode, "context": max(1, context), **heads}, self.dtype)
+            total += cfg.num_layers * roof_time_us(*cost, self._spec, self.dtype)[0]
+        if n_prefill:
+            cost = op_cost("paged_prefill_attention", {"B": 1, "chunk": n_prefill, "context": prefix, **heads},
+                           self.dtype)
+            total += cfg.num_layers * roof_time_us(*cost, self._spec, self.dtype)[0]
+        return total / self.efficiency
+
+    def step_time_s(self, shape: StepShape) -> float:
+        if shape.num_decode == 0 and shape.num_prefill_tokens == 0:
+            return 0.0
+        ctx = 16 * round(shape.decode_context_mean / 16)  # memoised on a 16-token grid
+        prefix = 16 * round(shape.prefill_context_tokens / 16)
+        return self._time_us(shape.num_decode, ctx, shape.num_prefill_tokens, prefix) * 1e-6 + self.overhead_s
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    @property
+    def spec_key(self) -> str:
+        return self._spec.key
+
+    def describe(self) -> str:
+        return (f"modelled for {self._spec.name} from the datasheet roofline ({self._spec.source}) at a stated "
+                f"efficiency {self.efficiency:g}, {self.dtype}, plus {self.overhead_s * 1e6:g} us per step (stated)")
