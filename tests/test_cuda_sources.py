@@ -109,6 +109,8 @@ def test_decode_budget_arithmetic():
     assert budget.bandwidth_bound == 1.0
     slow = _nvcc.SassReport("x", "sm_90", 9000, 3000, 2176, 256)  # 136 per row, the kernel this one replaced
     assert _nvcc.decode_budget(slow, 128, 2).bandwidth_bound == pytest.approx(111.5 / 136, abs=0.002)
+    # An H100's 3.35 TB/s leaves more issue per row: 4 x 1.98e9 x 512 / (3.35e12 / 132) = 159.7
+    assert _nvcc.H100_SXM.warp_instructions_per_byte() * 512 == pytest.approx(159.7, abs=0.1)
     assert _nvcc.decode_kernel_shape("decode_attn_reduce_bf16") is None
     with pytest.raises(ValueError, match="expected a loop with 16-byte loads"):
         _nvcc.decode_budget(_nvcc.SassReport("k", "sm_90", 10), 128, 2)
