@@ -125,6 +125,11 @@ ptxas info    : Used 255 registers, used 0 barriers"""
     assert (r.kernel, r.arch, r.registers, r.spill_store_bytes, r.spill_load_bytes) == ("k_bf16", "sm_90", 255, 4, 12)
 
 
+def test_budget_command_refuses_bad_arch(capsys):
+    assert _nvcc.main(["hopper"]) == 2
+    assert "expected names like sm_90, got 'hopper'" in capsys.readouterr().err
+
+
 def test_archs_from_env(monkeypatch):
     monkeypatch.setenv("TOKPROF_CUDA_ARCHS", "sm_90, sm_100a")
     assert _nvcc.archs_from_env() == ("sm_90", "sm_100a")

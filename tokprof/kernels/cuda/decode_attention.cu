@@ -21,6 +21,9 @@
 //   * the next step's K/V loads are issued before the current step's math, in two register buffers used in turn
 //     (no copies); full steps run without bounds checks, only the last, partial one masks tokens.
 // At the end the NG token groups of the block are merged through shared memory.
+// What the SASS budget does not show: bytes in flight. One step per block is loading while the previous one is used
+// (STEP rows: 16 KB at D=128 in 16-bit for GP <= 4, 8 KB at GP = 8), 2 blocks per SM (registers), so ~32 KB (16 KB at
+// GP = 8) per SM against the ~25-35 KB that HBM latency x an H200 SM's share of bandwidth asks for: measure there.
 //
 // Split-KV (flash-decoding): blockIdx.z takes tokens [z * tokens_per_split, ...), tokens_per_split a multiple of 64
 // (of every instance's step). With one split the block writes `out`; with several it writes fp32 partials part_o
