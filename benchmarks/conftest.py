@@ -5,9 +5,9 @@
 
 Every benchmark times one kernel call with a device-synchronising target (the call, then a whole-device sync), so
 the host clock pytest-benchmark reads covers the GPU work; on a GPU each round starts from a cold L2 (a 2x-L2
-flush in the untimed setup, docs/measurement.md rule 2). GPU runs use the ops' default shapes (Llama-3.1-8B decode for
-the dense ops, DeepSeek-R1 decode for the MoE/MLA ops) plus the MoE models' decode shapes of MODEL_SHAPES, in bf16;
-CPU runs use small shapes in fp32 with the torch backend, so the suite runs anywhere in well under a minute.
+flush in the untimed setup, docs/measurement.md rule 2). GPU runs use the ops' default shapes (Llama-3.1-8B decode
+for the dense ops, DeepSeek-R1 decode for the MoE/MLA ops) plus the MoE models' decode shapes of MODEL_SHAPES, in
+bf16; CPU runs use small shapes in fp32 with the torch backend, so the suite runs anywhere in well under a minute.
 These are host-clock regression figures; `tokprof bench` is the tool for event-timed, roofline-placed numbers.
 """
 

@@ -185,7 +185,7 @@ def estimate_gpu_seconds(config: ModelConfig, rc: RunConfig) -> dict[str, float]
                        + EST_ENERGY_ALIGN_S)
     points = rc.e2e_points if rc.e2e_points is not None else [(b, c) for b in rc.e2e_batches
                                                                 for c in rc.e2e_contexts]
-    flop_per_token = 2 * config.num_params()
+    flop_per_token = 2 * (config.active_params() if config.is_moe else config.num_params())  # MoE: k experts only
     attn_per_seq = 2 * config.num_layers * config.num_heads * config.head_dim  # x prompt_len^2: causal QK^T and PV
     warmup = 4
     prefill_flop = 0.0

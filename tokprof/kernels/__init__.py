@@ -13,10 +13,10 @@ import torch
 from tokprof.kernels._common import BACKENDS, DTYPES, Op, dtype_name, parse_dtype
 
 # Ops in decode-step order; each module defines the public function of the same name and an `OP` record.
-_OP_MODULES = ("embedding", "rms_norm", "linear", "rope", "append_kv", "decode_attention", "mla_decode_attention",
-               "prefill_attention", "paged_prefill_attention", "mla_prefill_attention", "swiglu", "moe_router",
-               "fused_moe", "greedy_sample", "quantize_fp8", "linear_w8a8", "linear_w4a16", "append_kv_fp8",
-               "decode_attention_fp8kv")
+_OP_MODULES = ("embedding", "rms_norm", "linear", "rope", "append_kv", "append_mla_kv", "decode_attention",
+               "mla_decode_attention", "prefill_attention", "paged_prefill_attention", "mla_prefill_attention",
+               "batched_linear", "bias_add", "swiglu", "moe_router", "fused_moe", "greedy_sample", "quantize_fp8",
+               "linear_w8a8", "linear_w4a16", "append_kv_fp8", "decode_attention_fp8kv")
 
 OPS: dict[str, Op] = {}
 for _name in _OP_MODULES:
@@ -44,19 +44,22 @@ __all__ = [
     "OPS",
     "Op",
     "append_kv",
+    "append_mla_kv",
     "append_kv_fp8",
     "available_backends",
+    "batched_linear",
+    "bias_add",
     "decode_attention",
     "dtype_name",
     "embedding",
     "fused_moe",
     "greedy_sample",
     "linear",
-    "linear_w4a16",
-    "linear_w8a8",
     "mla_decode_attention",
     "mla_prefill_attention",
     "moe_router",
+    "linear_w4a16",
+    "linear_w8a8",
     "paged_prefill_attention",
     "parse_dtype",
     "prefill_attention",

@@ -41,7 +41,10 @@ from tokprof.models.e2e import (
 from tokprof.models.loader import hf_state_dict
 from tokprof.profiler.energy_sources import energy_not_asked
 
-_HF_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen3": ("Qwen3ForCausalLM", "qwen3")}
+_HF_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+                     "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+                     "deepseek_v3": ("DeepseekV3ForCausalLM", "deepseek_v3"),
+                     "gpt_oss": ("GptOssForCausalLM", "gpt_oss")}
 _TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -60,6 +63,10 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     }
     if cfg.architecture == "llama":
         d["mlp_bias"] = False
+    if cfg.architecture in ("qwen3_moe", "deepseek_v3", "gpt_oss"):
+        from tokprof.models.loader_moe import hf_moe_config
+
+        d.update(hf_moe_config(cfg))
     return d
 
 
@@ -77,7 +84,9 @@ def build_hf_model(model: Any) -> torch.nn.Module:
     cfg_dict = hf_config_dict(model.config, model.dtype)
     hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
     with torch.device("meta"):  # no memory: every parameter is replaced by a view of tokprof's weights below
-        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
+        # gpt-oss has no SDPA path in transformers (its sinks): eager attention there.
+        attn = "eager" if model.config.architecture == "gpt_oss" else "sdpa"
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn)
     hf.load_state_dict(hf_state_dict(model.config, model.weights), strict=True, assign=True)
     for p in hf.parameters():
         p.requires_grad_(False)
@@ -178,7 +187,7 @@ def save_hf_dir(model: Any, directory: str | Path) -> Path:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.contiguous() for name, t in hf_state_dict(model.config, model.weights).items()}
+    tensors = {name: t.contiguous() for name, t in hf_state_dict(model.config, model.weights, per_expert=True).items()}
     if model.config.tie_word_embeddings:
         del tensors["lm_head.weight"]  # tied: one tensor on disk, as save_pretrained writes it
     save_file(tensors, str(directory / "model.safetensors"))

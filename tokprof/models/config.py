@@ -3,8 +3,11 @@
     cfg = ModelConfig.from_name("llama-3.1-8b")
     cfg = ModelConfig.from_hf("path/to/config.json")   # or a directory holding it, or a dict
 
-Supported architectures: Llama (LlamaForCausalLM, incl. Llama 3.1 "llama3" rope scaling and tied embeddings) and
-Qwen3 dense (Qwen3ForCausalLM: per-head RMSNorm on q and k). Anything else is refused naming the field.
+Supported architectures: Llama (LlamaForCausalLM, incl. Llama 3.1 "llama3" rope scaling and tied embeddings),
+Qwen3 dense (Qwen3ForCausalLM: per-head RMSNorm on q and k), and the mixture-of-experts families of
+tokprof.models.config_moe: Qwen3-MoE (Qwen3MoeForCausalLM), DeepSeek-V3/R1 (DeepseekV3ForCausalLM: multi-head latent
+attention, MLA) and gpt-oss (GptOssForCausalLM: attention sinks, sliding-window layers, biases). Every MoE/MLA field
+defaults to the dense case (num_experts 0, kv_lora_rank 0, ...). Anything else is refused naming the field.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3",
+                           "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
+                           "GptOssForCausalLM": "gpt_oss"}
+LAYER_TYPES = ("full_attention", "sliding_attention")
 _ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
@@ -40,7 +46,35 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
     max_position_embeddings: int = 8192
-    architecture: str = "llama"  # "llama" | "qwen3"
+    architecture: str = "llama"  # "llama" | "qwen3" | "qwen3_moe" | "deepseek_v3" | "gpt_oss"
+    # --- mixture of experts (num_experts 0: every layer dense, intermediate_size wide)
+    num_experts: int = 0  # routed experts per MoE layer
+    num_experts_per_tok: int = 0  # top-k
+    moe_intermediate_size: int = 0  # one routed (and shared) expert's width
+    router_scoring: str = "softmax"  # "softmax" (Qwen3-MoE, gpt-oss) | "sigmoid" (DeepSeek-V3)
+    norm_topk_prob: bool = True  # renormalise the top-k weights to sum 1
+    n_group: int = 1  # DeepSeek-V3 grouped top-k: experts in n_group groups, the best topk_group groups kept
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # the routed experts' sum is multiplied by this (DeepSeek-V3: 2.5)
+    router_bias: bool = False  # a per-expert bias: gpt-oss's router bias, DeepSeek's e_score_correction_bias
+    n_shared_experts: int = 0  # always-on experts of width n_shared_experts * moe_intermediate_size
+    first_k_dense_replace: int = 0  # the first k layers are dense (DeepSeek-V3: 3)
+    decoder_sparse_step: int = 1  # Qwen3-MoE: layer i is MoE when (i + 1) % step == 0
+    mlp_only_layers: tuple[int, ...] = ()  # Qwen3-MoE: layers forced dense
+    expert_bias: bool = False  # gpt-oss: biases on the experts' gate-up and down projections
+    swiglu_limit: float = 0.0  # gpt-oss clamped SwiGLU: gate <= limit, |up| <= limit, (up + 1) * gate * sig(a*gate)
+    swiglu_alpha: float = 1.702
+    # --- multi-head latent attention (kv_lora_rank 0: standard attention with q/k/v heads)
+    q_lora_rank: int = 0  # 0: q projected directly (no low-rank q)
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0  # with MLA, head_dim is this (the RoPE dims); RoPE applied interleaved by DeepSeek
+    v_head_dim: int = 0
+    # --- gpt-oss attention
+    attention_bias: bool = False  # biases on q, k, v and o projections
+    attention_sinks: bool = False  # one learnt sink logit per head in the softmax denominator
+    sliding_window: int = 0  # tokens a sliding layer attends (itself included); 0: none
+    layer_types: tuple[str, ...] = ()  # per layer "full_attention" | "sliding_attention"; (): all full
     source: str = field(default="preset", compare=False)
 
     def __post_init__(self) -> None:
@@ -64,9 +98,43 @@ class ModelConfig:
             raise ValueError(f"architecture: expected one of {sorted(SUPPORTED_ARCHITECTURES.values())}, "
                              f"got {self.architecture!r}")
         if self.rope_scaling is not None:
-            _check_rope_scaling(self.rope_scaling)
+            _check_rope_scaling(self.rope_scaling, self.architecture)
+        from tokprof.models.config_moe import check_moe_fields
+
+        check_moe_fields(self)
 
     # ---------------------------------------------------------------------------------------------- derived sizes
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether `layer` runs routed experts (else a dense MLP of intermediate_size), as transformers decides."""
+        return (self.num_experts > 0 and layer >= self.first_k_dense_replace and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+    def is_sliding_layer(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
+
+    def attended_tokens(self, layer: int, context: int) -> int:
+        """KV tokens `layer` attends at `context` tokens: min(context, sliding_window) on a sliding layer."""
+        return min(context, self.sliding_window) if self.is_sliding_layer(layer) else context
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+    @property
+    def softmax_scale(self) -> float:
+        """The attention softmax scale, as transformers applies it (see config_moe.softmax_scale)."""
+        from tokprof.models.config_moe import softmax_scale
+
+        return softmax_scale(self)
 
     @property
     def q_size(self) -> int:
@@ -80,18 +148,34 @@ class ModelConfig:
     def gqa_ratio(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def params_per_layer(self) -> int:
-        h, i = self.hidden_size, self.intermediate_size
-        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
-        mlp = 3 * h * i
-        norms = 2 * h + (2 * self.head_dim if self.qk_norm else 0)
-        return attn + mlp + norms
+    def params_per_layer(self, layer: int | None = None, experts: int | None = None) -> int:
+        """Parameters of one decoder layer. Dense models: every layer alike (`layer` ignored). MoE models: `layer`
+        picks a dense or an MoE layer (None: the first MoE layer), and `experts` counts that many routed experts of
+        it (None: all num_experts; num_experts_per_tok gives the parameters one token is computed with)."""
+        from tokprof.models.config_moe import attention_params, mlp_params
+
+        if layer is None:
+            layer = next((i for i in range(self.num_layers) if self.is_moe_layer(i)), 0)
+        return attention_params(self) + mlp_params(self, layer, experts) + 2 * self.hidden_size
+
+    def _layers_params(self, experts: int | None) -> int:
+        if not self.is_moe:
+            return self.num_layers * self.params_per_layer()
+        return sum(self.params_per_layer(i, experts) for i in range(self.num_layers))
 
     def num_params(self) -> int:
-        """All parameters; the LM head counted once when tied to the embedding."""
+        """All parameters; the LM head counted once when tied to the embedding. DeepSeek's multi-token-prediction
+        module (num_nextn_predict_layers) is not part of the decode model and not counted."""
         embed = self.vocab_size * self.hidden_size
         head = 0 if self.tie_word_embeddings else embed
-        return self.num_layers * self.params_per_layer() + embed + head + self.hidden_size
+        return self._layers_params(None) + embed + head + self.hidden_size
+
+    def active_params(self) -> int:
+        """Parameters one token is computed with: num_experts_per_tok routed experts per MoE layer (shared experts,
+        router and attention always), the LM head, not the embedding table (one row is read). Dense: num_params
+        less the untied embedding, i.e. the flop-bearing weights (2 x active_params FLOP per token)."""
+        k = self.num_experts_per_tok if self.is_moe else None
+        return self._layers_params(k) + self.hidden_size + self.vocab_size * self.hidden_size
 
     def linear_weight_shapes(self) -> list[tuple[int, int, int]]:
         """(count, N, K) of the layers' linear weights (fused QKV, O, fused gate-up, down): the weights a low-precision
@@ -103,7 +187,8 @@ class ModelConfig:
     def _stored_bytes(self, params: int, dtype: torch.dtype | str) -> int:
         """Bytes of `params` parameters that include every layer's linear weights, in `dtype`: a torch dtype (every
         parameter that size) or a precision label ("bf16", "fp8", "mxfp4", "nvfp4+kv-fp8", ...: the linear weights
-        in the format, scales included, the rest in the activation dtype)."""
+        in the format, scales included, the rest in the activation dtype). MoE/MLA models: float dtypes only (their
+        expert and latent weights have no low-precision layout in tokprof yet)."""
         if isinstance(dtype, torch.dtype):
             return params * torch.empty((), dtype=dtype).element_size()
         from tokprof.quant.formats import WEIGHT_FORMATS
@@ -113,6 +198,9 @@ class ModelConfig:
         elem = _ELEMENT_BYTES[precision.activation]
         if precision.weight_format is None:
             return params * elem
+        if self.is_moe or self.is_mla:
+            raise ValueError(f"dtype: low-precision weight formats of MoE/MLA models ({self.name}) are not modelled "
+                             f"yet; expected fp32, fp16 or bf16, got {dtype!r}")
         fmt = WEIGHT_FORMATS[precision.weight_format]
         shapes = self.linear_weight_shapes()
         linear_params = sum(count * n * k for count, n, k in shapes)
@@ -122,30 +210,68 @@ class ModelConfig:
         """Bytes of all weights stored in `dtype` (a torch dtype or a precision label, see _stored_bytes)."""
         return self._stored_bytes(self.num_params(), dtype)
 
-    def decode_weight_bytes(self, dtype: torch.dtype | str) -> int:
+    def decode_weight_bytes(self, dtype: torch.dtype | str, experts_touched: float | None = None,
+                            batch: int | None = None) -> int:
         """Weight bytes one decode step reads: every layer, the final norm and the LM head, but of the embedding
-        table only the rows of the tokens (counted with activations, not here)."""
-        return self._stored_bytes(self.num_layers * self.params_per_layer() + self.hidden_size
-                                  + self.vocab_size * self.hidden_size, dtype)
+        table only the rows of the tokens (counted with activations, not here).
 
-    def kv_bytes_per_token(self, dtype: torch.dtype | str, *, kv_dtype: str | None = None) -> int:
-        """K and V of one token across all layers: in `dtype`'s element size (a torch dtype), or for a precision
-        label one byte per element with an fp8 cache ("...+kv-fp8", or kv_dtype="fp8") and the activation dtype's
-        size otherwise ("fp8" alone is W8A8 weights with a bf16 cache). Per-head fp8 scales are per layer, not per
-        token, and left out."""
-        elements = 2 * self.num_layers * self.kv_size
+        MoE: `experts_touched` distinct routed experts per MoE layer (None: all num_experts, the bound a large
+        batch reaches), or `batch`: the expected number for that many tokens under uniform routing
+        (tokprof.models.plan_moe.expected_experts). Dense models ignore both."""
+        if batch is not None and experts_touched is None and self.is_moe:
+            from tokprof.models.plan_moe import expected_experts
+
+            experts_touched = expected_experts(self.num_experts, self.num_experts_per_tok, batch)
+        if experts_touched is not None and not (0 <= experts_touched <= max(self.num_experts, 0)):
+            raise ValueError(f"experts_touched: expected a number in [0, num_experts={self.num_experts}], "
+                             f"got {experts_touched!r}")
+        layers = self._layers_params(None)
+        if self.is_moe and experts_touched is not None:
+            from tokprof.models.config_moe import expert_params
+
+            layers -= round((self.num_experts - experts_touched) * expert_params(self)) * self.num_moe_layers
+        return self._stored_bytes(layers + self.hidden_size + self.vocab_size * self.hidden_size, dtype)
+
+    def kv_elements_per_token_per_layer(self) -> int:
+        """Cache elements one token takes in one layer: K and V heads, or MLA's one compressed latent row
+        (kv_lora_rank + qk_rope_head_dim, shared by all heads)."""
+        if self.is_mla:
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.kv_size
+
+    def _kv_element_bytes(self, dtype: torch.dtype | str, kv_dtype: str | None = None) -> int:
         if isinstance(dtype, torch.dtype) and kv_dtype is None:
-            return elements * torch.empty((), dtype=dtype).element_size()
+            return torch.empty((), dtype=dtype).element_size()
         from tokprof.quant.precision import parse_precision
 
         precision = parse_precision(dtype, kv_dtype=kv_dtype)
-        return elements * (1 if precision.kv_dtype == "fp8" else _ELEMENT_BYTES[precision.activation])
+        return 1 if precision.kv_dtype == "fp8" else _ELEMENT_BYTES[precision.activation]
+
+    def kv_bytes_per_token(self, dtype: torch.dtype | str, *, kv_dtype: str | None = None) -> int:
+        """K and V (MLA: the latent row) of one token across all layers: in `dtype`'s element size (a torch dtype),
+        or for a precision label one byte per element with an fp8 cache ("...+kv-fp8", or kv_dtype="fp8") and the
+        activation dtype's size otherwise ("fp8" alone is W8A8 weights with a bf16 cache). Per-head fp8 scales are
+        per layer, not per token, and left out. Sliding-window layers are counted too: this is the marginal cost of
+        a token while the context fits the window, an upper bound beyond; capacity of a sliding-window model uses
+        kv_bytes_per_sequence, which holds at most sliding_window tokens on those layers."""
+        return self.num_layers * self.kv_elements_per_token_per_layer() * self._kv_element_bytes(dtype, kv_dtype)
+
+    def kv_bytes_per_sequence(self, dtype: torch.dtype | str, context: int, *, kv_dtype: str | None = None) -> int:
+        """KV bytes one sequence of `context` tokens holds: full layers every token, sliding layers at most
+        sliding_window tokens (a serving engine frees what slid out of the window)."""
+        tokens = sum(self.attended_tokens(i, context) for i in range(self.num_layers))
+        return tokens * self.kv_elements_per_token_per_layer() * self._kv_element_bytes(dtype, kv_dtype)
 
     def inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies (head_dim/2,) float32, with Llama 3.1 scaling applied when configured."""
         # fp32 throughout, in the order transformers computes it: a float64 version differs by 1 ulp in a third of
         # the Llama 3.1 frequencies, enough to break token-exact parity with transformers.
         d = self.head_dim
+        kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
+        if kind == "yarn":
+            from tokprof.models.config_moe import yarn_inv_freq
+
+            return yarn_inv_freq(self)
         inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d))
         if self.rope_scaling is not None:
             inv = _llama3_scale(inv, self.rope_scaling)
@@ -154,6 +280,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling is not None else None
+        d["mlp_only_layers"] = list(self.mlp_only_layers)
+        d["layer_types"] = list(self.layer_types)
         return d
 
     # ---------------------------------------------------------------------------------------------- constructors
@@ -172,6 +300,10 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"model config: unknown fields {unknown}; expected a subset of {sorted(known)}")
+        d = dict(d)
+        for key in ("mlp_only_layers", "layer_types"):  # JSON lists back to the frozen dataclass's tuples
+            if isinstance(d.get(key), list):
+                d[key] = tuple(d[key])
         return cls(**d)
 
     @classmethod
@@ -193,12 +325,17 @@ class ModelConfig:
         return _from_hf_dict(config, name or "hf-model", source)
 
 
-def _check_rope_scaling(scaling: Mapping[str, Any]) -> None:
+def _check_rope_scaling(scaling: Mapping[str, Any], architecture: str = "llama") -> None:
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "default":
         return
+    if kind == "yarn" and architecture in ("deepseek_v3", "gpt_oss"):  # the families whose YaRN tokprof follows
+        for key in ("factor", "original_max_position_embeddings"):
+            if key not in scaling:
+                raise ValueError(f"rope_scaling.{key}: missing from the yarn rope scaling {dict(scaling)}")
+        return
     if kind != "llama3":
-        raise ValueError(f"rope_scaling.rope_type: expected 'llama3' or 'default', got {kind!r}")
+        raise ValueError(f"rope_scaling.rope_type: expected 'llama3', 'yarn' or 'default', got {kind!r}")
     for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
         if key not in scaling:
             raise ValueError(f"rope_scaling.{key}: missing from the llama3 rope scaling {dict(scaling)}")
@@ -268,11 +405,15 @@ def _from_hf_dict(hf: Mapping[str, Any], name: str, source: str) -> ModelConfig:
         arch = SUPPORTED_ARCHITECTURES.get(a)
         if arch:
             break
-    if arch is None and model_type in ("llama", "qwen3"):
+    if arch is None and model_type in SUPPORTED_ARCHITECTURES.values():
         arch = model_type
     if arch is None:
         raise ValueError(f"architectures: expected one of {sorted(SUPPORTED_ARCHITECTURES)} "
                          f"(or model_type llama/qwen3), got architectures={archs!r}, model_type={model_type!r}")
+    if arch in ("qwen3_moe", "deepseek_v3", "gpt_oss"):
+        from tokprof.models.config_moe import from_hf_moe
+
+        return from_hf_moe(hf, arch, name, source)
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in hf:
             raise ValueError(f"{key}: missing from the Hugging Face config ({source})")
@@ -355,6 +496,11 @@ PRESETS: dict[str, ModelConfig] = {
                              num_layers=64, num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
                              rms_norm_eps=1e-6, qk_norm=True, max_position_embeddings=40960, architecture="qwen3"),
 }
+
+
+from tokprof.models.config_moe import MOE_PRESETS  # noqa: E402 - config_moe builds on ModelConfig above
+
+PRESETS.update(MOE_PRESETS)
 
 
 def with_overrides(cfg: ModelConfig, **changes: Any) -> ModelConfig:

@@ -27,8 +27,8 @@ from tokprof.kernels._common import cdiv, dtype_bytes
 
 @dataclass
 class PagedKVCache:
-    k: list[torch.Tensor]  # per layer (num_blocks, block_size, Hkv, D)
-    v: list[torch.Tensor]  # per layer (num_blocks, block_size, Hkv, D)
+    k: list[torch.Tensor]  # per layer (num_blocks, block_size, Hkv, D); MLA: (num_blocks, block_size, 1, L + R)
+    v: list[torch.Tensor]  # per layer (num_blocks, block_size, Hkv, D); empty for MLA
     block_table: torch.Tensor  # (B, max_blocks) int32
     slot_of_position: torch.Tensor  # (B, max_blocks * block_size + 1) int64
     block_size: int
@@ -55,7 +55,10 @@ class PagedKVCache:
 
     @classmethod
     def allocate(cls, *, num_layers: int, batch: int, max_tokens: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, block_size: int = 16) -> PagedKVCache:
+                 dtype: torch.dtype, device: torch.device | str, block_size: int = 16,
+                 values: bool = True) -> PagedKVCache:
+        """values=False: keys only, no v pages (MLA's latent cache: one row of kv_lora_rank + rope dims per token,
+        num_kv_heads=1, head_dim = that width; `k[layer]` holds it)."""
         for name, value in (("num_layers", num_layers), ("batch", batch), ("max_tokens", max_tokens),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("block_size", block_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -66,7 +69,7 @@ class PagedKVCache:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         # Zero-filled, not empty: a kernel that read a page it should not would see zeros, never stale NaN/inf.
         k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)] if values else []
         # Interleaved pages: page j of sequence b is block j * B + b.
         seq = torch.arange(batch, dtype=torch.int64)
         page = torch.arange(max_blocks, dtype=torch.int64)

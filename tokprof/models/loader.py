@@ -2,8 +2,10 @@
 
     config, weights = load_pretrained("path/to/hf_dir", device="cuda", dtype=torch.bfloat16)
 
-Supported: LlamaForCausalLM (incl. Llama 3.1 rope scaling and tied embeddings) and Qwen3ForCausalLM (dense, with
-q/k norm), a single `*.safetensors` file or shards listed in `model.safetensors.index.json`. Never downloads.
+Supported: LlamaForCausalLM (incl. Llama 3.1 rope scaling and tied embeddings), Qwen3ForCausalLM (dense, with
+q/k norm), Qwen3MoeForCausalLM and DeepseekV3ForCausalLM (tokprof.models.loader_moe: stacked experts, MLA weights in
+the absorbed layout), a single `*.safetensors` file or shards listed in `model.safetensors.index.json`. Never
+downloads.
 
 At load time q, k and v are fused into one (q_size + 2*kv_size, H) weight and gate, up into one (2*I, H) weight,
 which is the layout the decode step's single QKV and gate-up GEMMs read (see the decode step in tokprof.models.plan).
@@ -20,6 +22,16 @@ from pathlib import Path
 import torch
 
 from tokprof.models.config import ModelConfig
+from tokprof.models.loader_moe import (
+    AttentionExtras,
+    MLAWeights,
+    MoEWeights,
+    fuse_extras,
+    fuse_mla,
+    fuse_moe,
+    hf_moe_shapes,
+    hf_moe_state_dict,
+)
 
 try:
     from safetensors import safe_open
@@ -33,13 +45,16 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # (H,)
-    qkv: torch.Tensor  # (q_size + 2*kv_size, H): [q | k | v] rows
-    o: torch.Tensor  # (H, q_size)
+    qkv: torch.Tensor | None  # (q_size + 2*kv_size, H): [q | k | v] rows; None with MLA
+    o: torch.Tensor | None  # (H, q_size); None with MLA
     post_norm: torch.Tensor  # (H,)
-    gate_up: torch.Tensor  # (2*I, H): [gate | up] rows
-    down: torch.Tensor  # (H, I)
+    gate_up: torch.Tensor | None  # (2*I, H): [gate | up] rows; None on an MoE layer
+    down: torch.Tensor | None  # (H, I); None on an MoE layer
     q_norm: torch.Tensor | None = None  # (D,) Qwen3 only
     k_norm: torch.Tensor | None = None  # (D,) Qwen3 only
+    mla: MLAWeights | None = None  # DeepSeek-V3's latent attention
+    moe: MoEWeights | None = None  # an MoE layer's router and stacked experts
+    extras: AttentionExtras | None = None  # gpt-oss: q/k/v/o biases and attention sinks
 
 
 @dataclass
@@ -56,6 +71,9 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    if cfg.architecture in ("qwen3_moe", "deepseek_v3", "gpt_oss"):
+        shapes.update(hf_moe_shapes(cfg))
+        return shapes
     for layer in range(cfg.num_layers):
         p = f"model.layers.{layer}."
         shapes.update({
@@ -118,6 +136,13 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
     return where
 
 
+def _beyond_layers(name: str, cfg: ModelConfig) -> bool:
+    """DeepSeek's checkpoints hold the multi-token-prediction module as layer num_hidden_layers: not loaded."""
+    parts = name.split(".")
+    return (cfg.architecture == "deepseek_v3" and len(parts) > 2 and parts[:2] == ["model", "layers"]
+            and parts[2].isdigit() and int(parts[2]) >= cfg.num_layers)
+
+
 def check_checkpoint(directory: str | Path, cfg: ModelConfig) -> dict[str, Path]:
     """Check every tensor's presence and shape from the file headers; returns name -> file of what to load."""
     directory = Path(directory)
@@ -130,7 +155,8 @@ def check_checkpoint(directory: str | Path, cfg: ModelConfig) -> dict[str, Path]
                          f"(expected by the {cfg.architecture} config: {cfg.num_layers} layers"
                          f"{', untied lm_head' if not cfg.tie_word_embeddings else ''})")
     tied_head = "lm_head.weight" if cfg.tie_word_embeddings else None
-    unexpected = [n for n in where if n not in expected and n != tied_head and not n.endswith(_IGNORED_SUFFIXES)]
+    unexpected = [n for n in where if n not in expected and n != tied_head and not n.endswith(_IGNORED_SUFFIXES)
+                  and not _beyond_layers(n, cfg)]
     if unexpected:
         raise ValueError(f"weights: unexpected tensor(s) {sorted(unexpected)[:3]} in {directory}: this is not a "
                          f"{cfg.architecture} checkpoint tokprof understands (biases, extra heads or other layers)")
@@ -163,10 +189,13 @@ def load_pretrained(directory: str | Path, device: torch.device | str, dtype: to
             for name in names:
                 # One tensor at a time through host memory: peak host use is one tensor, not the model.
                 flat[name] = fh.get_tensor(name).to(device=device, dtype=dtype)
-    return cfg, fuse_hf_weights(cfg, flat)
+    interleaved = True
+    if cfg.is_mla:  # DeepSeek's RoPE pairs are interleaved unless config.json says otherwise
+        interleaved = bool(json.loads((directory / "config.json").read_text()).get("rope_interleave", True))
+    return cfg, fuse_hf_weights(cfg, flat, rope_interleave=interleaved)
 
 
-def fuse_hf_weights(cfg: ModelConfig, flat: dict[str, torch.Tensor]) -> ModelWeights:
+def fuse_hf_weights(cfg: ModelConfig, flat: dict[str, torch.Tensor], rope_interleave: bool = True) -> ModelWeights:
     """Hugging Face tensors (by name, already on the target device and dtype) -> ModelWeights with fused GEMMs.
 
     Consumes `flat`: each unfused part is dropped as soon as it is copied, so peak device memory is the model plus
@@ -175,6 +204,9 @@ def fuse_hf_weights(cfg: ModelConfig, flat: dict[str, torch.Tensor]) -> ModelWei
     layers = []
     for layer in range(cfg.num_layers):
         p = f"model.layers.{layer}."
+        if cfg.is_moe or cfg.is_mla:
+            layers.append(_fuse_moe_layer(cfg, flat, p, rope_interleave))
+            continue
         qkv = torch.cat([flat.pop(p + "self_attn.q_proj.weight"), flat.pop(p + "self_attn.k_proj.weight"),
                          flat.pop(p + "self_attn.v_proj.weight")], dim=0)
         gate_up = torch.cat([flat.pop(p + "mlp.gate_proj.weight"), flat.pop(p + "mlp.up_proj.weight")], dim=0)
@@ -193,11 +225,35 @@ def fuse_hf_weights(cfg: ModelConfig, flat: dict[str, torch.Tensor]) -> ModelWei
     return ModelWeights(embed=embed, layers=layers, final_norm=flat.pop("model.norm.weight"), lm_head=lm_head)
 
 
-def hf_state_dict(cfg: ModelConfig, weights: ModelWeights) -> dict[str, torch.Tensor]:
-    """The Hugging Face state dict of `weights` as views of tokprof's fused tensors (no copy of the weights)."""
+def _fuse_moe_layer(cfg: ModelConfig, flat: dict[str, torch.Tensor], p: str, rope_interleave: bool) -> LayerWeights:
+    layer = int(p.split(".")[2])
+    qkv = o = gate_up = down = mla = moe = None
+    if cfg.is_mla:
+        mla = fuse_mla(cfg, flat, p + "self_attn.", rope_interleave)
+    else:
+        qkv = torch.cat([flat.pop(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")], dim=0)
+        o = flat.pop(p + "self_attn.o_proj.weight").contiguous()
+    extras = fuse_extras(cfg, flat, p + "self_attn.")
+    if cfg.is_moe_layer(layer):
+        moe = fuse_moe(cfg, flat, p + "mlp.")
+    else:
+        gate_up = torch.cat([flat.pop(p + "mlp.gate_proj.weight"), flat.pop(p + "mlp.up_proj.weight")], dim=0)
+        down = flat.pop(p + "mlp.down_proj.weight").contiguous()
+    return LayerWeights(input_norm=flat.pop(p + "input_layernorm.weight"), qkv=qkv, o=o,
+                        post_norm=flat.pop(p + "post_attention_layernorm.weight"), gate_up=gate_up, down=down,
+                        q_norm=flat.pop(p + "self_attn.q_norm.weight", None),
+                        k_norm=flat.pop(p + "self_attn.k_norm.weight", None), mla=mla, moe=moe, extras=extras)
+
+
+def hf_state_dict(cfg: ModelConfig, weights: ModelWeights, per_expert: bool = False) -> dict[str, torch.Tensor]:
+    """The Hugging Face state dict of `weights` as views of tokprof's fused tensors (no copy of the weights; MoE/MLA
+    models: see loader_moe.hf_moe_state_dict, `per_expert` picks the on-disk expert names)."""
     q, kv, i = cfg.q_size, cfg.kv_size, cfg.intermediate_size
     out = {"model.embed_tokens.weight": weights.embed, "model.norm.weight": weights.final_norm,
            "lm_head.weight": weights.lm_head}
+    if cfg.is_moe or cfg.is_mla:
+        out.update(hf_moe_state_dict(cfg, weights.layers, per_expert))
+        return out
     for layer, w in enumerate(weights.layers):
         p = f"model.layers.{layer}."
         out.update({

@@ -14,6 +14,9 @@ With tp > 1, decode_plan is the plan of ONE GPU of a tensor-parallel group (tokp
 sharded heads and MLP columns, plus the collectives (op "all_reduce" / "all_gather", shape {"bytes", "world"}),
 which are not kernel-registry ops: plan_totals leaves them out (tokprof.models.tp.tp_totals counts their bytes),
 and they are timed by tokprof.profiler.collectives. Prefill plans are single-GPU only.
+
+Mixture-of-experts, latent-attention and sliding-window models (Qwen3-MoE, DeepSeek-V3/R1, gpt-oss) are planned by
+tokprof.models.plan_moe (single GPU for now), with the expected number of distinct experts a batch reads.
 """
 
 from __future__ import annotations
@@ -158,14 +161,20 @@ def _head_calls(b: PlanBuilder, config: ModelConfig, rows: int) -> None:
     b.add("greedy_sample", "sample", 1, B=rows, V=config.vocab_size)
 
 
+def _is_moe_family(config: ModelConfig) -> bool:
+    return config.is_moe or config.is_mla or bool(config.layer_types) or config.attention_sinks
+
+
 def decode_plan(config: ModelConfig, batch: int, context: int, dtype: str | torch.dtype, tp: int = 1,
                 block_size: int = DEFAULT_BLOCK_SIZE, *, weight_format: str | None = None,
-                kv_dtype: str | None = None) -> list[KernelCall]:
+                kv_dtype: str | None = None, routing: Any = None) -> list[KernelCall]:
     """The kernel calls of one decode step: `batch` sequences each attending `context` KV tokens (the new one
     included), in step order, deduplicated.
 
     tp > 1: the calls of ONE GPU of `tp` (tokprof.models.tp.tp_decode_calls), its collectives included; ValueError
     when the model does not shard evenly over `tp` GPUs.
+    MoE / MLA / sliding-window models: tokprof.models.plan_moe (single GPU, float dtypes); `routing` a measured
+    plan_moe.RoutingCounts, else uniform routing decides how many experts fused_moe reads.
     Low precision (tokprof.quant.precision): `dtype` may be a precision label ("fp8", "nvfp4", "mxfp4+kv-fp8"), or
     `weight_format` / `kv_dtype` name the format of the linear weights and of the KV cache; the linears become the
     format's ops (linear_fp8, ...; the LM head stays in the activation dtype) and an fp8 cache's append and
@@ -174,6 +183,15 @@ def decode_plan(config: ModelConfig, batch: int, context: int, dtype: str | torc
 
     precision = parse_precision(dtype, weight_format=weight_format, kv_dtype=kv_dtype)
     _check_args(config, batch, context, "context", tp, block_size, tp_supported=True)
+    if _is_moe_family(config):
+        from tokprof.models import plan_moe
+
+        plan_moe.check_supported(config, tp, precision)
+        b = PlanBuilder(precision.activation)
+        b.add("embedding", "embedding", 1, T=batch, V=config.vocab_size, H=config.hidden_size)
+        plan_moe.moe_decode_calls(b, config, batch, context, block_size, routing)
+        _head_calls(b, config, batch)
+        return b.plan()
     if tp > 1:
         from tokprof.models.tp import tp_decode_calls  # tp.py builds on this module: imported when asked for
 
@@ -190,7 +208,7 @@ def decode_plan(config: ModelConfig, batch: int, context: int, dtype: str | torc
 
 def prefill_plan(config: ModelConfig, batch: int, prompt_len: int, dtype: str | torch.dtype, tp: int = 1,
                  block_size: int = DEFAULT_BLOCK_SIZE, *, weight_format: str | None = None,
-                 kv_dtype: str | None = None) -> list[KernelCall]:
+                 kv_dtype: str | None = None, routing: Any = None) -> list[KernelCall]:
     """The kernel calls of prefilling `batch` prompts of `prompt_len` tokens each, deduplicated.
 
     Every prompt token runs through the layers (T = batch * prompt_len); only the last position of each sequence
@@ -203,6 +221,13 @@ def prefill_plan(config: ModelConfig, batch: int, prompt_len: int, dtype: str | 
     tokens = batch * prompt_len
     b = PlanBuilder(precision.activation)
     b.add("embedding", "embedding", 1, T=tokens, V=config.vocab_size, H=config.hidden_size)
+    if _is_moe_family(config):
+        from tokprof.models import plan_moe
+
+        plan_moe.check_supported(config, tp, precision)
+        plan_moe.moe_prefill_calls(b, config, batch, prompt_len, block_size, routing)
+        _head_calls(b, config, batch)
+        return b.plan()
     attention = ("prefill_attention", {"B": batch, "Hq": config.num_heads, "Hkv": config.num_kv_heads,
                                        "S": prompt_len, "D": config.head_dim, "causal": 1})
     _layer_calls(b, config, tokens, attention, batch * cdiv(prompt_len, block_size), block_size)

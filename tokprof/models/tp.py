@@ -55,6 +55,10 @@ def check_tp(config: ModelConfig, tp: int) -> None:
     """ValueError unless `config` shards evenly over `tp` GPUs (heads, KV heads, intermediate size)."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp <= 0:
         raise ValueError(f"tp: expected a positive int, got {tp!r}")
+    if tp > 1 and (config.is_moe or config.is_mla or config.layer_types or config.attention_sinks):
+        from tokprof.models.plan_moe import check_supported
+
+        check_supported(config, tp)  # dense sharding rules would give wrong calls for experts and latent attention
     if config.num_heads % tp:
         raise ValueError(f"tp: expected a divisor of num_heads {config.num_heads} (num_kv_heads "
                          f"{config.num_kv_heads}) for {config.name}, got tp={tp}")

@@ -1,4 +1,5 @@
-"""A runnable Llama / Qwen3 decoder built only from tokprof's kernels, with a paged KV cache and greedy decoding.
+"""A runnable Llama / Qwen3 / Qwen3-MoE / DeepSeek-V3 / gpt-oss decoder built only from tokprof's kernels, with a
+paged KV cache and greedy decoding (MoE blocks and MLA attention in tokprof.models.moe_layer).
 
     model = Transformer.from_pretrained("path/to/hf_dir", device="cuda", dtype=torch.bfloat16, backend="triton")
     model = Transformer.random(ModelConfig.from_name("llama-3.1-8b"), device="cuda", dtype=torch.bfloat16, seed=0)
@@ -11,6 +12,12 @@ the end-to-end run measure the same work. Outside the plan each step also runs f
 advance its state on the device (copy the sampled token into the input buffer, advance positions and sequence
 lengths, gather the next write slots); they belong to the L2 -> L3 gap and are counted there. For Qwen3 at batch > 1
 the q and k heads are also copied to contiguous rows before their norm (rms_norm takes contiguous rows only).
+MoE/MLA/gpt-oss layers follow tokprof.models.plan_moe: the router GEMM, moe_router and fused_moe (DeepSeek's shared
+experts appended to the routed ids and weights by two small concatenations outside the plan), the absorbed MLA calls
+over a paged latent cache (one row of kv_lora_rank + rope dims per token and layer, no values), gpt-oss's bias adds,
+sinks and sliding windows (its sliding layers keep every token in the cache and attend the window). With
+`record_routing` each MoE layer adds its tokens per expert to a histogram on the device (`routing_counts()`), which
+decode_plan(..., routing=) takes in place of uniform routing.
 
 The decode step is capturable in a CUDA graph: static shapes, a preallocated cache and state buffers updated in
 place on the device, no host synchronisation inside the step (`capture_graph`). The public kernels validate token
@@ -30,6 +37,7 @@ import torch
 
 from tokprof.kernels import (
     append_kv,
+    bias_add,
     decode_attention,
     embedding,
     greedy_sample,
@@ -47,7 +55,17 @@ from tokprof.kernels.quantize_fp8 import quantize_fp8
 from tokprof.models.config import ModelConfig
 from tokprof.models.kv_cache import PagedKVCache
 from tokprof.models.loader import LayerWeights, ModelWeights, load_pretrained
+from tokprof.models.loader_moe import moe_weight_tensors, random_extras, random_mla, random_moe
+from tokprof.models.moe_layer import (
+    MLAAttend,
+    SharedExperts,
+    mla_attention,
+    mla_decode_attend,
+    mla_prefill_attend,
+    moe_mlp,
+)
 from tokprof.models.plan import DEFAULT_BLOCK_SIZE  # the plans' page size: both sides measure the same calls
+from tokprof.models.plan_moe import RoutingCounts
 from tokprof.profiler.timing import restore_stream
 from tokprof.quant.formats import QuantizedWeight, quantize_weight
 from tokprof.quant.precision import Precision, parse_precision
@@ -96,6 +114,14 @@ class Transformer:
         self._decode_checked = False  # whether a decode step of this batch ran with the value checks
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_out: tuple[torch.Tensor, torch.Tensor] | None = None
+        if config.architecture == "gpt_oss" and (config.swiglu_limit, config.swiglu_alpha) != (7.0, 1.702):
+            raise ValueError(f"swiglu_limit/swiglu_alpha: fused_moe's gpt_oss activation is gpt-oss's (7.0, 1.702), "
+                             f"got ({config.swiglu_limit}, {config.swiglu_alpha})")
+        self._shared = SharedExperts(config, self.device)
+        # Routing histogram of a real run (record_routing=True): per MoE layer, tokens per expert, on the device.
+        self.record_routing = False
+        self._routing: list[torch.Tensor] = []
+        self._routed_tokens = torch.zeros((), dtype=torch.int64, device=self.device)  # tokens routed per MoE layer
         self.precision: Precision = parse_precision(self.dtype)  # quantize() changes it
         self.kv_scale = 1.0  # per-tensor e4m3 KV scale of an fp8 cache (vLLM's default without calibration)
 
@@ -131,14 +157,17 @@ class Transformer:
         c = config
         layers = [LayerWeights(
             input_norm=norm_weight(c.hidden_size),
-            qkv=normal(c.q_size + 2 * c.kv_size, c.hidden_size),
-            o=normal(c.hidden_size, c.q_size),
+            qkv=None if c.is_mla else normal(c.q_size + 2 * c.kv_size, c.hidden_size),
+            o=None if c.is_mla else normal(c.hidden_size, c.q_size),
             post_norm=norm_weight(c.hidden_size),
-            gate_up=normal(2 * c.intermediate_size, c.hidden_size),
-            down=normal(c.hidden_size, c.intermediate_size),
+            gate_up=None if c.is_moe_layer(i) else normal(2 * c.intermediate_size, c.hidden_size),
+            down=None if c.is_moe_layer(i) else normal(c.hidden_size, c.intermediate_size),
             q_norm=norm_weight(c.head_dim) if c.qk_norm else None,
             k_norm=norm_weight(c.head_dim) if c.qk_norm else None,
-        ) for _ in range(c.num_layers)]
+            mla=random_mla(c, normal, norm_weight) if c.is_mla else None,
+            moe=random_moe(c, normal) if c.is_moe_layer(i) else None,
+            extras=random_extras(c, normal),
+        ) for i in range(c.num_layers)]
         embed = normal(c.vocab_size, c.hidden_size)
         lm_head = embed if c.tie_word_embeddings else normal(c.vocab_size, c.hidden_size)
         weights = ModelWeights(embed=embed, layers=layers, final_norm=norm_weight(c.hidden_size), lm_head=lm_head)
@@ -149,6 +178,10 @@ class Transformer:
         "fp8", "fp8-block", "mxfp4", "nvfp4", "int4", optionally "+kv-fp8") and/or switch to an fp8 KV cache. The
         embedding and the LM head stay in the model dtype (as the published checkpoints keep them)."""
         precision = parse_precision(dtype, kv_dtype=kv_dtype, activation=self.precision.activation)
+        c = self.config
+        if (c.is_moe or c.is_mla or c.attention_sinks) and (precision.weight_format or precision.kv_dtype):
+            raise ValueError(f"dtype: low-precision weights and KV caches of MoE/MLA models ({c.name}) are not "
+                             f"supported yet, got {precision.label!r}")
         if self.precision.weight_format is not None and precision.weight_format != self.precision.weight_format:
             raise ValueError(f"dtype: the weights are already {self.precision.weight_format}; quantise a fresh model")
         if precision.weight_format is not None and self.precision.weight_format is None:
@@ -180,21 +213,44 @@ class Transformer:
                     total += t.nbytes()
                 elif t is not None:
                     tensors.append(t)
+            tensors += moe_weight_tensors(lw.mla) + moe_weight_tensors(lw.moe) + moe_weight_tensors(lw.extras)
         return total + sum(t.numel() * t.element_size() for t in tensors)
 
     # ----------------------------------------------------------------------------------------------- the layers
 
     def _layer(self, index: int, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-               slots: torch.Tensor, attend: Attend) -> tuple[torch.Tensor, torch.Tensor]:
+               slots: torch.Tensor, attend: Attend, attend_mla: MLAAttend | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoder layer over T tokens: x (T, H), residual (T, H) or None (layer 0) -> (x, residual) (T, H)."""
         cfg, w, be = self.config, self.weights.layers[index], self.backend
-        eps, hq, hkv, d = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        eps = cfg.rms_norm_eps
         if residual is None:  # layer 0: the embedding output starts the residual stream
             h = rms_norm(x, w.input_norm, eps=eps, backend=be)
             residual = x
         else:
             h, residual = rms_norm(x, w.input_norm, eps=eps, residual=residual, backend=be)
+        if w.mla is not None:
+            o = mla_attention(cfg, w.mla, h, positions, self.inv_freq, eps, attend_mla, be)  # (T, H)
+        else:
+            o = self._attention(index, h, positions, slots, attend)
+        h, residual = rms_norm(o, w.post_norm, eps=eps, residual=residual, backend=be)
+        if w.moe is not None:
+            x, ids = moe_mlp(cfg, w.moe, h, self._shared, be)  # (T, H)
+            if self.record_routing:
+                self._record(index, ids)
+            return x, residual
+        gate_up = self._linear(h, w.gate_up)  # (T, 2*I)
+        x = self._linear(swiglu(gate_up, backend=be), w.down)  # (T, H)
+        return x, residual
+
+    def _attention(self, index: int, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                   attend: Attend) -> torch.Tensor:
+        """Standard attention (fused QKV, q/k norm, RoPE, KV append, attention, O): h (T, H) -> (T, H)."""
+        cfg, w, be = self.config, self.weights.layers[index], self.backend
+        eps, hq, hkv, d = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qkv = self._linear(h, w.qkv)  # (T, q_size + 2*kv_size)
+        if w.extras is not None:  # gpt-oss: q/k/v biases
+            qkv = bias_add(qkv, w.extras.qkv_bias, backend=be)
         t = qkv.shape[0]
         q_size, kv_size = cfg.q_size, cfg.kv_size
         # Row slices of the fused output: heads and head_dim contiguous, token stride q_size + 2*kv_size.
@@ -212,10 +268,34 @@ class Transformer:
             append_kv(k, v, self.cache.k[index], self.cache.v[index], slots, backend=be)
         attn = attend(index, q, k, v)  # (T, q_size)
         o = self._linear(attn, w.o)  # (T, H)
-        h, residual = rms_norm(o, w.post_norm, eps=eps, residual=residual, backend=be)
-        gate_up = self._linear(h, w.gate_up)  # (T, 2*I)
-        x = self._linear(swiglu(gate_up, backend=be), w.down)  # (T, H)
-        return x, residual
+        return o if w.extras is None else bias_add(o, w.extras.o_bias, backend=be)
+
+    def _attention_options(self, index: int) -> dict[str, object]:
+        """gpt-oss: the softmax scale (YaRN's attention factor folded in), the sinks and, on a sliding layer, the
+        window. Other models: none (the kernels' defaults)."""
+        extras = self.weights.layers[index].extras
+        if extras is None:
+            return {}
+        window = self.config.sliding_window if self.config.is_sliding_layer(index) else None
+        return {"scale": self.config.softmax_scale, "sinks": extras.sinks, "sliding_window": window}
+
+    def _record(self, index: int, ids: torch.Tensor) -> None:
+        """Add the tokens per expert of MoE layer `index` to the routing histogram (device ops, no host sync)."""
+        moe_index = sum(1 for i in range(index) if self.weights.layers[i].moe is not None)
+        if len(self._routing) <= moe_index:
+            self._routing.append(torch.zeros(self.config.num_experts, dtype=torch.int64, device=self.device))
+        flat = ids.reshape(-1).long()
+        # scatter_add, not bincount (which reads the largest id back to the host): capturable in a CUDA graph
+        self._routing[moe_index].scatter_add_(0, flat, torch.ones_like(flat))
+        if moe_index == 0:
+            self._routed_tokens.add_(ids.shape[0])
+
+    def routing_counts(self) -> RoutingCounts:
+        """The routing histogram recorded since record_routing was set (tokprof.models.plan_moe.RoutingCounts)."""
+        tokens = int(self._routed_tokens)
+        if not self._routing or tokens == 0:
+            raise RuntimeError("routing_counts: nothing recorded; set model.record_routing = True and run the model")
+        return RoutingCounts(counts=[r.tolist() for r in self._routing], tokens=tokens)
 
     def _head(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final norm, LM head and greedy sampling: x, residual (B, H) -> (tokens (B,) int64, logits (B, V))."""
@@ -282,13 +362,16 @@ class Transformer:
             q4 = q.view(b, s, hq, d).transpose(1, 2).contiguous()
             k4 = k.view(b, s, hkv, d).transpose(1, 2).contiguous()
             v4 = v.view(b, s, hkv, d).transpose(1, 2).contiguous()
-            out = prefill_attention(q4, k4, v4, causal=True, backend=self.backend)  # (b, Hq, S, D)
+            out = prefill_attention(q4, k4, v4, causal=True, backend=self.backend,
+                                    **self._attention_options(_))  # (b, Hq, S, D)
             return out.transpose(1, 2).reshape(b * s, hq * d)
 
         x = embedding(ids.reshape(-1), self.weights.embed, backend=self.backend)  # (b*S, H)
         residual = None
         for index in range(cfg.num_layers):
-            x, residual = self._layer(index, x, residual, positions, slots, attend)
+            attend_mla = (mla_prefill_attend(self._latent_cache(index), slots, b, s, cfg, self.backend)
+                          if cfg.is_mla else None)
+            x, residual = self._layer(index, x, residual, positions, slots, attend, attend_mla)
         # Only the last position of each prompt needs logits.
         x_last = x.view(b, s, -1)[:, -1].contiguous()  # (b, H)
         res_last = residual.view(b, s, -1)[:, -1].contiguous()
@@ -304,13 +387,15 @@ class Transformer:
             scales = ({"k_scale": self.kv_scale, "v_scale": self.kv_scale} if self.precision.kv_dtype == "fp8"
                       else {})
             out = decode_attention(q, cache.k[index], cache.v[index], cache.block_table, self._seq_lens,
-                                   backend=self.backend, **scales)  # (B, Hq, D)
+                                   backend=self.backend, **scales, **self._attention_options(index))  # (B, Hq, D)
             return out.view(out.shape[0], -1)
 
         x = embedding(self._tokens, self.weights.embed, backend=self.backend)  # (B, H)
         residual = None
         for index in range(self.config.num_layers):
-            x, residual = self._layer(index, x, residual, self._positions, self._slots, attend)
+            attend_mla = (mla_decode_attend(self._latent_cache(index), cache.block_table, self._seq_lens, self._slots,
+                                            self.config, self.backend) if self.config.is_mla else None)
+            x, residual = self._layer(index, x, residual, self._positions, self._slots, attend, attend_mla)
         tokens, logits = self._head(x, residual)  # (B,) int64, (B, V)
         # Bookkeeping for the next step (4 small kernels, outside the plan): all on the device.
         self._tokens.copy_(tokens)
@@ -378,17 +463,25 @@ class Transformer:
         self._slots.copy_(snap.slots)
         self._steps_left = snap.steps_left
 
+    def _latent_cache(self, index: int) -> torch.Tensor:
+        """MLA: layer `index`'s latent cache (num_blocks, block_size, kv_lora_rank + qk_rope_head_dim), a view."""
+        k = self.cache.k[index]
+        return k.view(k.shape[0], k.shape[1], k.shape[3])
+
     def reserve_cache(self, batch: int, max_tokens: int) -> None:
         """Have a KV cache for `batch` sequences of up to `max_tokens` tokens: the one there if it fits (and is not
         over twice the size), else a new zero-filled one. `prefill` calls it; call it first to keep the allocation
         out of a timed prefill (a server allocates its KV cache once, at start-up)."""
         if self.cache is None or not self.cache.fits(batch, max_tokens) or self.cache.capacity_tokens > 2 * max_tokens:
             self.cache = None  # free the old pages before taking new ones
+            c = self.config
+            mla = c.is_mla  # one latent row per token, no separate values
             self.cache = PagedKVCache.allocate(
-                num_layers=self.config.num_layers, batch=batch, max_tokens=max_tokens,
-                num_kv_heads=self.config.num_kv_heads, head_dim=self.config.head_dim,
+                num_layers=c.num_layers, batch=batch, max_tokens=max_tokens,
+                num_kv_heads=1 if mla else c.num_kv_heads,
+                head_dim=c.kv_lora_rank + c.qk_rope_head_dim if mla else c.head_dim,
                 dtype=torch.float8_e4m3fn if self.precision.kv_dtype == "fp8" else self.dtype,
-                device=self.device, block_size=self.block_size)
+                device=self.device, block_size=self.block_size, values=not mla)
 
     def free_cache(self) -> None:
         """Give the KV cache and the decode state back (the weights stay)."""

@@ -58,6 +58,8 @@ def _check_positive_int(name: str, value: Any) -> int:
 
 def weight_bytes_per_gpu(config: ModelConfig, dtype: str, tp: int = 1) -> int:
     """Bytes of the parameters one GPU of `tp` holds (see the module docstring); tp 1: config.weight_bytes."""
+    if _moe_family(config, tp):  # every expert resident (all may be routed to), MLA's own projections
+        return config.weight_bytes(dtype)
     check_tp(config, tp)
     precision = parse_precision(dtype)  # a low-precision label stores the layers' linears in its format
     elem = _ELEMENT_BYTES[precision.activation]
@@ -81,12 +83,25 @@ def weight_bytes_per_gpu(config: ModelConfig, dtype: str, tp: int = 1) -> int:
     return (config.num_layers * per_layer + embed + head + h) * elem
 
 
+def _moe_family(config: ModelConfig, tp: int) -> bool:
+    """MoE / MLA / sliding-window models: counted by the config's own byte methods, single GPU only for now."""
+    from tokprof.models.plan import _is_moe_family
+    from tokprof.models.plan_moe import check_supported
+
+    if not _is_moe_family(config):
+        return False
+    check_supported(config, tp)
+    return True
+
+
 def kv_cache_bytes_per_gpu(config: ModelConfig, batch: int, context: int, dtype: str, tp: int = 1,
                            block_size: int = DEFAULT_BLOCK_SIZE) -> int:
     """Paged KV cache of `batch` sequences of `context` tokens on one GPU: whole blocks of `block_size` tokens."""
     for name, value in (("batch", batch), ("context", context), ("block_size", block_size)):
         _check_positive_int(name, value)
     tokens = batch * cdiv(context, block_size) * block_size
+    if _moe_family(config, tp):  # MLA: one latent row per token; gpt-oss sliding layers: at most the window
+        return batch * config.kv_bytes_per_sequence(dtype, cdiv(context, block_size) * block_size)
     precision = parse_precision(dtype)  # an fp8 cache ("+kv-fp8") holds one byte per element
     elem = 1 if precision.kv_dtype == "fp8" else _ELEMENT_BYTES[precision.activation]
     return tokens * 2 * config.num_layers * kv_heads_per_gpu(config, tp) * config.head_dim * elem

@@ -38,10 +38,11 @@ def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int]
 
     tp > 1 adds the linear-weight bytes one GPU of the group reads per step (the bound stays a single GPU's)."""
     precision = parse_precision(dtype)  # a float dtype or a low-precision label: bytes by format
-    weights = config.decode_weight_bytes(precision.label)
+    weights = config.decode_weight_bytes(precision.label, batch=1)  # MoE: the k experts one token takes
     kv = config.kv_bytes_per_token(precision.label)
     card: dict[str, Any] = {
         "model": config.name, "dtype": precision.label, "params": config.num_params(),
+        "active_params": config.active_params(),
         "weight_format": precision.weight_format, "kv_dtype": precision.kv_dtype or precision.activation,
         "weight_bytes": config.weight_bytes(precision.label), "decode_weight_bytes": weights,
         "kv_bytes_per_token": kv, "gpu": spec.key if spec is not None else None,
@@ -59,7 +60,7 @@ def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int]
         return card
     card["spec_source"] = f"{spec.source} ({spec.date})"
     for context in contexts:
-        step_bytes = weights + kv * context
+        step_bytes = weights + config.kv_bytes_per_sequence(precision.label, context)  # sliding layers: the window
         card["batch1"].append({"context": context, "bytes_per_step": step_bytes,
                                "tokens_per_s_max": spec.hbm_tbps * 1e12 / step_bytes})
     return card
