@@ -329,6 +329,9 @@ class KernelReport:
     spill_loads_bytes: int | None = None
     stack_bytes: int | None = None
     shared_bytes: int | None = None
+    sass_instructions: int | None = None  # SASS of Triton's cubin, NOPs left out (None without cuobjdump)
+    loop_instructions: int | None = None  # its main loop, and the loop's shortest head-to-back-branch path
+    loop_path_instructions: int | None = None
     compile_s: float = 0.0
     ok: bool = True
     problems: list[str] = field(default_factory=list)
@@ -373,6 +376,23 @@ def _cubin_registers(cubin: bytes, cuobjdump: Path) -> int | None:
     return int(found.group(1)) if run.returncode == 0 and found else None
 
 
+def _cubin_sass(cubin: bytes, cuobjdump: Path) -> Any:
+    """The SASS budget of the kernel in Triton's cubin (tokprof.kernels._nvcc.analyse_sass), None without
+    cuobjdump or when it fails."""
+    from tokprof.kernels import _nvcc
+
+    if not cuobjdump.is_file():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        try:
+            reports = _nvcc.analyse_cubin(path, "", str(cuobjdump))
+        except RuntimeError:
+            return None
+    return reports[0] if len(reports) == 1 else None
+
+
 def compile_one(spec: CompileSpec, tools: Toolchain, target: Any, backend: Any, profile: GpuProfile,
                 ptxas: list[str], max_spill_bytes: int) -> KernelReport:
     options = backend.parse_options(dict(spec.options))
@@ -407,6 +427,10 @@ def compile_one(spec: CompileSpec, tools: Toolchain, target: Any, backend: Any, 
     report.stack_bytes = res["stack"]
     report.spill_stores_bytes, report.spill_loads_bytes = res["spill_stores"], res["spill_loads"]
     cubin_regs = _cubin_registers(compiled.asm["cubin"], Path(ptxas[0]).with_name("cuobjdump"))
+    sass = _cubin_sass(compiled.asm["cubin"], Path(ptxas[0]).with_name("cuobjdump"))
+    if sass is not None:
+        report.sass_instructions = sass.instructions
+        report.loop_instructions, report.loop_path_instructions = sass.loop_instructions, sass.loop_path_instructions
     if cubin_regs is not None and cubin_regs != report.regs:
         report.notes.append(f"Triton's cubin uses {cubin_regs} registers, the ptxas -v rerun {report.regs}")
         report.regs = cubin_regs
@@ -431,7 +455,8 @@ def compile_one(spec: CompileSpec, tools: Toolchain, target: Any, backend: Any, 
 
 
 def _table(reports: Sequence[KernelReport]) -> str:
-    header = ("op", "kernel", "dtype", "config", "warps/stages", "regs", "spill B", "shared KB", "s", "status")
+    header = ("op", "kernel", "dtype", "config", "warps/stages", "regs", "spill B", "shared KB", "SASS loop/path", "s",
+              "status")
     rows = [header]
     for r in reports:
         status = "ok" if r.ok else "FAIL: " + "; ".join(r.problems)
@@ -439,7 +464,10 @@ def _table(reports: Sequence[KernelReport]) -> str:
             status += " (" + "; ".join(r.notes) + ")"
         rows.append((r.op, r.kernel, ",".join(r.dtypes), r.config, f"{r.num_warps}/{r.num_stages}",
                      "-" if r.regs is None else str(r.regs), "-" if r.spill_bytes is None else str(r.spill_bytes),
-                     "-" if r.shared_bytes is None else f"{r.shared_bytes / 1024:.1f}", f"{r.compile_s:.1f}", status))
+                     "-" if r.shared_bytes is None else f"{r.shared_bytes / 1024:.1f}",
+                     "-" if r.sass_instructions is None else
+                     f"{r.sass_instructions} {r.loop_instructions or '-'}/{r.loop_path_instructions or '-'}",
+                     f"{r.compile_s:.1f}", status))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
              for row in rows]

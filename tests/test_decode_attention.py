@@ -202,6 +202,19 @@ def test_bad_backend_and_backend_limits():
         da._decode_attention_triton(**inputs)
 
 
+@pytest.mark.parametrize("block_size", [5, 8, 64, 128])
+def test_cuda_backend_refuses_pages_it_was_not_compiled_for(block_size):
+    # The page size is a template constant of the CUDA kernel: other sizes are refused before any launch.
+    inputs = paged_inputs(1, 4, 2, 128, block_size, [9], torch.bfloat16, "cpu", seed=9)
+    with pytest.raises(ValueError, match=rf"k_cache: the cuda backend supports block_size .* in \[16, 32\], "
+                                         rf"got block_size={block_size}; use backend='triton' or 'torch'"):
+        da._decode_attention_cuda(**inputs)
+    assert da.CUDA_BLOCK_SIZES == (16, 32)
+    source = (da._cuda.CUDA_DIR / "decode_attention.cu").read_text()
+    for bs in da.CUDA_BLOCK_SIZES:  # the wrapper's list and the compiled instances agree
+        assert f"TOKPROF_DECODE_ATTN(SUFFIX, T, D, GP, {bs})" in source
+
+
 def test_cuda_backend_without_gpu_says_what_works():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -213,22 +226,37 @@ def test_cuda_backend_without_gpu_says_what_works():
 
 GPU_CASES = CASES[:3] + [
     (2, 16, 1, 64, 16, [300, 9]),  # G=16: two head chunks in the CUDA kernel
-    (2, 24, 2, 128, 7, [61, 130]),  # G=12, odd page size
-    (3, 8, 8, 128, 128, [130, 1, 1000]),  # MHA, 128-token pages
+    (2, 24, 2, 128, 7, [61, 130]),  # G=12, odd page size (the cuda backend refuses it)
+    (3, 8, 8, 128, 128, [130, 1, 1000]),  # MHA, 128-token pages (the cuda backend refuses them)
     (4, 32, 8, 128, 16, [4096, 1000, 1, 2049]),  # Llama-3-8B heads, mixed lengths up to 4k
+    # The CUDA kernel's compiled pages (16, 32), group tiles (1, 2, 4, 8, padded 3 -> 4, 12 -> 2 x 8) and lengths
+    # around its steps (16-64 tokens a block step, two steps a loop iteration): exact multiples, one past, one short.
+    (2, 24, 2, 128, 32, [61, 130]),  # G=12 with 32-token pages
+    (3, 8, 8, 128, 32, [130, 1, 1000]),  # MHA with 32-token pages
+    (2, 6, 2, 64, 16, [200, 33]),  # G=3: a 4-head tile with one padding head
+    (3, 4, 2, 128, 16, [64, 96, 129]),  # G=2
+    (2, 64, 8, 128, 32, [2500, 63]),  # Llama-3-70B heads (G=8), 32-token pages
+    (2, 32, 8, 64, 32, [1024, 31]),  # D=64, G=4, 32-token pages
 ]
+CUDA_ONLY_CASES = GPU_CASES[-6:]  # the Triton kernel does not depend on these shapes: spare the gpu call its compiles
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("split", ["auto", "forced_split"])
+@pytest.mark.parametrize("split", ["auto", "one_pass", "forced_split"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("case", [c for c in GPU_CASES if c[3] in da.CUDA_HEAD_DIMS], ids=case_id)
 def test_gpu_backends_match_reference(case, dtype, backend, split, monkeypatch):
+    if backend == "triton" and (case in CUDA_ONLY_CASES or split == "one_pass"):
+        pytest.skip("covered for the cuda kernel only")
     if split != "auto":
-        monkeypatch.setattr(da, "_num_splits", lambda *args: FORCED_SPLITS)
+        monkeypatch.setattr(da, "_num_splits", lambda *args: FORCED_SPLITS if split == "forced_split" else 1)
     inputs = paged_inputs(*case, dtype=dtype, device="cuda", seed=21)
+    if backend == "cuda" and case[4] not in da.CUDA_BLOCK_SIZES:
+        with pytest.raises(ValueError, match="the cuda backend supports block_size"):
+            decode_attention(**inputs, backend=backend)
+        return
     with poisoned_outputs():
         out = decode_attention(**inputs, backend=backend)
     torch.cuda.synchronize()

@@ -82,6 +82,8 @@ def test_every_kernel_compiles_for_sm90():
         assert 0 <= k["shared_bytes"] <= limit_shared, k
         assert k["spill_bytes"] <= result["limits"]["max_spill_bytes"], k
         assert k["ok"] and not k["problems"], k
+        # SASS read from the cubin with Triton's own cuobjdump: a kernel is tens of instructions at least
+        assert k["sass_instructions"] is not None and k["sass_instructions"] > 20, k
 
     # The wrappers' heuristics were exercised on both sides of their branches.
     configs = {(k["kernel"], k["config"]) for k in kernels}

@@ -12,7 +12,7 @@ give one program (thread block) all query heads of its KV group, and split long 
 (flash-decoding) when batch x KV heads is too small to fill the GPU; a second small kernel merges the splits.
 
 Backends: torch (reference), triton (tensor-core tiles, the benchmarked one), cuda (`cuda/decode_attention.cu`,
-16-byte vector loads and warp reductions on CUDA cores).
+16-byte vector loads and warp reductions on CUDA cores; pages of CUDA_BLOCK_SIZES tokens only).
 
 Validation reads seq_lens (and the used block_table entries) on the host, which synchronises the device; the check is
 skipped while a CUDA graph is being captured, and the kernels themselves never synchronise, so a call can be
@@ -66,6 +66,9 @@ TRITON_MAX_HEAD_DIM = 256  # K and V tiles of (BLOCK_N, D_PAD); beyond 256 they 
 TRITON_MAX_GROUP = 64  # query heads per KV head held as one (G_PAD, D) fp32 accumulator tile in registers
 CUDA_HEAD_DIMS = (64, 128)  # template instances compiled in cuda/decode_attention.cu
 CUDA_GROUP_TILES = (1, 2, 4, 8)  # query heads per thread block; larger groups are split over several blocks
+# Page sizes compiled into cuda/decode_attention.cu (a template constant: page and row of a token are a shift and a
+# mask, and a group's tokens of one step share a page id): 16 is tokprof's and vLLM's default, 32 the other common one.
+CUDA_BLOCK_SIZES = (16, 32)
 CUDA_THREADS = 128
 FP8_KV = torch.float8_e4m3fn  # an fp8 KV cache (append_kv_fp8 writes it), read with per-head k_scale / v_scale
 CACHE_DTYPES = (*FLOAT_DTYPES, FP8_KV)
@@ -440,6 +443,9 @@ def _decode_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if head_dim not in CUDA_HEAD_DIMS:
         raise ValueError(f"q: the cuda backend supports head dim D in {list(CUDA_HEAD_DIMS)}, got D={head_dim}; "
                          "use backend='triton' or 'torch'")
+    if block_size not in CUDA_BLOCK_SIZES:
+        raise ValueError(f"k_cache: the cuda backend supports block_size (tokens per page, k_cache.shape[1]) in "
+                         f"{list(CUDA_BLOCK_SIZES)}, got block_size={block_size}; use backend='triton' or 'torch'")
     if batch > 65535:
         raise ValueError(f"q: the cuda backend supports B <= 65535 (grid y), got B={batch}; split the batch")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -454,7 +460,7 @@ def _decode_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_splits, tokens_per_split = _split_plan(batch, num_kv_heads * head_chunks, max_blocks * block_size,
                                                SPLIT_GRANULARITY_CUDA, q.device)
     out, part_o, part_lse = _outputs(q, num_splits)
-    name = _cuda.kernel_name(f"decode_attn_d{head_dim}_g{group_tile}", q.dtype)
+    name = _cuda.kernel_name(f"decode_attn_d{head_dim}_g{group_tile}_b{block_size}", q.dtype)
     _cuda.launch("decode_attention", name, q.device, (num_kv_heads * head_chunks, batch, num_splits),
                  (CUDA_THREADS,),
                  (q, k_cache, v_cache, block_table, seq_lens, out, part_o, part_lse, num_kv_heads, group, block_size,
