@@ -73,8 +73,9 @@ def main() -> int:
         print("not judged: every run was contended or predicted nothing (see above)")
         return 3
     met = all(s["met"] for s in judged)
-    print(f"goal ({judged[0]['goal']}): {'met' if met else 'missed'} in {sum(s['met'] for s in judged)} of "
-          f"{len(judged)} judged run(s); {len(summaries) - len(judged)} run(s) not judged (contended)")
+    hits = sum(s["met"] for s in judged)
+    print(f"goal ({judged[0]['goal']}): met in {hits} of {len(judged)} judged run(s), missed in "
+          f"{len(judged) - hits}; {len(summaries) - len(judged)} run(s) not judged (contended)")
     return 0 if met else 1
 
 
