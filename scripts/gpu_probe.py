@@ -196,15 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda[:N], or cpu for a dry run of the probe's logic")
     parser.add_argument("--out", default=None, help="JSON file to write (props, timing-ab, nvml)")
     parser.add_argument("--out-dir", default="first-contact", help="folder of the reduced run (run)")
-    parser.add_argument("--max-time-s", type=float, default=0.3, help="timing-ab: sampling time per method")
+    parser.add_argument("--timeout-s", type=float, default=0.3,
+                        help="timing-ab: the stop rule's time budget per method, s (tokprof's one budget flag name)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"--device: torch sees no GPU here (device {args.device!r}); use --device cpu for a dry run",
               file=sys.stderr)
         return 2
-    if not args.max_time_s > 0:
-        print(f"--max-time-s: expected a positive number of seconds, got {args.max_time_s}", file=sys.stderr)
+    if not args.timeout_s > 0:
+        print(f"--timeout-s: expected a positive number of seconds, got {args.timeout_s}", file=sys.stderr)
         return 2
     if args.probe != "run" and not args.out:
         print(f"--out: the {args.probe} probe needs a JSON file to write", file=sys.stderr)
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe == "props":
         props(device, out)
     elif args.probe == "timing-ab":
-        timing_ab(device, out, args.max_time_s)
+        timing_ab(device, out, args.timeout_s)
     elif args.probe == "nvml":
         nvml_probe(device, out, out.with_name(out.stem + "-trace.json"))
     else:
