@@ -335,3 +335,23 @@ def test_verdicts_say_when_a_run_was_made_on_a_shared_cpu(h100):
     new.notes.pop()
     (row,) = kernel_rows(compare_runs(base, new), 6, h100)
     assert row.verdict == SLOW and "throttled GPU" in row.note
+
+
+def test_a_cpu_change_below_the_timer_resolution_is_never_slow():
+    # identical code, idle 2-core VM: linear 18.8 us -> 41.3 us between two runs (thread-pool wake-ups). Below
+    # CPU_RESOLUTION_US in absolute terms: AMBIGUOUS with the reason; a 200 us change on a 1 ms call stays SLOW.
+    from tokprof.reports import compare as cmp
+
+    def obs(t, ref):
+        return cmp.Observation("kernel", ("k",), "linear M=1", t, t * 0.98, t * 1.02, 0.01, None, None, None, None,
+                               ref)
+
+    small = cmp._finish({"k": obs(18.8, "a")}, {"k": obs(41.3, "b")}, [], base_ref="a", new_ref="b",
+                        base_device="AMD EPYC", new_device="AMD EPYC", threshold=0.05, cpu=True)
+    assert small.rows[0].verdict == AMBIGUOUS and "resolution" in small.rows[0].note and small.exit_code == 0
+    big = cmp._finish({"k": obs(1000.0, "a")}, {"k": obs(1200.0, "b")}, [], base_ref="a", new_ref="b",
+                      base_device="AMD EPYC", new_device="AMD EPYC", threshold=0.05, cpu=True)
+    assert big.rows[0].verdict == SLOW and big.exit_code == 1
+    gpu = cmp._finish({"k": obs(18.8, "a")}, {"k": obs(41.3, "b")}, [], base_ref="a", new_ref="b",
+                      base_device="H100", new_device="H100", threshold=0.05, cpu=False)
+    assert gpu.rows[0].verdict == SLOW  # a GPU's event times resolve microseconds

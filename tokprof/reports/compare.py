@@ -506,6 +506,17 @@ def shared_cpu(run: RunResult) -> bool:
     return any(SHARED_CPU_NOTE in n for n in run.notes)
 
 
+def cpu_run(run: RunResult) -> bool:
+    return run.provenance.device.kind == "cpu"
+
+
+# A CPU call's time moves by tens of us between runs of identical code with no co-tenant at all: the torch thread
+# pool's workers sleep or spin, the scheduler places them differently. Seen on an idle 2-core VM: linear M=1 N=256
+# K=256 fp32 at 18.8 us in one run and 41.3 us in the next, p10-p90 ranges apart. A change smaller than this in
+# absolute time is below a CPU run's resolution: AMBIGUOUS, never SLOW or FAST.
+CPU_RESOLUTION_US = 30.0
+
+
 def run_conditions(run: RunResult, ref: str) -> list[str]:
     """Why `run`'s figures may be off: made on a shared CPU (RunResult.cpu_load, else its notes) or on a GPU whose
     clock fell during a measurement (throttled timings)."""
@@ -520,7 +531,8 @@ def run_conditions(run: RunResult, ref: str) -> list[str]:
 
 
 def _finish(base_obs: dict, new_obs: dict, notes: list[str], *, base_ref: str, new_ref: str, base_device: str,
-            new_device: str, threshold: float, conditions: Sequence[str] = (), shared: bool = False) -> Comparison:
+            new_device: str, threshold: float, conditions: Sequence[str] = (), shared: bool = False,
+            cpu: bool = False) -> Comparison:
     """`conditions`: what may be off in either run (said in the summary and on changed rows); `shared`: either run
     was measured on a shared CPU, where a time slice lost to another process moves a whole sampling window, so a
     change beyond the tolerance is AMBIGUOUS (a co-tenant's share is not the code's), never FAST or SLOW."""
@@ -529,7 +541,13 @@ def _finish(base_obs: dict, new_obs: dict, notes: list[str], *, base_ref: str, n
     drift = estimate_drift(rows)
     apply_drift(rows, drift)
     for r in rows:
-        if r.gating and r.verdict in (SLOW, FAST) and shared:
+        if r.gating and r.verdict in (SLOW, FAST) and cpu and r.metric == "time us" and (
+                abs(r.new - r.base) < CPU_RESOLUTION_US):
+            r.verdict = AMBIGUOUS
+            r.note = (r.note + "; " if r.note else "") + (
+                f"a change of {abs(r.new - r.base):.1f} us, below a CPU run's resolution of {CPU_RESOLUTION_US:g} us "
+                "(thread-pool wake-ups, placement): re-measure both builds interleaved to tell")
+        elif r.gating and r.verdict in (SLOW, FAST) and shared:
             r.verdict = AMBIGUOUS
             r.note = (r.note + "; " if r.note else "") + "measured on a shared CPU: re-run on an idle one to tell"
         elif r.gating and r.verdict in (SLOW, FAST) and conditions:
@@ -558,7 +576,7 @@ def compare_runs(base: RunResult, new: RunResult, *, threshold: float = DEFAULT_
     return _finish(base_obs, new_obs, notes_b + notes_n, base_ref=base_ref, new_ref=new_ref,
                    base_device=_device(base), new_device=_device(new), threshold=threshold,
                    conditions=run_conditions(base, base_ref) + run_conditions(new, new_ref),
-                   shared=shared_cpu(base) or shared_cpu(new))
+                   shared=shared_cpu(base) or shared_cpu(new), cpu=cpu_run(base) or cpu_run(new))
 
 
 def run_ref(run: RunResult, path: str | Path | None) -> str:
@@ -604,7 +622,8 @@ def compare_against_history(new: RunResult, new_path: str | Path | None, history
     comparison = _finish(best, new_obs, notes + notes_n, base_ref=f"best of {len(recorded)} recorded run(s)",
                          new_ref=new_ref, base_device=device, new_device=device, threshold=threshold,
                          conditions=conditions + run_conditions(new, new_ref),
-                         shared=shared_cpu(new) or any(shared_cpu(run) for _, _, run in recorded))
+                         shared=shared_cpu(new) or any(shared_cpu(run) for _, _, run in recorded),
+                         cpu=cpu_run(new))
     for r in comparison.rows:
         r.note = (r.note + "; " if r.note else "") + f"base: {r.base_ref}"
     return comparison
