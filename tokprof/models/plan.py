@@ -32,7 +32,7 @@ from tokprof.models.config import ModelConfig
 
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV page, the Transformer's default too
 # The collectives of a tensor-parallel plan: KernelCalls with shape {"bytes", "world"}, not kernel-registry ops.
-COLLECTIVE_OPS = ("all_reduce", "all_gather")
+COLLECTIVE_OPS = ("all_reduce", "all_gather", "all_to_all")
 
 
 @dataclass
@@ -167,14 +167,16 @@ def _is_moe_family(config: ModelConfig) -> bool:
 
 def decode_plan(config: ModelConfig, batch: int, context: int, dtype: str | torch.dtype, tp: int = 1,
                 block_size: int = DEFAULT_BLOCK_SIZE, *, weight_format: str | None = None,
-                kv_dtype: str | None = None, routing: Any = None) -> list[KernelCall]:
+                kv_dtype: str | None = None, routing: Any = None, ep: int = 1,
+                dp_attention: bool = False) -> list[KernelCall]:
     """The kernel calls of one decode step: `batch` sequences each attending `context` KV tokens (the new one
     included), in step order, deduplicated.
 
     tp > 1: the calls of ONE GPU of `tp` (tokprof.models.tp.tp_decode_calls), its collectives included; ValueError
     when the model does not shard evenly over `tp` GPUs.
     MoE / MLA / sliding-window models: tokprof.models.plan_moe (single GPU, float dtypes); `routing` a measured
-    plan_moe.RoutingCounts, else uniform routing decides how many experts fused_moe reads.
+    plan_moe.RoutingCounts, else uniform routing decides how many experts fused_moe reads. tp / ep > 1 and
+    dp_attention: the calls of one GPU with its all-reduces and all-to-alls (tokprof.models.plan_moe_parallel).
     Low precision (tokprof.quant.precision): `dtype` may be a precision label ("fp8", "nvfp4", "mxfp4+kv-fp8"), or
     `weight_format` / `kv_dtype` name the format of the linear weights and of the KV cache; the linears become the
     format's ops (linear_fp8, ...; the LM head stays in the activation dtype) and an fp8 cache's append and
@@ -183,11 +185,21 @@ def decode_plan(config: ModelConfig, batch: int, context: int, dtype: str | torc
 
     precision = parse_precision(dtype, weight_format=weight_format, kv_dtype=kv_dtype)
     _check_args(config, batch, context, "context", tp, block_size, tp_supported=True)
+    if (ep != 1 or dp_attention) and not config.is_moe:
+        from tokprof.models.plan_moe_parallel import check_parallel
+
+        check_parallel(config, tp, ep, dp_attention)  # raises: expert parallelism needs experts
     if _is_moe_family(config):
         from tokprof.models import plan_moe
 
         plan_moe.check_supported(config, tp, precision)
         b = PlanBuilder(precision.activation)
+        if tp > 1 or ep > 1 or dp_attention:
+            from tokprof.models.plan_moe_parallel import parallel_decode_calls
+
+            parallel_decode_calls(b, config, batch, context, block_size, routing, tp, ep, dp_attention,
+                                  parse_dtype(precision.activation).itemsize)
+            return b.plan()
         b.add("embedding", "embedding", 1, T=batch, V=config.vocab_size, H=config.hidden_size)
         plan_moe.moe_decode_calls(b, config, batch, context, block_size, routing)
         _head_calls(b, config, batch)

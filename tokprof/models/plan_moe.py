@@ -193,10 +193,8 @@ def moe_layer_calls(b: PlanBuilder, c: ModelConfig, tokens: int, context: int, k
 
 
 def check_supported(c: ModelConfig, tp: int, precision: object = None) -> None:
-    """ValueError unless the plan can be built: one GPU, float weights and KV cache (no low-precision formats yet)."""
-    if tp != 1:
-        raise ValueError(f"tp: tensor- and expert-parallel plans of MoE/MLA models ({c.name}) are not built yet; "
-                         f"expected tp=1, got {tp}")
+    """ValueError unless the plan can be built: float weights and KV cache (no low-precision formats yet); tp is
+    checked by tokprof.models.plan_moe_parallel.check_parallel."""
     if precision is not None and (getattr(precision, "weight_format", None) or getattr(precision, "kv_dtype", None)):
         raise ValueError(f"dtype: low-precision weights and KV caches of MoE/MLA models ({c.name}) are not planned "
                          f"yet; expected fp32, fp16 or bf16, got {getattr(precision, 'label', precision)!r}")

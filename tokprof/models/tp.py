@@ -56,9 +56,10 @@ def check_tp(config: ModelConfig, tp: int) -> None:
     if isinstance(tp, bool) or not isinstance(tp, int) or tp <= 0:
         raise ValueError(f"tp: expected a positive int, got {tp!r}")
     if tp > 1 and (config.is_moe or config.is_mla or config.layer_types or config.attention_sinks):
-        from tokprof.models.plan_moe import check_supported
+        from tokprof.models.plan_moe_parallel import check_parallel
 
-        check_supported(config, tp)  # dense sharding rules would give wrong calls for experts and latent attention
+        check_parallel(config, tp, 1, False)  # the MoE/MLA sharding rules (heads, KV heads, expert intermediate)
+        return
     if config.num_heads % tp:
         raise ValueError(f"tp: expected a divisor of num_heads {config.num_heads} (num_kv_heads "
                          f"{config.num_kv_heads}) for {config.name}, got tp={tp}")
