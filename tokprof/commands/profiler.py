@@ -54,7 +54,7 @@ def bench(
     output: str | None = typer.Option(None, "-o", "--output", help="RunResult file to write (default "
                                       "tokprof-bench-<run id>.json)."),
     world_size: int | None = typer.Option(None, "--world-size", help="Ranks of a collective (--op all_reduce,"
-                                          "all_gather; --shape bytes=N): default every GPU here, 2 on the CPU."),
+                                          "all_gather,all_to_all; --shape bytes=N): default every GPU here, 2 on the CPU."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of the table."),
     as_csv: bool = typer.Option(False, "--csv", help="Print the table as CSV instead (one row per call)."),
 ) -> None:
@@ -408,7 +408,7 @@ def _bench_collectives(ops: list[str], dtype: str | None, shapes: list[str], dev
     run = new_run(command, dev)
     run.kernels.extend(records)
     run.notes.append(f"collectives over {world} ranks ({records[0].backend}); bandwidths with the nccl-tests "
-                     "definitions (busbw = algbw x 2(n-1)/n for all_reduce, x (n-1)/n for all_gather)")
+                     "definitions (busbw = algbw x 2(n-1)/n for all_reduce, x (n-1)/n for all_gather and all_to_all)")
     path = save_run(run, output or f"tokprof-bench-{run.run_id}.json")
     table = Table(title=f"tokprof bench: collectives on {run.provenance.device.name}, {world} ranks "
                         f"({records[0].backend})")

@@ -18,6 +18,7 @@ all-reduce buffer; the all-gather's whole gathered output, each rank contributin
     algbw = bytes / time
     busbw = algbw * 2(n-1)/n   (all_reduce: a ring sends and receives 2(n-1)/n of the buffer per GPU)
     busbw = algbw * (n-1)/n    (all_gather)
+    busbw = algbw * (n-1)/n    (all_to_all: of each rank's send buffer, 1/n stays on the rank)
 
 busbw is comparable with one GPU's link bandwidth in one direction, so the roofline of a collective is
 `t_roof = bytes * factor / link bandwidth per direction`: NVLink per GPU from the spec table (its `nvlink_gbps` is
@@ -52,7 +53,7 @@ from tokprof.profiler.devices import GpuSpec, detect_device, spec_for
 from tokprof.profiler.schema import KernelMeasurement, Roofline, Timing, from_dict, to_dict
 from tokprof.profiler.stats import StopRule, bounded_sample, summarize
 
-COLLECTIVES = ("all_reduce", "all_gather")
+COLLECTIVES = ("all_reduce", "all_gather", "all_to_all")
 BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
 AUTO = "auto"
 
@@ -80,11 +81,11 @@ def _check_world(world: int) -> None:
 
 
 def bus_factor(op: str, world: int) -> float:
-    """nccl-tests busbw / algbw: 2(n-1)/n for all_reduce, (n-1)/n for all_gather."""
+    """nccl-tests busbw / algbw: 2(n-1)/n for all_reduce, (n-1)/n for all_gather and all_to_all."""
     _check_world(world)
     if op == "all_reduce":
         return 2.0 * (world - 1) / world
-    if op == "all_gather":
+    if op in ("all_gather", "all_to_all"):
         return (world - 1) / world
     raise ValueError(f"op: expected one of {list(COLLECTIVES)}, got {op!r}")
 
@@ -224,9 +225,9 @@ def plan_collective_times(calls: Iterable[Any], *, spec: GpuSpec | Link | None,
 
 def message_elems(op: str, nbytes: int, world: int, elem_bytes: int) -> tuple[int, int]:
     """(elements per rank's input, actual message bytes): the size rounded down to a whole number of elements (and,
-    for all_gather, of per-rank shards); ValueError when that leaves nothing."""
+    for all_gather, of per-rank shards; for all_to_all, of per-peer chunks); ValueError when that leaves nothing."""
     bus_factor(op, world)
-    unit = elem_bytes * (world if op == "all_gather" else 1)
+    unit = elem_bytes * (world if op in ("all_gather", "all_to_all") else 1)
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < unit:
         raise ValueError(f"bytes: expected an int >= {unit} for {op} over {world} ranks of {elem_bytes}-byte "
                          f"elements, got {nbytes!r}")
@@ -277,6 +278,19 @@ def _collective_fn(op: str, nbytes: int, world: int, dtype: torch.dtype, device:
             limit = tol * world * max(1.0, expected.abs().max().item())
             return None if err <= limit else f"max |error| {err:.3g} > {limit:.3g}"
         return run, reset, verify, total
+    if op == "all_to_all":  # rank r's chunk j goes to rank j: out on rank r = chunk r of every rank, in rank order
+        a2a_out = torch.full((elems,), float("nan"), dtype=dtype, device=device)  # (elems,), poisoned
+
+        def run_a2a() -> None:
+            dist.all_to_all_single(a2a_out, buf)
+
+        def verify_a2a() -> str | None:
+            chunk = elems // world
+            expected = torch.cat([x[rank * chunk:(rank + 1) * chunk] for x in reference()])
+            got = a2a_out.float().cpu()
+            bad = int((got != expected).sum())
+            return None if bad == 0 else f"{bad} of {got.numel()} exchanged elements differ from the ranks' chunks"
+        return run_a2a, (lambda: None), verify_a2a, total
     out = torch.full((elems * world,), float("nan"), dtype=dtype, device=device)  # (world * elems,), poisoned
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
 
@@ -541,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from tokprof.profiler.schema import save_run
 
     p = argparse.ArgumentParser(prog="python -m tokprof.profiler.collectives", description=main.__doc__)
-    p.add_argument("--op", default="all_reduce,all_gather", help="all_reduce and/or all_gather, comma-separated")
+    p.add_argument("--op", default="all_reduce,all_gather", help="all_reduce, all_gather and/or all_to_all, comma-separated")
     p.add_argument("--bytes", default=None, help="message sizes, e.g. 8k,1M,256M (default: a sweep)")
     p.add_argument("--dtype", default=None, help="bf16 (GPU default), fp16 or fp32 (CPU default)")
     p.add_argument("--timeout-s", type=float, default=5.0, help="longest sampling time per size, s")

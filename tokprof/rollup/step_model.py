@@ -212,6 +212,10 @@ class StepModel:
                 times["one_shot"] = base["one_shot"] + nbytes * (n - 1) / bw
                 times["two_shot"] = 2 * base["one_shot"] + nbytes * 2 * (n - 1) / n / bw
                 times["nvls"] = base["nvls"] + nbytes * 2 * (n - 1) / n / bw
+        elif op == "all_to_all":  # each GPU sends (n-1)/n of its `nbytes` send buffer, n-1 pairwise steps ("ring")
+            times = {"ring": base["ring"] + (n - 1) * hop + nbytes * (n - 1) / n / bw}
+            if link.kind == "nvlink":  # every peer written at once (tokprof.rollup.systems.all_to_all_us's model)
+                times["one_shot"] = base["one_shot"] + nbytes * (n - 1) / n / bw
         else:  # all_gather of a gathered output of `nbytes`
             times = {"ring": base["ring"] + (n - 1) * hop + nbytes * (n - 1) / n / bw}
             if link.kind == "nvlink":
