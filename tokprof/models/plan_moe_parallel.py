@@ -198,3 +198,43 @@ def parallel_decode_calls(b: PlanBuilder, c: ModelConfig, batch: int, context: i
     if tp > 1:
         b.add("all_gather", "logits_all_gather", 1, bytes=batch * vocab_shard * tp * elem_bytes, world=tp)
     b.add("greedy_sample", "sample", 1, B=batch, V=c.vocab_size)
+
+
+def weight_bytes_per_gpu(c: ModelConfig, dtype: str, tp: int = 1, ep: int = 1, dp_attention: bool = False) -> int:
+    """Parameter bytes ONE GPU holds, sharded as the plans above run: ModelConfig.weight_bytes(dtype) (every expert
+    resident) less, per layer, the attention heads' share (MLA: q_b, kv_b and o_proj over tp; the low-rank q_a and
+    kv_a projections replicated; standard: QKV and O as tokprof.models.tp), the dense MLPs' and shared experts'
+    (tp-1)/tp, the routed experts' (ep-1)/ep (ep > 1) or (tp-1)/tp (TP-sharded experts), and the LM head's
+    vocab-parallel share; router, norms and embedding replicated. dp_attention: tp is 1, attention whole."""
+    from tokprof.kernels._common import parse_dtype
+    from tokprof.models.config_moe import expert_params
+
+    check_parallel(c, tp, ep, dp_attention)
+    elem = parse_dtype(dtype).itemsize
+    h, layers, moe_layers = c.hidden_size, c.num_layers, c.num_moe_layers
+    full = c.weight_bytes(dtype)
+    saved = 0  # parameters NOT on this GPU
+    if tp > 1:
+        if c.is_mla:
+            qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+            q = (c.q_lora_rank or h) * c.num_heads * qk
+            sharded = q + c.kv_lora_rank * c.num_heads * (c.qk_nope_head_dim + c.v_head_dim) \
+                + c.num_heads * c.v_head_dim * h
+            saved += layers * (sharded - sharded // tp)
+        else:
+            from tokprof.models.tp import kv_heads_per_gpu
+
+            d = c.head_dim
+            whole = 2 * h * c.q_size + 2 * h * c.kv_size
+            mine = 2 * h * (c.num_heads // tp) * d + 2 * h * kv_heads_per_gpu(c, tp) * d
+            saved += layers * (whole - mine)
+        dense_mlp = (layers - moe_layers) * 3 * h * c.intermediate_size
+        shared = moe_layers * 3 * h * c.moe_intermediate_size * c.n_shared_experts
+        saved += (dense_mlp + shared) - (dense_mlp + shared) // tp
+        if not c.tie_word_embeddings:
+            saved += (c.vocab_size - cdiv(c.vocab_size, tp)) * h
+    if c.is_moe:
+        experts = moe_layers * c.num_experts * expert_params(c)
+        split = ep if ep > 1 else tp
+        saved += experts - experts // split
+    return full - saved * elem

@@ -56,8 +56,15 @@ def _check_positive_int(name: str, value: Any) -> int:
     return value
 
 
-def weight_bytes_per_gpu(config: ModelConfig, dtype: str, tp: int = 1) -> int:
-    """Bytes of the parameters one GPU of `tp` holds (see the module docstring); tp 1: config.weight_bytes."""
+def weight_bytes_per_gpu(config: ModelConfig, dtype: str, tp: int = 1, *, ep: int = 1,
+                         dp_attention: bool = False) -> int:
+    """Bytes of the parameters one GPU of `tp` holds (see the module docstring); tp 1: config.weight_bytes.
+    MoE/MLA models at tp / ep > 1: tokprof.models.plan_moe_parallel.weight_bytes_per_gpu (experts / ep)."""
+    if (tp > 1 or ep > 1 or dp_attention) and _moe_family(config, tp):
+        from tokprof.models import plan_moe_parallel
+
+        return plan_moe_parallel.weight_bytes_per_gpu(config, parse_precision(dtype).activation, tp, ep,
+                                                      dp_attention)
     if _moe_family(config, tp):  # every expert resident (all may be routed to), MLA's own projections
         return config.weight_bytes(dtype)
     check_tp(config, tp)
@@ -90,7 +97,7 @@ def _moe_family(config: ModelConfig, tp: int) -> bool:
 
     if not _is_moe_family(config):
         return False
-    check_supported(config, tp)
+    check_supported(config, tp)  # float dtypes; the tp/ep shapes are checked by plan_moe_parallel.check_parallel
     return True
 
 
@@ -101,6 +108,10 @@ def kv_cache_bytes_per_gpu(config: ModelConfig, batch: int, context: int, dtype:
         _check_positive_int(name, value)
     tokens = batch * cdiv(context, block_size) * block_size
     if _moe_family(config, tp):  # MLA: one latent row per token; gpt-oss sliding layers: at most the window
+        if not config.is_mla and tp > 1:  # KV heads sharded as tokprof.models.tp shards them
+            return batch * config.kv_bytes_per_sequence(dtype, cdiv(context, block_size) * block_size) \
+                * kv_heads_per_gpu(config, tp) // config.num_kv_heads
+        # MLA's latent row is one "head": replicated on every TP rank, whole on each (tp does not divide it)
         return batch * config.kv_bytes_per_sequence(dtype, cdiv(context, block_size) * block_size)
     precision = parse_precision(dtype)  # an fp8 cache ("+kv-fp8") holds one byte per element
     elem = 1 if precision.kv_dtype == "fp8" else _ELEMENT_BYTES[precision.activation]
@@ -149,6 +160,8 @@ class MemoryBudget:
     capacity_bytes: int | None
     capacity_source: str
     memory_utilization: float = DEFAULT_MEMORY_UTILIZATION
+    ep: int = 1  # expert-parallel ranks (MoE): routed experts / ep on each GPU
+    dp_attention: bool = False  # data-parallel attention over the EP group: `batch` is this GPU's
 
     @property
     def total_bytes(self) -> int:
@@ -164,7 +177,7 @@ class MemoryBudget:
         if self.fits is not False:
             return None
         assert self.capacity_bytes is not None
-        per = " per GPU" if self.tp > 1 else ""
+        per = " per GPU" if self.tp > 1 or self.ep > 1 else ""
         return (f"needs {_gb(self.total_bytes)}{per} (weights {_gb(self.weights_bytes)}, KV cache "
                 f"{_gb(self.kv_cache_bytes)} for batch {self.batch} x context {self.context}, activations "
                 f"{_gb(self.activation_bytes)}, reserve {_gb(self.reserve_bytes)}), has {_gb(self.capacity_bytes)}"
@@ -182,7 +195,8 @@ def _check_utilization(value: float) -> float:
 
 def memory_budget(config: ModelConfig, gpu: GpuSpec | str | None, batch: int, context: int, dtype: str = "bf16",
                   tp: int = 1, *, block_size: int = DEFAULT_BLOCK_SIZE, capacity_bytes: int | None = None,
-                  memory_utilization: float = DEFAULT_MEMORY_UTILIZATION) -> MemoryBudget:
+                  memory_utilization: float = DEFAULT_MEMORY_UTILIZATION, ep: int = 1,
+                  dp_attention: bool = False) -> MemoryBudget:
     """The memory of one GPU at this point (terms in the module docstring) against its capacity.
 
     `gpu` a spec row or key (its memory_gb), or None with `capacity_bytes` (a device's own figure); tp must shard
@@ -192,16 +206,22 @@ def memory_budget(config: ModelConfig, gpu: GpuSpec | str | None, batch: int, co
 
         gpu = resolve_gpu(gpu)
     check_tp(config, tp)
+    if ep != 1 or dp_attention:
+        from tokprof.models.plan_moe_parallel import check_parallel
+
+        check_parallel(config, tp, ep, dp_attention)
     utilization = _check_utilization(memory_utilization)
     dname = parse_precision(dtype).label  # a float dtype or a low-precision label (tokprof.quant.precision)
     capacity, source = capacity_of(gpu, capacity_bytes)
     reserve = round((1.0 - utilization) * capacity) if capacity is not None else 0
     return MemoryBudget(
         model=config.name, gpu=gpu.key if gpu is not None else None, batch=batch, context=context, dtype=dname,
-        tp=tp, block_size=block_size, weights_bytes=weight_bytes_per_gpu(config, dname, tp),
+        tp=tp, block_size=block_size, weights_bytes=weight_bytes_per_gpu(config, dname, tp, ep=ep,
+                                                                                dp_attention=dp_attention),
         kv_cache_bytes=kv_cache_bytes_per_gpu(config, batch, context, dname, tp, block_size),
         activation_bytes=activation_bytes_per_gpu(config, batch, dname, tp), reserve_bytes=reserve,
-        capacity_bytes=capacity, capacity_source=source, memory_utilization=utilization)
+        capacity_bytes=capacity, capacity_source=source, memory_utilization=utilization, ep=ep,
+        dp_attention=dp_attention)
 
 
 @dataclass
@@ -218,9 +238,11 @@ class MaxBatch:
 
 def max_batch(config: ModelConfig, gpu: GpuSpec | str | None, context: int, dtype: str = "bf16", tp: int = 1, *,
               block_size: int = DEFAULT_BLOCK_SIZE, capacity_bytes: int | None = None,
-              memory_utilization: float = DEFAULT_MEMORY_UTILIZATION, limit: int = 1 << 20) -> MaxBatch:
+              memory_utilization: float = DEFAULT_MEMORY_UTILIZATION, limit: int = 1 << 20, ep: int = 1,
+              dp_attention: bool = False) -> MaxBatch:
     """Largest batch (<= `limit`) whose memory_budget fits; every term grows with the batch, so bisect."""
-    kw = {"block_size": block_size, "capacity_bytes": capacity_bytes, "memory_utilization": memory_utilization}
+    kw = {"block_size": block_size, "capacity_bytes": capacity_bytes, "memory_utilization": memory_utilization,
+          "ep": ep, "dp_attention": dp_attention}
     one = memory_budget(config, gpu, 1, context, dtype, tp, **kw)
     if one.fits is None:
         return MaxBatch(None, context, tp, f"capacity unknown: {one.capacity_source}", one)
