@@ -77,6 +77,10 @@ def rollup(
     tp: int | None = typer.Option(None, "--tp", help="Tensor-parallel GPUs: one GPU's share of the model plus its "
                                   "all-reduces, measured in the run or modelled from the interconnect spec "
                                   "(default 1; with --from: the run's)."),
+    ep: int = typer.Option(1, "--ep", help="Expert-parallel GPUs of an MoE model (--modelled): routed experts / ep "
+                           "per GPU; equal to --tp, or with --dp-attention and --tp 1."),
+    dp_attention: bool = typer.Option(False, "--dp-attention", help="Data-parallel attention over the EP group: "
+                                      "each GPU runs its own batch, tokens reach the experts by all-to-all."),
     assumptions: str | None = typer.Option(None, "--assumptions", help="JSON file of step-model assumptions to "
                                            "override (names as printed under 'step-model assumptions')."),
     execution: str | None = typer.Option(None, "--execution", help="Modelled execution: graph (CUDA graphs, "
@@ -139,7 +143,7 @@ def rollup(
                           max_time_s=max_time_s if max_time_s is not None else timeout_s,
                           interactivity=targets, output=output, command=list(sys.argv), tp=tp,
                           collectives=collectives, step_model=step_model, batch_max=batch_max,
-                          memory_utilization=memory_utilization)
+                          memory_utilization=memory_utilization, ep=ep, dp_attention=dp_attention)
         doc = run_rollup(args, quiet_console() if as_json or as_csv else console)
     except typer.Exit:
         raise

@@ -31,7 +31,8 @@ from tokprof.rollup.records import RollupPoint
 
 def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int], dtype: str,
                   tp: int = 1, *, capacity_bytes: int | None = None,
-                  memory_utilization: float = DEFAULT_MEMORY_UTILIZATION) -> dict[str, Any]:
+                  memory_utilization: float = DEFAULT_MEMORY_UTILIZATION, ep: int = 1,
+                  dp_attention: bool = False) -> dict[str, Any]:
     """Weight bytes, KV bytes per token, the batch-1 bandwidth bound per context and the largest batch that fits
     in memory at each context for each tensor-parallel degree that shards the model (1, 2, 4, 8 and `tp`)
     (modelled, from specs; `capacity_bytes` a device's own memory instead of the spec table's).
@@ -45,16 +46,23 @@ def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int]
         "active_params": config.active_params(),
         "weight_format": precision.weight_format, "kv_dtype": precision.kv_dtype or precision.activation,
         "weight_bytes": config.weight_bytes(precision.label), "decode_weight_bytes": weights,
-        "kv_bytes_per_token": kv, "gpu": spec.key if spec is not None else None,
+        "kv_bytes_per_token": kv, "kv_lora_rank": config.kv_lora_rank, "gpu": spec.key if spec is not None else None,
         "hbm_tbps": spec.hbm_tbps if spec is not None else None, "provenance": "modelled", "batch1": [],
     }
-    if tp > 1:
+    from tokprof.models.plan import _is_moe_family
+
+    if _is_moe_family(config) and (tp > 1 or ep > 1 or dp_attention):
+        from tokprof.rollup.capacity import weight_bytes_per_gpu as held_per_gpu
+
+        card["tp"], card["ep"], card["dp_attention"] = tp, ep, dp_attention
+        card["weight_bytes_per_gpu"] = held_per_gpu(config, precision.label, tp, ep=ep, dp_attention=dp_attention)
+    elif tp > 1:
         from tokprof.models.tp import tp_decode_calls, weight_bytes_per_gpu
 
         card["tp"] = tp
         card["linear_weight_bytes_per_gpu"] = weight_bytes_per_gpu(tp_decode_calls(config, 1, 1, dtype, tp))
     card["max_batch"], card["max_batch_reason"] = _max_batches(config, spec, contexts, dtype, tp, capacity_bytes,
-                                                              memory_utilization)
+                                                              memory_utilization, ep, dp_attention)
     if spec is None or spec.hbm_tbps is None:
         card["batch1_reason"] = "no datasheet HBM bandwidth for this device (a CPU or an unknown GPU)"
         return card
@@ -67,8 +75,10 @@ def analytic_card(config: ModelConfig, spec: GpuSpec | None, contexts: list[int]
 
 
 def _max_batches(config: ModelConfig, spec: GpuSpec | None, contexts: list[int], dtype: str, tp: int,
-                 capacity_bytes: int | None, memory_utilization: float) -> tuple[list[dict[str, Any]], str | None]:
-    """The largest batch that fits per (tp, context); ([], reason) when the memory is unknown (a CPU)."""
+                 capacity_bytes: int | None, memory_utilization: float, ep: int = 1,
+                 dp_attention: bool = False) -> tuple[list[dict[str, Any]], str | None]:
+    """The largest batch that fits per (tp, context), and at the asked (tp, ep, dp_attention) of an MoE model;
+    ([], reason) when the memory is unknown (a CPU)."""
     if capacity_bytes is None and (spec is None or spec.memory_gb is None):
         return [], "no memory figure for this device (a CPU, or a GPU without memory_gb in the spec table)"
     rows = []
@@ -84,7 +94,21 @@ def _max_batches(config: ModelConfig, spec: GpuSpec | None, contexts: list[int],
                          "weights_bytes_per_gpu": limit.budget.weights_bytes,
                          "capacity_bytes": limit.budget.capacity_bytes,
                          "memory_utilization": memory_utilization})
+    if ep > 1:  # the asked expert-parallel layout (batch per GPU with dp_attention)
+        for context in contexts:
+            limit = max_batch(config, spec, context, dtype, tp, capacity_bytes=capacity_bytes,
+                              memory_utilization=memory_utilization, ep=ep, dp_attention=dp_attention)
+            rows.append({"tp": tp, "ep": ep, "dp_attention": dp_attention, "context": context, "batch": limit.batch,
+                         "reason": limit.reason, "weights_bytes_per_gpu": limit.budget.weights_bytes,
+                         "capacity_bytes": limit.budget.capacity_bytes, "memory_utilization": memory_utilization})
     return rows, None
+
+
+def _layout(r: dict[str, Any]) -> str:
+    """"tp 8", "tp 8 ep 8", "ep 8 dp-attention": a max_batch row's parallel layout."""
+    if r.get("ep", 1) > 1:
+        return f"ep {r['ep']} dp-attention" if r.get("dp_attention") else f"tp {r['tp']} ep {r['ep']}"
+    return f"tp {r['tp']}"
 
 
 def _gb(n: float) -> str:
@@ -109,7 +133,13 @@ def print_card(console: Console, card: dict[str, Any]) -> None:
                       f"{card['kv_dtype']}")
     elif card.get("kv_dtype") == "fp8":
         console.print("KV cache fp8 (e4m3, per-head scales)")
-    if card.get("tp"):
+    if card.get("weight_bytes_per_gpu") is not None:
+        layout = _layout({"tp": card["tp"], "ep": card["ep"], "dp_attention": card["dp_attention"]})
+        mla = (" (MLA's latent KV cache is one head: replicated whole on every tensor-parallel GPU)"
+               if card["tp"] > 1 and card.get("kv_lora_rank") else "")
+        console.print(f"{layout}: each GPU holds {_gb(card['weight_bytes_per_gpu'])} of weights (routed experts / "
+                      f"{card['ep'] if card['ep'] > 1 else card['tp']}){mla}; the bound below is one GPU's")
+    elif card.get("tp"):
         console.print(f"tensor parallel over {card['tp']} GPUs: each reads {_gb(card['linear_weight_bytes_per_gpu'])} "
                       "of linear weights per step and pays 2 all-reduces per layer; the bound below is one GPU's")
     _print_max_batch(console, card)
@@ -131,15 +161,17 @@ def _print_max_batch(console: Console, card: dict[str, Any]) -> None:
     head = (f"largest batch that fits in {_gb(first['capacity_bytes'])} per GPU "
             f"({first['memory_utilization']:.0%} usable, paged KV cache; modelled):")
     parts = []
-    for t in dict.fromkeys(r["tp"] for r in rows):
+    for t in dict.fromkeys(_layout(r) for r in rows):
         cells = ", ".join(f"{r['batch']} at context {r['context']}" if r["batch"] is not None
-                          else f"none at context {r['context']}" for r in rows if r["tp"] == t)
-        parts.append(f"tp {t}: {cells}")
+                          else f"none at context {r['context']}" for r in rows if _layout(r) == t)
+        parts.append(f"{t}: {cells}")
     console.print(head + " " + "; ".join(parts))
-    for r in rows:
-        if r["batch"] is None and r["tp"] == first["tp"]:
-            console.print(f"[dim]tp {r['tp']}, context {r['context']}: {escape(str(r['reason']))}[/]")
-            break
+    asked = _layout({"tp": card.get("tp") or 1, "ep": card.get("ep", 1), "dp_attention": card.get("dp_attention")})
+    for want in dict.fromkeys((_layout(first), asked)):
+        for r in rows:
+            if r["batch"] is None and _layout(r) == want:
+                console.print(f"[dim]{want}, context {r['context']}: {escape(str(r['reason']))}[/]")
+                break
 
 
 def _fmt(x: float | None, spec: str = "") -> str:

@@ -54,6 +54,8 @@ class RollupArgs:
     output: str | None = None
     command: list[str] = field(default_factory=lambda: list(sys.argv))
     tp: int | None = None  # tensor-parallel degree; None: 1 (with --from: the run's measured points' own)
+    ep: int = 1  # expert-parallel degree of an MoE model (--modelled)
+    dp_attention: bool = False  # data-parallel attention over the EP group (--modelled)
     collectives: CollectiveOptions = field(default_factory=CollectiveOptions)  # how collectives are modelled
     step_model: StepModel | None = None  # the step model's assumptions (None: its defaults)
     batch_max: bool = False  # --batch max: the largest batch that fits at each context
@@ -117,8 +119,10 @@ def _from_run(a: RollupArgs, console: Console) -> tuple[ModelConfig, dict[str, A
 
 
 def _card(console: Console, cfg: ModelConfig, spec: GpuSpec | None, contexts: list[int], dtype: str,
-          tp: int = 1, memory_utilization: float = DEFAULT_MEMORY_UTILIZATION) -> dict[str, Any]:
-    card = rcard.analytic_card(cfg, spec, contexts, dtype, tp=tp, memory_utilization=memory_utilization)
+          tp: int = 1, memory_utilization: float = DEFAULT_MEMORY_UTILIZATION, ep: int = 1,
+          dp_attention: bool = False) -> dict[str, Any]:
+    card = rcard.analytic_card(cfg, spec, contexts, dtype, tp=tp, memory_utilization=memory_utilization, ep=ep,
+                               dp_attention=dp_attention)
     rcard.print_card(console, card)
     return card
 
@@ -131,7 +135,8 @@ def _sweep(a: RollupArgs, cfg: ModelConfig, spec: GpuSpec, batches: list[int], c
         return [(batches, contexts)]
     out = []
     for context in contexts:
-        limit = max_batch(cfg, spec, context, dtype, tp, memory_utilization=a.memory_utilization)
+        limit = max_batch(cfg, spec, context, dtype, tp, memory_utilization=a.memory_utilization, ep=a.ep,
+                          dp_attention=a.dp_attention)
         out.append(([limit.batch or 1], [context]))
     return out
 
@@ -169,6 +174,8 @@ def run_rollup(a: RollupArgs, console: Console) -> dict[str, Any]:
     if a.tp is not None and (isinstance(a.tp, bool) or not isinstance(a.tp, int) or a.tp < 1):
         raise ValueError(f"--tp: expected a positive number of GPUs, got {a.tp!r}")
     tp = a.tp or 1
+    if (a.ep != 1 or a.dp_attention) and not a.modelled:
+        raise ValueError("--ep / --dp-attention: expert-parallel roll-ups are modelled (--modelled --gpu NAME)")
     notes: list[str] = []
     run: RunResult | None = None
     if a.from_run:
@@ -178,12 +185,12 @@ def run_rollup(a: RollupArgs, console: Console) -> dict[str, Any]:
             raise ValueError("--modelled: give --model and --gpu (e.g. --model llama-3.1-8b --gpu h200 --modelled)")
         cfg, spec = load_model(a.model), resolve_gpu(a.gpu)
         contexts, dtype = a.contexts or default_contexts(cfg, notes), a.dtype or "bf16"
-        card = _card(console, cfg, spec, contexts, dtype, tp, a.memory_utilization)
+        card = _card(console, cfg, spec, contexts, dtype, tp, a.memory_utilization, a.ep, a.dp_attention)
         points = []
         for bs, ctxs in _sweep(a, cfg, spec, a.batches or DEFAULT_BATCHES, contexts, dtype, tp):
             points += modelled(cfg, spec, bs, ctxs, dtype, a.efficiency, prices=a.prices, tp=tp,
                                collectives=a.collectives, step_model=a.step_model,
-                               memory_utilization=a.memory_utilization)
+                               memory_utilization=a.memory_utilization, ep=a.ep, dp_attention=a.dp_attention)
         _print_assumptions(console, a)
         mode = "modelled"
     else:

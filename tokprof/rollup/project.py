@@ -97,17 +97,31 @@ def modelled(config: ModelConfig, gpu: str | GpuSpec, batches: list[int], contex
              dtype: str = "bf16", efficiency: float | Mapping[str, float] | None = None, *,
              prices: PriceOptions | None = None, block_size: int = DEFAULT_BLOCK_SIZE, tp: int = 1,
              collectives: CollectiveOptions | None = None, step_model: StepModel | None = None,
-             memory_utilization: float = DEFAULT_MEMORY_UTILIZATION) -> list[RollupPoint]:
+             memory_utilization: float = DEFAULT_MEMORY_UTILIZATION, ep: int = 1,
+             dp_attention: bool = False) -> list[RollupPoint]:
     """Points from the datasheet alone, timed by the step model (tokprof.rollup.step_model: efficiency curves, the
     per-step overhead, collectives by algorithm); `efficiency` (one number or per op) replaces the op curves with a
     flat fraction of the roof. A point that does not fit in the GPU's memory (tokprof.rollup.capacity) is infeasible:
     no tokens/s, the reason says what it needs.
 
     tp > 1: one GPU's plan of a tensor-parallel group, its collectives over the GPU's link (or `collectives`'s
-    named GPU / link, a stated fixed latency and link efficiency)."""
+    named GPU / link, a stated fixed latency and link efficiency).
+    MoE models: ep > 1 splits the routed experts over ep GPUs (tokprof.models.plan_moe_parallel): with ep == tp the
+    EP group is the TP group (one batch over tp GPUs); with dp_attention (tp 1) each of the ep GPUs runs its own
+    `batch` through attention and exchanges tokens with the dispatch/combine all-to-alls, so tokens/s per GPU is
+    that GPU's batch / step time."""
     spec = resolve_gpu(gpu)
     tp = _check_tp(tp)
     check_tp(config, tp)
+    if ep != 1 or dp_attention:
+        from tokprof.models.plan_moe_parallel import check_parallel
+
+        check_parallel(config, tp, ep, dp_attention)
+    ep_note = ([f"expert parallel over {ep} GPUs (routed experts / {ep} per GPU)"
+                + (f", data-parallel attention: batch {{batch}} is each GPU's own, tokens/s per GPU = batch / step "
+                   f"time; dispatch + combine all-to-all of batch x top_k x hidden x dtype bytes per MoE layer, "
+                   f"(ep-1)/ep of it to other GPUs" if dp_attention else "; the EP group is the TP group")]
+               if ep > 1 else [])
     # the step model: the caller's, else one fitted to a shipped reference run of this GPU, else the defaults
     model = _with_collective_options(step_model or reference_step_model(spec.key) or StepModel(), collectives)
     link_spec = _interconnect(collectives, spec)
@@ -122,20 +136,22 @@ def modelled(config: ModelConfig, gpu: str | GpuSpec, batches: list[int], contex
     for batch in batches:
         for context in contexts:
             memory = memory_budget(config, spec, batch, context, dname, tp, block_size=block_size,
-                                   memory_utilization=memory_utilization)
+                                   memory_utilization=memory_utilization, ep=ep, dp_attention=dp_attention)
             if memory.fits is False:
                 points.append(infeasible_point(model=config.name, gpu=spec.key, batch=batch, context=context,
                                                dtype=dname, backend="modelled", provenance="modelled",
                                                memory=memory, tp=tp))
                 continue
-            calls = decode_plan(config, batch, context, dname, tp=tp, block_size=block_size)
+            calls = decode_plan(config, batch, context, dname, tp=tp, block_size=block_size, ep=ep,
+                                dp_attention=dp_attention)
             est = model.step(calls, spec, dname, efficiency, interconnect=link_spec)
             points.append(build_point(
                 model=config.name, gpu=spec.key, batch=batch, context=context, dtype=dname, backend="modelled",
                 provenance="modelled", ops=est.shares, pricing=pricing,
                 energy_reason=f"modelled: no energy measured; {_tdp_bound(spec, est.step_time_us, batch, tp)}",
                 notes=[f"modelled from the {spec.name} datasheet ({spec.source}, {spec.date}); "
-                       f"{model.describe(efficiency)}", *_collective_notes(est, spec, link_spec)],
+                       f"{model.describe(efficiency)}", *_collective_notes(est, spec, link_spec),
+                       *(n.replace("{batch}", str(batch)) for n in ep_note)],
                 tp=tp, collective_provenance="modelled" if tp > 1 else None, memory=memory))
     return points
 
