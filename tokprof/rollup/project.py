@@ -118,7 +118,7 @@ def modelled(config: ModelConfig, gpu: str | GpuSpec, batches: list[int], contex
 
         check_parallel(config, tp, ep, dp_attention)
     ep_note = ([f"expert parallel over {ep} GPUs (routed experts / {ep} per GPU)"
-                + (f", data-parallel attention: batch {{batch}} is each GPU's own, tokens/s per GPU = batch / step "
+                + (f", data-parallel attention: the batch is each GPU's own, tokens/s per GPU = batch / step "
                    f"time; dispatch + combine all-to-all of batch x top_k x hidden x dtype bytes per MoE layer, "
                    f"(ep-1)/ep of it to other GPUs" if dp_attention else "; the EP group is the TP group")]
                if ep > 1 else [])
@@ -151,7 +151,7 @@ def modelled(config: ModelConfig, gpu: str | GpuSpec, batches: list[int], contex
                 energy_reason=f"modelled: no energy measured; {_tdp_bound(spec, est.step_time_us, batch, tp)}",
                 notes=[f"modelled from the {spec.name} datasheet ({spec.source}, {spec.date}); "
                        f"{model.describe(efficiency)}", *_collective_notes(est, spec, link_spec),
-                       *(n.replace("{batch}", str(batch)) for n in ep_note)],
+                       *ep_note],
                 tp=tp, collective_provenance="modelled" if tp > 1 else None, memory=memory))
     return points
 
