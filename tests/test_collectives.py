@@ -78,6 +78,7 @@ def test_bus_factors_and_bandwidths() -> None:
     for n in (2, 4, 8):
         assert bus_factor("all_reduce", n) == pytest.approx(2 * (n - 1) / n)
         assert bus_factor("all_gather", n) == pytest.approx((n - 1) / n)
+        assert bus_factor("all_to_all", n) == pytest.approx((n - 1) / n)
     # 1 GB all-reduce over 8 ranks in 4 ms: algbw 250 GB/s, busbw 437.5 GB/s
     assert algbw_gbps(10**9, 4000.0) == pytest.approx(250.0)
     assert busbw_gbps("all_reduce", 10**9, 8, 4000.0) == pytest.approx(437.5)
@@ -155,7 +156,7 @@ def test_tp2_plan_communication_is_modelled_then_measured(gloo_records: list[Ker
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--op", "swiglu,all_reduce"], "collectives (all_reduce, all_gather) are measured on their own"),
+    (["--op", "swiglu,all_reduce"], "collectives (all_reduce, all_gather, all_to_all) are measured on their own"),
     (["--op", "all_reduce", "--shape", "T=4"], "a collective takes bytes=N"),
     (["--op", "all_reduce", "--shape", "bytes=4q"], "bytes: expected comma-separated sizes"),
     (["--op", "all_gather", "--world-size", "1"], "a collective needs at least 2 ranks, got 1"),
