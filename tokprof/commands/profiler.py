@@ -54,7 +54,8 @@ def bench(
     output: str | None = typer.Option(None, "-o", "--output", help="RunResult file to write (default "
                                       "tokprof-bench-<run id>.json)."),
     world_size: int | None = typer.Option(None, "--world-size", help="Ranks of a collective (--op all_reduce,"
-                                          "all_gather,all_to_all; --shape bytes=N): default every GPU here, 2 on the CPU."),
+                                          "all_gather,all_to_all; --shape bytes=N): default every GPU here, 2 on the "
+                                          "CPU."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of the table."),
     as_csv: bool = typer.Option(False, "--csv", help="Print the table as CSV instead (one row per call)."),
 ) -> None:

@@ -555,7 +555,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from tokprof.profiler.schema import save_run
 
     p = argparse.ArgumentParser(prog="python -m tokprof.profiler.collectives", description=main.__doc__)
-    p.add_argument("--op", default="all_reduce,all_gather", help="all_reduce, all_gather and/or all_to_all, comma-separated")
+    p.add_argument("--op", default="all_reduce,all_gather",
+                   help="all_reduce, all_gather and/or all_to_all, comma-separated")
     p.add_argument("--bytes", default=None, help="message sizes, e.g. 8k,1M,256M (default: a sweep)")
     p.add_argument("--dtype", default=None, help="bf16 (GPU default), fp16 or fp32 (CPU default)")
     p.add_argument("--timeout-s", type=float, default=5.0, help="longest sampling time per size, s")

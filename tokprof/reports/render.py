@@ -40,7 +40,8 @@ from tokprof.reports.document import (
 )
 
 PROVENANCE_ORDER = ("measured", "modelled", "projected")
-COLLECTIVE_OPS = ("all_reduce", "all_gather", "all_to_all")  # tokprof.profiler.collectives.COLLECTIVES, without importing torch
+# tokprof.profiler.collectives.COLLECTIVES, without importing torch
+COLLECTIVE_OPS = ("all_reduce", "all_gather", "all_to_all")
 COLLECTIVE_BACKENDS = ("nccl", "gloo")
 COST_FORMULA = "cost per million tokens = $/GPU-h / (tokens/s per GPU x 3600 / 1e6)"
 

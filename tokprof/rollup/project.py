@@ -118,9 +118,9 @@ def modelled(config: ModelConfig, gpu: str | GpuSpec, batches: list[int], contex
 
         check_parallel(config, tp, ep, dp_attention)
     ep_note = ([f"expert parallel over {ep} GPUs (routed experts / {ep} per GPU)"
-                + (f", data-parallel attention: the batch is each GPU's own, tokens/s per GPU = batch / step "
-                   f"time; dispatch + combine all-to-all of batch x top_k x hidden x dtype bytes per MoE layer, "
-                   f"(ep-1)/ep of it to other GPUs" if dp_attention else "; the EP group is the TP group")]
+                + (", data-parallel attention: the batch is each GPU's own, tokens/s per GPU = batch / step "
+                   "time; dispatch + combine all-to-all of batch x top_k x hidden x dtype bytes per MoE layer, "
+                   "(ep-1)/ep of it to other GPUs" if dp_attention else "; the EP group is the TP group")]
                if ep > 1 else [])
     # the step model: the caller's, else one fitted to a shipped reference run of this GPU, else the defaults
     model = _with_collective_options(step_model or reference_step_model(spec.key) or StepModel(), collectives)
