@@ -88,6 +88,10 @@ def tp_decode_calls(config: ModelConfig, batch: int, context: int, dtype: str | 
         raise ValueError(f"context: expected at most the model's max_position_embeddings "
                          f"{config.max_position_embeddings} ({config.name}), got {context}")
     check_tp(config, tp)
+    if config.is_moe or config.is_mla or config.layer_types or config.attention_sinks:
+        from tokprof.models.plan import decode_plan  # MoE/MLA: tokprof.models.plan_moe_parallel's sharding
+
+        return decode_plan(config, batch, context, dtype, tp=tp, block_size=block_size)
     torch_dtype = parse_dtype(dtype)
     elem_bytes = torch_dtype.itemsize
     c = PlanBuilder(dtype_name(torch_dtype))
