@@ -191,7 +191,7 @@ def decode_plan(config: ModelConfig, batch: int, context: int, dtype: str | torc
         b.add("embedding", "embedding", 1, T=batch, V=config.vocab_size, H=config.hidden_size)
         plan_moe.moe_decode_calls(b, config, batch, context, block_size, routing)
         _head_calls(b, config, batch)
-        return b.plan()
+        return apply_precision(b.plan(), precision)
     if tp > 1:
         from tokprof.models.tp import tp_decode_calls  # tp.py builds on this module: imported when asked for
 
@@ -227,7 +227,7 @@ def prefill_plan(config: ModelConfig, batch: int, prompt_len: int, dtype: str | 
         plan_moe.check_supported(config, tp, precision)
         plan_moe.moe_prefill_calls(b, config, batch, prompt_len, block_size, routing)
         _head_calls(b, config, batch)
-        return b.plan()
+        return apply_precision(b.plan(), precision)
     attention = ("prefill_attention", {"B": batch, "Hq": config.num_heads, "Hkv": config.num_kv_heads,
                                        "S": prompt_len, "D": config.head_dim, "causal": 1})
     _layer_calls(b, config, tokens, attention, batch * cdiv(prompt_len, block_size), block_size)
