@@ -57,8 +57,10 @@ def test_moe_plan_quantises_projections_but_not_router_head_or_latent():
     assert ops["q_absorb"] == ops["v_up"] == "batched_linear"
     fp8 = {lab: c.op for c in decode_plan(Q3, 4, 1024, "fp8") for lab in c.labels}
     assert fp8["qkv_proj"] == "linear_fp8" and "quant_qkv_proj" in fp8
-    with pytest.raises(ValueError, match="kv_dtype"):
+    with pytest.raises(ValueError, match="kv_dtype: an fp8 KV cache of deepseek-r1"):
         decode_plan(R1, 4, 1024, "nvfp4+kv-fp8")
+    kv8 = {c.op for c in decode_plan(Q3, 4, 1024, "fp8+kv-fp8")}  # standard attention: the dense fp8-cache ops
+    assert {"append_kv_fp8", "decode_attention_fp8kv"} <= kv8 and "decode_attention" not in kv8
 
 
 def test_config_bytes_follow_the_format():

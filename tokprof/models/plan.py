@@ -173,7 +173,8 @@ def decode_plan(config: ModelConfig, batch: int, context: int, dtype: str | torc
 
     tp > 1: the calls of ONE GPU of `tp` (tokprof.models.tp.tp_decode_calls), its collectives included; ValueError
     when the model does not shard evenly over `tp` GPUs.
-    MoE / MLA / sliding-window models: tokprof.models.plan_moe (single GPU, float dtypes); `routing` a measured
+    MoE / MLA / sliding-window models: tokprof.models.plan_moe (single GPU; weights in any format, the experts'
+    format in fused_moe's `wfmt` key; an fp8 KV cache for standard attention only); `routing` a measured
     plan_moe.RoutingCounts, else uniform routing decides how many experts fused_moe reads.
     Low precision (tokprof.quant.precision): `dtype` may be a precision label ("fp8", "nvfp4", "mxfp4+kv-fp8"), or
     `weight_format` / `kv_dtype` name the format of the linear weights and of the KV cache; the linears become the

@@ -26,6 +26,11 @@ The plan's fused_moe call carries `active_experts`, the expected number of disti
   tokens; Transformer.routing_counts() records it from a real run), giving sum_e 1 - (1 - q_e)^B with q_e the
   fraction of tokens that chose expert e; tokens still independent of each other.
 
+Low-precision weights (tokprof.quant.precision.apply_precision, as for dense plans): the attention and dense-MLP
+linears become the format's ops (linear_fp8, linear_nvfp4, ...), fused_moe carries the experts' format in its shape
+key `wfmt` (its cost counts the expert weights in that format, its FLOPs meet that format's math roof); routers,
+the LM head, the embedding and MLA's absorbed up-projections (batched_linear) stay in the activation dtype.
+
 Expert parallelism (experts split over EP ranks, dispatch/combine all-to-all) is not planned here: the MoE block
 is one function (`_moe_mlp`) so that an EP variant can replace its calls with per-rank ones and collectives.
 """
@@ -198,9 +203,12 @@ def check_supported(c: ModelConfig, tp: int, precision: object = None) -> None:
     if tp != 1:
         raise ValueError(f"tp: tensor- and expert-parallel plans of MoE/MLA models ({c.name}) are not built yet; "
                          f"expected tp=1, got {tp}")
-    if precision is not None and getattr(precision, "kv_dtype", None):
-        raise ValueError(f"kv_dtype: an fp8 KV cache of MoE/MLA models ({c.name}) is not planned yet (no fp8 form of "
-                         f"the latent cache, sinks or sliding windows); expected the activation dtype, got "
+    # an fp8 cache of standard attention is the dense one (append_kv_fp8, decode_attention_fp8kv); MLA's latent
+    # cache and gpt-oss's sinks / sliding windows have no fp8 op yet
+    special = c.is_mla or c.attention_sinks or any(c.is_sliding_layer(i) for i in range(c.num_layers))
+    if precision is not None and getattr(precision, "kv_dtype", None) and special:
+        raise ValueError(f"kv_dtype: an fp8 KV cache of {c.name} is not planned yet (no fp8 form of the MLA latent "
+                         f"cache, attention sinks or sliding windows); use --kv-dtype auto, got "
                          f"{getattr(precision, 'label', precision)!r}")
 
 
