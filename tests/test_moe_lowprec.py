@@ -100,3 +100,12 @@ def test_acceptance_rollups_exit_0_with_format_bytes(model, gpu, dtype):
     assert card["weight_format"] == dtype
     assert card["weight_bytes"] == cfg.weight_bytes(dtype) < 0.55 * cfg.weight_bytes("bf16")
     assert "fused_moe" in OPS
+
+
+def test_running_a_quantised_moe_model_is_refused_naming_the_dtype():
+    from tokprof.models.transformer import Transformer
+
+    model = Transformer.random(ModelConfig.from_name("tiny-moe"), device="cpu", dtype=torch.float32, seed=0,
+                               backend="torch")
+    with pytest.raises(ValueError, match=r"--dtype/--kv-dtype 'nvfp4\+act-fp32'.*--modelled"):
+        model.quantize("nvfp4")
