@@ -379,9 +379,36 @@ def make_inputs(shape: Mapping[str, int], dtype: torch.dtype, device: torch.devi
     return inputs
 
 
+# Codes of the shape key `wfmt` (modelled plans only): the experts' weight format, 0 for the activation dtype.
+WEIGHT_FORMAT_CODES = ("fp8", "fp8-block", "mxfp4", "nvfp4", "int4")
+
+
+def weight_format_of(shape: Mapping[str, int]) -> str | None:
+    """The experts' weight format a fused_moe shape names (key `wfmt`, 1-based into WEIGHT_FORMAT_CODES), or None."""
+    code = shape.get("wfmt", 0)
+    if not code:
+        return None
+    if not 0 < code <= len(WEIGHT_FORMAT_CODES):
+        raise ValueError(f"wfmt: expected 0..{len(WEIGHT_FORMAT_CODES)} (0 = activation dtype, else 1-based into "
+                         f"{list(WEIGHT_FORMAT_CODES)}), got {code!r}")
+    return WEIGHT_FORMAT_CODES[code - 1]
+
+
+def expert_weight_bytes(hidden: int, inter: int, elem_bytes: int, fmt_name: str | None) -> int:
+    """Stored bytes of one expert's gate, up and down projections: in the format (scales included, each matrix
+    quantised along its K) or `elem_bytes` per weight."""
+    if fmt_name is None:
+        return 3 * hidden * inter * elem_bytes
+    from tokprof.quant.formats import WEIGHT_FORMATS
+
+    fmt = WEIGHT_FORMATS[fmt_name]
+    return fmt.weight_bytes(2 * inter, hidden) + fmt.weight_bytes(hidden, inter)  # w_gate_up (2I, H), w_down (H, I)
+
+
 def cost(shape: Mapping[str, int], dtype: torch.dtype) -> tuple[int, int]:
     num_tokens, hidden, inter, num_experts, top_k = shape["T"], shape["H"], shape["I"], shape["E"], shape["k"]
     b = dtype_bytes(dtype)
+    fmt_name = weight_format_of(shape)
     # Distinct experts read: the shape key `active_experts` when the caller knows it (a plan's model of the batch,
     # or a measured routing histogram), else the uniform-routing expectation.
     active = shape.get("active_experts") or expected_active_experts(num_tokens, num_experts, top_k)
@@ -390,7 +417,7 @@ def cost(shape: Mapping[str, int], dtype: torch.dtype) -> tuple[int, int]:
     flops = pairs * (6 * hidden * inter + 5 * inter + 2 * hidden)
     bias_bytes = (2 * inter + hidden) * b * active if shape.get("gpt_oss") else 0
     min_bytes = (
-        3 * hidden * inter * b * active  # w_gate_up and w_down rows of the touched experts, once each
+        expert_weight_bytes(hidden, inter, b, fmt_name) * active  # the touched experts' weights, once each
         + bias_bytes
         + 2 * num_tokens * hidden * b  # read x, write out
         + pairs * (4 + 4)  # topk_weights (fp32) and topk_ids (int32)
@@ -402,17 +429,19 @@ OP = Op(
     name="fused_moe",
     fn=fused_moe,
     impls=_IMPLS,
-    shape_keys=("T", "H", "I", "E", "k", "active_experts", "gpt_oss"),
+    shape_keys=("T", "H", "I", "E", "k", "active_experts", "gpt_oss", "wfmt"),
     default_shape={"T": 16, "H": 7168, "I": 2048, "E": 256, "k": 8},
     make_inputs=make_inputs,
     cost=cost,
     cost_formula=("A = active_experts if given, else round(E*(1-(1-k/E)^T)) (uniform routing, modelled); "
                   "flops = T*k*(6*H*I + 5*I + 2*H); bytes = 3*H*I*A*dtype_bytes (touched experts' weights once) "
-                  "[+ (2I+H)*A*dtype_bytes biases if gpt_oss] + 2*T*H*dtype_bytes (x, out) + 8*T*k (router)"),
+                  "[+ (2I+H)*A*dtype_bytes biases if gpt_oss] + 2*T*H*dtype_bytes (x, out) + 8*T*k (router); with wfmt "
+                  "(modelled plans) the expert weights are counted in that format, scales included"),
     description="routed experts: x (T, H) through each token's k experts' SwiGLU MLPs, weighted sum -> (T, H)",
     shape_doc=("T tokens, H hidden, I expert intermediate size, E experts, k per token; optional active_experts "
                "(distinct experts the batch touches; default the uniform expectation) and gpt_oss (1: gpt-oss "
-               "activation and biases)"),
+               "activation and biases); optional wfmt (modelled only: the experts' weight format, 1-based into "
+               "WEIGHT_FORMAT_CODES, whose math dtype bounds the FLOPs)"),
     extra={"compile_check_shapes": (
         {"T": 1}, {"T": 256},  # DeepSeek-R1 decode (the default is T=16), rows per expert 1..8
         {"T": 2048},  # a DeepSeek-R1 prefill chunk: 64 rows per expert, BLOCK_M 32

@@ -184,11 +184,12 @@ class ModelConfig:
         return [(layers, self.q_size + 2 * self.kv_size, h), (layers, h, self.q_size),
                 (layers, 2 * self.intermediate_size, h), (layers, h, self.intermediate_size)]
 
-    def _stored_bytes(self, params: int, dtype: torch.dtype | str) -> int:
+    def _stored_bytes(self, params: int, dtype: torch.dtype | str, experts: float | None = None) -> int:
         """Bytes of `params` parameters that include every layer's linear weights, in `dtype`: a torch dtype (every
         parameter that size) or a precision label ("bf16", "fp8", "mxfp4", "nvfp4+kv-fp8", ...: the linear weights
-        in the format, scales included, the rest in the activation dtype). MoE/MLA models: float dtypes only (their
-        expert and latent weights have no low-precision layout in tokprof yet)."""
+        in the format, scales included, the rest in the activation dtype). MoE/MLA models: the attention
+        projections, dense MLPs and experts (`experts` routed ones per MoE layer, None: all) in the format
+        (tokprof.models.config_moe.quantised_linear_shapes), routers, latent up-projections and the rest not."""
         if isinstance(dtype, torch.dtype):
             return params * torch.empty((), dtype=dtype).element_size()
         from tokprof.quant.formats import WEIGHT_FORMATS
@@ -198,13 +199,15 @@ class ModelConfig:
         elem = _ELEMENT_BYTES[precision.activation]
         if precision.weight_format is None:
             return params * elem
-        if self.is_moe or self.is_mla:
-            raise ValueError(f"dtype: low-precision weight formats of MoE/MLA models ({self.name}) are not modelled "
-                             f"yet; expected fp32, fp16 or bf16, got {dtype!r}")
         fmt = WEIGHT_FORMATS[precision.weight_format]
-        shapes = self.linear_weight_shapes()
-        linear_params = sum(count * n * k for count, n, k in shapes)
-        return sum(count * fmt.weight_bytes(n, k) for count, n, k in shapes) + (params - linear_params) * elem
+        if self.is_moe or self.is_mla:
+            from tokprof.models.config_moe import quantised_linear_shapes
+
+            shapes = quantised_linear_shapes(self, experts)
+        else:
+            shapes = self.linear_weight_shapes()
+        linear_params = round(sum(count * n * k for count, n, k in shapes))
+        return round(sum(count * fmt.weight_bytes(n, k) for count, n, k in shapes)) + (params - linear_params) * elem
 
     def weight_bytes(self, dtype: torch.dtype | str) -> int:
         """Bytes of all weights stored in `dtype` (a torch dtype or a precision label, see _stored_bytes)."""
@@ -230,7 +233,8 @@ class ModelConfig:
             from tokprof.models.config_moe import expert_params
 
             layers -= round((self.num_experts - experts_touched) * expert_params(self)) * self.num_moe_layers
-        return self._stored_bytes(layers + self.hidden_size + self.vocab_size * self.hidden_size, dtype)
+        return self._stored_bytes(layers + self.hidden_size + self.vocab_size * self.hidden_size, dtype,
+                                  experts_touched if self.is_moe else None)
 
     def kv_elements_per_token_per_layer(self) -> int:
         """Cache elements one token takes in one layer: K and V heads, or MLA's one compressed latent row

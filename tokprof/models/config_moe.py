@@ -115,6 +115,32 @@ def mlp_params(c: ModelConfig, layer: int, experts: int | None) -> int:
     return router + shared + n * expert_params(c)
 
 
+def quantised_linear_shapes(c: ModelConfig, experts: float | None = None) -> list[tuple[float, int, int]]:
+    """(count, N, K) of the weights a low-precision format quantises in an MoE/MLA model, as its plan runs them
+    (tokprof.models.plan_moe with tokprof.quant.precision): the attention projections (MLA: q_a/q_b or q, kv_a with
+    k_rope, o; kv_b_proj stays in the activation dtype: its absorbed halves run as batched_linear), the dense
+    layers' gate-up and down, and every expert's gate-up (2I, H) and down (H, I) - `experts` routed ones per MoE
+    layer (None: all), shared ones always. Routers, norms, biases, the embedding and the LM head are not quantised."""
+    h, layers = c.hidden_size, c.num_layers
+    if c.is_mla:
+        qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+        q = ([(layers, c.q_lora_rank, h), (layers, c.num_heads * qk, c.q_lora_rank)] if c.q_lora_rank
+             else [(layers, c.num_heads * qk, h)])
+        shapes: list[tuple[float, int, int]] = q + [(layers, c.kv_lora_rank + c.qk_rope_head_dim, h),
+                                                    (layers, h, c.num_heads * c.v_head_dim)]
+    else:
+        shapes = [(layers, c.q_size + 2 * c.kv_size, h), (layers, h, c.q_size)]
+    moe = c.num_moe_layers
+    dense = layers - moe
+    if dense:
+        shapes += [(dense, 2 * c.intermediate_size, h), (dense, h, c.intermediate_size)]
+    if moe:
+        i = c.moe_intermediate_size
+        per_layer = (c.num_experts if experts is None else experts) + c.n_shared_experts
+        shapes += [(moe * per_layer, 2 * i, h), (moe * per_layer, h, i)]
+    return shapes
+
+
 # --------------------------------------------------------------------------------------------------------- RoPE
 
 def _get_mscale(scale: float, mscale: float = 1.0) -> float:

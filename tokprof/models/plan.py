@@ -174,7 +174,8 @@ def decode_plan(config: ModelConfig, batch: int, context: int, dtype: str | torc
 
     tp > 1: the calls of ONE GPU of `tp` (tokprof.models.tp.tp_decode_calls), its collectives included; ValueError
     when the model does not shard evenly over `tp` GPUs.
-    MoE / MLA / sliding-window models: tokprof.models.plan_moe (single GPU, float dtypes); `routing` a measured
+    MoE / MLA / sliding-window models: tokprof.models.plan_moe (single GPU; weights in any format, the experts'
+    format in fused_moe's `wfmt` key; an fp8 KV cache for standard attention only); `routing` a measured
     plan_moe.RoutingCounts, else uniform routing decides how many experts fused_moe reads. tp / ep > 1 and
     dp_attention: the calls of one GPU with its all-reduces and all-to-alls (tokprof.models.plan_moe_parallel).
     Low precision (tokprof.quant.precision): `dtype` may be a precision label ("fp8", "nvfp4", "mxfp4+kv-fp8"), or
@@ -199,11 +200,11 @@ def decode_plan(config: ModelConfig, batch: int, context: int, dtype: str | torc
 
             parallel_decode_calls(b, config, batch, context, block_size, routing, tp, ep, dp_attention,
                                   parse_dtype(precision.activation).itemsize)
-            return b.plan()
+            return apply_precision(b.plan(), precision)
         b.add("embedding", "embedding", 1, T=batch, V=config.vocab_size, H=config.hidden_size)
         plan_moe.moe_decode_calls(b, config, batch, context, block_size, routing)
         _head_calls(b, config, batch)
-        return b.plan()
+        return apply_precision(b.plan(), precision)
     if tp > 1:
         from tokprof.models.tp import tp_decode_calls  # tp.py builds on this module: imported when asked for
 
@@ -239,7 +240,7 @@ def prefill_plan(config: ModelConfig, batch: int, prompt_len: int, dtype: str | 
         plan_moe.check_supported(config, tp, precision)
         plan_moe.moe_prefill_calls(b, config, batch, prompt_len, block_size, routing)
         _head_calls(b, config, batch)
-        return b.plan()
+        return apply_precision(b.plan(), precision)
     attention = ("prefill_attention", {"B": batch, "Hq": config.num_heads, "Hkv": config.num_kv_heads,
                                        "S": prompt_len, "D": config.head_dim, "causal": 1})
     _layer_calls(b, config, tokens, attention, batch * cdiv(prompt_len, block_size), block_size)

@@ -26,6 +26,11 @@ The plan's fused_moe call carries `active_experts`, the expected number of disti
   tokens; Transformer.routing_counts() records it from a real run), giving sum_e 1 - (1 - q_e)^B with q_e the
   fraction of tokens that chose expert e; tokens still independent of each other.
 
+Low-precision weights (tokprof.quant.precision.apply_precision, as for dense plans): the attention and dense-MLP
+linears become the format's ops (linear_fp8, linear_nvfp4, ...), fused_moe carries the experts' format in its shape
+key `wfmt` (its cost counts the expert weights in that format, its FLOPs meet that format's math roof); routers,
+the LM head, the embedding and MLA's absorbed up-projections (batched_linear) stay in the activation dtype.
+
 Expert parallelism (experts split over EP ranks, dispatch/combine all-to-all) is not planned here: the MoE block
 is one function (`_moe_mlp`) so that an EP variant can replace its calls with per-rank ones and collectives.
 """
@@ -193,11 +198,16 @@ def moe_layer_calls(b: PlanBuilder, c: ModelConfig, tokens: int, context: int, k
 
 
 def check_supported(c: ModelConfig, tp: int, precision: object = None) -> None:
-    """ValueError unless the plan can be built: float weights and KV cache (no low-precision formats yet); tp is
+    """ValueError unless the plan can be built: a KV cache in the activation dtype (weights may be in a
+    low-precision format: tokprof.quant.precision.apply_precision rewrites the linears and fused_moe); tp / ep are
     checked by tokprof.models.plan_moe_parallel.check_parallel."""
-    if precision is not None and (getattr(precision, "weight_format", None) or getattr(precision, "kv_dtype", None)):
-        raise ValueError(f"dtype: low-precision weights and KV caches of MoE/MLA models ({c.name}) are not planned "
-                         f"yet; expected fp32, fp16 or bf16, got {getattr(precision, 'label', precision)!r}")
+    # an fp8 cache of standard attention is the dense one (append_kv_fp8, decode_attention_fp8kv); MLA's latent
+    # cache and gpt-oss's sinks / sliding windows have no fp8 op yet
+    special = c.is_mla or c.attention_sinks or any(c.is_sliding_layer(i) for i in range(c.num_layers))
+    if precision is not None and getattr(precision, "kv_dtype", None) and special:
+        raise ValueError(f"kv_dtype: an fp8 KV cache of {c.name} is not planned yet (no fp8 form of the MLA latent "
+                         f"cache, attention sinks or sliding windows); use --kv-dtype auto, got "
+                         f"{getattr(precision, 'label', precision)!r}")
 
 
 def moe_decode_calls(b: PlanBuilder, c: ModelConfig, batch: int, context: int, block_size: int,

@@ -205,14 +205,16 @@ def weight_bytes_per_gpu(c: ModelConfig, dtype: str, tp: int = 1, ep: int = 1, d
     resident) less, per layer, the attention heads' share (MLA: q_b, kv_b and o_proj over tp; the low-rank q_a and
     kv_a projections replicated; standard: QKV and O as tokprof.models.tp), the dense MLPs' and shared experts'
     (tp-1)/tp, the routed experts' (ep-1)/ep (ep > 1) or (tp-1)/tp (TP-sharded experts), and the LM head's
-    vocab-parallel share; router, norms and embedding replicated. dp_attention: tp is 1, attention whole."""
-    from tokprof.kernels._common import parse_dtype
+    vocab-parallel share; router, norms and embedding replicated. dp_attention: tp is 1, attention whole.
+    `dtype` a float dtype or a precision label ("fp8": the weights' format, bytes per parameter its average)."""
     from tokprof.models.config_moe import expert_params
 
     check_parallel(c, tp, ep, dp_attention)
-    elem = parse_dtype(dtype).itemsize
     h, layers, moe_layers = c.hidden_size, c.num_layers, c.num_moe_layers
     full = c.weight_bytes(dtype)
+    # bytes per parameter: the dtype's, or with a low-precision label (tokprof.quant.precision) the model's average
+    # in that format (scales included; the embedding and LM head in the activation dtype pull it up slightly)
+    elem = full / c.num_params()
     saved = 0  # parameters NOT on this GPU
     if tp > 1:
         if c.is_mla:
@@ -237,4 +239,4 @@ def weight_bytes_per_gpu(c: ModelConfig, dtype: str, tp: int = 1, ep: int = 1, d
         experts = moe_layers * c.num_experts * expert_params(c)
         split = ep if ep > 1 else tp
         saved += experts - experts // split
-    return full - saved * elem
+    return full - round(saved * elem)

@@ -180,8 +180,9 @@ class Transformer:
         precision = parse_precision(dtype, kv_dtype=kv_dtype, activation=self.precision.activation)
         c = self.config
         if (c.is_moe or c.is_mla or c.attention_sinks) and (precision.weight_format or precision.kv_dtype):
-            raise ValueError(f"dtype: low-precision weights and KV caches of MoE/MLA models ({c.name}) are not "
-                             f"supported yet, got {precision.label!r}")
+            raise ValueError(f"dtype: running MoE/MLA models ({c.name}) with low-precision weights or KV caches is "
+                             f"not supported yet (--dtype/--kv-dtype {precision.label!r}); `tokprof rollup --modelled` "
+                             "models them, or run in fp32, fp16 or bf16")
         if self.precision.weight_format is not None and precision.weight_format != self.precision.weight_format:
             raise ValueError(f"dtype: the weights are already {self.precision.weight_format}; quantise a fresh model")
         if precision.weight_format is not None and self.precision.weight_format is None:

@@ -24,7 +24,7 @@ FLOAT_NAMES = ("fp32", "fp16", "bf16")
 KV_SUFFIX = "+kv-fp8"
 ACT_PREFIX = "+act-"  # a weight format whose activations are not bf16: "int4+act-fp32" (a CPU run)
 KV_DTYPES = ("fp8",)
-UNQUANTISED_LINEARS = ("lm_head",)  # labels of linears kept in the activation dtype
+UNQUANTISED_LINEARS = ("lm_head", "router")  # labels of linears kept in the activation dtype (MoE routers too)
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,11 @@ def apply_precision(calls: list, precision: Precision) -> list:
                 add(call, "quantize_fp8", [f"quant_{lab}" for lab in labels], count,
                     {"T": call.shape["M"], "K": call.shape["K"], "group": fmt.block_k})
             add(call, fmt.op, labels, count, call.shape)
+        elif call.op == "fused_moe" and fmt is not None:  # MoE experts: their weights counted in the format
+            from tokprof.kernels.fused_moe import WEIGHT_FORMAT_CODES
+
+            add(call, call.op, call.labels, call.count,
+                {**call.shape, "wfmt": WEIGHT_FORMAT_CODES.index(fmt.name) + 1})
         elif call.op in _KV_OPS and precision.kv_dtype == "fp8":
             add(call, _KV_OPS[call.op], call.labels, call.count, call.shape)
         else:
@@ -144,14 +149,18 @@ def apply_precision(calls: list, precision: Precision) -> list:
     return list(merged.values())
 
 
-def math_dtype(op: str, dtype: str, spec: object | None = None) -> str:
+def math_dtype(op: str, dtype: str, spec: object | None = None, shape: dict[str, int] | None = None) -> str:
     """The dtype whose datasheet FLOP/s peak bounds a call of `op` at activation dtype `dtype` on `spec` (a GpuSpec):
     fp8 for the W8A8 ops; fp4 for MXFP4/NVFP4 where the spec row has an FP4 peak (Blackwell's native FP4 tensor
     cores, modelled from the datasheet), else the activation dtype (weight-only W4A16, as on Hopper); the
-    activation dtype for INT4 and every other op."""
+    activation dtype for INT4 and every other op. fused_moe names its experts' format in its `shape` (key wfmt)."""
     from tokprof.kernels import OPS
 
     name = OPS[op].extra.get("weight_format") if op in OPS else None
+    if op == "fused_moe" and shape:
+        from tokprof.kernels.fused_moe import weight_format_of
+
+        name = weight_format_of(shape)
     if name is None:
         return dtype
     native = WEIGHT_FORMATS[name].native_math

@@ -63,8 +63,7 @@ def weight_bytes_per_gpu(config: ModelConfig, dtype: str, tp: int = 1, *, ep: in
     if (tp > 1 or ep > 1 or dp_attention) and _moe_family(config, tp):
         from tokprof.models import plan_moe_parallel
 
-        return plan_moe_parallel.weight_bytes_per_gpu(config, parse_precision(dtype).activation, tp, ep,
-                                                      dp_attention)
+        return plan_moe_parallel.weight_bytes_per_gpu(config, parse_precision(dtype).label, tp, ep, dp_attention)
     if _moe_family(config, tp):  # every expert resident (all may be routed to), MLA's own projections
         return config.weight_bytes(dtype)
     check_tp(config, tp)

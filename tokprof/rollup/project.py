@@ -257,7 +257,7 @@ def project(run: RunResult, target_gpu: str | GpuSpec, *, prices: PriceOptions |
             if eff is None:
                 raise ValueError(f"run: {call.op} {call.shape} has no datasheet efficiency "
                                  f"({m.roofline.note or 'unknown'}); it cannot be projected")
-            t_roof, bound = roof_time_us(*call.cost(), target, math_dtype(call.op, call.dtype, target))
+            t_roof, bound = roof_time_us(*call.cost(), target, math_dtype(call.op, call.dtype, target, call.shape))
             ops.append(_share(call, t_roof / eff, None, eff, bound))
         # collectives and the per-step overhead are not in a kernel measurement: the step model adds them
         est = model.step(colls, target, dname, interconnect=link_spec, extra_kernel_calls=sum(c.count for c in kernels),

@@ -177,7 +177,7 @@ class StepModel:
         flops, nbytes = call.cost()
         t_mem = nbytes / (_hbm(spec) * 1e12) * 1e6
         # the roof of the call's math dtype: fp8 for W8A8, fp4 for MXFP4/NVFP4 on Blackwell (tokprof.quant.precision)
-        peak = spec.peak_tflops(math_dtype(call.op, call.dtype, spec)) if flops else None
+        peak = spec.peak_tflops(math_dtype(call.op, call.dtype, spec, call.shape)) if flops else None
         t_comp = flops / (peak * 1e12) * 1e6 if peak else 0.0
         roof, bound = (t_comp, "compute") if t_comp > t_mem else (t_mem, "memory" if peak or not flops else None)
         if efficiency is not None:
