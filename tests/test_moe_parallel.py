@@ -126,6 +126,14 @@ def test_cli_rollup_deepseek_r1_tp8_and_qwen_ep() -> None:
     doc = json.loads(r1.stdout.strip().splitlines()[-1])
     assert doc["card"]["tp"] == 8 and doc["card"]["weight_bytes_per_gpu"] > 141e9
     assert doc["points"][0]["tokens_per_s_per_gpu"] is None and "needs" in doc["points"][0]["infeasible_reason"]
+    fp8 = CliRunner().invoke(app, ["rollup", "--model", "deepseek-r1", "--gpu", "h200", "--modelled", "--tp", "8",
+                                   "--dtype", "fp8", "--batch", "1", "--context", "4096"])
+    assert fp8.exit_code == 0, fp8.output
+    doc = json.loads(fp8.stdout.strip().splitlines()[-1])
+    p = doc["points"][0]  # fp8 weights fit: 86 GB per GPU
+    assert p["tokens_per_s_per_gpu"] == pytest.approx(1 / (p["step_time_us"] * 1e-6) / 8)
+    assert p["collective_time_us"] > 0 and p["usd_per_million_tokens"] > 0
+    assert [r for r in doc["card"]["max_batch"] if r["tp"] == 8][0]["batch"] > 1
     q = CliRunner().invoke(app, ["rollup", "--model", "qwen3-235b-a22b", "--gpu", "h200", "--modelled", "--ep", "8",
                                  "--dp-attention", "--batch", "1,32", "--context", "4096"])
     assert q.exit_code == 0, q.output
