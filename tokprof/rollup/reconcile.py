@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokprof.profiler.schema import Ceilings, RunResult, from_dict, to_dict
+from tokprof.rollup.reconcile_checks import check_op_invariants, contention_note, flag_inversions
 
 
 def modelled_gap(name: str) -> str:
@@ -356,7 +357,7 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str, int], p
     _gaps(ordered, defs)
     if layers["L5"].causes and layers["L5"].gap_name:
         layers["L5"].gap_name = "serving: " + ", ".join(c["name"] for c in layers["L5"].causes)
-    contention = _contention(run)
+    contention = contention_note(run)
     if tp > 1 and layers["L1"].tokens_per_s_per_gpu is None and layers["L1i"].tokens_per_s_per_gpu is not None:
         # L1i stands on L0 here: the gap above it is the interconnect alone, the derate falls in the next gap
         layers["L1i"].gap_name = INTERCONNECT_LAYER[2]
@@ -384,7 +385,7 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str, int], p
         if abs(roof_sum - roof.step_time_us) > 1e-3 * roof.step_time_us:
             notes.append(f"the roll-up's ops sum to {roof_sum:.4g} us at the roof, the plan to "
                          f"{roof.step_time_us:.4g} us: the point was built from another plan (block size?)")
-        _op_invariants(rec, l2.step_time_us - roof.step_time_us, roof.name)
+        check_op_invariants(rec, l2.step_time_us - roof.step_time_us, roof.name)
     against = layers["L3"] if layers["L3"].tokens_per_s_per_gpu is not None else None
     if against is None and l4 is not None and l4.framework == "tokprof":
         against = layers["L4"]
@@ -394,26 +395,8 @@ def _reconcile_point(run: RunResult, key: tuple[str, str, int, int, str, int], p
         rec.bottom_up_error_against = against.name
         if l2.j_per_token is not None and against.j_per_token is not None:
             rec.energy_error_pct = (l2.j_per_token - against.j_per_token) / against.j_per_token * 100
-    _flag_inversions(rec, contention)
+    flag_inversions(rec, contention)
     return rec
-
-
-# Why a layer can come out faster than the layer above it, by (upper, lower) layer: the likely causes to check.
-INVERSION_CAUSES = {
-    ("L0", "L1"): "the measured ceilings exceed the datasheet: the copy benchmark read cached data, or the spec row "
-                  "is wrong",
-    ("L1", "L2"): "the kernel sum beats the measured roofline: the ceilings were measured low (another process "
-                  "competed, or the GPU throttled), or kernels were timed with warm caches (inputs cache-resident, "
-                  "read above the DRAM ceiling), or a cost formula counts too many bytes",
-    ("L1i", "L2"): "the kernel and collective sum beats its roof: the ceilings or the link bandwidth were measured "
-                   "low, or kernels were timed with warm caches",
-    ("L2", "L3"): "the end-to-end loop beats the sum of its own kernels: kernels timed slower than they run in the "
-                  "loop (contended while the kernels were timed, or caches flushed harder than the loop does)",
-    ("L2", "L4"): "the end-to-end loop beats the sum of its own kernels: kernels timed slower than they run in the "
-                  "loop (contended while the kernels were timed, or caches flushed harder than the loop does)",
-    ("L3", "L4"): "the eager loop beats the CUDA-graph replay of the same step: different backends or a graph "
-                  "capture problem",
-}
 
 
 def _predict(layers: dict[str, Layer], run: RunResult, point: Any, l4: Any, batch: int, tp: int) -> None:
@@ -436,52 +419,6 @@ def _predict(layers: dict[str, Layer], run: RunResult, point: Any, l4: Any, batc
         layer.prediction_source = f"modelled: {pred.source}"
         if layer.step_time_us:
             layer.prediction_error_pct = (pred.step_time_us / layer.step_time_us - 1) * 100
-
-
-def _contention(run: RunResult) -> str | None:
-    """How other processes competed for a CPU run's cores, or None (a GPU run, an idle CPU, not recorded)."""
-    from tokprof.profiler.cpu_load import describe_record
-
-    if run.provenance.device.kind != "cpu":
-        return None
-    if run.cpu_load is None:  # a file from before cpu_load was recorded: its note says whether the CPU was shared
-        return next((n.split(": the CPU was shared")[0] for n in run.notes if "the CPU was shared" in n), None)
-    return describe_record(run.cpu_load)
-
-
-def _op_invariants(rec: Reconciliation, gap_us: float, roof_name: str) -> None:
-    """Op losses are shares of the losses (adding up to 100%); ops faster than their roof are flagged apart; what
-    the ops' net loss leaves of the gap is said."""
-    ops = rec.op_inefficiency
-    losses = sum(o.lost_us for o in ops if o.finding)
-    gains = -sum(o.lost_us for o in ops if not o.finding)
-    rec.op_gains_us = gains
-    rec.op_unexplained_us = gap_us - (losses - gains)
-    if gains > 0:
-        faster = [f"{o.op} {o.label}" for o in ops if not o.finding]
-        rec.flags.append(f"{len(faster)} op(s) ran faster than their measured roof ({', '.join(faster[:4])}"
-                         f"{', ...' if len(faster) > 4 else ''}; {gains:.4g} us per step in all): not losses; likely "
-                         "the ceilings were measured low (contended or throttled) or the inputs were cache-resident")
-    if losses > 0 and gap_us > 0:
-        text = f"op losses inside {roof_name} -> L2: {losses:.4g} us per step, each op's share of them adds up to 100%"
-        if gains > 0:
-            text += f"; less {gains:.4g} us of ops faster than their roof, the gap is {gap_us:.4g} us"
-        if abs(rec.op_unexplained_us) > 1e-3 * max(abs(gap_us), 1e-9):
-            text += f"; {rec.op_unexplained_us:.4g} us of the gap unexplained by the ops (another plan?)"
-        rec.notes.append(text)
-
-
-def _flag_inversions(rec: Reconciliation, contention: str | None) -> None:
-    known = [layer for layer in rec.layers if layer.tokens_per_s_per_gpu is not None]
-    for prev, cur in zip(known, known[1:], strict=False):
-        if not cur.inverted:
-            continue
-        faster = (cur.tokens_per_s_per_gpu / prev.tokens_per_s_per_gpu - 1) * 100
-        cause = INVERSION_CAUSES.get((prev.name, cur.name), "a lower layer cannot beat the one above it: a "
-                                     "measurement or model error")
-        cur.flag = (f"{cur.name} ({cur.title}) is {faster:.1f}% faster than {prev.name} ({prev.title}): {cause}"
-                    + (f"; {contention}" if contention else ""))
-        rec.flags.append(cur.flag)
 
 
 def _interconnect_layer(layers: dict[str, Layer], config: Any, why_no_config: str | None,
