@@ -4,7 +4,8 @@
     python scripts/cpu_closure_check.py --repeat 3      # three runs: each judged, and the median of their errors
     python scripts/cpu_closure_check.py --from run.json # judge a RunResult already written
 
-Prints, per point, the predicted step (kernel sum + measured host work, computed without the end-to-end figures),
+Prints, per point, the kernel phase's sum, the paired kernel rounds' sum (timed between the end-to-end blocks, see
+docs/measurement.md), the predicted step (paired sum + measured host work, computed without the end-to-end figures),
 the measured eager step and |predicted / measured - 1|; then the median and max over the points against the goal
 (median <= 10%, max <= 20%) and how busy other processes kept the CPU. Exit 0: goal met on an idle CPU; 1: missed;
 3: not judged (the CPU was shared, or nothing was predicted).
@@ -20,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tokprof.models.e2e_paired import paired_kernel_sum_us  # noqa: E402
 from tokprof.profiler.schema import load_run  # noqa: E402
 from tokprof.runner import prediction_line, prediction_summary, run_main  # noqa: E402
 
@@ -28,7 +30,8 @@ def judge(path: Path) -> dict:
     run = load_run(path)
     summary = prediction_summary(run)
     print(f"\n{path}")
-    print(f"{'batch':>5} {'ctx':>5} {'kernel sum us':>14} {'predicted us':>13} {'measured us':>12} {'error':>8}")
+    print(f"{'batch':>5} {'ctx':>5} {'kernel sum us':>14} {'paired sum us':>14} {'predicted us':>13} "
+          f"{'measured us':>12} {'error':>8}")
     for rec in run.reconciliation:
         layers = {lv["name"]: lv for lv in rec["layers"]}
         l2, l4 = layers.get("L2", {}), layers.get("L4", {})
@@ -36,8 +39,11 @@ def judge(path: Path) -> dict:
             print(f"{rec['batch']:>5} {rec['context']:>5}  no prediction: {l4.get('prediction_source')}")
             continue
         err = l4.get("prediction_error_pct")
+        paired = next((paired_kernel_sum_us(m["paired_kernels"]) for m in run.e2e
+                       if m.get("paired_kernels") and (m["batch"], m["context"]) == (rec["batch"], rec["context"])),
+                      None)
         print(f"{rec['batch']:>5} {rec['context']:>5} {l2.get('step_time_us') or 0:>14.1f} "
-              f"{l4['predicted_step_time_us']:>13.1f} {l4.get('step_time_us') or 0:>12.1f} "
+              f"{'-' if paired is None else f'{paired:.1f}':>14} {l4['predicted_step_time_us']:>13.1f} {l4.get('step_time_us') or 0:>12.1f} "
               f"{'-' if err is None else f'{err:+.1f}%':>8}")
     load = run.cpu_load or {}
     phases = ", ".join(f"{k} {v.get('other_cores'):.2f}" for k, v in (load.get("phases") or {}).items()

@@ -37,7 +37,8 @@ def _tiny(backend: str = "torch", device: str = "cpu", dtype: torch.dtype = torc
 
 def test_measure_e2e_tiny_cpu(one_thread: object) -> None:
     model = _tiny()
-    m = measure_e2e(model, batch=2, context=40, steps=8, warmup=2)
+    m = measure_e2e(model, batch=2, context=40, steps=8, warmup=2, cpu_window_s=0)  # one block
+    assert m.blocks == 1
     assert (m.framework, m.mode, m.backend, m.dtype, m.model) == ("tokprof", "eager", "torch", "fp32", "tiny")
     assert len(m.step_times_us) == 8 and all(t > 0 and math.isfinite(t) for t in m.step_times_us)
     assert m.median_step_us == pytest.approx(float(np.median(m.step_times_us)))
@@ -87,7 +88,7 @@ def test_transformers_adapter_shares_weights_and_agrees(one_thread: object) -> N
     prompt = torch.randint(0, TINY.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
     want = hf.generate(prompt, max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(prompt))
     assert torch.equal(model.generate(prompt, 5), want)
-    m = measure_transformers(model, batch=2, context=40, steps=6, warmup=2)
+    m = measure_transformers(model, batch=2, context=40, steps=6, warmup=2, cpu_window_s=0)
     assert m.framework == "transformers" and m.backend.startswith("transformers-")
     assert len(m.step_times_us) == 6 and m.median_step_us > 0 and m.ttft_ms > 0
     with pytest.raises(ValueError, match="eager decoding only"):
@@ -205,7 +206,7 @@ def test_a_failing_later_mode_keeps_the_earlier_one_and_frees_the_cache(monkeypa
     got = []
     with pytest.raises(RuntimeError, match="capture of the decode step failed"):
         for m in e2e.measure_e2e_modes(model, 1, 40, ["eager", "eager"], steps=4, warmup=2, energy=False,
-                                       profile=False):
+                                       profile=False, cpu_window_s=0):
             got.append(m)
     assert [m.mode for m in got] == ["eager"] and len(got[0].step_times_us) == 4
     assert model.cache is None  # given back although the iteration ended with an exception

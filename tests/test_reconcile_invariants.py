@@ -163,7 +163,8 @@ def test_cpu_eager_prediction_is_kernel_sum_plus_host_work_without_the_e2e() -> 
     assert l4.predicted_step_time_us == pytest.approx(predicted, rel=1e-12)
     assert l4.predicted_tokens_per_s_per_gpu == pytest.approx(1 / (predicted * 1e-6))
     assert l4.prediction_error_pct == pytest.approx((1 / 1.25 - 1) * 100)
-    assert l4.prediction_source.startswith("modelled: kernel sum + host work")
+    assert l4.prediction_source.startswith("modelled: kernel sum (the kernel phase's medians; no paired kernel")
+    assert "+ host work per step" in l4.prediction_source
     # The e2e figures are not read: another measured step, or none at all, leaves the prediction as it was.
     for e2e in ([_e2e(1, 128, 1.0)], []):
         other = reconcile(_run([point], e2e))[0].layer("L4")
@@ -174,6 +175,22 @@ def test_cpu_eager_prediction_is_kernel_sum_plus_host_work_without_the_e2e() -> 
     bare.overhead = None
     l4 = reconcile(bare)[0].layer("L4")
     assert l4.predicted_step_time_us is None and "no overhead micro-benchmark" in l4.prediction_source
+
+
+def test_cpu_eager_prediction_takes_the_paired_kernel_rounds_not_the_step_times() -> None:
+    """The L4 record's paired kernel rounds (timed between its blocks) are the kernel sum; its step times are not."""
+    from tokprof.models.e2e_paired import PairedCall
+
+    point = _point(1, 128, {})
+    paired = [PairedCall(op=o.op, shape=o.shape, dtype="fp32", count=o.count, mean_us=o.time_us * 1.2,
+                         median_us=o.time_us, samples=10 * o.count, dropped=0, rounds=10).to_dict() for o in point.ops]
+    want = point.step_time_us * 1.2 + HOST_US
+    for step_us in (1.0, want * 2):
+        e2e = _e2e(1, 128, step_us)
+        e2e.paired_kernels = paired
+        l4 = reconcile(_run([point], [e2e]))[0].layer("L4")
+        assert l4.predicted_step_time_us == pytest.approx(want, rel=1e-9)
+        assert "timed in 10 rounds between the end-to-end blocks" in l4.prediction_source
 
 
 def test_gpu_predictions_for_graphs_and_eager() -> None:

@@ -98,6 +98,7 @@ class RunConfig:
     timing_kwargs: dict[str, Any] = field(default_factory=dict)
     energy_kwargs: dict[str, Any] = field(default_factory=dict)  # energy.measure_kernel_energy: window_s, cooldown_s
     e2e_energy_window_s: float = 1.0
+    e2e_cpu_window_s: float = 1.5  # CPU: rewound blocks of timed steps (and paired kernel rounds) per point and mode
     # (batch, context) points end to end; None: e2e_batches x e2e_contexts. check_fits sets the points that fit.
     e2e_points: list[tuple[int, int]] | None = None
     # Where frameworks other than tokprof run; None: at every end-to-end point.
@@ -272,7 +273,7 @@ def run_e2e_points(run: RunResult, rc: RunConfig, run_path: Path, console: Conso
                    modes=rc.e2e_modes, frameworks=rc.frameworks, steps=rc.e2e_steps, warmup=4, device=rc.device,
                    backend=rc.backend, dtype=rc.dtype, output=str(run_path), energy=rc.energy,
                    command=list(run.provenance.command), points=points, framework_points=rc.framework_points,
-                   energy_window_s=rc.e2e_energy_window_s)
+                   energy_window_s=rc.e2e_energy_window_s, cpu_window_s=rc.e2e_cpu_window_s)
     run_e2e_command(args, console, OutputConsole(stderr=True))
     fresh = load_run(run_path)
     run.e2e = fresh.e2e

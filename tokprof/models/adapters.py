@@ -30,6 +30,7 @@ from tokprof.kernels._common import dtype_name
 from tokprof.models.config import ModelConfig
 from tokprof.models.e2e import (
     DecodeSession,
+    CPU_WINDOW_S,
     E2EMeasurement,
     check_point,
     device_label,
@@ -151,7 +152,8 @@ def transformers_session(model: Any, batch: int, context: int, steps: int, warmu
 
 def measure_transformers(model: Any, batch: int, context: int, steps: int = 32, mode: str = "eager", *,
                          warmup: int = 4, seed: int = 0, energy: bool = True, energy_window_s: float = 1.0,
-                         meter: Any = None, idle_power_w: float | None = None, profile: bool = True) -> E2EMeasurement:
+                         meter: Any = None, idle_power_w: float | None = None, profile: bool = True,
+                         cpu_window_s: float = CPU_WINDOW_S) -> E2EMeasurement:
     """transformers' decode loop on the weights of tokprof `model`, measured like measure_e2e (eager only)."""
     check_point(batch, context, steps, warmup)
     if mode != "eager":
@@ -163,7 +165,7 @@ def measure_transformers(model: Any, batch: int, context: int, steps: int = 32, 
                         backend=f"transformers-{transformers.__version__}", dtype=dtype_name(model.dtype),
                         batch=batch, context=context, steps=steps, warmup=warmup, prompt_len=prompt_len,
                         device=model.device, energy=energy, energy_window_s=energy_window_s, meter=meter,
-                        idle_power_w=idle_power_w, profile=profile)
+                        idle_power_w=idle_power_w, profile=profile, cpu_window_s=cpu_window_s)
     del session
     gc.collect()
     return m

@@ -10,7 +10,10 @@ How a point is measured (docs/measurement.md, "End to end"):
 2. `warmup` decode steps run untimed (graph mode: two eager steps on a side stream, the capture, then replays).
 3. `steps` decode steps are timed one by one (CUDA events between steps, one sync at the end; perf_counter on the
    CPU). P is chosen so that the timed steps attend contexts centred on `context`: step j attends P + warmup + j + 1
-   tokens, the median of which is `context` (the plan's context counts the new token too).
+   tokens, the median of which is `context` (the plan's context counts the new token too). On the CPU, whose speed
+   drifts by up to +-15% from one second to the next, the block of `steps` steps is rewound and timed again until
+   `cpu_window_s` has passed (median over every block's steps); for tokprof's eager loop each block is followed by
+   as many rounds of the point's kernel calls (tokprof.models.e2e_paired), the kernel times of the L4 prediction.
 4. Energy: the decode state is rewound to the start of the timed range and the same steps are replayed, in rounds,
    for at least `energy_window_s` inside one NVML window; J/token = window energy / (batch x steps run), total energy
    (idle power included), less the idle tail the counter alignment adds when the idle power is known.
@@ -36,6 +39,7 @@ from tokprof.profiler.schema import from_dict, to_dict
 
 FRAMEWORKS = ("tokprof", "transformers", "vllm")
 MODES = ("eager", "graph")
+CPU_WINDOW_S = 1.5  # CPU: blocks of timed steps (and paired kernel rounds) repeated for at least this long
 PROFILE_STEPS = 8  # profiled steps for the busy fraction: enough to cover every kernel of a step many times
 
 
@@ -49,7 +53,7 @@ class E2EMeasurement:
     dtype: str
     batch: int
     context: int  # the median KV length the timed steps attend (the new token included)
-    steps: int
+    steps: int  # timed steps in all (blocks x steps per block)
     step_times_us: list[float]  # every timed step
     median_step_us: float
     p90_step_us: float
@@ -67,6 +71,11 @@ class E2EMeasurement:
     context_last: int = 0  # KV length of the last timed step
     device: str = ""  # the device as torch names it
     notes: list[str] = field(default_factory=list)
+    blocks: int = 1  # the block of timed steps was rewound and timed this many times (CPU: cpu_window_s)
+    # CPU, tokprof eager: the step's kernel calls timed in rounds between the blocks (tokprof.models.e2e_paired;
+    # PairedCall dicts), the kernel times of the L4 prediction; None with paired_reason where there are none.
+    paired_kernels: list[dict[str, Any]] | None = None
+    paired_reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -84,6 +93,8 @@ class DecodeSession:
     rewind: Callable[[], None]  # back to the state at the start of the timed range
     ttft_ms: float | None
     notes: list[str] = field(default_factory=list)
+    paired: Any = None  # CPU, tokprof eager: a PairedSequence of the point's kernel calls (tokprof.models.e2e_paired)
+    paired_reason: str | None = None  # why `paired` is None
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -219,12 +230,37 @@ def busy_fraction(session: DecodeSession, steps: int, device: torch.device) -> t
     return min(busy_us, window_us) / window_us, None
 
 
+def timed_blocks(session: DecodeSession, steps: int, device: torch.device,
+                 cpu_window_s: float = CPU_WINDOW_S) -> tuple[list[float], int]:
+    """(every timed step in us, blocks): one block of `steps` steps on a GPU; on the CPU, blocks rewound and timed
+    again until `cpu_window_s` has passed, each followed by `steps` rounds of `session.paired` when there is one."""
+    if device.type == "cuda":
+        return time_steps(session.step, steps, device), 1
+    times: list[float] = []
+    blocks = 0
+    t0 = time.perf_counter()
+    while blocks == 0 or time.perf_counter() - t0 < cpu_window_s:
+        if blocks:
+            session.rewind()
+        times.extend(time_steps(session.step, steps, device))
+        blocks += 1
+        if session.paired is not None:
+            from tokprof.kernels._common import skip_value_checks
+
+            with skip_value_checks():  # the eager loop's state after its first step (tokprof_decode_session)
+                for _ in range(steps):
+                    session.paired.round()
+    return times, blocks
+
+
 def measure_session(session: DecodeSession, *, model: str, framework: str, mode: str, backend: str, dtype: str,
                     batch: int, context: int, steps: int, warmup: int, prompt_len: int, device: torch.device,
                     energy: bool = True, energy_window_s: float = 1.0, meter: Any = None,
-                    idle_power_w: float | None = None, profile: bool = True) -> E2EMeasurement:
-    """Time `steps` steps of a warmed-up session, then its energy and busy fraction (each over the same range)."""
-    times = time_steps(session.step, steps, device)
+                    idle_power_w: float | None = None, profile: bool = True,
+                    cpu_window_s: float = CPU_WINDOW_S) -> E2EMeasurement:
+    """Time `steps` steps of a warmed-up session (on the CPU, blocks of them over `cpu_window_s`: timed_blocks),
+    then its energy and busy fraction (each over the same range)."""
+    times, blocks = timed_blocks(session, steps, device, cpu_window_s)
     median_us = float(np.median(times))
     p90_us = float(np.percentile(times, 90))
     if not (median_us > 0 and math.isfinite(median_us)):
@@ -241,17 +277,24 @@ def measure_session(session: DecodeSession, *, model: str, framework: str, mode:
     else:
         busy, busy_reason = None, "not profiled (profile=False)"
     first = prompt_len + warmup + 1
-    notes.append(f"{steps} timed steps attending {first}..{first + steps - 1} KV tokens after {warmup} warm-up steps; "
-                 f"median and p90 over all samples (no outlier removal: an end-to-end tail is real)")
+    notes.append(f"{steps} timed steps attending {first}..{first + steps - 1} KV tokens after {warmup} warm-up steps"
+                 + (f", rewound and timed {blocks} times over {cpu_window_s:g} s (a CPU's speed drifts)"
+                    if blocks > 1 else "")
+                 + "; median and p90 over all samples (no outlier removal: an end-to-end tail is real)")
+    paired = session.paired.results() if session.paired is not None else None
+    if paired is not None:
+        notes.append(f"paired kernel rounds: {session.paired.describe()}")
     if device.type == "cpu":
         notes.append(f"a CPU run on {device_name}: CPU figures, not GPU figures")
     return E2EMeasurement(
         model=model, gpu=gpu, framework=framework, mode=mode, backend=backend, dtype=dtype, batch=batch,
-        context=context, steps=steps, step_times_us=times, median_step_us=median_us, p90_step_us=p90_us,
+        context=context, steps=len(times), step_times_us=times, median_step_us=median_us, p90_step_us=p90_us,
         tokens_per_s_per_gpu=batch / (median_us * 1e-6), tokens_per_s_per_user=1.0 / (median_us * 1e-6),
         ttft_ms=session.ttft_ms, j_per_token=j_per_token, energy_reason=how, gpu_busy_fraction=busy,
         gpu_busy_reason=busy_reason, warmup_steps=warmup, prompt_len=prompt_len, context_first=first,
-        context_last=first + steps - 1, device=device_name, notes=notes)
+        context_last=first + steps - 1, device=device_name, notes=notes, blocks=blocks,
+        paired_kernels=[c.to_dict() for c in paired] if paired is not None else None,
+        paired_reason=None if paired is not None else session.paired_reason)
 
 
 def random_prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> torch.Tensor:
@@ -298,6 +341,8 @@ class PrefilledBatch:
     ttft_ms: float
     start: Any  # the Transformer's DecodeSnapshot right after the prefill
     notes: list[str]
+    batch: int = 0
+    context: int = 0  # the median KV length the timed steps attend
 
 
 def tokprof_prefill(model: Any, batch: int, context: int, steps: int, warmup: int, seed: int) -> PrefilledBatch:
@@ -317,7 +362,8 @@ def tokprof_prefill(model: Any, batch: int, context: int, steps: int, warmup: in
     ttft_ms = (time.perf_counter() - t0) * 1e3
     notes = [f"TTFT: prefill of the whole batch ({batch} x {prompt_len} tokens, sub-batches of {rows}) to its first "
              "tokens, into a KV cache allocated before the clock started"]
-    return PrefilledBatch(prompt_len=prompt_len, ttft_ms=ttft_ms, start=model.snapshot(), notes=notes)
+    return PrefilledBatch(prompt_len=prompt_len, ttft_ms=ttft_ms, start=model.snapshot(), notes=notes, batch=batch,
+                          context=context)
 
 
 def tokprof_decode_session(model: Any, prefilled: PrefilledBatch, warmup: int, mode: str) -> DecodeSession:
@@ -340,8 +386,16 @@ def tokprof_decode_session(model: Any, prefilled: PrefilledBatch, warmup: int, m
                      "slots back to the host ran in the batch's first decode step only (skip_value_checks after it), "
                      "so the timed steps hold no host synchronisation")
     snap = model.snapshot()
+    paired, paired_reason = None, "paired kernel rounds are for tokprof's eager loop on the CPU"
+    if mode == "eager" and model.device.type == "cpu":
+        from tokprof.models.e2e_paired import PairedSequence
+
+        paired, paired_reason = PairedSequence.for_point(
+            model.config, batch=prefilled.batch, context=prefilled.context, dtype=model.precision.label,
+            backend=model.backend, block_size=model.block_size, device=model.device)
+        model.restore(snap)  # the rounds' first calls ran untimed beside the state; nothing of it changed
     return DecodeSession(step=model.decode_step, rewind=lambda: model.restore(snap), ttft_ms=prefilled.ttft_ms,
-                         notes=notes)
+                         notes=notes, paired=paired, paired_reason=None if paired is not None else paired_reason)
 
 
 def tokprof_session(model: Any, batch: int, context: int, steps: int, warmup: int, mode: str, seed: int
@@ -369,7 +423,8 @@ def _check_e2e_args(model: Any, batch: int, context: int, steps: int, warmup: in
 
 def measure_e2e_modes(model: Any, batch: int, context: int, modes: list[str], steps: int = 32, *, warmup: int = 4,
                       seed: int = 0, energy: bool = True, energy_window_s: float = 1.0, meter: Any = None,
-                      idle_power_w: float | None = None, profile: bool = True) -> Iterator[E2EMeasurement]:
+                      idle_power_w: float | None = None, profile: bool = True,
+                      cpu_window_s: float = CPU_WINDOW_S) -> Iterator[E2EMeasurement]:
     """measure_e2e for each of `modes` at one (batch, context) from one prefill (the same TTFT for every mode):
     a prefill of 32 x 8k tokens of an 8B model takes seconds, so it is not repeated per mode.
 
@@ -379,7 +434,7 @@ def measure_e2e_modes(model: Any, batch: int, context: int, modes: list[str], st
     _check_e2e_args(model, batch, context, steps, warmup, modes)
     return _e2e_modes(model, batch, context, modes, steps, warmup, seed,
                       {"energy": energy, "energy_window_s": energy_window_s, "meter": meter,
-                       "idle_power_w": idle_power_w, "profile": profile})
+                       "idle_power_w": idle_power_w, "profile": profile, "cpu_window_s": cpu_window_s})
 
 
 def _e2e_modes(model: Any, batch: int, context: int, modes: list[str], steps: int, warmup: int, seed: int,
@@ -400,11 +455,12 @@ def _e2e_modes(model: Any, batch: int, context: int, modes: list[str], steps: in
 
 def measure_e2e(model: Any, batch: int, context: int, steps: int = 32, mode: str = "eager", *, warmup: int = 4,
                 seed: int = 0, energy: bool = True, energy_window_s: float = 1.0, meter: Any = None,
-                idle_power_w: float | None = None, profile: bool = True) -> E2EMeasurement:
+                idle_power_w: float | None = None, profile: bool = True,
+                cpu_window_s: float = CPU_WINDOW_S) -> E2EMeasurement:
     """Measure tokprof's Transformer end to end at (batch, context): see the module docstring for the method.
 
     mode "graph" replays the decode step as a CUDA graph (GPU only: RuntimeError on the CPU)."""
     (m,) = measure_e2e_modes(model, batch, context, [mode], steps, warmup=warmup, seed=seed, energy=energy,
                              energy_window_s=energy_window_s, meter=meter, idle_power_w=idle_power_w,
-                             profile=profile)
+                             profile=profile, cpu_window_s=cpu_window_s)
     return m

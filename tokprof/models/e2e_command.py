@@ -47,6 +47,7 @@ class E2EArgs:
     # Where the frameworks other than tokprof are measured; None: at every point.
     framework_points: list[tuple[int, int]] | None = None
     energy_window_s: float = 1.0  # seconds of decode steps inside one NVML window per point and mode
+    cpu_window_s: float = 1.5  # CPU: seconds of rewound blocks of timed steps per point and mode (e2e.CPU_WINDOW_S)
     kv_dtype: str | None = None  # "fp8": an e4m3 KV cache
     accuracy: bool = True  # a quantised model also measures its logit error against the unquantised one
 
@@ -210,7 +211,8 @@ def run_e2e(a: E2EArgs, console: Console, err_console: Console) -> tuple[list[E2
                     failed = False
                     try:  # the modes come one at a time: a graph capture that fails keeps the eager measurement
                         for m in measure_e2e_modes(model, batch, context, fw_modes, meter=meter, idle_power_w=idle_w,
-                                                   profile=a.profile, energy_window_s=a.energy_window_s, **kwargs):
+                                                   profile=a.profile, energy_window_s=a.energy_window_s,
+                                                   cpu_window_s=a.cpu_window_s, **kwargs):
                             keep(m)
                     except SWEEP_ERRORS as err:  # does not fit, too short a context, a kernel error: say so, go on
                         skip(what, f"{type(err).__name__}: {err}")
@@ -226,7 +228,8 @@ def run_e2e(a: E2EArgs, console: Console, err_console: Console) -> tuple[list[E2
                     try:
                         if fw == "transformers":
                             m = measure_transformers(model, batch, context, meter=meter, idle_power_w=idle_w,
-                                                     profile=a.profile, energy_window_s=a.energy_window_s, **kwargs)
+                                                     profile=a.profile, energy_window_s=a.energy_window_s,
+                                                     cpu_window_s=a.cpu_window_s, **kwargs)
                         else:
                             m = measure_vllm(model, batch, context, mode=mode, meter=meter, **kwargs)
                     except SWEEP_ERRORS as err:  # does not fit, too short a context: say so, go on

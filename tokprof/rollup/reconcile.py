@@ -410,7 +410,8 @@ def _predict(layers: dict[str, Layer], run: RunResult, point: Any, l4: Any, batc
         if name == "L4" and l4 is not None and l4.framework != "tokprof":
             layer.prediction_source = f"no prediction: L4 is {l4.framework}, not tokprof's loop of these kernels"
             continue
-        pred, why = predict_step(point, run.overhead, mode=mode, device_kind=kind)
+        paired = l4.paired_kernels if name == "L4" and l4 is not None and l4.mode == "eager" else None
+        pred, why = predict_step(point, run.overhead, mode=mode, device_kind=kind, paired=paired)
         if pred is None:
             layer.prediction_source = f"no prediction: {why}"
             continue

@@ -7,7 +7,10 @@ The inputs are a roll-up point (its kernel sum, op by op with counts) and the ov
 (tokprof.profiler.overhead); an end-to-end measurement is never an input, so the prediction can be held against one.
 
     CPU, eager   kernel sum + host work per step
-                 (every op is synchronous and each measured kernel time already holds its own dispatch)
+                 (every op is synchronous and each measured kernel time already holds its own dispatch). Where the
+                 end-to-end measurement timed the step's kernel calls in rounds between its blocks (`paired`,
+                 tokprof.models.e2e_paired: a CPU's speed drifts between the kernel phase and the e2e phase), the
+                 kernel sum is theirs: count x robust mean per call. Only kernel times; no step time is read.
     GPU, eager   max(kernel sum + bookkeeping kernels, dispatch sum + host work)
                  (the host issues calls while the GPU runs them: the slower of the two sets the step; dispatch sum =
                  sum over the plan of count x the op's measured dispatch)
@@ -33,7 +36,7 @@ GPU_TINY_KERNEL_US = 2.0
 class StepPrediction:
     mode: str  # "eager" | "graph"
     step_time_us: float
-    kernel_sum_us: float  # the roll-up point's step time (L2)
+    kernel_sum_us: float  # the kernel sum used: the roll-up point's (L2), or the paired rounds' on a CPU
     terms: dict[str, float] = field(default_factory=dict)  # every added term, us per step
     source: str = ""  # how it was computed, in words
     provenance: str = "modelled"
@@ -47,10 +50,28 @@ def _overhead(overhead: Any) -> Any:
     return Overhead.from_dict(overhead)
 
 
-def predict_step(point: Any, overhead: Any, *, mode: str, device_kind: str) -> tuple[StepPrediction | None, str | None]:
+def _paired_sum(point_ops: list[Any], paired: Any) -> tuple[float | None, str]:
+    """(count x robust mean summed over the paired calls, how) when they are the point's calls; (None, why not)."""
+    from tokprof.models.e2e_paired import PairedCall, paired_kernel_sum_us
+
+    if not paired:
+        return None, "no paired kernel rounds"
+    calls = [c if isinstance(c, PairedCall) else PairedCall.from_dict(c) for c in paired]
+    mine = sorted((o.op, o.count) for o in point_ops)
+    theirs = sorted((c.op, c.count) for c in calls)
+    if mine != theirs:
+        return None, "the paired kernel rounds are not this point's calls"
+    rounds = min(c.rounds for c in calls)
+    return paired_kernel_sum_us(calls), (f"the step's {sum(c.count for c in calls)} kernel calls timed in {rounds} rounds between "
+                                         "the end-to-end blocks, count x robust mean")
+
+
+def predict_step(point: Any, overhead: Any, *, mode: str, device_kind: str,
+                 paired: Any = None) -> tuple[StepPrediction | None, str | None]:
     """(the predicted step, None) or (None, why not) for `point` (a RollupPoint) run end to end in `mode`.
 
-    `overhead`: an Overhead (or its dict) measured on the same device, None when the run has none."""
+    `overhead`: an Overhead (or its dict) measured on the same device, None when the run has none. `paired`: the
+    PairedCall records (or dicts) of the end-to-end measurement, CPU eager only (module docstring)."""
     if mode not in ("eager", "graph"):
         raise ValueError(f"mode: expected 'eager' or 'graph', got {mode!r}")
     if device_kind not in ("cpu", "cuda"):
@@ -85,8 +106,13 @@ def predict_step(point: Any, overhead: Any, *, mode: str, device_kind: str) -> t
     if host is None:
         return None, "the overhead record has no host-work measurement"
     if device_kind == "cpu":
+        paired_us, how = _paired_sum(kernel_ops, paired)
+        if paired_us is not None:
+            kernels, what = paired_us, f"kernel sum ({how})"
+        else:
+            what = f"kernel sum (the kernel phase's medians; {how})"
         return StepPrediction(mode, kernels + host, kernels, {"host work": host},
-                              f"kernel sum + host work per step ({host:.4g} us at batch "
+                              f"{what} + host work per step ({host:.4g} us at batch "
                               f"{point.batch}, measured); each kernel time holds its dispatch already"), None
     missing = sorted({o.op for o in kernel_ops if oh.dispatch_us(o.op) is None})
     if missing:
