@@ -17,6 +17,7 @@ from tokprof.commands._app import (
     check_one_format,
     check_output,
     console,
+    err_console,
     fail,
     print_csv,
     quiet_console,
@@ -60,6 +61,9 @@ def compare(
     record: bool = typer.Option(False, "--record", help="Record NEW.json in the history after comparing."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (verdict rows, counts, notes) instead "
                                  "of the markdown."),
+    confirm: bool = typer.Option(True, "--confirm/--no-confirm", help="Re-measure here the kernels not judged SAME, "
+                                 "interleaved with anchor kernels, before a SLOW verdict stands (on the new run's "
+                                 "device and commit only; see docs/measurement.md)."),
 ) -> None:
     """Regression gate: SAME / FAST / SLOW / AMBIGUOUS per kernel and roll-up point (exit 1 on SLOW, 2 on bad input)."""
     from tokprof.profiler.schema import load_run, save_text_atomic
@@ -81,6 +85,11 @@ def compare(
             result = compare_against_history(new, runs[0], History(db), against, threshold=fraction)
         else:
             result = compare_files(runs[0], runs[1], threshold=fraction)
+        if confirm and any(r.gating and r.verdict != "SAME" for r in result.rows):
+            from tokprof.reports.confirm import confirm_comparison
+
+            err_console.print("[dim]re-measuring the flagged kernels here, interleaved with anchors ...[/]")
+            confirm_comparison(result, load_run(runs[-1]))
         if record:
             History(db).record_run(load_run(runs[-1]), runs[-1])
     except (CompareInputError, HistoryDatabaseError, ValueError) as err:

@@ -111,16 +111,19 @@ class Row:
     note: str = ""
     higher_is_better: bool = False
     noises: tuple = ()
+    key: tuple = ()  # the item's key (tokprof.reports.observations)
+    confirmed_delta: float | None = None  # the change re-measured here (tokprof.reports.confirm), when it was
 
 
 def _row(kind: str, item: str, metric: str, base: float, new: float, ranges: tuple | None, noises: tuple,
-         threshold: float, higher_is_better: bool, gating: bool, base_ref: str, note: str = "") -> Row:
+         threshold: float, higher_is_better: bool, gating: bool, base_ref: str, note: str = "",
+         key: tuple = ()) -> Row:
     delta = new / base - 1.0  # observations() keeps only positive, finite times and roofs
     tolerance = max([threshold, *[n for n in noises if n is not None]])
     overlap = range_overlap(*ranges) if ranges is not None else None
     return Row(kind, item, metric, base, new, delta, tolerance, overlap,
                verdict(delta, tolerance, overlap, higher_is_better), gating, base_ref, note, higher_is_better,
-               noises)
+               noises, key)
 
 
 # Between-run drift: the median kernel's log ratio (new / base) and the robust scatter of the kernels around it.
@@ -192,7 +195,7 @@ def compare_rows(base: dict[tuple, Observation], new: dict[tuple, Observation], 
         noises = (b.noise, n.noise)
         if not cross_generation:
             rows.append(_row(n.kind, n.label, "time us", b.time_us, n.time_us, _ranges(b, n), noises, threshold,
-                             False, True, b.run_ref))
+                             False, True, b.run_ref, key=key))
             continue
         if n.kind != "e2e":
             which = "measured" if b.t_roof_measured_us and n.t_roof_measured_us else "datasheet"
@@ -201,7 +204,7 @@ def compare_rows(base: dict[tuple, Observation], new: dict[tuple, Observation], 
                 # efficiency = t_roof / time, so a p10-p90 time range maps to a t_roof/p90 - t_roof/p10 range.
                 spread = _ranges(b, n, lambda x, r=rb: r / x, lambda x, r=rn: r / x)
                 rows.append(_row(n.kind, n.label, f"efficiency ({which} roofline)", rb / b.time_us, rn / n.time_us,
-                                 spread, noises, threshold, True, True, b.run_ref))
+                                 spread, noises, threshold, True, True, b.run_ref, key=key))
             else:
                 notes.append(f"{n.label}: no roofline time in one of the runs, efficiency not compared")
         if b.sm_mhz and n.sm_mhz:
@@ -209,7 +212,7 @@ def compare_rows(base: dict[tuple, Observation], new: dict[tuple, Observation], 
             spread = _ranges(b, n, lambda x, c=b.sm_mhz: x * c, lambda x, c=n.sm_mhz: x * c)
             rows.append(_row(n.kind, n.label, "SM cycles", b.time_us * b.sm_mhz, n.time_us * n.sm_mhz, spread,
                              noises, threshold, False, False, b.run_ref,
-                             f"clocks {b.sm_mhz:.0f} -> {n.sm_mhz:.0f} MHz"))
+                             f"clocks {b.sm_mhz:.0f} -> {n.sm_mhz:.0f} MHz", key=key))
         else:
             no_clock += 1
     if no_clock:
