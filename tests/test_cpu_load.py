@@ -32,6 +32,10 @@ def test_note_says_when_the_cpu_was_shared():
     assert busy.contended and "the CPU was shared" in busy.note()
     unknown = CpuLoadResult(wall_s=30.0, cores=2, self_cores=1.0, other_cores=None)
     assert not unknown.contended and "unknown" in unknown.note()
+    # A phase of a few ms (a cached ceiling): one tick of another process reads as 12 cores, within the resolution.
+    blink = CpuLoadResult(wall_s=0.0015, cores=2, self_cores=0.0, other_cores=12.34)
+    assert blink.resolution_cores > 12.34 and not blink.contended
+    assert CpuLoadResult(wall_s=2.0, cores=2, self_cores=1.0, other_cores=0.9).contended
 
 
 def _spin(seconds: float) -> None:

@@ -86,3 +86,75 @@ def test_simulator_schedules_the_server_steps_exactly(model):
     shape = [(s.num_decode, s.num_prefill_tokens, s.recompute_tokens) for s in served.steps]
     assert shape == [(s.num_decode, s.num_prefill_tokens, s.recompute_tokens) for s in sim.steps]
     assert served.summary.requests == sim.summary.requests == 7
+
+
+def test_a_paired_probe_leaves_outputs_and_timeline_alone(model):
+    """The step table timed between the server's steps (serving/probe.py): its own KV pool, so the outputs stay
+    those of generate; off the server's clock, so the steps' recorded times hold no probe time."""
+    from tokprof.serving.probe import PairedProbe, PausableClock
+
+    cfg = SchedulerConfig(num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=8)
+    lens, outs = [13, 5, 9, 3], [6, 9, 4, 7]
+    ps = prompts(1, lens)
+    want = [expected(model, p, n) for p, n in zip(ps, outs, strict=True)]
+    wl = Workload([Session(0.001 * i, [Turn(p, n)]) for i, (p, n) in enumerate(zip(ps, outs, strict=True))])
+    clock = PausableClock()
+    server = Server(model, cfg, clock=clock, sleep=clock.sleep)
+    probe = PairedProbe(model, clock, batches=[1, 4], contexts=[4, 16], chunks=[4, 8], every=1)
+    server_cache = model.cache
+    run = server.run(wl, SLO, between_steps=probe.after_step)
+    assert model.cache is server_cache  # given back after every probe step
+    got = {r.request_id: r.output for r in run.requests}
+    assert [got[i] for i in range(4)] == want
+    probed = sum(len(s) for s in probe.samples.values())
+    assert probed == len(run.steps) and clock.paused_s > 0
+    busy = sum(s.end_s - s.start_s for s in run.steps)
+    assert busy <= run.steps[-1].end_s  # the steps fit in the server's timeline: no probe time inside it
+    table = probe.table()
+    assert table.batches == [1, 4] and table.chunks == [4, 8] and table.repeats >= 3
+    assert all(t > 0 for row in table.decode_s for t in row) and "paired" in table.notes[1]
+    probe.reset()
+    assert not any(probe.samples.values())
+    with pytest.raises(ValueError, match="every: expected a positive int"):
+        PairedProbe(model, clock, batches=[1], contexts=[4], chunks=[4], every=0)
+
+
+def test_a_pausable_clock_stands_still_while_paused():
+    from tokprof.serving.probe import PausableClock
+
+    t = [10.0]
+    clock = PausableClock(base=lambda: t[0], sleep=lambda s: None)
+    assert clock() == 10.0
+    with clock.paused():
+        t[0] = 13.0
+    assert clock() == 10.0 and clock.paused_s == 3.0
+    t[0] = 14.5
+    assert clock() == 11.5
+
+
+def test_the_loop_overhead_is_the_server_loop_with_a_stub_runner(model):
+    from tokprof.serving.bench import BenchOptions
+    from tokprof.serving.loop_overhead import measure_loop_overhead
+    from tokprof.serving.simulator import Overhead
+
+    cfg = SchedulerConfig(num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=16)
+    server = Server(model, cfg)
+    real = server.runner
+    opts = BenchOptions(max_num_seqs=4, input_len="8", output_len="4")
+    per_step, how = measure_loop_overhead(server, opts, vocab_size=512)
+    assert server.runner is real  # given back
+    assert 0 < per_step < 0.05 and "stub runner" in how and "4 clients, 16 requests" in how
+    assert Overhead(loop_s=per_step).fixed_s == per_step and Overhead(stated_s=0.0, loop_s=1.0).fixed_s == 0.0
+    assert "stub runner" in Overhead(loop_s=per_step).describe(None)
+
+
+def test_table_steps_hold_scattered_distinct_blocks():
+    from tokprof.serving.step_time import table_blocks, table_plans
+
+    plans = table_plans([1, 4], [16, 40], [8], block_size=4, vocab=512)
+    assert [k for k, _ in plans] == [("decode", 0, 0), ("decode", 0, 1), ("decode", 1, 0), ("decode", 1, 1),
+                                     ("prefill", 0, 0)]
+    _, plan = plans[3]  # batch 4, context 40: 10 blocks each, 40 in all, shuffled
+    blocks = [b for c in plan.chunks for b in c.request.blocks]
+    assert sorted(blocks) == list(range(40)) and blocks != list(range(40))
+    assert table_blocks([1, 4], [16, 40], [8], 4) == 40

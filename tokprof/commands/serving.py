@@ -35,7 +35,8 @@ def serve_bench(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (modelled mode: the datasheet dtype)."),
     rates: str | None = typer.Option(None, "--rates", help="Request rates (req/s), e.g. 5,10,20 (default: 1/4, 1/2, "
                                      "3/4 and 1 x the capacity estimated from the step table)."),
-    num_requests: int = typer.Option(60, "--requests", min=1, help="Requests per rate."),
+    num_requests: int = typer.Option(120, "--requests", min=1, help="Requests per rate (120: a p90 over 12 tail "
+                                     "requests; fewer make the p90 TTFT comparison noisy)."),
     mode: str = typer.Option("poisson", "--mode", help="poisson (open loop at each rate), agentic (multi-turn "
                              "sessions reusing their context), concurrency (closed loop, --clients) or trace."),
     input_len: str = typer.Option("uniform:32:128", "--input-len", help="Prompt tokens: N, uniform:LO:HI or "
@@ -60,6 +61,9 @@ def serve_bench(
     clock: str = typer.Option("wall", "--clock", help="wall, or cpu: this thread's CPU time (a shared CPU measured "
                               "as if idle; --device cpu, --threads 1)."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch intra-op threads on the CPU."),
+    paired: bool = typer.Option(True, "--paired/--no-paired", help="Time the simulator's step table between the "
+                                "server's steps, off its clock (default; a CPU's speed drifts), or just before "
+                                "each rate."),
     efficiency: float = typer.Option(0.8, "--efficiency", help="Modelled mode: stated fraction of the roofline."),
     overhead_us: float | None = typer.Option(None, "--overhead-us", help="Per-step overhead added by the simulator, "
                                              "us (default: measured scheduler time; modelled mode: 0)."),
@@ -85,6 +89,7 @@ def serve_bench(
                         prefix_caching=prefix_caching, mode=mode, input_len=input_len, output_len=output_len,
                         turn_input_len=turn_input_len, turns=turns, think_s=think_s, clients=clients, trace=trace,
                         num_requests=num_requests, rates=_rates(rates), seed=seed, threads=threads, clock=clock,
+                        paired=paired,
                         efficiency=efficiency, overhead_us=overhead_us, usd_per_gpu_hour=usd_per_hour,
                         all_in_kw_per_gpu=all_in_kw)
     try:

@@ -42,8 +42,14 @@ class CpuLoadResult:
     other_cores: float | None  # mean cores busy outside this process; None where /proc/stat is unreadable
 
     @property
+    def resolution_cores(self) -> float:
+        """What /proc/stat's tick granularity allows over this window: two ticks (one at each end) over the wall
+        time. A window of a few ms reads 0 or 10+ cores busy; its figure says nothing."""
+        return 2.0 / os.sysconf("SC_CLK_TCK") / self.wall_s
+
+    @property
     def contended(self) -> bool:
-        return self.other_cores is not None and self.other_cores >= CONTENDED_CORES
+        return self.other_cores is not None and self.other_cores - self.resolution_cores >= CONTENDED_CORES
 
     def note(self) -> str:
         if self.other_cores is None:

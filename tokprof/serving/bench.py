@@ -20,6 +20,7 @@ from typing import Any
 from tokprof.serving import loadgen
 from tokprof.serving.engine import ServeRun
 from tokprof.serving.metrics import Slo
+from tokprof.serving.probe import PairedProbe, PausableClock
 from tokprof.serving.scheduler import SchedulerConfig
 from tokprof.serving.served import gap_split, max_rate_meeting_slo
 from tokprof.serving.simulator import Overhead, simulate
@@ -32,7 +33,10 @@ GOAL = {"throughput": 0.10, "median_tpot": 0.10, "p90_ttft": 0.20}
 # saturation and missed past it; 1 s to the first token leaves room for a few queued prefills. On a GPU: 2 s / 50 ms.
 CPU_SLO = Slo(ttft_s=1.0, tpot_s=0.05)
 GPU_SLO = Slo(ttft_s=2.0, tpot_s=0.05)
-RATE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of the estimated capacity: the last is at saturation
+# Of the estimated capacity: three below saturation and one well past it (the queue grows, throughput plateaus).
+# Not one at 1.0: near a utilisation of 1 queueing delay goes as 1 / (1 - utilisation), so a 3% error in the
+# service rate moves p90 TTFT by +50% to +170% there (measured), for the server as for any predictor of it.
+RATE_FRACTIONS = (0.25, 0.5, 0.75, 1.5)
 
 
 @dataclass
@@ -55,10 +59,11 @@ class BenchOptions:
     think_s: float = 0.0
     clients: int = 8  # concurrency mode
     trace: str | None = None
-    num_requests: int = 60
+    num_requests: int = 120
     rates: list[float] | None = None  # None: fractions of the estimated capacity
     seed: int = 0
     threads: int | None = 1
+    paired: bool = True  # measured mode: the step table timed between the server's steps, off its clock (probe.py)
     clock: str = "wall"  # wall | cpu (this thread's CPU time: a shared CPU measured as if idle; needs threads=1)
     efficiency: float = 0.8  # modelled mode
     overhead_us: float | None = None  # None: measured (scheduler host time); modelled mode default 0
@@ -210,11 +215,12 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
                 raise ValueError("clock: 'cpu' (thread CPU time) needs --device cpu and --threads 1 (all the work "
                                  "on the calling thread)")
             cpu_clock = ThreadCpuClock()
-            server = Server(model, cfg, clock=cpu_clock, sleep=cpu_clock.sleep)
+            clock = PausableClock(cpu_clock, cpu_clock.sleep)
             timer, timer_name = cpu_clock, cpu_clock.name
         else:
-            server = Server(model, cfg)
+            clock = PausableClock()
             timer, timer_name = time.perf_counter, "wall"
+        server = Server(model, cfg, clock=clock, sleep=clock.sleep)
         doc.update(gpu=_device_name(dev), mode="measured")
         log("warm-up and step table")
         server.warmup()
@@ -222,7 +228,10 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
         # tokens per sequence the pool holds at the full batch
         longest = cfg.num_blocks // opts.max_num_seqs * cfg.block_size
         contexts = sorted({c for c in (16, 64, 256, 1024) if c <= longest} | {min(longest, 1024)})
-        batches = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < opts.max_num_seqs} | {opts.max_num_seqs})
+        # Step time is concave in the batch at small batches: a sparse grid interpolated linearly reads a few % low
+        # between its points, which the server's queueing amplifies in TPOT. So the grid is dense where batches are.
+        batches = sorted({b for b in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if b < opts.max_num_seqs}
+                         | {opts.max_num_seqs})
         chunks = sorted({c for c in (16, 64) if c < opts.max_num_batched_tokens} | {opts.max_num_batched_tokens})
 
         def measure() -> MeasuredStepTable:
@@ -232,7 +241,19 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
         step_time = measure()
         doc["table"] = step_time.to_dict()
         doc["step_time"] = step_time.describe()
-        overhead = Overhead(stated_s=None if opts.overhead_us is None else opts.overhead_us * 1e-6)
+        probe = (PairedProbe(model, clock, batches=batches, contexts=contexts, chunks=chunks, seed=opts.seed,
+                             clock_name=timer_name) if opts.paired else None)
+        doc["paired"] = (f"per rate, the step table timed between the server's steps (one table step after each, "
+                         f"off the server's clock): the simulator's step times for that rate" if probe is not None
+                         else "per rate, the step table measured just before the server's run")
+        if opts.overhead_us is None:
+            from tokprof.serving.loop_overhead import measure_loop_overhead
+
+            loop_s, how = measure_loop_overhead(server, opts, vocab_size=config.vocab_size, seed=opts.seed)
+            overhead = Overhead(loop_s=loop_s)
+            doc["loop_overhead"] = {"per_step_s": loop_s, "how": how}
+        else:
+            overhead = Overhead(stated_s=opts.overhead_us * 1e-6)
     vocab = config.vocab_size
     capacity = capacity_per_s(step_time, opts)
     doc["capacity_estimate_per_s"] = capacity
@@ -243,10 +264,15 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
         measured = None
         point_table = step_time
         if server is not None:
-            if i:  # measured again just before each rate, so that a CPU load that drifts hits both sides alike
+            if i and probe is None:  # measured again just before each rate: a CPU that drifts hits both sides
                 point_table = measure()
             log(f"rate {rate:g}/s: serving {wl.num_requests} requests")
-            measured = server.run(wl, slo, energy_reason=_energy_reason(opts.device))
+            if probe is not None:
+                probe.reset()
+            measured = server.run(wl, slo, energy_reason=_energy_reason(opts.device),
+                                  between_steps=probe.after_step if probe is not None else None)
+            if probe is not None:  # the table measured while this rate was served (probe.py)
+                point_table = probe.table()
         predicted = simulate(wl, cfg, point_table, slo, overhead=overhead)
         doc["points"].append(_point(rate, wl, measured, predicted, point_table))
         if point_table is not step_time:

@@ -25,13 +25,23 @@ from tokprof.serving.traffic import Driver, Workload
 
 @dataclass
 class Overhead:
-    """Per-step host overhead: `stated_s` when given, else the scheduler's own measured host time per step."""
+    """Per-step host overhead: `stated_s` when given, else `loop_s` (the server loop's host time per step, measured
+    with a stub runner: tokprof.serving.loop_overhead), else the scheduler's own host time measured on the
+    simulator's calls (schedule() and update() only)."""
 
     stated_s: float | None = None
+    loop_s: float | None = None
+
+    @property
+    def fixed_s(self) -> float | None:
+        return self.stated_s if self.stated_s is not None else self.loop_s
 
     def describe(self, measured_s: float | None) -> str:
         if self.stated_s is not None:
             return f"per-step overhead {self.stated_s * 1e6:.0f} us (stated)"
+        if self.loop_s is not None:
+            return (f"per-step overhead {self.loop_s * 1e6:.0f} us (the server loop's host time per step, measured "
+                    "with a stub runner)")
         return f"per-step overhead {0 if measured_s is None else measured_s * 1e6:.0f} us (the scheduler's host " \
                "time, measured on the simulator's own calls)"
 
@@ -95,18 +105,18 @@ def simulate(workload: Workload, config: SchedulerConfig, step_time: StepTimeMod
         schedule_s = time.perf_counter() - h0
         start = now
         # as the server: the step runs from before schedule() to the end of the forward pass; update() follows
-        end = start + step_time.step_time_s(StepShape.of(plan)) + (
-            overhead.stated_s if overhead.stated_s is not None else schedule_s)
+        fixed = overhead.fixed_s
+        end = start + step_time.step_time_s(StepShape.of(plan)) + (fixed if fixed is not None else schedule_s)
         h1 = time.perf_counter()
         finished = sched.update(plan, sampled, end)
         update_s = time.perf_counter() - h1
         host_s += schedule_s + update_s
-        now = end + (0.0 if overhead.stated_s is not None else update_s)
+        now = end + (0.0 if fixed is not None else update_s)
         for req in finished:
             driver.finished(req)
         steps.append(step_record(plan, start, end))
         if fast_forward:
-            per_step = overhead.stated_s if overhead.stated_s is not None else host_s / len(steps)
+            per_step = overhead.fixed_s if overhead.fixed_s is not None else host_s / len(steps)
             now = _fast_forward(sched, driver, step_time, now, per_step, steps)
     sched.pool.check()
     summary = summarize(sched.finished, steps, slo, provenance="predicted",

@@ -73,9 +73,9 @@ def interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
 class MeasuredStepTable:
     batches: list[int]
     contexts: list[int]
-    decode_s: list[list[float]]  # [batch index][context index], median seconds of one decode step
+    decode_s: list[list[float]]  # [batch index][context index], seconds of one decode step (robust mean)
     chunks: list[int]
-    prefill_s: list[float]  # median seconds of one step holding one prefill chunk of that many tokens
+    prefill_s: list[float]  # seconds of one step holding one prefill chunk of that many tokens (robust mean)
     device: str
     repeats: int
     cpu_load_note: str | None = None
@@ -111,7 +111,7 @@ class MeasuredStepTable:
 
     def describe(self) -> str:
         return (f"measured on {self.device}: decode steps over batch {self.batches} x context {self.contexts}, "
-                f"prefill chunks of {self.chunks} tokens, median of {self.repeats}, interpolated")
+                f"prefill chunks of {self.chunks} tokens, robust mean of {self.repeats}+ samples, interpolated")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,56 +128,84 @@ def _fake_request(rid: int, tokens: int, vocab: int, rng: random.Random, decode:
     return Request(rid, ids, 1, 0.0)
 
 
+def table_blocks(batches: Sequence[int], contexts: Sequence[int], chunks: Sequence[int], block_size: int) -> int:
+    """KV blocks the largest synthetic step of a table needs."""
+    return max(max(batches) * cdiv(max(contexts), block_size), cdiv(max(chunks), block_size))
+
+
+def table_plans(batches: Sequence[int], contexts: Sequence[int], chunks: Sequence[int], *, block_size: int,
+                vocab: int, seed: int = 0) -> list[tuple[tuple[str, int, int], StepPlan]]:
+    """The table's synthetic steps: (("decode", batch index, context index) | ("prefill", chunk index, 0), plan).
+
+    Each shape's block ids are a shuffled range from 0 (their contents are whatever the pool holds: timing only):
+    a server's requests hold blocks scattered over its pool after a few admissions and completions, and a gather
+    from scattered blocks is slower than from consecutive ones."""
+    rng = random.Random(seed)
+    out: list[tuple[tuple[str, int, int], StepPlan]] = []
+    for bi, b in enumerate(batches):
+        for ci, ctx in enumerate(contexts):
+            reqs = []
+            per = cdiv(ctx, block_size)
+            ids = list(range(b * per))
+            rng.shuffle(ids)
+            for i in range(b):
+                r = _fake_request(i, ctx, vocab, rng, decode=True)
+                r.blocks = ids[i * per:(i + 1) * per]
+                reqs.append(r)
+            out.append((("decode", bi, ci), StepPlan([Chunk(r, ctx - 1, 1, True) for r in reqs], [])))
+    for ni, n in enumerate(chunks):
+        r = _fake_request(0, n, vocab, rng, decode=False)
+        r.blocks = list(range(cdiv(n, block_size)))
+        out.append((("prefill", ni, 0), StepPlan([], [Chunk(r, 0, n, True)])))
+    return out
+
+
+def table_from_samples(samples: Mapping[tuple[str, int, int], Sequence[float]], *, batches: Sequence[int],
+                       contexts: Sequence[int], chunks: Sequence[int], model: Any, repeats: int,
+                       cpu_load_note: str | None, notes: list[str]) -> MeasuredStepTable:
+    """A MeasuredStepTable of each shape's robust mean (keys as table_plans gives them): a request's time per
+    output token is a mean over its steps, and step times are right-skewed, so medians read 3% low on the CPU
+    (measured: table medians / the server's step times 0.97) and queueing amplifies that to -10% in TPOT; samples
+    above Q3 + 3 IQR (preemptions) are dropped (tokprof.models.e2e_paired.robust_mean)."""
+    from tokprof.models.e2e_paired import robust_mean
+
+    def typical(key: tuple[str, int, int]) -> float:
+        return statistics.fmean(samples[key])
+
+    decode_s = [[typical(("decode", bi, ci)) for ci in range(len(contexts))] for bi in range(len(batches))]
+    prefill_s = [typical(("prefill", ni, 0)) for ni in range(len(chunks))]
+    return MeasuredStepTable(list(batches), list(contexts), decode_s, list(chunks), prefill_s,
+                             device=str(model.device), repeats=repeats, cpu_load_note=cpu_load_note,
+                             context_axis="max" if model.backend == "torch" else "mean", notes=notes)
+
+
 def measure_step_table(runner: Any, *, batches: Sequence[int], contexts: Sequence[int], chunks: Sequence[int],
                        repeats: int = 5, seed: int = 0, clock: Callable[[], float] = time.perf_counter,
                        clock_name: str = "wall") -> MeasuredStepTable:
-    """Time `runner.execute` (tokprof.serving.engine.ModelRunner) on synthetic steps of each shape.
+    """Time `runner.execute` (tokprof.serving.engine.ModelRunner) on synthetic steps of each shape (table_plans).
 
-    Block ids are handed out from 0 for every shape (their contents are whatever the pool holds: timing only);
-    the pool must hold max(batches) x the blocks of max(contexts) + 1 tokens, and max(chunks) tokens."""
+    The pool must hold max(batches) x the blocks of max(contexts) + 1 tokens, and max(chunks) tokens."""
     from tokprof.profiler.cpu_load import CpuLoad
 
     model = runner.model
-    bs, vocab = model.block_size, model.config.vocab_size
     pool_blocks = runner.cache.k[0].shape[0]
-    rng = random.Random(seed)
-    need = max(max(batches) * cdiv(max(contexts), bs), cdiv(max(chunks), bs))
+    need = table_blocks(batches, contexts, chunks, model.block_size)
     if need > pool_blocks:
         raise ValueError(f"runner: its pool of {pool_blocks} blocks cannot hold the table's largest step "
                          f"({need} blocks)")
-
-    def timed(plan: StepPlan) -> float:
+    meter = CpuLoad.start()
+    samples: dict[tuple[str, int, int], list[float]] = {}
+    for key, plan in table_plans(batches, contexts, chunks, block_size=model.block_size,
+                                 vocab=model.config.vocab_size, seed=seed):
         runner.execute(plan)  # warm
-        samples = []
+        samples[key] = []
         for _ in range(repeats):
             t0 = clock()
             runner.execute(plan)
-            samples.append(clock() - t0)
-        return statistics.median(samples)
-
-    meter = CpuLoad.start()
-    decode_s = []
-    for b in batches:
-        row = []
-        for ctx in contexts:
-            reqs = []
-            per = cdiv(ctx, bs)
-            for i in range(b):
-                r = _fake_request(i, ctx, vocab, rng, decode=True)
-                r.blocks = list(range(i * per, (i + 1) * per))
-                reqs.append(r)
-            row.append(timed(StepPlan([Chunk(r, ctx - 1, 1, True) for r in reqs], [])))
-        decode_s.append(row)
-    prefill_s = []
-    for n in chunks:
-        r = _fake_request(0, n, vocab, rng, decode=False)
-        r.blocks = list(range(cdiv(n, bs)))
-        prefill_s.append(timed(StepPlan([], [Chunk(r, 0, n, True)])))
+            samples[key].append(clock() - t0)
     load = meter.stop()
-    return MeasuredStepTable(list(batches), list(contexts), decode_s, list(chunks), prefill_s,
-                             device=str(model.device), repeats=repeats, cpu_load_note=load.note(),
-                             context_axis="max" if model.backend == "torch" else "mean",
-                             notes=[f"clock: {clock_name}"])
+    return table_from_samples(samples, batches=batches, contexts=contexts, chunks=chunks, model=model,
+                              repeats=repeats, cpu_load_note=load.note(), notes=[f"clock: {clock_name}"])
 
 
 @dataclass
