@@ -373,3 +373,22 @@ def test_idle_power_is_bracketed_after_the_sweep():
     assert [n for n in run.notes if n.startswith(f"idle power bracketed: {before:.1f} W before")], run.notes
     assert bench._bracket_idle(meter, 2 * after, torch.device("cpu"), {"window_s": 0.5}, run) is not None
     assert "uncertain" in run.notes[-1]  # 50% apart: flagged
+
+
+def test_cpu_passes_merge_each_call_and_refuse_nonsense(tmp_path):
+    from tokprof.profiler.bench import bench_calls
+
+    calls = [("rms_norm", {"T": 2, "H": 64}, "fp32", "torch"), ("swiglu", {"T": 2, "I": 64}, "fp32", "torch")]
+    out = tmp_path / "run.json"
+    kernels, failures = bench_calls(calls, "cpu", timing_kwargs={"min_time_s": 0.02, "max_time_s": 0.06},
+                                    out=out, progress=False, cpu_passes=3)
+    assert not failures and len(kernels) == 2
+    for k in kernels:
+        assert k.timing.note.startswith("3 passes spread over the sweep") and k.timing.n_samples >= 30
+        assert k.roofline.time_us == k.timing.median_us
+    from tokprof.profiler.schema import load_run
+
+    saved = load_run(out)
+    assert [k.timing.median_us for k in saved.kernels] == [k.timing.median_us for k in kernels]
+    with pytest.raises(ValueError, match="cpu_passes: expected a positive int"):
+        bench_calls(calls, "cpu", cpu_passes=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,3 +93,22 @@ def test_the_cpu_prediction_takes_the_paired_kernel_sum_when_it_is_the_points() 
     other = [_paired("linear", 3, 120.0), _paired("rms_norm", 1, 15.0)]  # another point's calls: not used
     mixed, _ = predict_step(point, _overhead(50.0), mode="eager", device_kind="cpu", paired=other)
     assert mixed.step_time_us == pytest.approx(260) and "not this point's calls" in mixed.source
+
+
+def test_passes_of_one_point_merge_into_one_record() -> None:
+    from tokprof.models.e2e import merge_measurements
+
+    model = Transformer.random(TINY, device="cpu", dtype=torch.float32, backend="torch")
+    a = measure_e2e(model, batch=1, context=40, steps=4, warmup=2, energy=False, profile=False, cpu_window_s=0.05)
+    b = measure_e2e(model, batch=1, context=40, steps=4, warmup=2, energy=False, profile=False, cpu_window_s=0.05)
+    m = merge_measurements([a, b])
+    assert m.passes == 2 and m.blocks == a.blocks + b.blocks and m.step_times_us == a.step_times_us + b.step_times_us
+    assert m.median_step_us == pytest.approx(float(np.median(a.step_times_us + b.step_times_us)))
+    assert m.tokens_per_s_per_gpu == pytest.approx(1 / (m.median_step_us * 1e-6))
+    assert {c["rounds"] for c in m.paired_kernels} == {a.paired_kernels[0]["rounds"] + b.paired_kernels[0]["rounds"]}
+    assert m.notes[-1].startswith("merged: 2 passes")
+    again = merge_measurements([m, a])  # a merged record merges on: the passes add up, one note says so
+    assert again.passes == 3 and sum(n.startswith("merged: ") for n in again.notes) == 1
+    other = measure_e2e(model, batch=2, context=40, steps=4, warmup=2, energy=False, profile=False, cpu_window_s=0)
+    with pytest.raises(ValueError, match="passes of one item"):
+        merge_measurements([a, other])

@@ -68,6 +68,9 @@ def test_run_main_writes_run_report_and_history(tmp_path, capsys):
     assert {g for g, _ in other} == {"h100-sxm", "h200", "b200"}
     assert all(prov in ("modelled", "projected") for _, prov in other)
     assert [m["framework"] for m in run.e2e] == ["tokprof"]
+    # a CPU run measures end to end in passes spread over the phase, merged into one record per point
+    assert [m["passes"] for m in run.e2e] == [3] and run.e2e[0]["paired_kernels"]
+    assert all(k.timing.note.startswith("3 passes") for k in run.kernels)  # the kernels too
     assert run.reconciliation and run.reconciliation[0]["layers"][0]["name"] == "L0"
     assert any("CPU run" in n for n in run.notes)
     assert any("cores busy over the" in n for n in run.notes)  # how shared the CPU was, as found

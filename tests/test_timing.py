@@ -472,3 +472,28 @@ def test_clock_reasons_decode_and_sampler(monkeypatch):
     # the clock stayed above 75% of its max, but the card reported a power-cap slowdown inside the window
     assert sampler.throttled() is True and sampler.sm_mhz_min == 1900
     assert nvml.ClockSampler("cuda:0").throttled() is None  # never sampled: unknown
+
+
+def test_passes_merge_with_their_weights():
+    from tokprof.profiler.stats import MAX_STORED_SAMPLES
+
+    a, b = _fixed(10.0, 600), _fixed(20.0, 600)
+    even = timing.merge_timings([a, b])
+    assert even.n_samples == 1200 and len(even.samples_us) <= MAX_STORED_SAMPLES + 2
+    assert sum(s == 10.0 for s in even.samples_us) == sum(s == 20.0 for s in even.samples_us)
+    assert even.note.startswith("2 passes spread over the sweep")
+    weighted = timing.merge_timings([even, _fixed(30.0, 600)], [2, 1])  # the first part holds two passes
+    counts = {v: sum(s == v for s in weighted.samples_us) for v in (10.0, 20.0, 30.0)}
+    assert max(counts.values()) - min(counts.values()) <= 2  # a third each
+    assert weighted.note.startswith("3 passes") and weighted.median_us == 20.0
+    with pytest.raises(ValueError, match="weights: expected one positive int per part"):
+        timing.merge_timings([a, b], [1])
+    assert timing.merge_timings([a]) is a
+
+
+def _fixed(value: float, n: int):
+    from tokprof.profiler.schema import Timing
+
+    return Timing(samples_us=[value] * min(n, 256), n_samples=n, timer="perf_counter", mode="cpu", cold_l2=False,
+                  median_us=value, p10_us=value, p90_us=value, mean_us=value, noise=0.0, n_outliers=0,
+                  noise_target=0.005, met_noise_target=True, note="one pass")

@@ -253,6 +253,20 @@ def other_gpu_rows(run: RunResult, rc: RunConfig, console: Console) -> list[str]
     return notes
 
 
+E2E_CPU_PASSES = 3  # CPU: passes over the end-to-end points, each with 1/3 of e2e_cpu_window_s, merged
+
+
+def merge_passes(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """End-to-end records of several passes, those of one item merged (tokprof.models.e2e.merge_measurements), in
+    the order their items first came."""
+    from tokprof.models.e2e import E2EMeasurement, e2e_key, merge_measurements
+
+    groups: dict[tuple, list[E2EMeasurement]] = {}
+    for r in records:
+        groups.setdefault(e2e_key(r), []).append(E2EMeasurement.from_dict(r))
+    return [merge_measurements(parts).to_dict() for parts in groups.values()]
+
+
 def run_e2e_points(run: RunResult, rc: RunConfig, run_path: Path, console: Console) -> None:
     """End-to-end measurements of the model (tokprof graph/eager, transformers), appended to run.e2e as they come."""
     from tokprof.models.e2e_command import E2EArgs
@@ -268,16 +282,21 @@ def run_e2e_points(run: RunResult, rc: RunConfig, run_path: Path, console: Conso
         gc.collect()
         torch.cuda.empty_cache()
     from_dir = Path(rc.model).expanduser().is_dir()  # a Hugging Face directory: its real weights end to end
+    passes = E2E_CPU_PASSES if rc.device.type == "cpu" else 1
     args = E2EArgs(model=None if from_dir else rc.model, model_dir=rc.model if from_dir else None,
                    batches=rc.e2e_batches, contexts=rc.e2e_contexts,
                    modes=rc.e2e_modes, frameworks=rc.frameworks, steps=rc.e2e_steps, warmup=4, device=rc.device,
                    backend=rc.backend, dtype=rc.dtype, output=str(run_path), energy=rc.energy,
                    command=list(run.provenance.command), points=points, framework_points=rc.framework_points,
-                   energy_window_s=rc.e2e_energy_window_s, cpu_window_s=rc.e2e_cpu_window_s)
-    run_e2e_command(args, console, OutputConsole(stderr=True))
-    fresh = load_run(run_path)
+                   energy_window_s=rc.e2e_energy_window_s, cpu_window_s=rc.e2e_cpu_window_s / passes)
+    before = len(load_run(run_path).e2e)
+    for _ in range(passes):  # CPU: passes over the points, merged after each (an interrupted run keeps them)
+        run_e2e_command(args, console, OutputConsole(stderr=True))
+        fresh = load_run(run_path)
+        fresh.e2e = fresh.e2e[:before] + merge_passes(fresh.e2e[before:])
+        save_run(fresh, run_path)
     run.e2e = fresh.e2e
-    run.notes = fresh.notes
+    run.notes = list(dict.fromkeys(fresh.notes))
 
 
 def run_main(model: str | None = None, out_dir: str | Path = "tokprof-out", device: str = "auto", *,

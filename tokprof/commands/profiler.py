@@ -49,6 +49,8 @@ def bench(
     timeout_s: float = typer.Option(5.0, "--timeout-s", help="Longest sampling time per call, s (stops earlier "
                                     "at 0.5% noise)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random inputs."),
+    passes: int = typer.Option(3, "--passes", min=1, help="CPU: sweep this many times, each pass with 1/passes of "
+                               "--timeout-s, and merge each call's passes (a CPU's speed drifts for seconds)."),
     with_ceilings: bool = typer.Option(True, "--ceilings/--no-ceilings", help="Measure (or read cached) copy and "
                                        "GEMM ceilings for the measured roofline."),
     output: str | None = typer.Option(None, "-o", "--output", help="RunResult file to write (default "
@@ -109,7 +111,7 @@ def bench(
         kernels_done, failures = bench_mod.bench_calls(
             calls, dev, mode=mode, energy=energy, seed=seed, timing_kwargs=_timing(timeout_s),
             energy_kwargs={"window_s": energy_window_s}, spec=spec_for(run.provenance.device),
-            ceilings=run.ceilings, out=path, run=run)
+            ceilings=run.ceilings, out=path, run=run, cpu_passes=passes)
     except KeyboardInterrupt:
         interrupted(f"{len(run.kernels)} measurement(s) saved to {path}")
     if dev.type == "cpu":  # how shared the CPU was: `tokprof compare` will not call a change on a shared CPU SLOW

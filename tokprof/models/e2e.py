@@ -25,6 +25,7 @@ Frameworks: `tokprof` here; transformers and vLLM through tokprof.models.adapter
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -76,6 +77,7 @@ class E2EMeasurement:
     # PairedCall dicts), the kernel times of the L4 prediction; None with paired_reason where there are none.
     paired_kernels: list[dict[str, Any]] | None = None
     paired_reason: str | None = None
+    passes: int = 1  # separate passes merged into this record (merge_measurements)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -464,3 +466,48 @@ def measure_e2e(model: Any, batch: int, context: int, steps: int = 32, mode: str
                              energy_window_s=energy_window_s, meter=meter, idle_power_w=idle_power_w,
                              profile=profile, cpu_window_s=cpu_window_s)
     return m
+
+
+PASSES_NOTE = "merged: "
+
+
+def e2e_key(m: Mapping[str, Any]) -> tuple:
+    """What makes two end-to-end records the same item (tokprof.reports.observations' key)."""
+    return (m.get("model"), m.get("framework"), m.get("mode"), m.get("backend"), m.get("dtype"), m.get("batch"),
+            m.get("context"))
+
+
+def merge_measurements(parts: list[E2EMeasurement]) -> E2EMeasurement:
+    """One record from the passes of one item (`tokprof run` on a CPU measures each point in passes spread over
+    its end-to-end phase, so that a slow stretch of seconds moves one pass, not the point): the steps of every
+    pass together (median, p90 and tokens/s over them), blocks summed, the TTFT the median of the passes', the
+    paired kernel rounds merged (tokprof.models.e2e_paired.merge_paired)."""
+    from tokprof.models.e2e_paired import merge_paired
+
+    if not parts:
+        raise ValueError("parts: expected at least one E2EMeasurement, got none")
+    if len({e2e_key(p.to_dict()) for p in parts}) != 1:
+        raise ValueError("parts: expected passes of one item (same model, framework, mode, backend, dtype, batch, "
+                         "context)")
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    times = [t for p in parts for t in p.step_times_us]
+    median_us = float(np.median(times))
+    ttfts = [p.ttft_ms for p in parts if p.ttft_ms is not None]
+    energies = [(p.j_per_token, p.steps) for p in parts if p.j_per_token is not None]
+    busy = [p.gpu_busy_fraction for p in parts if p.gpu_busy_fraction is not None]
+    passes = sum(p.passes for p in parts)
+    notes = [n for n in dict.fromkeys(n for p in parts for n in p.notes) if not n.startswith(PASSES_NOTE)]
+    notes.append(f"{PASSES_NOTE}{passes} passes spread over the end-to-end phase (a CPU's speed drifts for seconds): "
+                 f"median and p90 over the {len(times)} steps of all of them; TTFT the median of the passes'")
+    paired = [p.paired_kernels for p in parts if p.paired_kernels]
+    return dataclasses.replace(
+        first, steps=len(times), step_times_us=times, median_step_us=median_us,
+        p90_step_us=float(np.percentile(times, 90)), tokens_per_s_per_gpu=first.batch / (median_us * 1e-6),
+        tokens_per_s_per_user=1.0 / (median_us * 1e-6), ttft_ms=float(np.median(ttfts)) if ttfts else None,
+        j_per_token=(sum(j * n for j, n in energies) / sum(n for _, n in energies)
+                     if len(energies) == len(parts) else None),
+        gpu_busy_fraction=float(np.mean(busy)) if busy else None, blocks=sum(p.blocks for p in parts),
+        paired_kernels=merge_paired(paired) if len(paired) == len(parts) else None, notes=notes, passes=passes)
+

@@ -69,6 +69,22 @@ def robust_mean(samples: Sequence[float]) -> tuple[float, int]:
     return float(kept.mean()), int(a.size - kept.size)
 
 
+def merge_paired(passes: Sequence[Sequence[PairedCall | Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """The paired calls of several passes of one point, call by call: the robust mean weighted by the samples each
+    pass kept, the median of the passes' medians, samples, drops and rounds summed."""
+    out = []
+    lists = [[c if isinstance(c, PairedCall) else PairedCall.from_dict(c) for c in p] for p in passes]
+    for calls in zip(*lists, strict=True):
+        kept = [c.samples - c.dropped for c in calls]
+        first = calls[0]
+        out.append(PairedCall(op=first.op, shape=first.shape, dtype=first.dtype, count=first.count,
+                              mean_us=sum(c.mean_us * k for c, k in zip(calls, kept, strict=True)) / max(1, sum(kept)),
+                              median_us=float(np.median([c.median_us for c in calls])),
+                              samples=sum(c.samples for c in calls), dropped=sum(c.dropped for c in calls),
+                              rounds=sum(c.rounds for c in calls)).to_dict())
+    return out
+
+
 def paired_kernel_sum_us(calls: Sequence[PairedCall | Mapping[str, Any]]) -> float:
     """Sum over the calls of count x robust mean: one step's kernel time as the paired rounds measured it."""
     total = 0.0

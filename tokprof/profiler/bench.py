@@ -43,6 +43,7 @@ from tokprof.profiler.schema import (
     KernelMeasurement,
     Provenance,
     RunResult,
+    Timing,
     mark_interrupted,
     save_run,
 )
@@ -136,8 +137,12 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
              device: str | torch.device, *, mode: str = "events", energy: bool = False, meter: Any = None,
              idle_power_w: float | None = None, seed: int = 0, timing_kwargs: dict[str, Any] | None = None,
              spec: GpuSpec | None | str = AUTO, ceilings: Ceilings | None = None,
-             energy_kwargs: dict[str, Any] | None = None) -> KernelMeasurement:
+             energy_kwargs: dict[str, Any] | None = None, prior: Timing | None = None,
+             prior_passes: int = 1) -> KernelMeasurement:
     """Measure one kernel call: timing, roofline and (with `energy=True`) energy per call.
+
+    `prior`: the same call's timing from the `prior_passes` earlier passes of a sweep (bench_calls' `cpu_passes`),
+    merged with this pass's (timing.merge_timings) before the roofline is computed.
 
     `shape` may be partial (the op's default fills the rest); `dtype` "fp32" | "fp16" | "bf16" or a torch dtype;
     `spec` AUTO looks the device up in the spec table, None means no datasheet figures; `timing_kwargs` go to
@@ -173,6 +178,8 @@ def bench_op(op: str, shape: Mapping[str, int], dtype: str | torch.dtype, backen
     if mode == "graph":
         kwargs = graph_kwargs | {"bytes_touched": int(min_bytes)}
     measured = timing.measure(call, inputs, device=dev, mode=mode, **kwargs)
+    if prior is not None:
+        measured = timing.merge_timings([prior, measured], [prior_passes, 1])
     graph_timing = None
     graph_failed = ""
     # One capture of the rotating copies serves the graph-mode timing and the energy window.
@@ -259,12 +266,16 @@ def explain_cache(point: Any, resident_bytes: int | None, how: str) -> None:
 
 def bench_sequence(calls: Sequence[Call], device: str | torch.device = "cpu", *, seed: int = 0,
                    timing_kwargs: dict[str, Any] | None = None, ceilings: Ceilings | None = None,
-                   keep: Callable[[Call], bool] | None = None) -> tuple[list[KernelMeasurement], list[Failure]]:
+                   keep: Callable[[Call], bool] | None = None,
+                   prior: Mapping[tuple[Any, ...], tuple[Timing, int]] | None = None
+                   ) -> tuple[list[KernelMeasurement], list[Failure]]:
     """CPU: measure the calls of one decode step round-robin (timing.measure_sequence), so that each call meets the
     caches the other calls of the step leave; returns (measurements of the calls `keep` accepts, failures).
 
     A call that fails its first run is a Failure and leaves the sequence. `timing_kwargs` as for bench_op
-    (min_samples, min_time_s, max_time_s, noise_target; warm-up and flush options do not apply)."""
+    (min_samples, min_time_s, max_time_s, noise_target; warm-up and flush options do not apply). `prior`: by
+    KernelMeasurement.key(), a call's timing from earlier passes and how many passes it holds, merged with this
+    pass's (timing.merge_timings)."""
     dev = torch.device(device)
     if dev.type != "cpu":
         raise ValueError(f"device: sequence timing is for the CPU, got {dev}")
@@ -294,6 +305,9 @@ def bench_sequence(calls: Sequence[Call], device: str | torch.device = "cpu", *,
     for (op, shape, dname, backend), measured in zip(kept_calls, timings, strict=True):
         if keep is not None and not keep((op, shape, dname, backend)):
             continue
+        earlier = (prior or {}).get((op, tuple(sorted(shape.items())), dname, backend))
+        if earlier is not None:
+            measured = timing.merge_timings([earlier[0], measured], [earlier[1], 1])
         flops, min_bytes = get_op(op).cost(shape, parse_dtype(dname))
         point = roofline(int(flops), int(min_bytes), measured.median_us, spec=None, ceilings=ceilings,
                          dtype=math_dtype(op, dname, None))
@@ -420,8 +434,12 @@ def bench_calls(calls: Sequence[Call], device: str | torch.device = "cuda", *, m
                 ceilings: Ceilings | None = None, out: str | Path | None = None, run: RunResult | None = None,
                 cache: dict[tuple[Any, ...], KernelMeasurement | Failure] | None = None,
                 on_result: Callable[[KernelMeasurement | Failure], None] | None = None,
-                progress: bool = True) -> tuple[list[KernelMeasurement], list[Failure]]:
+                progress: bool = True, cpu_passes: int = 1) -> tuple[list[KernelMeasurement], list[Failure]]:
     """Measure every (op, shape, dtype, backend) call, once each; return (measurements, failures).
+
+    `cpu_passes` > 1 (CPU only): the sweep is made that many times, each pass with 1/cpu_passes of the timing
+    budget (min_time_s, max_time_s), and each call's passes are merged (timing.merge_timings): a CPU whose speed
+    drifts for seconds at a time then moves one pass of a call, not its median (docs/measurement.md, "CPU runs").
 
     With `out`, the RunResult (`run`, or a new one) is saved atomically after every call, so an interrupted or
     crashed sweep leaves a valid file. A call that raises RuntimeError (out of memory included) or ValueError is
@@ -431,6 +449,13 @@ def bench_calls(calls: Sequence[Call], device: str | torch.device = "cuda", *, m
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
         dev = torch.device("cuda", torch.cuda.current_device())
+    if isinstance(cpu_passes, bool) or not isinstance(cpu_passes, int) or cpu_passes < 1:
+        raise ValueError(f"cpu_passes: expected a positive int, got {cpu_passes!r}")
+    passes = cpu_passes if dev.type == "cpu" else 1
+    if passes > 1:
+        timing_kwargs = dict(timing_kwargs or {})
+        for name, default in (("min_time_s", 0.1), ("max_time_s", 5.0)):
+            timing_kwargs[name] = timing_kwargs.get(name, default) / passes
     normalised = [_normalise(c, i) for i, c in enumerate(calls)]
     if out is not None and run is None:
         run = new_run(sys.argv, dev)
@@ -509,10 +534,47 @@ def bench_calls(calls: Sequence[Call], device: str | torch.device = "cuda", *, m
             if on_result is not None:
                 on_result(result)
             bar.advance(task)
+        if passes > 1 and kernels:
+            _more_passes(kernels, passes, dev, seed, timing_kwargs, datasheet, ceilings, run, cache, mode, save,
+                         bar, task)
     if meter is not None and idle_power_w is not None and kernels:
         _bracket_idle(meter, idle_power_w, dev, energy_kwargs, run)
         save()
     return kernels, failures
+
+
+def _more_passes(kernels: list[KernelMeasurement], passes: int, dev: torch.device, seed: int,
+                 timing_kwargs: dict[str, Any], datasheet: GpuSpec | None, ceilings: Ceilings | None,
+                 run: RunResult | None, cache: dict[tuple[Any, ...], Any], mode: str, save: Callable[[], None],
+                 bar: Progress, task: Any) -> None:
+    """Passes 2..`passes` of a CPU sweep (bench_calls): each kernel measured again and merged with its earlier
+    passes, in place in `kernels`, `run.kernels` and `cache`; saved after every call. Interrupted, each kernel keeps
+    the passes it has (its note says how many)."""
+    bar.update(task, total=len(kernels) * passes)
+    held = [1] * len(kernels)  # passes each kernel's timing holds
+    for p in range(2, passes + 1):
+        for i, k in enumerate(kernels):
+            bar.update(task, description=f"{_describe(k.op, k.shape, k.dtype, k.backend)} (pass {p})")
+            try:
+                again = bench_op(k.op, k.shape, k.dtype, k.backend, dev, mode=mode, seed=seed,
+                                 timing_kwargs=timing_kwargs, spec=datasheet, ceilings=ceilings, prior=k.timing,
+                                 prior_passes=held[i])
+            except KeyboardInterrupt:
+                if run is not None:
+                    run.notes.append(f"interrupted in pass {p} of {passes}: each kernel keeps the passes it finished")
+                    mark_interrupted(run, f"pass {p} of the kernel benchmark")
+                save()
+                raise
+            except SWEEP_ERRORS as err:  # measured before, failed now: keep the passes it has, say so
+                k.timing.note += f"; pass {p} failed ({type(err).__name__}: {err})"
+                continue
+            held[i] += 1
+            if run is not None:
+                run.kernels = [again if x is k else x for x in run.kernels]
+            cache[call_key(k.op, k.shape, k.dtype, k.backend, str(dev), mode)] = again
+            kernels[i] = again
+            save()
+            bar.advance(task)
 
 
 def _bracket_idle(meter: Any, before_w: float, dev: torch.device, energy_kwargs: dict[str, Any] | None,

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -201,6 +201,36 @@ def _timing(samples: list[float], rule: StopRule, elapsed_s: float, *, timer: st
                   n_outliers=stats["n_outliers"], noise_target=rule.noise_target,
                   met_noise_target=stats["met_noise_target"], calls_per_sample=calls_per_sample,
                   note="; ".join([rule.reason(samples, elapsed_s), *notes]))
+
+
+def merge_timings(parts: Sequence[Timing], weights: Sequence[int] | None = None) -> Timing:
+    """One Timing from the measurements of one call in several passes spread over a sweep (CPU: a machine whose
+    speed drifts for seconds at a time moves one pass, not the call's median). `weights`: passes each part holds
+    (1 each by default; a part merged before holds several). Each part gives a share of MAX_STORED_SAMPLES stored
+    samples in proportion to its weight, evenly spaced in time; the statistics are over those together."""
+    from tokprof.profiler.stats import MAX_STORED_SAMPLES
+
+    if not parts:
+        raise ValueError("parts: expected at least one Timing, got none")
+    weights = list(weights) if weights is not None else [1] * len(parts)
+    if len(weights) != len(parts) or any(w < 1 for w in weights):
+        raise ValueError(f"weights: expected one positive int per part, got {weights!r}")
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    samples: list[float] = []
+    for t, w in zip(parts, weights, strict=True):
+        share = max(2, round(MAX_STORED_SAMPLES * w / sum(weights)))
+        samples += bounded_sample(t.samples_us, share) if len(t.samples_us) > share else list(t.samples_us)
+    stats = summarize(samples, first.noise_target)
+    passes = sum(weights)
+    note = (f"{passes} passes spread over the sweep, statistics over their stored samples; first: "
+            f"{first.note.split('; first: ')[-1]}")
+    return Timing(samples_us=samples, n_samples=sum(t.n_samples or len(t.samples_us) for t in parts),
+                  timer=first.timer, mode=first.mode, cold_l2=first.cold_l2, median_us=stats["median_us"],
+                  p10_us=stats["p10_us"], p90_us=stats["p90_us"], mean_us=stats["mean_us"], noise=stats["noise"],
+                  n_outliers=stats["n_outliers"], noise_target=first.noise_target,
+                  met_noise_target=stats["met_noise_target"], calls_per_sample=first.calls_per_sample, note=note)
 
 
 def host_time_us(call: Callable[[Any], Any], inputs: Any, device: torch.device, repeats: int = 16) -> float:

@@ -162,36 +162,55 @@ def rollup_points(config: ModelConfig, batches: Sequence[int], contexts: Sequenc
     return points, notes
 
 
+CPU_PASSES = 3  # passes over the points of a CPU sweep (_bench_cpu_sequences)
+
+
 def _bench_cpu_sequences(config: ModelConfig, batches: Sequence[int], contexts: Sequence[int], run: RunResult,
                          todo: list[tuple[Any, ...]], dname: str, tp: int, block_size: int, backend: str, seed: int,
                          timing_kwargs: dict[str, Any] | None, ceilings: Ceilings | None,
                          out: str | Path | None) -> None:
     """CPU: each point's kernel calls timed round-robin in step order; a call shared by points keeps the first
-    point's measurement (the others still run in their sequences, so every call meets a whole step's caches)."""
+    point's measurement (the others still run in their sequences, so every call meets a whole step's caches).
+
+    In CPU_PASSES passes over the points, each with 1/CPU_PASSES of the timing budget, each call's passes merged
+    (timing.merge_timings): a CPU whose speed drifts for seconds at a time then moves one pass of a point, not its
+    kernels' medians. Saved after every point of every pass."""
     from tokprof.profiler.bench import bench_sequence
 
+    kw = dict(timing_kwargs or {})
+    for name, default in (("min_time_s", 0.1), ("max_time_s", 5.0)):
+        kw[name] = kw.get(name, default) / CPU_PASSES
     wanted = {(op, tuple(sorted(shape.items())), dt, be) for op, shape, dt, be in todo}
-    for batch in batches:
-        for context in contexts:
-            plan = tp_step(config, batch, context, dname, tp, block_size)[0]
-            calls = [(c.op, c.shape, c.dtype, backend) for c in plan]
-
-            def keep(call: tuple[Any, ...]) -> bool:
-                return (call[0], tuple(sorted(call[1].items())), call[2], call[3]) in wanted
-
-            if not any(keep(c) for c in calls):
-                continue
-            kernels, failures = bench_sequence(calls, run.provenance.device.kind, seed=seed,
-                                               timing_kwargs=timing_kwargs, ceilings=ceilings, keep=keep)
-            for k in kernels:
-                wanted.discard(k.key())
-            run.kernels.extend(kernels)
-            run.failures.extend(f for f in failures if (f.op, tuple(sorted(f.shape.items())), f.dtype, f.backend)
-                                in wanted)
-            for f in failures:
-                wanted.discard((f.op, tuple(sorted(f.shape.items())), f.dtype, f.backend))
-            if out is not None:
-                save_run(run, out)
+    owner: dict[tuple[int, int], set[tuple[Any, ...]]] = {}  # the calls each point measures (first point wins)
+    held: dict[tuple[Any, ...], tuple[Any, int]] = {}  # key -> (timing so far, passes it holds)
+    for pass_no in range(1, CPU_PASSES + 1):
+        for batch in batches:
+            for context in contexts:
+                plan = tp_step(config, batch, context, dname, tp, block_size)[0]
+                calls = [(c.op, c.shape, c.dtype, backend) for c in plan]
+                if pass_no == 1:
+                    mine = {k for k in ((c[0], tuple(sorted(c[1].items())), c[2], c[3]) for c in calls)
+                            if k in wanted}
+                    wanted -= mine
+                    owner[(batch, context)] = mine
+                mine = owner.get((batch, context), set())
+                if not mine:
+                    continue
+                kernels, failures = bench_sequence(calls, run.provenance.device.kind, seed=seed, timing_kwargs=kw,
+                                                   ceilings=ceilings, prior=held,
+                                                   keep=lambda c, m=mine: (c[0], tuple(sorted(c[1].items())), c[2],
+                                                                           c[3]) in m)
+                fresh = {k.key(): k for k in kernels}
+                for k in kernels:
+                    held[k.key()] = (k.timing, held.get(k.key(), (None, 0))[1] + 1)
+                if pass_no == 1:
+                    run.kernels.extend(kernels)
+                    run.failures.extend(f for f in failures if (f.op, tuple(sorted(f.shape.items())), f.dtype,
+                                                                 f.backend) in mine)
+                else:
+                    run.kernels = [fresh.get(k.key(), k) for k in run.kernels]
+                if out is not None:
+                    save_run(run, out)
 
 
 def _run_memory(run: RunResult, config: ModelConfig, batch: int, context: int, dtype: str, tp: int,
