@@ -2,6 +2,7 @@
 
     python scripts/aa_gate.py --bench-pairs 10 --run-pairs 10          # the acceptance figures (idle machine)
     python scripts/aa_gate.py --bench-pairs 2 --run-pairs 1 --timeout-s 0.5
+    python scripts/aa_gate.py --from DIR       # judge again the pairs a run with --keep DIR measured (compare only)
 
 Each pair runs the same `tokprof bench` (the command of issue 14, CPU, short timeouts) or `tokprof run --no-report`
 twice back to back, then `tokprof compare A B`, and tallies the gating verdicts (SAME / AMBIGUOUS / SLOW / FAST, from
@@ -47,9 +48,9 @@ def verdicts_of(markdown: str) -> Counter:
 
 
 def one_pair(kind: str, index: int, work: Path, env: dict[str, str], timeout_s: float,
-             limit_s: float) -> dict:
+             limit_s: float, measure: bool = True) -> dict:
     paths = []
-    for side in ("a", "b"):
+    for side in ("a", "b") if measure else ():
         if kind == "bench":
             path = work / f"bench-{index}-{side}.json"
             args = ["bench", "--op", BENCH_OPS, "--device", "cpu", *[a for s in BENCH_SHAPES for a in ("--shape", s)],
@@ -65,6 +66,9 @@ def one_pair(kind: str, index: int, work: Path, env: dict[str, str], timeout_s: 
             (path,) = sorted(path.glob("run-*.json"))
         paths.append(path)
         print(f"  {kind} {index}{side}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if not measure:  # the files a run with --keep left
+        paths = [work / f"bench-{index}-{s}.json" for s in "ab"] if kind == "bench" else \
+            [sorted((work / f"run-{index}-{s}").glob("run-*.json"))[0] for s in "ab"]
     cmp = tokprof(["compare", str(paths[0]), str(paths[1])], env, 300)
     if cmp.returncode not in (0, 1):
         raise RuntimeError(f"{kind} pair {index}: compare exit {cmp.returncode}: {cmp.stderr[-2000:]}")
@@ -84,6 +88,8 @@ def main() -> int:
     ap.add_argument("--timeout-s", type=float, default=1.0, help="bench --timeout-s per call (the issue's: 1)")
     ap.add_argument("--limit-s", type=float, default=1800.0, help="longest one command may take")
     ap.add_argument("--keep", type=Path, default=None, help="keep the RunResults in this folder")
+    ap.add_argument("--from", dest="source", type=Path, default=None,
+                    help="judge again the pairs kept in this folder (--keep of an earlier run): compare only")
     args = ap.parse_args()
     if args.bench_pairs < 0 or args.run_pairs < 0 or not args.timeout_s > 0:
         ap.error("pairs must be >= 0 and --timeout-s > 0")
@@ -92,8 +98,15 @@ def main() -> int:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         env["TOKPROF_HISTORY_DB"] = str(work / "history.db")
-        pairs = [one_pair("bench", i, work, env, args.timeout_s, args.limit_s) for i in range(args.bench_pairs)]
-        pairs += [one_pair("run", i, work, env, args.timeout_s, args.limit_s) for i in range(args.run_pairs)]
+        if args.source is not None:
+            work = args.source
+            env["TOKPROF_HISTORY_DB"] = str(work / "history.db")
+            counts = {k: len({p.name.rsplit("-", 1)[0] for p in work.glob(f"{k}-*-a*")}) for k in ("bench", "run")}
+            pairs = [one_pair(k, i, work, env, args.timeout_s, args.limit_s, measure=False)
+                     for k in ("bench", "run") for i in range(counts[k])]
+        else:
+            pairs = [one_pair("bench", i, work, env, args.timeout_s, args.limit_s) for i in range(args.bench_pairs)]
+            pairs += [one_pair("run", i, work, env, args.timeout_s, args.limit_s) for i in range(args.run_pairs)]
     summary: dict = {"load_avg_1m": os.getloadavg()[0], "cores": os.cpu_count(), "pairs": pairs}
     for kind in ("bench", "run"):
         mine = [p for p in pairs if p["kind"] == kind]

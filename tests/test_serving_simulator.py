@@ -134,3 +134,20 @@ def test_fast_forward_changes_nothing():
         assert [(s.num_decode, s.num_prefill_tokens) for s in fast.steps] == \
             [(s.num_decode, s.num_prefill_tokens) for s in slow.steps]
         assert fast.summary.preemptions == slow.summary.preemptions
+
+
+def test_modelled_step_defaults_to_the_step_model_of_rollup_modelled():
+    """No stated efficiency: the step model that `rollup --modelled` and `validate` use, per-step overhead and all,
+    so a served prediction and a roll-up point of the same decode step agree."""
+    from tokprof.rollup.project import modelled
+    from tokprof.rollup.step_model import StepModel
+
+    config = ModelConfig.from_name("llama-3.1-8b")
+    st = ModelledStepTime(config, "h100", dtype="bf16")
+    point = modelled(config, "h100", [8], [1024], "bf16", step_model=StepModel(execution="graph"))[0]
+    assert st.step_time_s(StepShape(8, 1024, 0, 0, 0)) == pytest.approx(point.step_time_us * 1e-6, rel=1e-6)
+    assert "step model" in st.describe() and "per-step overhead" in st.describe()
+    stated = ModelledStepTime(config, "h100", dtype="bf16", overhead_s=0.0)  # a stated overhead replaces the model's
+    assert stated.step_time_s(StepShape(8, 1024, 0, 0, 0)) < st.step_time_s(StepShape(8, 1024, 0, 0, 0))
+    with pytest.raises(ValueError, match="overhead_s: expected seconds >= 0"):
+        ModelledStepTime(config, "h100", overhead_s=-1.0)

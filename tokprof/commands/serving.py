@@ -64,7 +64,9 @@ def serve_bench(
     paired: bool = typer.Option(True, "--paired/--no-paired", help="Time the simulator's step table between the "
                                 "server's steps, off its clock (default; a CPU's speed drifts), or just before "
                                 "each rate."),
-    efficiency: float = typer.Option(0.8, "--efficiency", help="Modelled mode: stated fraction of the roofline."),
+    efficiency: float | None = typer.Option(None, "--efficiency", help="Modelled mode: a stated flat fraction of "
+                                            "the roofline for every op (default: tokprof's step model, the one "
+                                            "`rollup --modelled` uses, with its per-step overhead)."),
     overhead_us: float | None = typer.Option(None, "--overhead-us", help="Per-step overhead added by the simulator, "
                                              "us (default: measured scheduler time; modelled mode: 0)."),
     usd_per_hour: float | None = typer.Option(None, "--usd-per-hour", help="Stated $ per device-hour (overrides the "

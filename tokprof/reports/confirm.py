@@ -23,8 +23,11 @@ SAME rows whose change is closest to the run's drift), interleaved so that all o
 The confirmed change is ratio_now / ratio_base - 1, with ratio_base = the flagged kernel's base time / the geometric
 mean of the anchors' base times: the machine's speed now cancels in the ratio. Within the row's tolerance: SAME
 ("re-measured"); beyond it in the direction first seen: the verdict stands (confirmed); beyond it the other way:
-AMBIGUOUS. A flagged roll-up point is judged again by its ops' changes weighted by their share of the step, the
-re-measured kernels' changes confirmed. End-to-end items are not re-measured (a model would have to be built).
+AMBIGUOUS. A re-measurement never escalates a verdict: an AMBIGUOUS row stays AMBIGUOUS at worst. A flagged roll-up
+point is judged again by its ops' changes weighted by their share of the step, the
+re-measured kernels' changes confirmed. A flagged end-to-end item (tokprof's loop or transformers', on the run's
+model with random weights: timing does not depend on their values) is measured again E2E_ROUNDS times, each round
+also measuring up to E2E_ANCHORS SAME end-to-end items, and judged by the same ratio.
 
 Re-measuring is only meaningful where the new run was made: the same device (by name) and, when both are known,
 the same commit as this checkout. Otherwise nothing is re-measured and a note says why.
@@ -41,12 +44,15 @@ import numpy as np
 import torch
 
 from tokprof.profiler.schema import KernelMeasurement, RunResult
-from tokprof.reports.compare import AMBIGUOUS, FAST, SAME, SLOW, Comparison, Row
+from tokprof.reports.compare import AMBIGUOUS, CPU_E2E_PROCESS_NOISE, FAST, SAME, SLOW, Comparison, Row
 
 CONFIRM_ROUNDS = 7
 CONFIRM_WINDOW_S = 0.05  # per kernel per round
 ANCHORS = 3
-SEQUENCE_S = 1.0  # a step's sequence timed again for this long
+E2E_ROUNDS = 3
+E2E_WINDOW_S = 0.3  # seconds of timed steps per end-to-end item per round
+E2E_ANCHORS = 2
+SEQUENCE_S = 2.0  # a step's sequence timed again for this long
 MAX_FLAGGED = 24  # kernels re-measured at most (the largest changes first); the rest keep their verdicts
 POINT_SHARE = 0.05  # a flagged point's kernels with at least this share of its step are re-measured
 
@@ -154,17 +160,22 @@ def _sequence_times(point: dict[str, Any], device: torch.device, rounds: int) ->
 
 
 def _judge(r: Row, change: float, how: str) -> None:
-    """Re-judge row `r` by its confirmed change (module docstring)."""
+    """Re-judge row `r` by its confirmed change (module docstring). A SAME row (re-measured as a part of a flagged
+    point) keeps its verdict: its change only feeds the point's."""
     first = r.verdict
     r.confirmed_delta = change
+    if first == SAME:
+        r.note = (r.note + "; " if r.note else "") + f"re-measured {how} for its point: {change:+.1%}"
+        return
     if abs(change) <= r.tolerance:
         r.verdict = SAME
         word = f"not confirmed ({first} before)"
-    elif (change > 0) == (r.delta > 0) and first in (SLOW, FAST):
-        word = "confirmed"
+    elif r.kind == "e2e" and abs(change) < CPU_E2E_PROCESS_NOISE and first == AMBIGUOUS:
+        word = "still within a CPU end-to-end point's between-process noise"
     elif (change > 0) == (r.delta > 0):
-        r.verdict = SLOW if change > 0 else FAST  # time rows only: higher is worse
-        word = f"beyond the tolerance when re-measured ({first} before)"
+        # never escalated: an AMBIGUOUS row (overlapping samples, within the drift, below a CPU's resolution)
+        # stays AMBIGUOUS; a re-measurement only confirms or withdraws a verdict
+        word = "confirmed" if first in (SLOW, FAST) else f"still {first}"
     else:
         r.verdict = AMBIGUOUS
         word = f"the other way when re-measured ({first} before)"
@@ -184,7 +195,7 @@ def confirm_comparison(c: Comparison, new: RunResult, *, rounds: int = CONFIRM_R
     if not (isinstance(window_s, (int, float)) and 0 < window_s <= 10):
         raise ValueError(f"window_s: expected seconds in (0, 10], got {window_s!r}")
     flagged_points = [r for r in c.rows if r.gating and r.kind == "point" and r.verdict != SAME]
-    if not any(r.gating and r.kind == "kernel" and r.verdict != SAME for r in c.rows) and not flagged_points:
+    if not any(r.gating and r.kind in ("kernel", "e2e") and r.verdict != SAME for r in c.rows) and not flagged_points:
         return []
     notes: list[str] = []
     why = why_not_confirmable(c, new)
@@ -239,8 +250,66 @@ def confirm_comparison(c: Comparison, new: RunResult, *, rounds: int = CONFIRM_R
         change = sum(share * confirmed.get(k, rows[k].delta if k in rows else 0.0) for k, share in parts)
         _judge(r, change, "from its kernels' changes (the re-measured ones confirmed), weighted by their share "
                           "of the step")
-    if confirmed:
-        notes.append(f"re-measured here {len(confirmed)} flagged kernel(s) before judging (docs/measurement.md, "
-                     "'Regression verdicts')")
+    e2e_done = _confirm_e2e(c, new, notes)
+    if confirmed or e2e_done:
+        notes.append(f"re-measured here {len(confirmed)} flagged kernel(s) and {e2e_done} end-to-end item(s) before "
+                     "judging (docs/measurement.md, 'Regression verdicts')")
     c.notes.extend(notes)
     return notes
+
+
+def _e2e_record(new: RunResult, key: tuple) -> dict[str, Any] | None:
+    from tokprof.models.e2e import e2e_key
+
+    return next((e for e in new.e2e if ("e2e", *e2e_key(e)) == key), None)
+
+
+def _e2e_now(model: Any, rec: dict[str, Any]) -> float:
+    """The median step of end-to-end item `rec` measured again now, for E2E_WINDOW_S (no energy, no profile)."""
+    from tokprof.models.e2e import measure_e2e
+
+    block = int(rec["context_last"]) - int(rec["context_first"]) + 1
+    kw = {"steps": block, "warmup": int(rec.get("warmup_steps") or 2), "energy": False, "profile": False,
+          "cpu_window_s": E2E_WINDOW_S}
+    if rec["framework"] == "transformers":
+        from tokprof.models.adapters import measure_transformers
+
+        return measure_transformers(model, rec["batch"], rec["context"], **kw).median_step_us
+    return measure_e2e(model, rec["batch"], rec["context"], mode=rec["mode"], **kw).median_step_us
+
+
+def _confirm_e2e(c: Comparison, new: RunResult, notes: list[str]) -> int:
+    """Re-measure the flagged end-to-end items of tokprof and transformers against SAME ones; returns how many."""
+    rows = [r for r in c.rows if r.gating and r.kind == "e2e" and r.metric == "time us" and r.key]
+    flagged = [r for r in rows if r.verdict != SAME and (_e2e_record(new, r.key) or {}).get("framework")
+               in ("tokprof", "transformers")]
+    if not flagged:
+        return 0
+    center = math.log(1.0 + c.e2e_drift.delta) if c.e2e_drift is not None else 0.0
+    anchors = sorted((r for r in rows if r.verdict == SAME and (_e2e_record(new, r.key) or {}).get("framework")
+                      in ("tokprof", "transformers")), key=lambda r: abs(_log_change(r) - center))[:E2E_ANCHORS]
+    if not anchors:
+        notes.append(f"{len(flagged)} flagged end-to-end item(s) not re-measured: no SAME end-to-end item to anchor")
+        return 0
+    if not new.model:
+        notes.append("flagged end-to-end items not re-measured: the new run records no model")
+        return 0
+    from tokprof.models.config import ModelConfig
+    from tokprof.models.transformer import Transformer
+
+    first = _e2e_record(new, flagged[0].key)
+    backend = next((e["backend"] for e in new.e2e if e["framework"] == "tokprof"), "torch")
+    model = Transformer.random(ModelConfig.from_dict(new.model), device=new.provenance.device.kind,
+                               dtype=first["dtype"], backend=backend)
+    times: dict[tuple, list[float]] = {r.key: [] for r in flagged + anchors}
+    for _ in range(E2E_ROUNDS):
+        for r in flagged + anchors:
+            times[r.key].append(_e2e_now(model, _e2e_record(new, r.key)))
+    anchor_base = _geomean([a.base for a in anchors])
+    for r in flagged:
+        ratios = [times[r.key][i] / _geomean([times[a.key][i] for a in anchors]) for i in range(E2E_ROUNDS)]
+        change = float(np.median(ratios)) / (r.base / anchor_base) - 1.0
+        _judge(r, change, f"end to end, interleaved with {len(anchors)} SAME end-to-end item(s) over {E2E_ROUNDS} "
+                          "rounds")
+    return len(flagged)
+

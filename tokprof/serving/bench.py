@@ -65,7 +65,7 @@ class BenchOptions:
     threads: int | None = 1
     paired: bool = True  # measured mode: the step table timed between the server's steps, off its clock (probe.py)
     clock: str = "wall"  # wall | cpu (this thread's CPU time: a shared CPU measured as if idle; needs threads=1)
-    efficiency: float = 0.8  # modelled mode
+    efficiency: float | None = None  # modelled mode: None = tokprof's step model, else a stated flat efficiency
     overhead_us: float | None = None  # None: measured (scheduler host time); modelled mode default 0
     usd_per_gpu_hour: float | None = None
     all_in_kw_per_gpu: float | None = None
@@ -191,9 +191,10 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
                            "goal": {k: f"within {v:.0%}" for k, v in GOAL.items()}, "points": []}
     server = None
     if opts.gpu:
-        step_time: StepTimeModel = ModelledStepTime(config, opts.gpu, dtype=opts.dtype, efficiency=opts.efficiency,
-                                                    overhead_s=(opts.overhead_us or 0.0) * 1e-6,
-                                                    block_size=opts.block_size)
+        step_time: StepTimeModel = ModelledStepTime(
+            config, opts.gpu, dtype=opts.dtype, efficiency=opts.efficiency, block_size=opts.block_size,
+            overhead_s=opts.overhead_us * 1e-6 if opts.overhead_us is not None else
+            (0.0 if opts.efficiency is not None else None))
         gpu_key = step_time.spec_key
         doc.update(gpu=gpu_key, mode="modelled", step_time=step_time.describe())
         overhead = Overhead(stated_s=0.0)  # inside the modelled step time

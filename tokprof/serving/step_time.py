@@ -210,52 +210,61 @@ def measure_step_table(runner: Any, *, batches: Sequence[int], contexts: Sequenc
 
 @dataclass
 class ModelledStepTime:
-    """Step times of `config` on GPU `gpu` (spec-table key) from the datasheet roofline at `efficiency`, plus a
-    stated `overhead_s` per step (launches, scheduling; 0 unless stated)."""
+    """Step times of `config` on GPU `gpu` (spec-table key), no measurement. By default through tokprof's step model
+    (tokprof.rollup.step_model.StepModel, CUDA-graph execution: per-op efficiency curves and call latency, plus its
+    per-step overhead and launches), the model `tokprof rollup --modelled` and `tokprof validate` use; with
+    `efficiency` stated, every call at the datasheet roofline divided by it, plus `overhead_s` (0 unless stated).
+    A stated `overhead_s` replaces the step model's overhead too."""
 
     config: Any  # ModelConfig
     gpu: str
     dtype: str = "bf16"
-    efficiency: float = 0.8
-    overhead_s: float = 0.0
+    efficiency: float | None = None
+    overhead_s: float | None = None
     block_size: int = 16
+    step_model: Any = None  # a StepModel; None: StepModel(execution="graph")
     provenance: str = "modelled"
 
     def __post_init__(self) -> None:
         from tokprof.rollup.project import resolve_gpu
+        from tokprof.rollup.step_model import StepModel
 
         self._spec = resolve_gpu(self.gpu)
-        if not 0 < self.efficiency <= 1:
+        if self.efficiency is not None and not 0 < self.efficiency <= 1:
             raise ValueError(f"efficiency: expected a fraction of the roofline in (0, 1], got {self.efficiency!r}")
+        if self.overhead_s is not None and not self.overhead_s >= 0:
+            raise ValueError(f"overhead_s: expected seconds >= 0, got {self.overhead_s!r}")
+        if self.step_model is None:
+            self.step_model = StepModel(execution="graph")
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - shapes repeat step after step; the model is immutable
     def _time_us(self, n_decode: int, context: int, n_prefill: int, prefix: int) -> float:
-        from tokprof.models.plan import decode_plan, op_cost
+        from tokprof.models.plan import KernelCall, decode_plan
         from tokprof.rollup.project import roof_time_us
 
         rows = n_decode + n_prefill
-        total = 0.0
         cfg = self.config
-        for call in decode_plan(cfg, rows, max(1, context), self.dtype, block_size=self.block_size):
-            if call.op == "decode_attention":
-                continue
-            total += call.count * roof_time_us(*call.cost(), self._spec, self.dtype)[0]
+        calls = [c for c in decode_plan(cfg, rows, max(1, context), self.dtype, block_size=self.block_size)
+                 if c.op != "decode_attention"]
         heads = {"Hq": cfg.num_heads, "Hkv": cfg.num_kv_heads, "D": cfg.head_dim, "block_size": self.block_size}
         if n_decode:
-            cost = op_cost("decode_attention", {"B": n_decode, "context": max(1, context), **heads}, self.dtype)
-            total += cfg.num_layers * roof_time_us(*cost, self._spec, self.dtype)[0]
+            calls.append(KernelCall("decode_attention", {"B": n_decode, "context": max(1, context), **heads},
+                                    self.dtype, cfg.num_layers))
         if n_prefill:
-            cost = op_cost("paged_prefill_attention", {"B": 1, "chunk": n_prefill, "context": prefix, **heads},
-                           self.dtype)
-            total += cfg.num_layers * roof_time_us(*cost, self._spec, self.dtype)[0]
-        return total / self.efficiency
+            calls.append(KernelCall("paged_prefill_attention", {"B": 1, "chunk": n_prefill, "context": prefix,
+                                                                **heads}, self.dtype, cfg.num_layers))
+        if self.efficiency is not None:  # the stated flat efficiency of the roofline
+            return sum(c.count * roof_time_us(*c.cost(), self._spec, self.dtype)[0] for c in calls) / self.efficiency
+        est = self.step_model.step(calls, self._spec, self.dtype)
+        return est.gpu_time_us if self.overhead_s is not None else est.step_time_us
 
     def step_time_s(self, shape: StepShape) -> float:
         if shape.num_decode == 0 and shape.num_prefill_tokens == 0:
             return 0.0
         ctx = 16 * round(shape.decode_context_mean / 16)  # memoised on a 16-token grid
         prefix = 16 * round(shape.prefill_context_tokens / 16)
-        return self._time_us(shape.num_decode, ctx, shape.num_prefill_tokens, prefix) * 1e-6 + self.overhead_s
+        stated = self.overhead_s if self.overhead_s is not None else 0.0  # else inside _time_us (the step model's)
+        return self._time_us(shape.num_decode, ctx, shape.num_prefill_tokens, prefix) * 1e-6 + stated
 
     def __hash__(self) -> int:
         return id(self)
@@ -265,5 +274,10 @@ class ModelledStepTime:
         return self._spec.key
 
     def describe(self) -> str:
-        return (f"modelled for {self._spec.name} from the datasheet roofline ({self._spec.source}) at a stated "
-                f"efficiency {self.efficiency:g}, {self.dtype}, plus {self.overhead_s * 1e6:g} us per step (stated)")
+        over = (f"plus {self.overhead_s * 1e6:g} us per step (stated)" if self.overhead_s is not None else
+                "plus the step model's per-step overhead")
+        if self.efficiency is not None:
+            return (f"modelled for {self._spec.name} from the datasheet roofline ({self._spec.source}) at a stated "
+                    f"efficiency {self.efficiency:g}, {self.dtype}, {over}")
+        return (f"modelled for {self._spec.name} ({self._spec.source}), {self.dtype}: "
+                f"{self.step_model.describe()}; {over}")
