@@ -308,7 +308,8 @@ def test_between_run_scatter_widens_the_tolerance(h100):
     factors = {i: float(np.exp(0.06 * rng.standard_normal())) for i in range(len(h100.kernels))}
     result = compare_runs(resampled(h100, seed=61), resampled(h100, seed=62, factors=factors), threshold=0.05)
     assert result.drift.sigma == pytest.approx(0.06, rel=0.5)
-    assert all(r.tolerance >= 2 * result.drift.sigma for r in result.rows if r.gating)
+    # kernels and the points they sum; end-to-end items have their own drift (another phase of the run)
+    assert all(r.tolerance >= 2 * result.drift.sigma for r in result.rows if r.gating and r.kind != "e2e")
 
 
 def test_zero_and_non_finite_times_are_not_compared_and_never_divide_by_zero(h100):
