@@ -453,9 +453,7 @@ def bench_calls(calls: Sequence[Call], device: str | torch.device = "cuda", *, m
         raise ValueError(f"cpu_passes: expected a positive int, got {cpu_passes!r}")
     passes = cpu_passes if dev.type == "cpu" else 1
     if passes > 1:
-        timing_kwargs = dict(timing_kwargs or {})
-        for name, default in (("min_time_s", 0.1), ("max_time_s", 5.0)):
-            timing_kwargs[name] = timing_kwargs.get(name, default) / passes
+        timing_kwargs = timing.per_pass(timing_kwargs, passes)
     normalised = [_normalise(c, i) for i, c in enumerate(calls)]
     if out is not None and run is None:
         run = new_run(sys.argv, dev)

@@ -203,6 +203,15 @@ def _timing(samples: list[float], rule: StopRule, elapsed_s: float, *, timer: st
                   note="; ".join([rule.reason(samples, elapsed_s), *notes]))
 
 
+def per_pass(timing_kwargs: Mapping[str, Any] | None, passes: int) -> dict[str, Any]:
+    """`timing_kwargs` with the sampling budget (min_time_s, max_time_s; measure's defaults where absent) split over
+    `passes` passes."""
+    kw = dict(timing_kwargs or {})
+    for name, default in (("min_time_s", 0.1), ("max_time_s", 5.0)):
+        kw[name] = kw.get(name, default) / passes
+    return kw
+
+
 def merge_timings(parts: Sequence[Timing], weights: Sequence[int] | None = None) -> Timing:
     """One Timing from the measurements of one call in several passes spread over a sweep (CPU: a machine whose
     speed drifts for seconds at a time moves one pass, not the call's median). `weights`: passes each part holds

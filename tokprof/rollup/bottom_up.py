@@ -177,9 +177,9 @@ def _bench_cpu_sequences(config: ModelConfig, batches: Sequence[int], contexts: 
     kernels' medians. Saved after every point of every pass."""
     from tokprof.profiler.bench import bench_sequence
 
-    kw = dict(timing_kwargs or {})
-    for name, default in (("min_time_s", 0.1), ("max_time_s", 5.0)):
-        kw[name] = kw.get(name, default) / CPU_PASSES
+    from tokprof.profiler.timing import per_pass
+
+    kw = per_pass(timing_kwargs, CPU_PASSES)
     wanted = {(op, tuple(sorted(shape.items())), dt, be) for op, shape, dt, be in todo}
     owner: dict[tuple[int, int], set[tuple[Any, ...]]] = {}  # the calls each point measures (first point wins)
     held: dict[tuple[Any, ...], tuple[Any, int]] = {}  # key -> (timing so far, passes it holds)
