@@ -35,6 +35,7 @@ from tokprof.models.config import ModelConfig
 from tokprof.profiler.cpu_load import CpuLoad, describe_record, load_record
 from tokprof.profiler.devices import resolve_device
 from tokprof.profiler.schema import RunResult, file_part, load_run, mark_interrupted, save_run
+from tokprof.rollup.step_prediction import prediction_line, prediction_summary  # noqa: F401 (re-exported)
 from tokprof.quant.precision import check_supported, parse_precision
 from tokprof.reports.history import History
 from tokprof.run_estimate import (  # noqa: F401  (re-exported: the estimate is part of the runner's API)
@@ -256,19 +257,9 @@ def other_gpu_rows(run: RunResult, rc: RunConfig, console: Console) -> list[str]
 E2E_CPU_PASSES = 3  # CPU: passes over the end-to-end points, each with 1/3 of e2e_cpu_window_s, merged
 
 
-def merge_passes(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """End-to-end records of several passes, those of one item merged (tokprof.models.e2e.merge_measurements), in
-    the order their items first came."""
-    from tokprof.models.e2e import E2EMeasurement, e2e_key, merge_measurements
-
-    groups: dict[tuple, list[E2EMeasurement]] = {}
-    for r in records:
-        groups.setdefault(e2e_key(r), []).append(E2EMeasurement.from_dict(r))
-    return [merge_measurements(parts).to_dict() for parts in groups.values()]
-
-
 def run_e2e_points(run: RunResult, rc: RunConfig, run_path: Path, console: Console) -> None:
     """End-to-end measurements of the model (tokprof graph/eager, transformers), appended to run.e2e as they come."""
+    from tokprof.models.e2e import merge_records
     from tokprof.models.e2e_command import E2EArgs
     from tokprof.models.e2e_command import run_e2e as run_e2e_command
 
@@ -293,7 +284,7 @@ def run_e2e_points(run: RunResult, rc: RunConfig, run_path: Path, console: Conso
     for _ in range(passes):  # CPU: passes over the points, merged after each (an interrupted run keeps them)
         run_e2e_command(args, console, OutputConsole(stderr=True))
         fresh = load_run(run_path)
-        fresh.e2e = fresh.e2e[:before] + merge_passes(fresh.e2e[before:])
+        fresh.e2e = fresh.e2e[:before] + merge_records(fresh.e2e[before:])
         save_run(fresh, run_path)
     run.e2e = fresh.e2e
     run.notes = list(dict.fromkeys(fresh.notes))
@@ -493,50 +484,6 @@ def _fmt(value: Any, suffix: str = "") -> str:
     from tokprof.reports.document import num
 
     return "-" if value is None else num(value) + suffix
-
-
-# The goal of the eager prediction on an idle CPU (issue 12): median and max |predicted / measured step - 1|.
-PREDICTION_GOAL_MEDIAN_PCT = 10.0
-PREDICTION_GOAL_MAX_PCT = 20.0
-
-
-def prediction_summary(run: RunResult, layer: str = "L4") -> dict[str, Any]:
-    """How well `layer`'s predicted step (kernel sum + measured overheads) matched the measured one over the run's
-    points: median and max |predicted / measured - 1| in %, the goal, and whether the figures can be judged (a
-    contended CPU's cannot)."""
-    import statistics
-
-    errors = [(rec["batch"], rec["context"], lv["prediction_error_pct"]) for rec in run.reconciliation
-              for lv in rec.get("layers") or [] if lv.get("name") == layer
-              and isinstance(lv.get("prediction_error_pct"), (int, float))]
-    unreliable = next((rec.get("unreliable_reason") for rec in run.reconciliation if not rec.get("reliable", True)),
-                      None)
-    out: dict[str, Any] = {"layer": layer, "points": len(errors), "median_abs_error_pct": None,
-                           "max_abs_error_pct": None, "goal": f"median <= {PREDICTION_GOAL_MEDIAN_PCT:g}%, max <= "
-                           f"{PREDICTION_GOAL_MAX_PCT:g}%", "met": None, "reliable": unreliable is None,
-                           "unreliable_reason": unreliable,
-                           "errors_pct": [{"batch": b, "context": c, "error_pct": round(e, 2)} for b, c, e in errors]}
-    if errors:
-        abs_errors = [abs(e) for _, _, e in errors]
-        out["median_abs_error_pct"] = round(statistics.median(abs_errors), 2)
-        out["max_abs_error_pct"] = round(max(abs_errors), 2)
-        if unreliable is None:
-            out["met"] = (out["median_abs_error_pct"] <= PREDICTION_GOAL_MEDIAN_PCT
-                          and out["max_abs_error_pct"] <= PREDICTION_GOAL_MAX_PCT)
-    return out
-
-
-def prediction_line(summary: dict[str, Any]) -> str | None:
-    """The closure of the bottom-up model in one line (markup-free), None when nothing was predicted."""
-    if not summary["points"]:
-        return None
-    figures = (f"median |predicted / measured - 1| {summary['median_abs_error_pct']:.1f}%, max "
-               f"{summary['max_abs_error_pct']:.1f}% over {summary['points']} point(s)")
-    if not summary["reliable"]:
-        return f"{summary['layer']} prediction not judged: {summary['unreliable_reason']} (as measured: {figures})"
-    verdict = "meets" if summary["met"] else "misses"
-    return f"{summary['layer']} prediction (kernel sum + measured overheads): {figures}; {verdict} the goal " \
-           f"({summary['goal']})"
 
 
 def _print_story(console: Console, run: RunResult) -> None:

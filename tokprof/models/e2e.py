@@ -511,3 +511,11 @@ def merge_measurements(parts: list[E2EMeasurement]) -> E2EMeasurement:
         gpu_busy_fraction=float(np.mean(busy)) if busy else None, blocks=sum(p.blocks for p in parts),
         paired_kernels=merge_paired(paired) if len(paired) == len(parts) else None, notes=notes, passes=passes)
 
+
+def merge_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """End-to-end records (dicts) of several passes, those of one item merged (merge_measurements), in the order
+    their items first came."""
+    groups: dict[tuple, list[E2EMeasurement]] = {}
+    for r in records:
+        groups.setdefault(e2e_key(r), []).append(E2EMeasurement.from_dict(r))
+    return [merge_measurements(parts).to_dict() for parts in groups.values()]

@@ -125,3 +125,47 @@ def predict_step(point: Any, overhead: Any, *, mode: str, device_kind: str,
                           {"bookkeeping kernels": book, "dispatch": dispatch, "host work": host},
                           f"max(kernel sum + bookkeeping {book:g} us, dispatch {dispatch:.4g} us + host work "
                           f"{host:.4g} us): {bound}-bound"), None
+
+
+# The goal of the eager prediction on an idle CPU (issue 12): median and max |predicted / measured step - 1|.
+PREDICTION_GOAL_MEDIAN_PCT = 10.0
+PREDICTION_GOAL_MAX_PCT = 20.0
+
+
+def prediction_summary(run: Any, layer: str = "L4") -> dict[str, Any]:
+    """How well `layer`'s predicted step (kernel sum + measured overheads) matched the measured one over the run's
+    points: median and max |predicted / measured - 1| in %, the goal, and whether the figures can be judged (a
+    contended CPU's cannot)."""
+    import statistics
+
+    errors = [(rec["batch"], rec["context"], lv["prediction_error_pct"]) for rec in run.reconciliation
+              for lv in rec.get("layers") or [] if lv.get("name") == layer
+              and isinstance(lv.get("prediction_error_pct"), (int, float))]
+    unreliable = next((rec.get("unreliable_reason") for rec in run.reconciliation if not rec.get("reliable", True)),
+                      None)
+    out: dict[str, Any] = {"layer": layer, "points": len(errors), "median_abs_error_pct": None,
+                           "max_abs_error_pct": None, "goal": f"median <= {PREDICTION_GOAL_MEDIAN_PCT:g}%, max <= "
+                           f"{PREDICTION_GOAL_MAX_PCT:g}%", "met": None, "reliable": unreliable is None,
+                           "unreliable_reason": unreliable,
+                           "errors_pct": [{"batch": b, "context": c, "error_pct": round(e, 2)} for b, c, e in errors]}
+    if errors:
+        abs_errors = [abs(e) for _, _, e in errors]
+        out["median_abs_error_pct"] = round(statistics.median(abs_errors), 2)
+        out["max_abs_error_pct"] = round(max(abs_errors), 2)
+        if unreliable is None:
+            out["met"] = (out["median_abs_error_pct"] <= PREDICTION_GOAL_MEDIAN_PCT
+                          and out["max_abs_error_pct"] <= PREDICTION_GOAL_MAX_PCT)
+    return out
+
+
+def prediction_line(summary: dict[str, Any]) -> str | None:
+    """The closure of the bottom-up model in one line (markup-free), None when nothing was predicted."""
+    if not summary["points"]:
+        return None
+    figures = (f"median |predicted / measured - 1| {summary['median_abs_error_pct']:.1f}%, max "
+               f"{summary['max_abs_error_pct']:.1f}% over {summary['points']} point(s)")
+    if not summary["reliable"]:
+        return f"{summary['layer']} prediction not judged: {summary['unreliable_reason']} (as measured: {figures})"
+    verdict = "meets" if summary["met"] else "misses"
+    return f"{summary['layer']} prediction (kernel sum + measured overheads): {figures}; {verdict} the goal " \
+           f"({summary['goal']})"
