@@ -43,7 +43,8 @@ def judge(path: Path) -> dict:
                        if m.get("paired_kernels") and (m["batch"], m["context"]) == (rec["batch"], rec["context"])),
                       None)
         print(f"{rec['batch']:>5} {rec['context']:>5} {l2.get('step_time_us') or 0:>14.1f} "
-              f"{'-' if paired is None else f'{paired:.1f}':>14} {l4['predicted_step_time_us']:>13.1f} {l4.get('step_time_us') or 0:>12.1f} "
+              f"{'-' if paired is None else f'{paired:.1f}':>14} {l4['predicted_step_time_us']:>13.1f} "
+              f"{l4.get('step_time_us') or 0:>12.1f} "
               f"{'-' if err is None else f'{err:+.1f}%':>8}")
     load = run.cpu_load or {}
     phases = ", ".join(f"{k} {v.get('other_cores'):.2f}" for k, v in (load.get("phases") or {}).items()

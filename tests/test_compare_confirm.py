@@ -5,11 +5,10 @@ from __future__ import annotations
 import copy
 
 import pytest
+from test_compare import _real_cpu_run  # noqa: E402 - tests/ is on sys.path under pytest
 
 from tokprof.reports.compare import AMBIGUOUS, SAME, SLOW, compare_runs
 from tokprof.reports.confirm import confirm_comparison, why_not_confirmable
-
-from test_compare import _real_cpu_run  # noqa: E402 - tests/ is on sys.path under pytest
 
 TARGET = 5  # linear M=4 N=512 K=256: dispatch-bound, as the A/A false SLOW was
 

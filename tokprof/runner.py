@@ -35,9 +35,9 @@ from tokprof.models.config import ModelConfig
 from tokprof.profiler.cpu_load import CpuLoad, describe_record, load_record
 from tokprof.profiler.devices import resolve_device
 from tokprof.profiler.schema import RunResult, file_part, load_run, mark_interrupted, save_run
-from tokprof.rollup.step_prediction import prediction_line, prediction_summary  # noqa: F401 (re-exported)
 from tokprof.quant.precision import check_supported, parse_precision
 from tokprof.reports.history import History
+from tokprof.rollup.step_prediction import prediction_line, prediction_summary  # noqa: F401 (re-exported)
 from tokprof.run_estimate import (  # noqa: F401  (re-exported: the estimate is part of the runner's API)
     EST_CAPTURE_LAUNCH_US,
     EST_COMPILE_S,

@@ -29,8 +29,8 @@ import torch
 from tokprof.kernels._common import dtype_name
 from tokprof.models.config import ModelConfig
 from tokprof.models.e2e import (
-    DecodeSession,
     CPU_WINDOW_S,
+    DecodeSession,
     E2EMeasurement,
     check_point,
     device_label,

@@ -176,7 +176,6 @@ def _bench_cpu_sequences(config: ModelConfig, batches: Sequence[int], contexts: 
     (timing.merge_timings): a CPU whose speed drifts for seconds at a time then moves one pass of a point, not its
     kernels' medians. Saved after every point of every pass."""
     from tokprof.profiler.bench import bench_sequence
-
     from tokprof.profiler.timing import per_pass
 
     kw = per_pass(timing_kwargs, CPU_PASSES)

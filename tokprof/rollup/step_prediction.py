@@ -62,8 +62,9 @@ def _paired_sum(point_ops: list[Any], paired: Any) -> tuple[float | None, str]:
     if mine != theirs:
         return None, "the paired kernel rounds are not this point's calls"
     rounds = min(c.rounds for c in calls)
-    return paired_kernel_sum_us(calls), (f"the step's {sum(c.count for c in calls)} kernel calls timed in {rounds} rounds between "
-                                         "the end-to-end blocks, count x robust mean")
+    n = sum(c.count for c in calls)
+    return paired_kernel_sum_us(calls), (f"the step's {n} kernel calls timed in {rounds} rounds between the "
+                                         "end-to-end blocks, count x robust mean")
 
 
 def predict_step(point: Any, overhead: Any, *, mode: str, device_kind: str,

@@ -244,8 +244,8 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
         doc["step_time"] = step_time.describe()
         probe = (PairedProbe(model, clock, batches=batches, contexts=contexts, chunks=chunks, seed=opts.seed,
                              clock_name=timer_name) if opts.paired else None)
-        doc["paired"] = (f"per rate, the step table timed between the server's steps (one table step after each, "
-                         f"off the server's clock): the simulator's step times for that rate" if probe is not None
+        doc["paired"] = ("per rate, the step table timed between the server's steps (one table step after each, "
+                         "off the server's clock): the simulator's step times for that rate" if probe is not None
                          else "per rate, the step table measured just before the server's run")
         if opts.overhead_us is None:
             from tokprof.serving.loop_overhead import measure_loop_overhead

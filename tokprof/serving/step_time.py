@@ -167,7 +167,6 @@ def table_from_samples(samples: Mapping[tuple[str, int, int], Sequence[float]], 
     output token is a mean over its steps, and step times are right-skewed, so medians read 3% low on the CPU
     (measured: table medians / the server's step times 0.97) and queueing amplifies that to -10% in TPOT; samples
     above Q3 + 3 IQR (preemptions) are dropped (tokprof.models.e2e_paired.robust_mean)."""
-    from tokprof.models.e2e_paired import robust_mean
 
     def typical(key: tuple[str, int, int]) -> float:
         return statistics.fmean(samples[key])
