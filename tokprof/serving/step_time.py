@@ -73,9 +73,9 @@ def interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
 class MeasuredStepTable:
     batches: list[int]
     contexts: list[int]
-    decode_s: list[list[float]]  # [batch index][context index], seconds of one decode step (robust mean)
+    decode_s: list[list[float]]  # [batch index][context index], seconds of one decode step (mean)
     chunks: list[int]
-    prefill_s: list[float]  # seconds of one step holding one prefill chunk of that many tokens (robust mean)
+    prefill_s: list[float]  # seconds of one step holding one prefill chunk of that many tokens (mean)
     device: str
     repeats: int
     cpu_load_note: str | None = None
@@ -111,7 +111,7 @@ class MeasuredStepTable:
 
     def describe(self) -> str:
         return (f"measured on {self.device}: decode steps over batch {self.batches} x context {self.contexts}, "
-                f"prefill chunks of {self.chunks} tokens, robust mean of {self.repeats}+ samples, interpolated")
+                f"prefill chunks of {self.chunks} tokens, mean of {self.repeats}+ samples, interpolated")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,10 +163,10 @@ def table_plans(batches: Sequence[int], contexts: Sequence[int], chunks: Sequenc
 def table_from_samples(samples: Mapping[tuple[str, int, int], Sequence[float]], *, batches: Sequence[int],
                        contexts: Sequence[int], chunks: Sequence[int], model: Any, repeats: int,
                        cpu_load_note: str | None, notes: list[str]) -> MeasuredStepTable:
-    """A MeasuredStepTable of each shape's robust mean (keys as table_plans gives them): a request's time per
-    output token is a mean over its steps, and step times are right-skewed, so medians read 3% low on the CPU
-    (measured: table medians / the server's step times 0.97) and queueing amplifies that to -10% in TPOT; samples
-    above Q3 + 3 IQR (preemptions) are dropped (tokprof.models.e2e_paired.robust_mean)."""
+    """A MeasuredStepTable of each shape's mean (keys as table_plans gives them): a request's time per output token
+    is a mean over its steps, slow ones included, so a table must be the mean of its shapes' samples (a median, or
+    a mean without the slow tail, read 1-3% under the server's own forward passes, which queueing amplifies
+    several times in TPOT)."""
 
     def typical(key: tuple[str, int, int]) -> float:
         return statistics.fmean(samples[key])
