@@ -84,7 +84,7 @@ def _choose(c: Comparison, new: RunResult) -> tuple[list[Row], list[Row], dict[t
     """(flagged kernel rows, anchor rows, every gating kernel time row by key)."""
     rows = {r.key: r for r in c.rows if r.gating and r.kind == "kernel" and r.metric == "time us" and r.key}
     flagged = {k: r for k, r in rows.items() if r.verdict != SAME}
-    points = {p_key(p): p for p in new.rollup if p.get("provenance") == "measured"}
+    points = measured_points(new)
     for r in c.rows:
         if r.gating and r.kind == "point" and r.metric == "time us" and r.verdict != SAME and r.key in points:
             for key, share in point_kernels(points[r.key]):
@@ -95,6 +95,11 @@ def _choose(c: Comparison, new: RunResult) -> tuple[list[Row], list[Row], dict[t
     anchors = sorted((r for k, r in rows.items() if k not in flagged and r.verdict == SAME),
                      key=lambda r: abs(_log_change(r) - center))
     return chosen, anchors, rows
+
+
+def measured_points(run: RunResult) -> dict[tuple, dict[str, Any]]:
+    """The run's measured roll-up points by comparison key, in the run's order."""
+    return {p_key(p): p for p in run.rollup if p.get("provenance") == "measured"}
 
 
 def p_key(p: dict[str, Any]) -> tuple:
@@ -224,9 +229,8 @@ def confirm_comparison(c: Comparison, new: RunResult, *, rounds: int = CONFIRM_R
                 _judge(r, confirmed[r.key], f"alone, interleaved with {len(picks)} anchor kernel(s) over {rounds} "
                                             "rounds")
     if in_seq:
-        points = [p for p in new.rollup if p.get("provenance") == "measured"]
         for r in in_seq:
-            point = next((p for p in points if r.key in dict(point_kernels(p))), None)
+            point = next((p for p in measured_points(new).values() if r.key in dict(point_kernels(p))), None)
             if point is None:
                 notes.append(f"{r.item}: not re-measured, no roll-up point of the run holds it")
                 continue
@@ -241,7 +245,7 @@ def confirm_comparison(c: Comparison, new: RunResult, *, rounds: int = CONFIRM_R
             confirmed[r.key] = (times[r.key] / anchor_now) / (r.base / anchor_base) - 1.0
             _judge(r, confirmed[r.key], f"in its step's sequence (batch {point.get('batch')}, context "
                                         f"{point.get('context')}), against {len(mates)} SAME kernel(s) of it")
-    points = {p_key(p): p for p in new.rollup if p.get("provenance") == "measured"}
+    points = measured_points(new)
     for r in flagged_points:
         p = points.get(r.key)
         parts = point_kernels(p) if p is not None else []
