@@ -113,10 +113,38 @@ def test_a_paired_probe_leaves_outputs_and_timeline_alone(model):
     table = probe.table()
     assert table.batches == [1, 4] and table.chunks == [4, 8] and table.repeats >= 3
     assert all(t > 0 for row in table.decode_s for t in row) and "paired" in table.notes[1]
+    assert table.mixed_batches == [1, 4] and all(t > 0 for row in table.mixed_s for t in row)
+    # the speed trace: one ratio per probe sample, at its time on the server's clock, within the run
+    speed = probe.speed_trace()
+    assert len(speed.ratios) == len(run.steps) and all(r > 0 for r in speed.ratios)
+    assert speed.times_s == sorted(speed.times_s) and speed.times_s[0] >= 0 and speed.times_s[-1] <= run.steps[-1].end_s
     probe.reset()
-    assert not any(probe.samples.values())
+    assert not any(probe.samples.values()) and probe.speed_trace() is None
     with pytest.raises(ValueError, match="every: expected a positive int"):
         PairedProbe(model, clock, batches=[1], contexts=[4], chunks=[4], every=0)
+
+
+def test_the_probe_samples_the_shapes_the_server_reads(model):
+    """Every other probe step is a grid shape that the server's last step reads in the table's interpolation,
+    drawn by its weight; the others go through the table in turn."""
+    from tokprof.serving.metrics import StepRecord
+    from tokprof.serving.probe import PairedProbe, PausableClock, brackets
+
+    assert brackets([1, 4, 16], 10) == [(1, 0.5), (2, 0.5)]
+    assert brackets([1, 4, 16], 0.5) == [(0, 1.0)] and brackets([1, 4, 16], 99) == [(2, 1.0)]
+    assert brackets([1, 4, 16], 4) == [(1, 1.0), (2, 0.0)]
+    probe = PairedProbe(model, PausableClock(), batches=[1, 4], contexts=[4, 16], chunks=[4, 8], seed=3)
+    decode_4_16 = StepRecord(0.0, 0.001, 4, 0, 0, 16.0, 0, 0, 16)  # batch 4 at context 16: one grid shape
+    for _ in range(20):
+        probe.after_step(decode_4_16)
+    assert len(probe.samples[("decode", 1, 1)]) >= 10  # 10 drawn, and once in turn
+    assert sum(len(v) for v in probe.samples.values()) == 20
+    prefill_6 = StepRecord(0.0, 0.001, 0, 6, 1, 0.0, 0, 0, 0)  # between the chunks of 4 and 8
+    probe.reset()
+    for _ in range(40):
+        probe.after_step(prefill_6)
+    drawn = len(probe.samples[("prefill", 0, 0)]) + len(probe.samples[("prefill", 1, 0)])
+    assert drawn >= 20 and min(len(probe.samples[("prefill", i, 0)]) for i in (0, 1)) >= 3
 
 
 def test_a_pausable_clock_stands_still_while_paused():
@@ -153,8 +181,12 @@ def test_table_steps_hold_scattered_distinct_blocks():
 
     plans = table_plans([1, 4], [16, 40], [8], block_size=4, vocab=512)
     assert [k for k, _ in plans] == [("decode", 0, 0), ("decode", 0, 1), ("decode", 1, 0), ("decode", 1, 1),
-                                     ("prefill", 0, 0)]
+                                     ("prefill", 0, 0), ("mixed", 0, 0), ("mixed", 1, 0)]
     _, plan = plans[3]  # batch 4, context 40: 10 blocks each, 40 in all, shuffled
     blocks = [b for c in plan.chunks for b in c.request.blocks]
     assert sorted(blocks) == list(range(40)) and blocks != list(range(40))
+    _, mixed = plans[6]  # 4 decode rows at context 16 (4 blocks each, scattered) + a chunk of 8 tokens (2 blocks)
+    assert mixed.num_decode == 4 and mixed.num_prefill_tokens == 8
+    decode_blocks = [b for c in mixed.decodes for b in c.request.blocks]
+    assert sorted(decode_blocks) == list(range(16)) and mixed.prefills[0].request.blocks == [16, 17]
     assert table_blocks([1, 4], [16, 40], [8], 4) == 40

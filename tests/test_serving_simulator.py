@@ -95,6 +95,128 @@ def test_table_interpolation():
     assert interp([1, 2], [1.0, 2.0], 4) == pytest.approx(4.0)  # extrapolated from the last two points
 
 
+def test_table_mixed_steps_from_their_own_measurements():
+    """With mixed steps measured (batches 1 and 4 at context 16, with chunks of 16 and 64 tokens), a chunk adds
+    mixed - decode at the measured batch, interpolated over batch and chunk size, to a decode step of any shape."""
+    t = MeasuredStepTable([1, 4], [16, 64], [[0.010, 0.012], [0.016, 0.020]], [16, 64], [0.020, 0.050], "cpu", 3,
+                          mixed_batches=[1, 4], mixed_context=16, mixed_s=[[0.024, 0.055], [0.032, 0.062]])
+    # added by a chunk: batch 1: 14 / 45 ms; batch 4: 16 / 46 ms (minus decode(1, 16) = 10, decode(4, 16) = 16)
+    assert t.chunk_added_s(1, 16) == pytest.approx(0.014) and t.chunk_added_s(4, 64) == pytest.approx(0.046)
+    assert t.chunk_added_s(2.5, 40) == pytest.approx(((0.014 + 0.045) / 2 + (0.016 + 0.046) / 2) / 2)
+    assert t.step_time_s(StepShape(4, 64, 16, 1, 0)) == pytest.approx(0.020 + 0.016)
+    assert t.step_time_s(StepShape(0, 0, 40, 1, 0)) == pytest.approx(0.035)  # a chunk alone: the prefill row
+    assert "mixed steps of batch [1, 4]" in t.describe()
+    assert MeasuredStepTable.from_dict(t.to_dict()) == t
+
+
+def test_speed_trace_windows_and_never_extrapolates():
+    from tokprof.serving.probe import SpeedTrace
+
+    trace = SpeedTrace([0.0, 0.1, 0.2, 1.0, 1.1], [1.0, 1.2, 1.4, 0.8, 0.9], window_s=0.15)
+    assert trace(0.1) == pytest.approx((1.0 + 1.2 + 1.4) / 3)  # all three within 0.15 s
+    assert trace(0.0) == pytest.approx(1.1) and trace(1.05) == pytest.approx(0.85)
+    assert trace(0.6) == pytest.approx(1.4)  # no sample within the window: the nearest (0.2 is 0.4 away, 1.0 is 0.4)
+    assert trace(0.65) == pytest.approx(0.8)
+    assert trace(-5.0) == pytest.approx(1.0) and trace(50.0) == pytest.approx(0.9)  # held, never extrapolated
+    summary = trace.summary()
+    assert summary["samples"] == 5 and summary["min"] <= summary["p50"] <= summary["max"]
+    with pytest.raises(ValueError, match="times_s, ratios"):
+        SpeedTrace([0.0], [])
+    with pytest.raises(ValueError, match="window_s"):
+        SpeedTrace([0.0], [1.0], window_s=0.0)
+
+
+def test_a_speed_scales_each_step_at_its_start_by_hand():
+    """The machine half as fast from 1.02 s on: the prefill step (at 1.0) takes 14 ms, the decode steps after
+    1.02 take 22 ms each (11 ms x 2)."""
+    wl = Workload([Session(1.0, [Turn([1, 2, 3, 4], 3)])])
+    run = simulate(wl, cfg(), Linear(), SLO, overhead=ZERO, speed=lambda t: 2.0 if t >= 1.02 else 1.0)
+    (r,) = run.requests
+    # first decode step starts at 1.014 (< 1.02): 11 ms; the second at 1.025: 22 ms
+    assert r.token_times_s == pytest.approx([1.014, 1.025, 1.047])
+    assert "machine's speed" in run.summary.notes[-1]
+    steady = simulate(wl, cfg(), Linear(), SLO, overhead=ZERO, speed=lambda t: 1.0)
+    assert steady.requests[0].token_times_s == pytest.approx([1.014, 1.025, 1.036])
+
+
+def test_a_step_after_idle_pays_the_cost_of_waking_by_hand():
+    """Two requests, the second arriving at an idle server: its prefill step, 0.964 s after the last step ended,
+    takes wake(0.964) = 1.5 x 14 ms; the first request's prefill (after the run's first 1.0 s idle) too; decode
+    steps that follow their step back to back pay nothing."""
+    from tokprof.serving.wake import WakePenalty
+
+    wake = WakePenalty([0.001, 0.05], [1.2, 1.5])
+    wl = Workload([Session(1.0, [Turn([1, 2, 3, 4], 3)]), Session(2.0, [Turn([5, 6, 7, 8], 2)])])
+    run = simulate(wl, cfg(), Linear(), SLO, overhead=ZERO, wake=wake)
+    a, b = sorted(run.requests, key=lambda r: r.request_id)
+    assert a.token_times_s == pytest.approx([1.021, 1.032, 1.043])
+    assert b.token_times_s == pytest.approx([2.021, 2.032])
+    assert "waking" in run.summary.notes[-1]
+    assert wake(0.0) == 1.0 and wake(0.0005) == pytest.approx(1.1) and wake(0.0255) == pytest.approx(1.35)
+    assert wake(9.0) == 1.5  # held past the longest gap measured
+    with pytest.raises(ValueError, match="gaps_s, factors"):
+        WakePenalty([0.05, 0.001], [1.0, 1.0])
+    with pytest.raises(ValueError, match="gaps_s, factors"):
+        WakePenalty([0.001], [0.0])
+
+
+def test_measure_wake_penalty_on_a_fake_runner():
+    """A runner whose step takes 10 ms, 12 ms after any sleep of 5 ms or more, on a fake clock: factors 1.0 and
+    1.2, medians of interleaved rounds, and the step before each timed one is the `before` step."""
+    from types import SimpleNamespace
+
+    from tokprof.serving.wake import measure_wake_penalty
+
+    P, D = SimpleNamespace(num_prefill_tokens=64, num_decode=0), SimpleNamespace(num_prefill_tokens=0, num_decode=1)
+    now = [0.0]
+    slept = [0.0]
+    order = []
+
+    class Runner:
+        def execute(self, plan):
+            order.append(plan)
+            now[0] += 0.012 if (plan is P and slept[0] >= 0.005) else 0.010
+            slept[0] = 0.0
+
+    def sleep(seconds):
+        slept[0] = seconds
+        now[0] += seconds
+
+    wake = measure_wake_penalty(Runner(), P, D, gaps_s=[0.001, 0.005], rounds=3, clock=lambda: now[0], sleep=sleep)
+    assert wake.factors == pytest.approx([1.0, 1.2]) and wake.gaps_s == [0.001, 0.005]
+    assert "64-token prefill step after a 1-row decode step" in wake.how
+    timed = [i for i, p in enumerate(order) if p is P][1:]  # after the first call
+    assert all(order[i - 1] is D for i in timed)
+    with pytest.raises(ValueError, match="gaps_s: expected increasing"):
+        measure_wake_penalty(Runner(), P, D, gaps_s=[0.005, 0.001])
+    with pytest.raises(ValueError, match="rounds: expected a positive int"):
+        measure_wake_penalty(Runner(), P, D, rounds=0)
+
+
+def test_fast_forward_follows_the_speed():
+    inp, out = loadgen.LengthDist.parse("i", "uniform:3:30"), loadgen.LengthDist.parse("o", "uniform:1:40")
+    wl = loadgen.poisson(30.0, 40, inp, out, vocab_size=100, seed=5)
+
+    def speed(t: float) -> float:
+        return 1.0 + 0.5 * ((t * 3) % 1.0)
+
+    fast = simulate(wl, cfg(16), Linear(), SLO, overhead=ZERO, speed=speed)
+    slow = simulate(wl, cfg(16), Linear(), SLO, overhead=ZERO, speed=speed, fast_forward=False)
+    assert [t for r in fast.requests for t in r.token_times_s] == \
+        pytest.approx([t for r in slow.requests for t in r.token_times_s])
+
+
+def test_capacity_is_the_simulated_closed_loop_completion_rate():
+    """4 clients of 8 in + 8 out, budget 64, by hand: a cycle is one prefill step of 4 x 8 tokens (10 + 32 ms) and
+    7 decode steps of 4 rows (14 ms each), 140 ms for 4 requests; with 10 ms of overhead per step, 220 ms."""
+    from tokprof.serving.bench import BenchOptions, capacity_per_s
+
+    opts = BenchOptions(max_num_seqs=4, max_num_batched_tokens=64, input_len="8", output_len="8")
+    c = SchedulerConfig(num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=64)
+    assert capacity_per_s(Linear(), opts, c, ZERO) == pytest.approx(4 / 0.140)
+    assert capacity_per_s(Linear(), opts, c, Overhead(stated_s=0.010)) == pytest.approx(4 / 0.220)
+
+
 def test_modelled_step_equals_rollup_modelled_decode_step():
     from tokprof.rollup.project import modelled
 

@@ -33,8 +33,9 @@ def serve_bench(
     device: str = typer.Option("cpu", "--device", help="Where the server runs: cpu or cuda[:N]."),
     backend: str = typer.Option("torch", "--backend", help="Kernel backend of the server: torch, triton or cuda."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (modelled mode: the datasheet dtype)."),
-    rates: str | None = typer.Option(None, "--rates", help="Request rates (req/s), e.g. 5,10,20 (default: 1/4, 1/2, "
-                                     "3/4 and 1 x the capacity estimated from the step table)."),
+    rates: str | None = typer.Option(None, "--rates", help="Request rates (req/s), e.g. 5,10,20 (default: 0.25, 0.5, "
+                                     "0.75 and 1.5 x the capacity the simulator estimates, each on the latest "
+                                     "table)."),
     num_requests: int = typer.Option(120, "--requests", min=1, help="Requests per rate (120: a p90 over 12 tail "
                                      "requests; fewer make the p90 TTFT comparison noisy)."),
     mode: str = typer.Option("poisson", "--mode", help="poisson (open loop at each rate), agentic (multi-turn "
@@ -64,6 +65,9 @@ def serve_bench(
     paired: bool = typer.Option(True, "--paired/--no-paired", help="Time the simulator's step table between the "
                                 "server's steps, off its clock (default; a CPU's speed drifts), or just before "
                                 "each rate."),
+    speed_window_ms: float = typer.Option(250.0, "--speed-window-ms", min=0.0, help="Paired: the simulator follows "
+                                          "the machine's speed over each run, the probe's samples within this many "
+                                          "ms of a step (0: a steady machine, the table's means)."),
     efficiency: float | None = typer.Option(None, "--efficiency", help="Modelled mode: a stated flat fraction of "
                                             "the roofline for every op (default: tokprof's step model, the one "
                                             "`rollup --modelled` uses, with its per-step overhead)."),
@@ -91,7 +95,7 @@ def serve_bench(
                         prefix_caching=prefix_caching, mode=mode, input_len=input_len, output_len=output_len,
                         turn_input_len=turn_input_len, turns=turns, think_s=think_s, clients=clients, trace=trace,
                         num_requests=num_requests, rates=_rates(rates), seed=seed, threads=threads, clock=clock,
-                        paired=paired,
+                        paired=paired, speed_window_s=speed_window_ms / 1e3 or None,
                         efficiency=efficiency, overhead_us=overhead_us, usd_per_gpu_hour=usd_per_hour,
                         all_in_kw_per_gpu=all_in_kw)
     try:

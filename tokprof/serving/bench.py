@@ -10,7 +10,6 @@ The document is saved (atomically) after every rate, so an interrupted sweep kee
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,12 +19,13 @@ from typing import Any
 from tokprof.serving import loadgen
 from tokprof.serving.engine import ServeRun
 from tokprof.serving.metrics import Slo
-from tokprof.serving.probe import PairedProbe, PausableClock
+from tokprof.serving.probe import SPEED_WINDOW_S, PairedProbe, PausableClock
 from tokprof.serving.scheduler import SchedulerConfig
 from tokprof.serving.served import gap_split, max_rate_meeting_slo
 from tokprof.serving.simulator import Overhead, simulate
 from tokprof.serving.step_time import MeasuredStepTable, ModelledStepTime, StepTimeModel
 from tokprof.serving.traffic import Workload
+from tokprof.serving.wake import WakePenalty, measure_wake_penalty
 
 # The validation goal of the simulator against the server (relative errors).
 GOAL = {"throughput": 0.10, "median_tpot": 0.10, "p90_ttft": 0.20}
@@ -64,6 +64,7 @@ class BenchOptions:
     seed: int = 0
     threads: int | None = 1
     paired: bool = True  # measured mode: the step table timed between the server's steps, off its clock (probe.py)
+    speed_window_s: float | None = SPEED_WINDOW_S  # paired: the machine's speed trace's half-window; None: steady
     clock: str = "wall"  # wall | cpu (this thread's CPU time: a shared CPU measured as if idle; needs threads=1)
     efficiency: float | None = None  # modelled mode: None = tokprof's step model, else a stated flat efficiency
     overhead_us: float | None = None  # None: measured (scheduler host time); modelled mode default 0
@@ -107,30 +108,43 @@ def scheduler_config(opts: BenchOptions) -> SchedulerConfig:
                            max_num_batched_tokens=opts.max_num_batched_tokens, prefix_caching=opts.prefix_caching)
 
 
-def capacity_per_s(step_time: StepTimeModel, opts: BenchOptions) -> float:
-    """Requests/s at saturation, estimated: a full running batch decoding, plus each request's prefill once."""
-    from tokprof.serving.step_time import StepShape
+def capacity_per_s(step_time: StepTimeModel, opts: BenchOptions, cfg: SchedulerConfig,
+                   overhead: Overhead | None = None, seed: int = 0) -> float:
+    """Requests/s at saturation, by the simulator: a closed loop of `max_num_seqs` clients (the batch kept full,
+    prefills mixed in as the scheduler mixes them), its completion rate between the first and last quarter of
+    the requests (the filling and draining ends left out)."""
+    inp = loadgen.LengthDist.parse("input_len", opts.input_len)
+    out = loadgen.LengthDist.parse("output_len", opts.output_len)
+    n = 8 * opts.max_num_seqs
+    wl = loadgen.concurrency(opts.max_num_seqs, n, inp, out, vocab_size=1 << 16, seed=seed)
+    run = simulate(wl, cfg, step_time, Slo(ttft_s=1e9, tpot_s=1e9), overhead=overhead)
+    done = sorted(r.finish_s for r in run.requests if r.finish_s is not None)
+    lo, hi = len(done) // 4, 3 * len(done) // 4
+    if hi <= lo or done[hi] <= done[lo]:
+        raise RuntimeError(f"capacity: the simulated closed loop finished {len(done)} of {n} requests")
+    return (hi - lo) / (done[hi] - done[lo])
 
-    inp = loadgen.LengthDist.parse("input_len", opts.input_len).mean
-    out = loadgen.LengthDist.parse("output_len", opts.output_len).mean
-    b = opts.max_num_seqs
-    dec = step_time.step_time_s(StepShape(b, inp + out / 2, 0, 0, 0))
-    pre = step_time.step_time_s(StepShape(b, inp + out / 2, int(min(inp, opts.max_num_batched_tokens)), 1, 0)) - dec
-    per_request = out * dec / b + max(0.0, pre) * math.ceil(inp / opts.max_num_batched_tokens)
-    return 1.0 / per_request
+
+def _errors(p: Any, m: Any) -> dict[str, float | None]:
+    return {"throughput": _rel(p.output_tokens_per_s_per_gpu, m.output_tokens_per_s_per_gpu),
+            "median_tpot": _rel(p.median_tpot_s, m.median_tpot_s),
+            "p90_ttft": _rel(p.ttft_s["p90"], m.ttft_s["p90"])}
 
 
 def _point(rate: float, wl: Workload, measured: ServeRun | None, predicted: ServeRun,
-           table: StepTimeModel) -> dict[str, Any]:
+           table: StepTimeModel, steady: ServeRun | None = None) -> dict[str, Any]:
+    """`steady`: the prediction on the table's mean machine, when `predicted` followed the machine's speed."""
     p = predicted.summary
     doc: dict[str, Any] = {"rate_per_s": rate, "workload": wl.description, "predicted": p.to_dict()}
+    if steady is not None:
+        doc["predicted_steady"] = steady.summary.to_dict()
     if measured is not None:
         m = measured.summary
-        errors = {"throughput": _rel(p.output_tokens_per_s_per_gpu, m.output_tokens_per_s_per_gpu),
-                  "median_tpot": _rel(p.median_tpot_s, m.median_tpot_s),
-                  "p90_ttft": _rel(p.ttft_s["p90"], m.ttft_s["p90"])}
+        errors = _errors(p, m)
         doc.update(measured=m.to_dict(), errors=errors,
                    within_goal={k: v is not None and abs(v) <= GOAL[k] for k, v in errors.items()})
+        if steady is not None:
+            doc["errors_steady"] = _errors(steady.summary, m)
         full = table.step_time_s(_full_batch_shape(measured))
         b = max(1, max(s.num_decode for s in measured.steps))
         doc["causes_measured"] = [asdict(c) for c in gap_split(measured, table, full, b, b / full)]
@@ -190,6 +204,7 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
                            "scheduler": asdict(cfg), "slo": asdict(slo), "slo_text": slo.describe(),
                            "goal": {k: f"within {v:.0%}" for k, v in GOAL.items()}, "points": []}
     server = None
+    wake: WakePenalty | None = None  # measured mode: the cost of waking from idle (wake.py)
     if opts.gpu:
         step_time: StepTimeModel = ModelledStepTime(
             config, opts.gpu, dtype=opts.dtype, efficiency=opts.efficiency, block_size=opts.block_size,
@@ -233,20 +248,27 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
         # between its points, which the server's queueing amplifies in TPOT. So the grid is dense where batches are.
         batches = sorted({b for b in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if b < opts.max_num_seqs}
                          | {opts.max_num_seqs})
-        chunks = sorted({c for c in (16, 64) if c < opts.max_num_batched_tokens} | {opts.max_num_batched_tokens})
+        # Attention is quadratic in a chunk's length, so prefill time is convex in it: with chunks of 16, 64 and 256
+        # only, a 85-token chunk interpolated 4-9% over its measured time.
+        chunks = sorted({c for c in (16, 32, 64, 96, 128, 192, 256, 384, 512) if c < opts.max_num_batched_tokens}
+                        | {opts.max_num_batched_tokens})
 
         def measure() -> MeasuredStepTable:
-            return measure_step_table(server.runner, batches=batches, contexts=contexts, chunks=chunks, repeats=5,
-                                      seed=opts.seed, clock=timer, clock_name=timer_name)
+            return measure_step_table(server.runner, batches=batches, contexts=contexts, chunks=chunks, repeats=2,
+                                      passes=3, seed=opts.seed, clock=timer, clock_name=timer_name)
 
         step_time = measure()
         doc["table"] = step_time.to_dict()
+        wake = _measure_wake(server, opts, timer, clock.sleep, chunks)
+        doc["wake"] = wake.to_dict()
         doc["step_time"] = step_time.describe()
         probe = (PairedProbe(model, clock, batches=batches, contexts=contexts, chunks=chunks, seed=opts.seed,
                              clock_name=timer_name) if opts.paired else None)
         doc["paired"] = ("per rate, the step table timed between the server's steps (one table step after each, "
-                         "off the server's clock): the simulator's step times for that rate" if probe is not None
-                         else "per rate, the step table measured just before the server's run")
+                         "off the server's clock): the simulator's step times for that rate"
+                         + (f", each step scaled by the machine's speed then (the probe's samples over their shapes' "
+                            f"means, within {opts.speed_window_s:g} s)" if opts.speed_window_s else "")
+                         if probe is not None else "per rate, the step table measured just before the server's run")
         if opts.overhead_us is None:
             from tokprof.serving.loop_overhead import measure_loop_overhead
 
@@ -256,32 +278,49 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
         else:
             overhead = Overhead(stated_s=opts.overhead_us * 1e-6)
     vocab = config.vocab_size
-    capacity = capacity_per_s(step_time, opts)
+    capacity = capacity_per_s(step_time, opts, cfg, overhead, seed=opts.seed)
     doc["capacity_estimate_per_s"] = capacity
-    rates = opts.rates or [round(f * capacity, 3) for f in RATE_FRACTIONS]
+    # Rates as fractions of the capacity: each one of the capacity on the latest table (measured while the rate
+    # before it was served), as the CPU's speed drifts over a sweep's minute; stated rates are kept as they are.
+    fractions = None if opts.rates else RATE_FRACTIONS
+    rates = list(opts.rates or [round(f * capacity, 3) for f in RATE_FRACTIONS])
+    latest = step_time
     save(doc)
-    for i, rate in enumerate(rates):
-        wl = workload_for(opts, rate, vocab, opts.seed + i)
+    for i in range(len(rates)):
         measured = None
         point_table = step_time
+        speed = None
+        if server is not None and i and probe is None:  # measured again just before each rate: a CPU that drifts
+            point_table = latest = measure()           # hits both sides
+        point_capacity = capacity
+        if fractions is not None and latest is not step_time:
+            point_capacity = capacity_per_s(latest, opts, cfg, overhead, seed=opts.seed)
+            rates[i] = round(fractions[i] * point_capacity, 3)
+        rate = rates[i]
+        wl = workload_for(opts, rate, vocab, opts.seed + i)
         if server is not None:
-            if i and probe is None:  # measured again just before each rate: a CPU that drifts hits both sides
-                point_table = measure()
             log(f"rate {rate:g}/s: serving {wl.num_requests} requests")
             if probe is not None:
                 probe.reset()
             measured = server.run(wl, slo, energy_reason=_energy_reason(opts.device),
                                   between_steps=probe.after_step if probe is not None else None)
             if probe is not None:  # the table measured while this rate was served (probe.py)
-                point_table = probe.table()
-        predicted = simulate(wl, cfg, point_table, slo, overhead=overhead)
-        doc["points"].append(_point(rate, wl, measured, predicted, point_table))
+                point_table = latest = probe.table()
+                speed = probe.speed_trace(opts.speed_window_s) if opts.speed_window_s else None
+        predicted = simulate(wl, cfg, point_table, slo, overhead=overhead, speed=speed, wake=wake)
+        steady = simulate(wl, cfg, point_table, slo, overhead=overhead, wake=wake) if speed is not None else None
+        doc["points"].append(_point(rate, wl, measured, predicted, point_table, steady))
+        if fractions is not None:
+            doc["points"][-1].update(fraction_of_capacity=fractions[i], capacity_estimate_per_s=point_capacity)
         if point_table is not step_time:
             doc["points"][-1]["table"] = point_table.to_dict()
+        if speed is not None:
+            doc["points"][-1]["speed"] = speed.summary()
         save(doc)
     # The SLO rate, by the simulator (cheap): bisection over Poisson rates of the same lengths.
     def make(rate: float) -> ServeRun:
-        return simulate(workload_for(opts, rate, vocab, opts.seed + 1000), cfg, step_time, slo, overhead=overhead)
+        return simulate(workload_for(opts, rate, vocab, opts.seed + 1000), cfg, step_time, slo, overhead=overhead,
+                        wake=wake)
 
     if opts.mode in ("poisson", "agentic"):
         best_rate, best = max_rate_meeting_slo(make, capacity, iterations=8)
@@ -300,6 +339,21 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
             all(p["within_goal"].values()) for p in errs), "goal": doc["goal"]}
     save(doc)
     return doc
+
+
+def _measure_wake(server: Any, opts: BenchOptions, timer: Callable[[], float], sleep: Callable[[float], None],
+                  chunks: list[int]) -> WakePenalty:
+    """The cost of waking (wake.py), on a prefill step of the table's chunk nearest the mean prompt (the step a
+    request arriving at an idle server runs first), after a one-row decode step at that context (the last step
+    of a server about to idle)."""
+    from tokprof.serving.step_time import table_plans
+
+    mean_in = loadgen.LengthDist.parse("input_len", opts.input_len).mean
+    chunk = min(chunks, key=lambda c: abs(c - min(mean_in, opts.max_num_batched_tokens)))
+    plans = dict(table_plans([1], [chunk], [chunk], block_size=opts.block_size,
+                             vocab=server.model.config.vocab_size, seed=opts.seed))
+    return measure_wake_penalty(server.runner, plans[("prefill", 0, 0)], plans[("decode", 0, 0)], clock=timer,
+                                sleep=sleep)
 
 
 def _device_name(dev: Any) -> str:

@@ -181,10 +181,11 @@ class Server:
         sched.pool.check()
 
     def run(self, workload: Workload, slo: Slo, *, meter: object | None = None,
-            energy_reason: str | None = None, between_steps: Callable[[], None] | None = None) -> ServeRun:
+            energy_reason: str | None = None,
+            between_steps: Callable[[StepRecord], None] | None = None) -> ServeRun:
         """Serve `workload` in real time. `meter`: an EnergyMeter (begin_window/end_window) to meter the run.
-        `between_steps`: called after each step, e.g. tokprof.serving.probe.PairedProbe.after_step (which pauses
-        the server's clock while it runs)."""
+        `between_steps`: called after each step with its record, e.g. tokprof.serving.probe.PairedProbe.after_step
+        (which pauses the server's clock while it runs)."""
         sched = Scheduler(self.config)
         driver = Driver(workload)
         steps: list[StepRecord] = []
@@ -212,7 +213,7 @@ class Server:
                 driver.finished(req)
             steps.append(step_record(plan, start, end))
             if between_steps is not None:
-                between_steps()
+                between_steps(steps[-1])
         energy_j = None
         if meter is not None:
             energy_j = meter.end_window("serve").energy_j

@@ -44,12 +44,24 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += ["", "## Simulator against the server", "",
                   f"Goal: throughput {doc['goal']['throughput']}, median TPOT {doc['goal']['median_tpot']}, p90 TTFT "
                   f"{doc['goal']['p90_ttft']} (relative error of the prediction, signed).", "",
-                  "| rate (req/s) | throughput | median TPOT | p90 TTFT | within goal |", "|---|---|---|---|---|"]
+                  "| rate (req/s) | x capacity | throughput | median TPOT | p90 TTFT | within goal | "
+                  "steady machine: throughput / TPOT / TTFT | machine speed p10-p90 (max) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for p in errs:
             e = p["errors"]
             ok = "yes" if all(p["within_goal"].values()) else "no"
-            lines.append(f"| {p['rate_per_s']:.3g} | {_pct(e['throughput'])} | {_pct(e['median_tpot'])} | "
-                         f"{_pct(e['p90_ttft'])} | {ok} |")
+            st = p.get("errors_steady")
+            steady = "-" if not st else " / ".join(_pct(st[k]) for k in ("throughput", "median_tpot", "p90_ttft"))
+            sp = p.get("speed")
+            speed = "-" if not sp else f"{sp['p10']:.2f}-{sp['p90']:.2f} ({sp['max']:.2f})"
+            lines.append(f"| {p['rate_per_s']:.3g} | {_num(p.get('fraction_of_capacity'), 'g')} | "
+                         f"{_pct(e['throughput'])} | {_pct(e['median_tpot'])} | {_pct(e['p90_ttft'])} | {ok} | "
+                         f"{steady} | {speed} |")
+        lines += ["", "The prediction follows the machine's speed over each run (the probe's samples over their "
+                  "shapes' means; 1.0 = the table's mean machine); the steady column is the same simulation on the "
+                  "mean machine."]
+        if doc.get("wake"):
+            lines.append(f"Waking from idle: {doc['wake']['how']}.")
         v = doc.get("validation")
         if v:
             lines += ["", f"Validation over {v['rates']} rates: {'met' if v['met'] else 'not met'}."]

@@ -13,6 +13,7 @@ scheduler (same result, tested), so long outputs simulate quickly.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokprof.kernels._common import cdiv
@@ -21,6 +22,10 @@ from tokprof.serving.metrics import Slo, StepRecord, summarize
 from tokprof.serving.scheduler import Scheduler, SchedulerConfig
 from tokprof.serving.step_time import StepShape, StepTimeModel
 from tokprof.serving.traffic import Driver, Workload
+
+
+def _steady(_t_s: float) -> float:
+    return 1.0
 
 
 @dataclass
@@ -47,7 +52,7 @@ class Overhead:
 
 
 def _fast_forward(sched: Scheduler, driver: Driver, step_time: StepTimeModel, now: float, overhead_s: float,
-                  steps: list[StepRecord]) -> float:
+                  steps: list[StepRecord], speed: Callable[[float], float]) -> float:
     """Run the decode-only steps that follow without the scheduler, while nothing can change the batch: nobody
     admitted (nobody waiting, or the batch full), every running request decoding, no arrival due, no request at
     its last token, blocks to spare (no preemption), no prefix cache to update. What schedule() + update() would do,
@@ -69,7 +74,8 @@ def _fast_forward(sched: Scheduler, driver: Driver, step_time: StepTimeModel, no
             break
         lens = [r.num_computed + 1 for r in running]
         ctx_mean, ctx_max = sum(lens) / n, max(lens)
-        start, now = now, now + step_time.step_time_s(StepShape(n, ctx_mean, 0, 0, 0, ctx_max)) + overhead_s
+        forward_s = step_time.step_time_s(StepShape(n, ctx_mean, 0, 0, 0, ctx_max)) * speed(now)
+        start, now = now, now + forward_s + overhead_s
         for r in running:
             if r.num_computed + 1 > len(r.blocks) * bs:
                 r.blocks += pool.allocate(1)
@@ -81,8 +87,17 @@ def _fast_forward(sched: Scheduler, driver: Driver, step_time: StepTimeModel, no
 
 
 def simulate(workload: Workload, config: SchedulerConfig, step_time: StepTimeModel, slo: Slo, *,
-             overhead: Overhead | None = None, max_steps: int = 10_000_000, fast_forward: bool = True) -> ServeRun:
+             overhead: Overhead | None = None, speed: Callable[[float], float] | None = None,
+             wake: Callable[[float], float] | None = None, max_steps: int = 10_000_000,
+             fast_forward: bool = True) -> ServeRun:
+    """`speed`: the machine's relative slowness over the run's time (tokprof.serving.probe.SpeedTrace): each
+    step's forward time is the step-time model's x speed(its start). None: a steady machine (1.0).
+    `wake`: the first step after an idle gap of g seconds takes wake(g) x its time (tokprof.serving.wake). None:
+    no cost to waking."""
     overhead = overhead or Overhead()
+    speed = speed or _steady
+    wake = wake or _steady
+    busy_until = 0.0  # when the last step (and its update) ended: a step starting later follows an idle gap
     sched = Scheduler(config)
     driver = Driver(workload)
     steps: list[StepRecord] = []
@@ -106,7 +121,10 @@ def simulate(workload: Workload, config: SchedulerConfig, step_time: StepTimeMod
         start = now
         # as the server: the step runs from before schedule() to the end of the forward pass; update() follows
         fixed = overhead.fixed_s
-        end = start + step_time.step_time_s(StepShape.of(plan)) + (fixed if fixed is not None else schedule_s)
+        forward_s = step_time.step_time_s(StepShape.of(plan)) * speed(start)
+        if start > busy_until:
+            forward_s *= wake(start - busy_until)
+        end = start + forward_s + (fixed if fixed is not None else schedule_s)
         h1 = time.perf_counter()
         finished = sched.update(plan, sampled, end)
         update_s = time.perf_counter() - h1
@@ -117,10 +135,15 @@ def simulate(workload: Workload, config: SchedulerConfig, step_time: StepTimeMod
         steps.append(step_record(plan, start, end))
         if fast_forward:
             per_step = overhead.fixed_s if overhead.fixed_s is not None else host_s / len(steps)
-            now = _fast_forward(sched, driver, step_time, now, per_step, steps)
+            now = _fast_forward(sched, driver, step_time, now, per_step, steps, speed)
+        busy_until = now
     sched.pool.check()
     summary = summarize(sched.finished, steps, slo, provenance="predicted",
                         energy_reason="predicted by the simulator: no energy measured")
     measured = host_s / len(steps) if steps else None
-    summary.notes.append(f"step times {step_time.describe()}; {overhead.describe(measured)}")
+    summary.notes.append(f"step times {step_time.describe()}; {overhead.describe(measured)}"
+                         + ("" if speed is _steady else "; each step scaled by the machine's speed at its start, "
+                            "measured during the server's run")
+                         + ("" if wake is _steady else "; a step after an idle gap scaled by the measured cost of "
+                            "waking"))
     return ServeRun(summary, sched.finished, steps)

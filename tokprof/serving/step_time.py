@@ -3,9 +3,11 @@ context, prefill chunk tokens and their cached prefix).
 
 - `MeasuredStepTable`: measured on this device through the server's own runner: decode steps over batch x context
   and prefill chunks over chunk size, medians of a few repeats, interpolated (linear, extrapolated from the last two
-  points past the grid). A mixed step (decode rows + chunk tokens in one forward) is modelled as
-  decode(B, context) + prefill(chunk) - fixed, where fixed is the cost of a forward pass of one decode token at the
-  smallest context (on a CPU and at small sizes nearly all of it is per-kernel dispatch, paid once per step).
+  points past the grid). A mixed step (decode rows + chunk tokens in one forward) costs decode(B, context) + what a
+  chunk adds to a decode step, measured on mixed steps of a few batches at one context and interpolated over batch
+  and chunk size. (Without mixed measurements, e.g. an older table: prefill(chunk) - fixed, where fixed is a
+  one-token step; that read 6-8% under the server's mixed steps on a CPU: two attention calls and their
+  concatenation, and the sampled rows of the chunk.)
 - `ModelledStepTime`: for a GPU of the spec table, no measurement: every kernel call of the step at its datasheet
   roofline divided by a stated efficiency (tokprof.rollup.project's convention), plus a stated per-step overhead.
 The scheduler's own host time per step is added by the simulator (measured on its calls, or stated).
@@ -84,6 +86,10 @@ class MeasuredStepTable:
     context_axis: str = "mean"
     provenance: str = "measured"
     notes: list[str] = field(default_factory=list)
+    # mixed steps: mixed_batches decode rows at context mixed_context plus one prefill chunk of each of `chunks`
+    mixed_batches: list[int] = field(default_factory=list)
+    mixed_context: int = 0
+    mixed_s: list[list[float]] = field(default_factory=list)  # [mixed batch index][chunk index], seconds (mean)
 
     @property
     def fixed_s(self) -> float:
@@ -96,13 +102,23 @@ class MeasuredStepTable:
     def prefill_time_s(self, tokens: float) -> float:
         return interp(self.chunks, self.prefill_s, tokens)
 
+    def chunk_added_s(self, batch: float, tokens: float) -> float:
+        """What a prefill chunk of `tokens` adds to a decode step of `batch` rows."""
+        if not self.mixed_s:
+            return max(0.0, self.prefill_time_s(tokens) - self.fixed_s)
+        added = [interp(self.chunks, [m - self.decode_time_s(b, self.mixed_context) for m in row], tokens)
+                 for b, row in zip(self.mixed_batches, self.mixed_s, strict=True)]
+        return max(0.0, interp(self.mixed_batches, added, batch))
+
     def step_time_s(self, shape: StepShape) -> float:
         if shape.num_prefill_tokens == 0:
             return self.decode_time_s(shape.num_decode, self._context(shape)) if shape.num_decode else 0.0
-        pre = self.prefill_time_s(shape.num_prefill_tokens)
         if not shape.num_decode:
-            return pre
-        return self.decode_time_s(shape.num_decode, self._context(shape)) + max(0.0, pre - self.fixed_s)
+            return self.prefill_time_s(shape.num_prefill_tokens)
+        # Several chunks in one step are taken as one of their total: measured against the server's two- and
+        # three-chunk steps, that read within 2% (each chunk's own cost summed, within 2% too).
+        return (self.decode_time_s(shape.num_decode, self._context(shape))
+                + self.chunk_added_s(shape.num_decode, shape.num_prefill_tokens))
 
     def _context(self, shape: StepShape) -> float:
         if self.context_axis == "max" and shape.decode_context_max:
@@ -110,8 +126,10 @@ class MeasuredStepTable:
         return shape.decode_context_mean
 
     def describe(self) -> str:
+        mixed = (f", mixed steps of batch {self.mixed_batches} at context {self.mixed_context} with each chunk"
+                 if self.mixed_s else "")
         return (f"measured on {self.device}: decode steps over batch {self.batches} x context {self.contexts}, "
-                f"prefill chunks of {self.chunks} tokens, mean of {self.repeats}+ samples, interpolated")
+                f"prefill chunks of {self.chunks} tokens{mixed}, mean of {self.repeats}+ samples, interpolated")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,35 +146,57 @@ def _fake_request(rid: int, tokens: int, vocab: int, rng: random.Random, decode:
     return Request(rid, ids, 1, 0.0)
 
 
+def mixed_grid(batches: Sequence[int], contexts: Sequence[int]) -> tuple[list[int], int]:
+    """The mixed steps' batches (the smallest, a middle one, the largest) and context (a middle one)."""
+    b = sorted(batches)
+    return sorted({b[0], b[len(b) // 2], b[-1]}), sorted(contexts)[(len(contexts) - 1) // 2]
+
+
 def table_blocks(batches: Sequence[int], contexts: Sequence[int], chunks: Sequence[int], block_size: int) -> int:
     """KV blocks the largest synthetic step of a table needs."""
-    return max(max(batches) * cdiv(max(contexts), block_size), cdiv(max(chunks), block_size))
+    mb, mc = mixed_grid(batches, contexts)
+    return max(max(batches) * cdiv(max(contexts), block_size),
+               max(mb) * cdiv(mc, block_size) + cdiv(max(chunks), block_size))
 
 
 def table_plans(batches: Sequence[int], contexts: Sequence[int], chunks: Sequence[int], *, block_size: int,
                 vocab: int, seed: int = 0) -> list[tuple[tuple[str, int, int], StepPlan]]:
-    """The table's synthetic steps: (("decode", batch index, context index) | ("prefill", chunk index, 0), plan).
+    """The table's synthetic steps: (("decode", batch index, context index) | ("prefill", chunk index, 0) |
+    ("mixed", mixed batch index, chunk index), plan).
 
-    Each shape's block ids are a shuffled range from 0 (their contents are whatever the pool holds: timing only):
-    a server's requests hold blocks scattered over its pool after a few admissions and completions, and a gather
-    from scattered blocks is slower than from consecutive ones."""
+    Each step's decode rows hold a shuffled range of blocks from 0 (their contents are whatever the pool holds:
+    timing only): a server's requests hold blocks scattered over its pool after a few admissions and completions,
+    and a gather from scattered blocks is slower than from consecutive ones. (Blocks drawn at random from a pool
+    as large as the server's read 5-10% slow at the full batch instead: a server allocates its running requests'
+    blocks one step at a time from a free list, interleaved, not at random.) A chunk's blocks follow the rows'."""
     rng = random.Random(seed)
+
+    def decode_rows(b: int, ctx: int) -> list[Chunk]:
+        per = cdiv(ctx, block_size)
+        ids = list(range(b * per))
+        rng.shuffle(ids)
+        rows = []
+        for i in range(b):
+            r = _fake_request(i, ctx, vocab, rng, decode=True)
+            r.blocks = ids[i * per:(i + 1) * per]
+            rows.append(Chunk(r, ctx - 1, 1, True))
+        return rows
+
+    def chunk(rid: int, n: int, first_block: int) -> Chunk:
+        r = _fake_request(rid, n, vocab, rng, decode=False)
+        r.blocks = list(range(first_block, first_block + cdiv(n, block_size)))
+        return Chunk(r, 0, n, True)
+
     out: list[tuple[tuple[str, int, int], StepPlan]] = []
     for bi, b in enumerate(batches):
         for ci, ctx in enumerate(contexts):
-            reqs = []
-            per = cdiv(ctx, block_size)
-            ids = list(range(b * per))
-            rng.shuffle(ids)
-            for i in range(b):
-                r = _fake_request(i, ctx, vocab, rng, decode=True)
-                r.blocks = ids[i * per:(i + 1) * per]
-                reqs.append(r)
-            out.append((("decode", bi, ci), StepPlan([Chunk(r, ctx - 1, 1, True) for r in reqs], [])))
+            out.append((("decode", bi, ci), StepPlan(decode_rows(b, ctx), [])))
     for ni, n in enumerate(chunks):
-        r = _fake_request(0, n, vocab, rng, decode=False)
-        r.blocks = list(range(cdiv(n, block_size)))
-        out.append((("prefill", ni, 0), StepPlan([], [Chunk(r, 0, n, True)])))
+        out.append((("prefill", ni, 0), StepPlan([], [chunk(0, n, 0)])))
+    mixed_batches, ctx = mixed_grid(batches, contexts)
+    for bi, b in enumerate(mixed_batches):
+        for ni, n in enumerate(chunks):
+            out.append((("mixed", bi, ni), StepPlan(decode_rows(b, ctx), [chunk(b, n, b * cdiv(ctx, block_size))])))
     return out
 
 
@@ -173,19 +213,27 @@ def table_from_samples(samples: Mapping[tuple[str, int, int], Sequence[float]], 
 
     decode_s = [[typical(("decode", bi, ci)) for ci in range(len(contexts))] for bi in range(len(batches))]
     prefill_s = [typical(("prefill", ni, 0)) for ni in range(len(chunks))]
+    mixed_batches, mixed_context = mixed_grid(batches, contexts)
+    mixed_s = [[typical(("mixed", bi, ni)) for ni in range(len(chunks))] for bi in range(len(mixed_batches))]
     return MeasuredStepTable(list(batches), list(contexts), decode_s, list(chunks), prefill_s,
                              device=str(model.device), repeats=repeats, cpu_load_note=cpu_load_note,
-                             context_axis="max" if model.backend == "torch" else "mean", notes=notes)
+                             context_axis="max" if model.backend == "torch" else "mean", notes=notes,
+                             mixed_batches=mixed_batches, mixed_context=mixed_context, mixed_s=mixed_s)
 
 
 def measure_step_table(runner: Any, *, batches: Sequence[int], contexts: Sequence[int], chunks: Sequence[int],
-                       repeats: int = 5, seed: int = 0, clock: Callable[[], float] = time.perf_counter,
-                       clock_name: str = "wall") -> MeasuredStepTable:
-    """Time `runner.execute` (tokprof.serving.engine.ModelRunner) on synthetic steps of each shape (table_plans).
+                       repeats: int = 5, passes: int = 1, seed: int = 0,
+                       clock: Callable[[], float] = time.perf_counter, clock_name: str = "wall") -> MeasuredStepTable:
+    """Time `runner.execute` (tokprof.serving.engine.ModelRunner) on synthetic steps of each shape (table_plans),
+    `repeats` times per shape in each of `passes` passes over the shapes (a CPU whose speed drifts over seconds
+    then weighs on every shape alike, not on the shapes timed in one stretch).
 
     The pool must hold max(batches) x the blocks of max(contexts) + 1 tokens, and max(chunks) tokens."""
     from tokprof.profiler.cpu_load import CpuLoad
 
+    for name, value in (("repeats", repeats), ("passes", passes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
     model = runner.model
     pool_blocks = runner.cache.k[0].shape[0]
     need = table_blocks(batches, contexts, chunks, model.block_size)
@@ -193,18 +241,20 @@ def measure_step_table(runner: Any, *, batches: Sequence[int], contexts: Sequenc
         raise ValueError(f"runner: its pool of {pool_blocks} blocks cannot hold the table's largest step "
                          f"({need} blocks)")
     meter = CpuLoad.start()
-    samples: dict[tuple[str, int, int], list[float]] = {}
-    for key, plan in table_plans(batches, contexts, chunks, block_size=model.block_size,
-                                 vocab=model.config.vocab_size, seed=seed):
+    plans = table_plans(batches, contexts, chunks, block_size=model.block_size, vocab=model.config.vocab_size,
+                        seed=seed)
+    samples: dict[tuple[str, int, int], list[float]] = {key: [] for key, _ in plans}
+    for _, plan in plans:
         runner.execute(plan)  # warm
-        samples[key] = []
-        for _ in range(repeats):
-            t0 = clock()
-            runner.execute(plan)
-            samples[key].append(clock() - t0)
+    for _ in range(passes):
+        for key, plan in plans:
+            for _ in range(repeats):
+                t0 = clock()
+                runner.execute(plan)
+                samples[key].append(clock() - t0)
     load = meter.stop()
     return table_from_samples(samples, batches=batches, contexts=contexts, chunks=chunks, model=model,
-                              repeats=repeats, cpu_load_note=load.note(), notes=[f"clock: {clock_name}"])
+                              repeats=repeats * passes, cpu_load_note=load.note(), notes=[f"clock: {clock_name}"])
 
 
 @dataclass
