@@ -147,6 +147,36 @@ def test_the_probe_samples_the_shapes_the_server_reads(model):
     assert drawn >= 20 and min(len(probe.samples[("prefill", i, 0)]) for i in (0, 1)) >= 3
 
 
+def test_a_metered_run_reports_energy_per_token(model):
+    """Server.run(meter=...) opens one energy window around the run: energy_j from the meter, J per output token.
+    The meter here replays a recorded NVML trace (tests/data) on a clock that moves only when the meter polls, so
+    the joules are the trace's, not this CPU's; what is tested is the accounting."""
+    from pathlib import Path
+
+    from tokprof.profiler.energy import EnergyMeter
+    from tokprof.profiler.energy_sources import ManualClock, ReplaySource
+
+    trace = Path(__file__).parent / "data" / "nvml_energy_trace_h100.json"
+    meter = EnergyMeter(ReplaySource.from_file(trace, clock=ManualClock(1.0)), device="cpu")
+    cfg = SchedulerConfig(num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=16)
+    wl = Workload([Session(0.0, [Turn(p, 3)]) for p in prompts(2, [5, 7])])
+    run = Server(model, cfg).run(wl, SLO, meter=meter, energy_reason="unused when metered")
+    s = run.summary
+    assert s.energy_j is not None and s.energy_j > 0 and s.energy_reason is None
+    assert s.j_per_token == pytest.approx(s.energy_j / 6)
+
+
+def test_serve_bench_says_why_a_run_has_no_energy():
+    from tokprof.serving.bench import _open_meter
+
+    assert _open_meter("cpu", False) == (None, "a CPU has no energy meter here (NVML meters NVIDIA GPUs only)")
+    meter, why = _open_meter("cuda:0", True)
+    assert meter is None and "--no-paired" in why  # the probe's steps would sit inside the energy window
+    meter, why = _open_meter("cuda:0", False)
+    if meter is None:  # no GPU or no NVML here: the reason, never a traceback
+        assert why.startswith("no energy meter: ")
+
+
 def test_a_pausable_clock_stands_still_while_paused():
     from tokprof.serving.probe import PausableClock
 

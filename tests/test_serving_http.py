@@ -79,3 +79,38 @@ def test_latencies_from_a_streaming_server(server):
 def test_status_says_why_when_nothing_listens():
     model, why = server_status("http://127.0.0.1:9", timeout_s=0.5)
     assert model is None and "no OpenAI-compatible server answers" in why
+
+
+def test_serve_bench_drives_an_endpoint_beside_the_modelled_prediction(server, tmp_path):
+    """`tokprof serve-bench --endpoint URL --gpu h100`: the load generator drives the OpenAI-compatible server at
+    each rate (measured, on the client's clock) and the simulator predicts the same workload on the modelled GPU;
+    the errors are the prediction's against that server. Without --gpu, stated rates and no prediction."""
+    from typer.testing import CliRunner
+
+    from tokprof.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["serve-bench", "--endpoint", server, "--gpu", "h100", "--model", "llama-3.1-8b",
+                              "--dtype", "bf16", "--rates", "20", "--requests", "4", "--input-len", "16",
+                              "--output-len", "3", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "serve-bench.json").read_text())
+    assert doc["mode"] == "endpoint" and doc["endpoint"] == {"url": server, "model": "fake-model"}
+    (p,) = doc["points"]
+    assert p["measured"]["requests"] == 4 and p["measured"]["provenance"] == "measured"
+    assert FIRST_S * 0.9 < p["measured"]["ttft_s"]["p50"] < FIRST_S + 0.2
+    assert p["predicted"]["provenance"] == "predicted" and set(p["errors"]) == {"throughput", "median_tpot",
+                                                                                "p90_ttft"}
+    assert "causes_measured" not in p  # an external server has no per-step record
+    assert doc["validation"]["against"] == f"the server at {server} (model fake-model)"
+    res = runner.invoke(app, ["serve-bench", "--endpoint", server, "--rates", "20", "--requests", "2",
+                              "--input-len", "8", "--output-len", "2", "-o", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "b" / "serve-bench.json").read_text())
+    assert "predicted" not in doc["points"][0] and doc["slo_search"]["max_rate_per_s"] is None
+    assert "--gpu" in doc["slo_search"]["reason"]
+    res = runner.invoke(app, ["serve-bench", "--endpoint", server, "-o", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "--rates" in res.output  # no rates and nothing to estimate a capacity with
+    res = runner.invoke(app, ["serve-bench", "--endpoint", "http://127.0.0.1:9", "--rates", "1",
+                              "-o", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "no OpenAI-compatible server answers" in res.output

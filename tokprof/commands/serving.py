@@ -62,9 +62,15 @@ def serve_bench(
     clock: str = typer.Option("wall", "--clock", help="wall, or cpu: this thread's CPU time (a shared CPU measured "
                               "as if idle; --device cpu, --threads 1)."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch intra-op threads on the CPU."),
-    paired: bool = typer.Option(True, "--paired/--no-paired", help="Time the simulator's step table between the "
-                                "server's steps, off its clock (default; a CPU's speed drifts), or just before "
-                                "each rate."),
+    paired: bool | None = typer.Option(None, "--paired/--no-paired", help="Time the simulator's step table "
+                                       "between the server's steps, off its clock (default on a CPU, whose speed "
+                                       "drifts), or just before each rate (default on a GPU, where energy is "
+                                       "metered: the probe would sit in the energy window)."),
+    endpoint: str | None = typer.Option(None, "--endpoint", help="Drive an OpenAI-compatible server (vLLM, "
+                                        "SGLang) at this URL, e.g. http://127.0.0.1:8000, instead of tokprof's own; "
+                                        "with --gpu and --model the simulator predicts it beside."),
+    endpoint_model: str | None = typer.Option(None, "--endpoint-model", help="The served model's name (default: "
+                                              "the first one its /v1/models lists)."),
     speed_window_ms: float = typer.Option(250.0, "--speed-window-ms", min=0.0, help="Paired: the simulator follows "
                                           "the machine's speed over each run, the probe's samples within this many "
                                           "ms of a step (0: a steady machine, the table's means)."),
@@ -95,11 +101,12 @@ def serve_bench(
                         prefix_caching=prefix_caching, mode=mode, input_len=input_len, output_len=output_len,
                         turn_input_len=turn_input_len, turns=turns, think_s=think_s, clients=clients, trace=trace,
                         num_requests=num_requests, rates=_rates(rates), seed=seed, threads=threads, clock=clock,
-                        paired=paired, speed_window_s=speed_window_ms / 1e3 or None,
+                        paired=paired, speed_window_s=speed_window_ms / 1e3 or None, endpoint=endpoint,
+                        endpoint_model=endpoint_model,
                         efficiency=efficiency, overhead_us=overhead_us, usd_per_gpu_hour=usd_per_hour,
                         all_in_kw_per_gpu=all_in_kw)
     try:
-        default = Slo(1.0, 0.05) if gpu is None and device == "cpu" else Slo(2.0, 0.05)
+        default = Slo(1.0, 0.05) if gpu is None and endpoint is None and device == "cpu" else Slo(2.0, 0.05)
         slo = Slo(slo_ttft_ms / 1e3 if slo_ttft_ms is not None else default.ttft_s,
                   slo_tpot_ms / 1e3 if slo_tpot_ms is not None else default.tpot_s)
     except ValueError as err:
@@ -157,7 +164,8 @@ def serve_bench(
         console.print(f"[dim]{escape(doc['cpu_load']['note'])}[/]")
     if doc.get("validation"):
         v = doc["validation"]
-        console.print(f"simulator vs server over {v['rates']} rates: goal {'met' if v['met'] else 'not met'}")
+        console.print(f"simulator vs {escape(v['against'])} over {v['rates']} rates: goal "
+                      f"{'met' if v['met'] else 'not met'}")
     console.print(f"wrote {json_path}, {md_path}" + (f", {png}" if png else ""))
     print(json.dumps({"command": "serve-bench", "output": str(json_path), "report": str(md_path),
                       "model": doc["model"], "gpu": doc.get("gpu"), "mode": doc.get("mode"),
@@ -165,5 +173,6 @@ def serve_bench(
                       "slo_search": {k: v for k, v in search.items() if k != "summary"},
                       "points": [{"rate_per_s": p["rate_per_s"], "errors": p.get("errors"),
                                   "measured_tokens_per_s": (p.get("measured") or {}).get("output_tokens_per_s_per_gpu"),
-                                  "predicted_tokens_per_s": p["predicted"]["output_tokens_per_s_per_gpu"]}
+                                  "predicted_tokens_per_s": (p.get("predicted") or {}).get(
+                                      "output_tokens_per_s_per_gpu")}
                                  for p in doc["points"]]}))

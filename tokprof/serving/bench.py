@@ -63,13 +63,16 @@ class BenchOptions:
     rates: list[float] | None = None  # None: fractions of the estimated capacity
     seed: int = 0
     threads: int | None = 1
-    paired: bool = True  # measured mode: the step table timed between the server's steps, off its clock (probe.py)
+    paired: bool | None = None  # measured mode: the step table timed between the server's steps, off its clock
+    # (probe.py); None: on a CPU (whose speed drifts), not on a GPU (where the probe would sit in the energy window)
     speed_window_s: float | None = SPEED_WINDOW_S  # paired: the machine's speed trace's half-window; None: steady
     clock: str = "wall"  # wall | cpu (this thread's CPU time: a shared CPU measured as if idle; needs threads=1)
     efficiency: float | None = None  # modelled mode: None = tokprof's step model, else a stated flat efficiency
     overhead_us: float | None = None  # None: measured (scheduler host time); modelled mode default 0
     usd_per_gpu_hour: float | None = None
     all_in_kw_per_gpu: float | None = None
+    endpoint: str | None = None  # an OpenAI-compatible server (vLLM, SGLang) to drive instead of tokprof's own
+    endpoint_model: str | None = None  # None: the first model its /v1/models lists
 
 
 def _rel(pred: float | None, meas: float | None) -> float | None:
@@ -131,20 +134,24 @@ def _errors(p: Any, m: Any) -> dict[str, float | None]:
             "p90_ttft": _rel(p.ttft_s["p90"], m.ttft_s["p90"])}
 
 
-def _point(rate: float, wl: Workload, measured: ServeRun | None, predicted: ServeRun,
-           table: StepTimeModel, steady: ServeRun | None = None) -> dict[str, Any]:
+def _point(rate: float, wl: Workload, measured: ServeRun | None, predicted: ServeRun | None,
+           table: StepTimeModel | None, steady: ServeRun | None = None) -> dict[str, Any]:
     """`steady`: the prediction on the table's mean machine, when `predicted` followed the machine's speed."""
-    p = predicted.summary
-    doc: dict[str, Any] = {"rate_per_s": rate, "workload": wl.description, "predicted": p.to_dict()}
+    doc: dict[str, Any] = {"rate_per_s": rate, "workload": wl.description}
+    if predicted is not None:
+        doc["predicted"] = predicted.summary.to_dict()
     if steady is not None:
         doc["predicted_steady"] = steady.summary.to_dict()
     if measured is not None:
         m = measured.summary
-        errors = _errors(p, m)
-        doc.update(measured=m.to_dict(), errors=errors,
-                   within_goal={k: v is not None and abs(v) <= GOAL[k] for k, v in errors.items()})
+        doc["measured"] = m.to_dict()
+        if predicted is not None:
+            errors = _errors(predicted.summary, m)
+            doc.update(errors=errors, within_goal={k: v is not None and abs(v) <= GOAL[k] for k, v in errors.items()})
         if steady is not None:
             doc["errors_steady"] = _errors(steady.summary, m)
+        if not measured.steps or table is None:  # an external server: no per-step record to split
+            return doc
         full = table.step_time_s(_full_batch_shape(measured))
         b = max(1, max(s.num_decode for s in measured.steps))
         doc["causes_measured"] = [asdict(c) for c in gap_split(measured, table, full, b, b / full)]
@@ -205,15 +212,19 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
                            "goal": {k: f"within {v:.0%}" for k, v in GOAL.items()}, "points": []}
     server = None
     wake: WakePenalty | None = None  # measured mode: the cost of waking from idle (wake.py)
+    target = _endpoint(opts, doc)
+    step_time: StepTimeModel | None = None
+    overhead: Overhead | None = None
+    meter, energy_reason = None, None
     if opts.gpu:
         step_time: StepTimeModel = ModelledStepTime(
             config, opts.gpu, dtype=opts.dtype, efficiency=opts.efficiency, block_size=opts.block_size,
             overhead_s=opts.overhead_us * 1e-6 if opts.overhead_us is not None else
             (0.0 if opts.efficiency is not None else None))
         gpu_key = step_time.spec_key
-        doc.update(gpu=gpu_key, mode="modelled", step_time=step_time.describe())
+        doc.update(gpu=gpu_key, mode="endpoint" if target else "modelled", step_time=step_time.describe())
         overhead = Overhead(stated_s=0.0)  # inside the modelled step time
-    else:
+    elif target is None:
         from tokprof.models.transformer import Transformer
         from tokprof.profiler.cpu_load import CpuLoad
         from tokprof.serving.engine import Server, ThreadCpuClock
@@ -238,9 +249,11 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
             timer, timer_name = time.perf_counter, "wall"
         server = Server(model, cfg, clock=clock, sleep=clock.sleep)
         doc.update(gpu=_device_name(dev), mode="measured")
+        paired = opts.paired if opts.paired is not None else opts.device == "cpu"
+        meter, energy_reason = _open_meter(opts.device, paired)
         log("warm-up and step table")
         server.warmup()
-        meter = CpuLoad.start()
+        cpu_meter = CpuLoad.start()
         # tokens per sequence the pool holds at the full batch
         longest = cfg.num_blocks // opts.max_num_seqs * cfg.block_size
         contexts = sorted({c for c in (16, 64, 256, 1024) if c <= longest} | {min(longest, 1024)})
@@ -263,7 +276,7 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
         doc["wake"] = wake.to_dict()
         doc["step_time"] = step_time.describe()
         probe = (PairedProbe(model, clock, batches=batches, contexts=contexts, chunks=chunks, seed=opts.seed,
-                             clock_name=timer_name) if opts.paired else None)
+                             clock_name=timer_name) if paired else None)
         doc["paired"] = ("per rate, the step table timed between the server's steps (one table step after each, "
                          "off the server's clock): the simulator's step times for that rate"
                          + (f", each step scaled by the machine's speed then (the probe's samples over their shapes' "
@@ -277,12 +290,17 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
             doc["loop_overhead"] = {"per_step_s": loop_s, "how": how}
         else:
             overhead = Overhead(stated_s=opts.overhead_us * 1e-6)
+    else:
+        doc.update(gpu=None, mode="endpoint", step_time=None)
     vocab = config.vocab_size
-    capacity = capacity_per_s(step_time, opts, cfg, overhead, seed=opts.seed)
+    capacity = capacity_per_s(step_time, opts, cfg, overhead, seed=opts.seed) if step_time is not None else None
     doc["capacity_estimate_per_s"] = capacity
     # Rates as fractions of the capacity: each one of the capacity on the latest table (measured while the rate
     # before it was served), as the CPU's speed drifts over a sweep's minute; stated rates are kept as they are.
     fractions = None if opts.rates else RATE_FRACTIONS
+    if capacity is None and not opts.rates:
+        raise ValueError("rates: driving an endpoint without a GPU to model needs stated rates (--rates 1,2,4), or "
+                         "--gpu to estimate its capacity")
     rates = list(opts.rates or [round(f * capacity, 3) for f in RATE_FRACTIONS])
     latest = step_time
     save(doc)
@@ -302,12 +320,18 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
             log(f"rate {rate:g}/s: serving {wl.num_requests} requests")
             if probe is not None:
                 probe.reset()
-            measured = server.run(wl, slo, energy_reason=_energy_reason(opts.device),
+            measured = server.run(wl, slo, meter=meter, energy_reason=energy_reason,
                                   between_steps=probe.after_step if probe is not None else None)
             if probe is not None:  # the table measured while this rate was served (probe.py)
                 point_table = latest = probe.table()
                 speed = probe.speed_trace(opts.speed_window_s) if opts.speed_window_s else None
-        predicted = simulate(wl, cfg, point_table, slo, overhead=overhead, speed=speed, wake=wake)
+        elif target is not None:
+            from tokprof.serving.http_client import run_http
+
+            log(f"rate {rate:g}/s: sending {wl.num_requests} requests to {target.base_url}")
+            measured = run_http(wl, target, slo)
+        predicted = (simulate(wl, cfg, point_table, slo, overhead=overhead, speed=speed, wake=wake)
+                     if point_table is not None else None)
         steady = simulate(wl, cfg, point_table, slo, overhead=overhead, wake=wake) if speed is not None else None
         doc["points"].append(_point(rate, wl, measured, predicted, point_table, steady))
         if fractions is not None:
@@ -322,7 +346,10 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
         return simulate(workload_for(opts, rate, vocab, opts.seed + 1000), cfg, step_time, slo, overhead=overhead,
                         wake=wake)
 
-    if opts.mode in ("poisson", "agentic"):
+    if step_time is None:
+        doc["slo_search"] = {"max_rate_per_s": None, "reason": "no step-time model to simulate with: give --gpu "
+                             "(the endpoint's GPU) for a prediction"}
+    elif opts.mode in ("poisson", "agentic"):
         best_rate, best = max_rate_meeting_slo(make, capacity, iterations=8)
         tps = best.summary.output_tokens_per_s_per_gpu if best else None
         doc["slo_search"] = {"provenance": "predicted", "max_rate_per_s": best_rate,
@@ -331,12 +358,15 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
     else:
         doc["slo_search"] = {"max_rate_per_s": None, "reason": f"mode {opts.mode} has no request rate to search"}
     if server is not None:
-        load = meter.stop()
+        load = cpu_meter.stop()
         doc["cpu_load"] = {"other_cores": load.other_cores, "cores": load.cores, "note": load.note(),
                            "contended": load.contended}
-        errs = [p for p in doc["points"] if "errors" in p]
-        doc["validation"] = {"rates": len(errs), "met": bool(errs) and len(errs) >= 3 and all(
-            all(p["within_goal"].values()) for p in errs), "goal": doc["goal"]}
+    errs = [p for p in doc["points"] if "errors" in p]
+    if errs:
+        doc["validation"] = {"rates": len(errs), "met": len(errs) >= 3 and all(
+            all(p["within_goal"].values()) for p in errs), "goal": doc["goal"],
+            "against": "tokprof's server" if server is not None else
+            f"the server at {target.base_url} (model {target.model})"}
     save(doc)
     return doc
 
@@ -364,10 +394,32 @@ def _device_name(dev: Any) -> str:
     return info.spec_key or info.name
 
 
-def _energy_reason(device: str) -> str | None:
-    if device.startswith("cuda"):
-        return "energy not metered in serve-bench yet on this device (NVML meter not opened)"
-    return "a CPU has no energy meter here (NVML meters NVIDIA GPUs only)"
+def _open_meter(device: str, paired: bool) -> tuple[Any, str | None]:
+    """(an NVML energy meter for the server's runs, None) or (None, why there is none)."""
+    if not device.startswith("cuda"):
+        return None, "a CPU has no energy meter here (NVML meters NVIDIA GPUs only)"
+    if paired:
+        return None, ("the paired probe's synthetic steps run inside each rate's energy window: energy is metered "
+                      "with --no-paired (the default on a GPU)")
+    from tokprof.profiler.energy import make_meter
+
+    try:
+        return make_meter(device), None
+    except RuntimeError as err:
+        return None, f"no energy meter: {err}"
+
+
+def _endpoint(opts: BenchOptions, doc: dict[str, Any]) -> Any:
+    """The HttpTarget of `opts.endpoint` (its model resolved; RuntimeError with the reason where nothing
+    answers), noted in `doc`; None without an endpoint."""
+    if not opts.endpoint:
+        return None
+    from tokprof.serving.http_client import HttpTarget
+
+    target = HttpTarget(opts.endpoint, opts.endpoint_model)
+    target.resolve()
+    doc["endpoint"] = {"url": opts.endpoint, "model": target.model}
+    return target
 
 
 def table_from_doc(doc: dict[str, Any]) -> MeasuredStepTable | None:

@@ -20,14 +20,19 @@ def _pct(x: float | None) -> str:
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    lines = [f"# serve-bench: {doc['model']} on {doc.get('gpu', '?')} ({doc.get('mode', '?')})", ""]
+    where = doc.get("gpu") or (doc.get("endpoint") or {}).get("url", "?")
+    lines = [f"# serve-bench: {doc['model']} on {where} ({doc.get('mode', '?')})", ""]
     lines.append(f"SLO: {doc['slo_text']}. Step times: {doc.get('step_time', '-')}.")
     if doc.get("cpu_load"):
         lines.append(f"CPU load: {doc['cpu_load']['note']}.")
+    reasons = {p["measured"].get("energy_reason") for p in doc["points"] if p.get("measured")} - {None}
+    if reasons:
+        lines.append("Energy: " + "; ".join(sorted(reasons)) + ".")
     lines += ["", "## Latency and throughput against request rate", "",
               "| rate (req/s) | source | tokens/s/GPU | tokens/s/user | TTFT p50 / p90 / p99 (ms) | "
-              "TPOT p50 / p90 (ms) | ITL p90 (ms) | E2E p90 (ms) | goodput (req/s) | SLO met | preemptions |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "TPOT p50 / p90 (ms) | ITL p90 (ms) | E2E p90 (ms) | goodput (req/s) | SLO met | preemptions | "
+              "J/token |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in doc["points"]:
         for side in ("measured", "predicted"):
             s = p.get(side)
@@ -38,10 +43,11 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"{_num(s['tokens_per_s_per_user'], '.1f')} | {_ms(s['ttft_s']['p50'])} / {_ms(s['ttft_s']['p90'])} / "
                 f"{_ms(s['ttft_s']['p99'])} | {_ms(s['tpot_s']['p50'])} / {_ms(s['tpot_s']['p90'])} | "
                 f"{_ms(s['itl_s']['p90'])} | {_ms(s['e2e_s']['p90'])} | {s['goodput_requests_per_s']:.2f} | "
-                f"{'yes' if s['slo_met'] else 'no'} | {s['preemptions']} |")
+                f"{'yes' if s['slo_met'] else 'no'} | {s['preemptions']} | {_num(s.get('j_per_token'))} |")
     errs = [p for p in doc["points"] if "errors" in p]
     if errs:
-        lines += ["", "## Simulator against the server", "",
+        against = (doc.get("validation") or {}).get("against", "the server")
+        lines += ["", f"## Simulator against {against}", "",
                   f"Goal: throughput {doc['goal']['throughput']}, median TPOT {doc['goal']['median_tpot']}, p90 TTFT "
                   f"{doc['goal']['p90_ttft']} (relative error of the prediction, signed).", "",
                   "| rate (req/s) | x capacity | throughput | median TPOT | p90 TTFT | within goal | "
