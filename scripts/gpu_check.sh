@@ -21,6 +21,8 @@
 #             the reference data (tokprof/data/reference/<gpu>/)
 #   targets   the kernel targets (pass/fail against the measured ceilings); only when named in STEPS
 #   compile   scripts/triton_compile_check.py for this architecture; only when named in STEPS
+#   serve     `tokprof serve-bench` on this GPU (tiny preset, triton, CUDA graphs of the decode steps): the
+#             server beside the simulator, energy metered; only when named in STEPS
 # $OUT ends with at most 8 files: summary.txt, gpu-check.tgz (every log and result), the RunResult, and the
 # props / timing / nvml / e2e JSON files beside it, so the device tool brings all of them back.
 # The device's copy of the tree has no .git: pass the sha in TOKPROF_GIT_SHA (or a GIT_SHA file at the root).
@@ -60,7 +62,7 @@ collect() {  # summary.txt, the result files and gpu-check.tgz in $OUT, from wha
     done
   } >"$OUT/summary.txt"
   local f
-  for f in "$WORK"/props.json "$WORK"/timing.json "$WORK"/nvml.json "$WORK"/e2e.json; do
+  for f in "$WORK"/props.json "$WORK"/timing.json "$WORK"/nvml.json "$WORK"/e2e.json "$WORK"/serve/serve-bench.json; do
     [ -f "$f" ] && cp "$f" "$OUT/"
   done
   rm -f "$OUT"/run-*.json
@@ -129,6 +131,13 @@ step run 240 $PROBE run --device $DEV --out-dir "$WORK/run"
 step targets 200 $PY -m tokprof.targets --out "$WORK/targets/targets.json" --repeat 2 --aa-modes events \
   --no-aa-energy --timeout-s 0.5
 step compile 120 env -u TRITON_INTERPRET $PY scripts/triton_compile_check.py --arch "$ARCH_NUM"
+if [ "$DRY" = 1 ]; then
+  step serve 120 $PY -m tokprof.cli serve-bench --device cpu --rates 50 --requests 6 --input-len uniform:4:12 \
+    --output-len 4 --max-num-seqs 4 --token-budget 16 -o "$WORK/serve"
+else
+  step serve 150 $PY -m tokprof.cli serve-bench --device cuda --backend triton --dtype fp16 --requests 60 \
+    -o "$WORK/serve"
+fi
 
 collect
 tail -n 60 "$OUT/summary.txt"

@@ -32,7 +32,7 @@ def test_cpu_sweep_measured_beside_predicted(tmp_path):
     assert saved["points"][0]["measured"]["energy_j"] is None
     assert "NVML" in saved["points"][0]["measured"]["energy_reason"]
     md = (tmp_path / "serve-bench.md").read_text()
-    assert "Simulator against the server" in md and "| 50 | measured |" in md
+    assert "Simulator against tokprof's server" in md and "| 50 | measured |" in md
     assert (tmp_path / "serve-bench.png").stat().st_size > 0
 
 

@@ -37,18 +37,36 @@ def prompts(seed: int, lengths: list[int]) -> list[list[int]]:
     SchedulerConfig(num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=8),  # chunked, ragged
     SchedulerConfig(num_blocks=9, block_size=4, max_num_seqs=4, max_num_batched_tokens=16),  # preemption
 ], ids=["chunked", "preempting"])
-def test_outputs_equal_generate(model, cfg):
+@pytest.mark.parametrize("graphs", ["off", "padded"])
+def test_outputs_equal_generate(model, cfg, graphs):
+    """Greedy outputs token-identical to generate; with graphs="padded" the decode-only steps go through the CUDA
+    graphs' padded buffers (dummy rows up to a captured size, their KV in a scratch block), run eagerly here."""
     lens, outs = [13, 5, 9, 3], [6, 9, 4, 7]
     ps = prompts(1, lens)
     want = [expected(model, p, n) for p, n in zip(ps, outs, strict=True)]
     wl = Workload([Session(0.001 * i, [Turn(p, n)]) for i, (p, n) in enumerate(zip(ps, outs, strict=True))])
-    run = Server(model, cfg).run(wl, SLO)
+    server = Server(model, cfg, graphs=graphs)
+    padded = []
+    if graphs == "padded":
+        run_padded = server.runner.graphs.run
+        server.runner.graphs.run = lambda plan: padded.append(plan.num_decode) or run_padded(plan)
+    run = server.run(wl, SLO)
     got = {r.request_id: r.output for r in run.requests}
     assert [got[i] for i in range(4)] == want
+    if graphs == "padded":  # decode steps of 1, 2, 3 rows ran padded to sizes 1, 2 and 4
+        assert server.runner.graphs.sizes == [1, 2, 4] and 3 in padded and server.runner.scratch_block == cfg.num_blocks
     assert max(s.num_decode for s in run.steps) >= 2  # ragged decode batches really ran
     assert any(s.num_decode and s.num_prefill_tokens for s in run.steps)  # prefill mixed into decode steps
     if cfg.num_blocks == 9:
         assert run.summary.preemptions >= 1
+
+
+def test_cuda_graphs_say_what_they_need(model):
+    cfg = SchedulerConfig(num_blocks=16, block_size=4, max_num_seqs=4, max_num_batched_tokens=8)
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
+        Server(model, cfg, graphs="cuda")
+    with pytest.raises(ValueError, match="graphs: expected 'off', 'cuda' or 'padded'"):
+        Server(model, cfg, graphs="on")
 
 
 def test_prefix_cache_hits_and_outputs_unchanged(model):
@@ -220,3 +238,27 @@ def test_table_steps_hold_scattered_distinct_blocks():
     decode_blocks = [b for c in mixed.decodes for b in c.request.blocks]
     assert sorted(decode_blocks) == list(range(16)) and mixed.prefills[0].request.blocks == [16, 17]
     assert table_blocks([1, 4], [16, 40], [8], 4) == 40
+
+
+# ----------------------------------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+def test_cuda_graph_server_matches_eager_server() -> None:
+    """On a GPU: the server replaying CUDA graphs of its decode steps (padded to captured sizes) samples the same
+    tokens as the same server run eagerly, and as generate."""
+    gpu_model = Transformer.random(ModelConfig.from_name("tiny"), device="cuda", dtype=torch.bfloat16, seed=0,
+                                   backend="triton", block_size=16)
+    cfg = SchedulerConfig(num_blocks=64, block_size=16, max_num_seqs=8, max_num_batched_tokens=64)
+    lens, outs = [40, 17, 29, 9, 33], [12, 20, 7, 15, 10]
+    ps = prompts(3, lens)
+    wl = Workload([Session(0.002 * i, [Turn(p, n)]) for i, (p, n) in enumerate(zip(ps, outs, strict=True))])
+    runs = {}
+    for graphs in ("off", "cuda"):
+        server = Server(gpu_model, cfg, graphs=graphs)
+        server.warmup()
+        run = server.run(wl, SLO)
+        runs[graphs] = {r.request_id: r.output for r in run.requests}
+    assert runs["cuda"] == runs["off"]
+    want = [expected(gpu_model, p, n) for p, n in zip(ps, outs, strict=True)]
+    assert [runs["cuda"][i] for i in range(len(ps))] == want

@@ -66,6 +66,9 @@ def serve_bench(
                                        "between the server's steps, off its clock (default on a CPU, whose speed "
                                        "drifts), or just before each rate (default on a GPU, where energy is "
                                        "metered: the probe would sit in the energy window)."),
+    cuda_graphs: bool | None = typer.Option(None, "--cuda-graphs/--no-cuda-graphs", help="Replay CUDA graphs of the "
+                                            "server's decode-only steps, padded to captured batch sizes (default: on "
+                                            "a GPU with --backend triton or cuda)."),
     endpoint: str | None = typer.Option(None, "--endpoint", help="Drive an OpenAI-compatible server (vLLM, "
                                         "SGLang) at this URL, e.g. http://127.0.0.1:8000, instead of tokprof's own; "
                                         "with --gpu and --model the simulator predicts it beside."),
@@ -101,7 +104,8 @@ def serve_bench(
                         prefix_caching=prefix_caching, mode=mode, input_len=input_len, output_len=output_len,
                         turn_input_len=turn_input_len, turns=turns, think_s=think_s, clients=clients, trace=trace,
                         num_requests=num_requests, rates=_rates(rates), seed=seed, threads=threads, clock=clock,
-                        paired=paired, speed_window_s=speed_window_ms / 1e3 or None, endpoint=endpoint,
+                        paired=paired, speed_window_s=speed_window_ms / 1e3 or None, graphs=cuda_graphs,
+                        endpoint=endpoint,
                         endpoint_model=endpoint_model,
                         efficiency=efficiency, overhead_us=overhead_us, usd_per_gpu_hour=usd_per_hour,
                         all_in_kw_per_gpu=all_in_kw)

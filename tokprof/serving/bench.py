@@ -66,6 +66,7 @@ class BenchOptions:
     paired: bool | None = None  # measured mode: the step table timed between the server's steps, off its clock
     # (probe.py); None: on a CPU (whose speed drifts), not on a GPU (where the probe would sit in the energy window)
     speed_window_s: float | None = SPEED_WINDOW_S  # paired: the machine's speed trace's half-window; None: steady
+    graphs: bool | None = None  # CUDA graphs of the decode-only steps; None: on a GPU with the triton or cuda backend
     clock: str = "wall"  # wall | cpu (this thread's CPU time: a shared CPU measured as if idle; needs threads=1)
     efficiency: float | None = None  # modelled mode: None = tokprof's step model, else a stated flat efficiency
     overhead_us: float | None = None  # None: measured (scheduler host time); modelled mode default 0
@@ -247,8 +248,9 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
         else:
             clock = PausableClock()
             timer, timer_name = time.perf_counter, "wall"
-        server = Server(model, cfg, clock=clock, sleep=clock.sleep)
-        doc.update(gpu=_device_name(dev), mode="measured")
+        graphs = opts.graphs if opts.graphs is not None else (dev.type == "cuda" and opts.backend != "torch")
+        server = Server(model, cfg, clock=clock, sleep=clock.sleep, graphs="cuda" if graphs else "off")
+        doc.update(gpu=_device_name(dev), mode="measured", cuda_graphs=graphs)
         paired = opts.paired if opts.paired is not None else opts.device == "cpu"
         meter, energy_reason = _open_meter(opts.device, paired)
         log("warm-up and step table")
@@ -276,7 +278,7 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
         doc["wake"] = wake.to_dict()
         doc["step_time"] = step_time.describe()
         probe = (PairedProbe(model, clock, batches=batches, contexts=contexts, chunks=chunks, seed=opts.seed,
-                             clock_name=timer_name) if paired else None)
+                             clock_name=timer_name, graphs=graphs) if paired else None)
         doc["paired"] = ("per rate, the step table timed between the server's steps (one table step after each, "
                          "off the server's clock): the simulator's step times for that rate"
                          + (f", each step scaled by the machine's speed then (the probe's samples over their shapes' "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -48,17 +49,23 @@ class ThreadCpuClock:
 
 
 class ModelRunner:
-    """Executes StepPlans on `model` over a pool of `num_blocks` KV blocks (per layer, K and V)."""
+    """Executes StepPlans on `model` over a pool of `num_blocks` KV blocks (per layer, K and V), plus
+    `scratch_blocks` blocks no plan names (block `num_blocks` is where padded decode rows write: graphs.py).
+    With `graphs` set (tokprof.serving.graphs.DecodeGraphs), decode-only steps go through it."""
 
-    def __init__(self, model: Transformer, num_blocks: int) -> None:
+    def __init__(self, model: Transformer, num_blocks: int, scratch_blocks: int = 0) -> None:
         self.model = model
         cfg = model.config
+        self.scratch_block = num_blocks if scratch_blocks else None
+        self.graphs: Any = None
+        num_blocks += scratch_blocks
         shape = (num_blocks, model.block_size, cfg.num_kv_heads, cfg.head_dim)
         k = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.num_layers)]
         v = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.num_layers)]
-        empty = torch.zeros((1, 1), dtype=torch.int32, device=model.device)
+        # Only k and v are read by the layers; the block tables are the scheduler's, built per step. The cache's
+        # own table holds no sequence (batch 0), so `generate` after a server never takes it for its own.
+        empty = torch.zeros((0, 1), dtype=torch.int32, device=model.device)
         model.free_cache()
-        # Only k and v are read by the layers; the block tables are the scheduler's, built per step.
         model.cache = PagedKVCache(k=k, v=v, block_table=empty, slot_of_position=empty.long(),
                                    block_size=model.block_size, capacity_tokens=num_blocks * model.block_size)
         self.cache = model.cache
@@ -73,6 +80,10 @@ class ModelRunner:
     @torch.no_grad()
     def execute(self, plan: StepPlan) -> dict[int, int]:
         """Run one step; returns request_id -> the token sampled for every chunk that samples."""
+        if self.graphs is not None and self._checked:
+            sampled = self.graphs.run(plan)
+            if sampled is not None:
+                return sampled
         model, device, bs = self.model, self.model.device, self.model.block_size
         cfg, be = model.config, model.backend
         chunks = plan.chunks
@@ -138,6 +149,14 @@ class ModelRunner:
             return forward()
 
 
+def enable_graphs(runner: ModelRunner, max_batch: int, max_blocks: int, *, capture: bool) -> None:
+    """Decode-only steps of `runner` through padded buffers (CUDA graphs when `capture`): graphs.py. The runner's
+    first step still runs eagerly with every check."""
+    from tokprof.serving.graphs import DecodeGraphs
+
+    runner.graphs = DecodeGraphs(runner, max_batch=max_batch, max_blocks=max_blocks, capture=capture)
+
+
 def step_record(plan: StepPlan, start_s: float, end_s: float) -> StepRecord:
     recompute = sum(max(0, min(c.start + c.num_tokens, c.request.recompute_until) - c.start) for c in plan.prefills)
     return StepRecord(start_s, end_s, plan.num_decode, plan.num_prefill_tokens, len(plan.prefills),
@@ -161,15 +180,23 @@ class Server:
     """The continuous-batching server loop on the wall clock."""
 
     def __init__(self, model: Transformer, config: SchedulerConfig, *,
-                 clock: Callable[[], float] = time.perf_counter, sleep: Callable[[float], None] = time.sleep) -> None:
+                 clock: Callable[[], float] = time.perf_counter, sleep: Callable[[float], None] = time.sleep,
+                 graphs: str = "off") -> None:
+        """`graphs`: "cuda" replays CUDA graphs of the decode-only steps, padded to captured batch sizes (GPU,
+        triton or cuda backend: tokprof.serving.graphs); "padded" runs the same padded forward eagerly (how a CPU
+        checks the padding); "off" runs every step eagerly as planned."""
         if config.block_size != model.block_size:
             raise ValueError(f"config.block_size: expected the model's KV page size {model.block_size}, got "
                              f"{config.block_size}")
+        if graphs not in ("off", "cuda", "padded"):
+            raise ValueError(f"graphs: expected 'off', 'cuda' or 'padded', got {graphs!r}")
         self.model = model
         self.config = config
         self.clock = clock
         self.sleep = sleep
-        self.runner = ModelRunner(model, config.num_blocks)
+        self.runner = ModelRunner(model, config.num_blocks, scratch_blocks=0 if graphs == "off" else 1)
+        if graphs != "off":
+            enable_graphs(self.runner, config.max_num_seqs, config.num_blocks, capture=graphs == "cuda")
 
     def warmup(self, prompt_len: int = 8, steps: int = 3) -> None:
         """A throwaway request through prefill and a few decode steps (first-call costs out of the timed run)."""

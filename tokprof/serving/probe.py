@@ -124,16 +124,21 @@ class PairedProbe:
     simulator's service rate, and p90 TTFT past saturation three times that."""
 
     def __init__(self, model: Any, clock: PausableClock, *, batches: Sequence[int], contexts: Sequence[int],
-                 chunks: Sequence[int], every: int = 1, seed: int = 0, clock_name: str = "wall") -> None:
-        from tokprof.serving.engine import ModelRunner
+                 chunks: Sequence[int], every: int = 1, seed: int = 0, clock_name: str = "wall",
+                 graphs: bool = False) -> None:
+        """`graphs`: decode-only synthetic steps replay CUDA graphs, as the server's do (graphs.py)."""
+        from tokprof.serving.engine import ModelRunner, enable_graphs
 
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected a positive int (server steps per probe step), got {every!r}")
         self.model, self.clock, self.every, self.clock_name = model, clock, every, clock_name
         self.batches, self.contexts, self.chunks = list(batches), list(contexts), list(chunks)
         server_cache = model.cache
-        self.runner = ModelRunner(model, table_blocks(batches, contexts, chunks, model.block_size))
+        pool_blocks = table_blocks(batches, contexts, chunks, model.block_size)
+        self.runner = ModelRunner(model, pool_blocks, scratch_blocks=1 if graphs else 0)
         self.cache = self.runner.cache
+        if graphs:
+            enable_graphs(self.runner, max(batches), pool_blocks, capture=True)
         model.cache = server_cache  # the server's pool stays the model's; the probe swaps its own in per step
         self.plans = table_plans(batches, contexts, chunks, block_size=model.block_size,
                                  vocab=model.config.vocab_size, seed=seed)
