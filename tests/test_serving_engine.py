@@ -146,7 +146,8 @@ def test_the_probe_samples_the_shapes_the_server_reads(model):
     """Every other probe step is a grid shape that the server's last step reads in the table's interpolation,
     drawn by its weight; the others go through the table in turn."""
     from tokprof.serving.metrics import StepRecord
-    from tokprof.serving.probe import PairedProbe, PausableClock, brackets
+    from tokprof.serving.probe import PairedProbe, PausableClock
+    from tokprof.serving.step_time import brackets
 
     assert brackets([1, 4, 16], 10) == [(1, 0.5), (2, 0.5)]
     assert brackets([1, 4, 16], 0.5) == [(0, 1.0)] and brackets([1, 4, 16], 99) == [(2, 1.0)]

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from tokprof.serving import loadgen
@@ -36,7 +35,7 @@ GPU_SLO = Slo(ttft_s=2.0, tpot_s=0.05)
 # Of the estimated capacity: three below saturation and one well past it (the queue grows, throughput plateaus).
 # Not one at 1.0: near a utilisation of 1 queueing delay goes as 1 / (1 - utilisation), so a 3% error in the
 # service rate moves p90 TTFT by +50% to +170% there (measured), for the server as for any predictor of it.
-RATE_FRACTIONS = (0.25, 0.5, 0.75, 1.5)
+RATE_FRACTIONS = (0.25, 0.5, 0.75, 2.0)
 
 
 @dataclass
@@ -168,12 +167,6 @@ def _full_batch_shape(run: ServeRun) -> Any:
     return StepShape(b, ctx, 0, 0, 0)
 
 
-@dataclass
-class BenchResult:
-    doc: dict[str, Any]
-    saved: list[Path] = field(default_factory=list)
-
-
 def cost_at(tokens_per_s: float | None, gpu: str | None, opts: BenchOptions) -> dict[str, Any]:
     from tokprof.rollup.economics import cost_per_million_tokens, pricing_for, tokens_per_s_per_mw
 
@@ -198,11 +191,98 @@ def cost_at(tokens_per_s: float | None, gpu: str | None, opts: BenchOptions) -> 
     return out
 
 
+@dataclass
+class _Rig:
+    """Measured mode: tokprof's server on this device, and what measures its step times."""
+
+    server: Any
+    probe: PairedProbe | None
+    measure: Callable[[], MeasuredStepTable]  # the step table, timed now on the server's runner
+    wake: WakePenalty
+    overhead: Overhead
+    meter: Any  # an energy meter, or None (energy_reason says why)
+    energy_reason: str | None
+    cpu_load: Any
+
+
+def _build_rig(opts: BenchOptions, config: Any, cfg: SchedulerConfig, doc: dict[str, Any],
+               log: Callable[[str], None]) -> tuple[_Rig, MeasuredStepTable]:
+    """The server, warmed up, its first step table (three passes), the cost of waking, the probe (paired) and the
+    loop's host time; noted in `doc`."""
+    import torch
+
+    from tokprof.models.transformer import Transformer
+    from tokprof.profiler.cpu_load import CpuLoad
+    from tokprof.serving.engine import Server, ThreadCpuClock
+    from tokprof.serving.step_time import measure_step_table
+
+    if opts.threads and opts.device == "cpu":
+        torch.set_num_threads(opts.threads)
+    dev = torch.device(opts.device)
+    model = Transformer.random(config, device=dev, dtype=opts.dtype, seed=opts.seed, backend=opts.backend,
+                               block_size=opts.block_size)
+    if opts.clock not in ("wall", "cpu"):
+        raise ValueError(f"clock: expected 'wall' or 'cpu', got {opts.clock!r}")
+    if opts.clock == "cpu":
+        if opts.device != "cpu" or opts.threads != 1:
+            raise ValueError("clock: 'cpu' (thread CPU time) needs --device cpu and --threads 1 (all the work "
+                             "on the calling thread)")
+        cpu_clock = ThreadCpuClock()
+        clock = PausableClock(cpu_clock, cpu_clock.sleep)
+        timer, timer_name = cpu_clock, cpu_clock.name
+    else:
+        clock = PausableClock()
+        timer, timer_name = time.perf_counter, "wall"
+    graphs = opts.graphs if opts.graphs is not None else (dev.type == "cuda" and opts.backend != "torch")
+    server = Server(model, cfg, clock=clock, sleep=clock.sleep, graphs="cuda" if graphs else "off")
+    doc.update(gpu=_device_name(dev), mode="measured", cuda_graphs=graphs)
+    paired = opts.paired if opts.paired is not None else opts.device == "cpu"
+    meter, energy_reason = _open_meter(opts.device, paired)
+    log("warm-up and step table")
+    server.warmup()
+    cpu_meter = CpuLoad.start()
+    # tokens per sequence the pool holds at the full batch
+    longest = cfg.num_blocks // opts.max_num_seqs * cfg.block_size
+    contexts = sorted({c for c in (16, 64, 256, 1024) if c <= longest} | {min(longest, 1024)})
+    # Step time is concave in the batch at small batches: a sparse grid interpolated linearly reads a few % low
+    # between its points, which the server's queueing amplifies in TPOT. So the grid is dense where batches are.
+    batches = sorted({b for b in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if b < opts.max_num_seqs}
+                     | {opts.max_num_seqs})
+    # Attention is quadratic in a chunk's length, so prefill time is convex in it: with chunks of 16, 64 and 256
+    # only, a 85-token chunk interpolated 4-9% over its measured time.
+    chunks = sorted({c for c in (16, 32, 64, 96, 128, 192, 256, 384, 512) if c < opts.max_num_batched_tokens}
+                    | {opts.max_num_batched_tokens})
+
+    def measure() -> MeasuredStepTable:
+        return measure_step_table(server.runner, batches=batches, contexts=contexts, chunks=chunks, repeats=2,
+                                  passes=3, seed=opts.seed, clock=timer, clock_name=timer_name)
+
+    step_time = measure()
+    doc["table"] = step_time.to_dict()
+    wake = _measure_wake(server, opts, timer, clock.sleep, chunks)
+    doc["wake"] = wake.to_dict()
+    doc["step_time"] = step_time.describe()
+    probe = (PairedProbe(model, clock, batches=batches, contexts=contexts, chunks=chunks, seed=opts.seed,
+                         clock_name=timer_name, graphs=graphs) if paired else None)
+    doc["paired"] = ("per rate, the step table timed between the server's steps (one table step after each, "
+                     "off the server's clock): the simulator's step times for that rate"
+                     + (f", each step scaled by the machine's speed then (the probe's samples over their shapes' "
+                        f"means, within {opts.speed_window_s:g} s)" if opts.speed_window_s else "")
+                     if probe is not None else "per rate, the step table measured just before the server's run")
+    if opts.overhead_us is None:
+        from tokprof.serving.loop_overhead import measure_loop_overhead
+
+        loop_s, how = measure_loop_overhead(server, opts, vocab_size=config.vocab_size, seed=opts.seed)
+        overhead = Overhead(loop_s=loop_s)
+        doc["loop_overhead"] = {"per_step_s": loop_s, "how": how}
+    else:
+        overhead = Overhead(stated_s=opts.overhead_us * 1e-6)
+    return _Rig(server, probe, measure, wake, overhead, meter, energy_reason, cpu_meter), step_time
+
+
 def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
               log: Callable[[str], None] = lambda _: None, slo: Slo | None = None) -> dict[str, Any]:
     """The sweep; `save(doc)` is called after every rate (and at the end) with the document so far."""
-    import torch
-
     from tokprof.models import ModelConfig
 
     config = ModelConfig.from_name(opts.model)
@@ -211,12 +291,11 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
     doc: dict[str, Any] = {"kind": "serve-bench", "model": config.name, "options": asdict(opts),
                            "scheduler": asdict(cfg), "slo": asdict(slo), "slo_text": slo.describe(),
                            "goal": {k: f"within {v:.0%}" for k, v in GOAL.items()}, "points": []}
-    server = None
+    rig: _Rig | None = None
     wake: WakePenalty | None = None  # measured mode: the cost of waking from idle (wake.py)
     target = _endpoint(opts, doc)
     step_time: StepTimeModel | None = None
     overhead: Overhead | None = None
-    meter, energy_reason = None, None
     if opts.gpu:
         step_time: StepTimeModel = ModelledStepTime(
             config, opts.gpu, dtype=opts.dtype, efficiency=opts.efficiency, block_size=opts.block_size,
@@ -226,72 +305,8 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
         doc.update(gpu=gpu_key, mode="endpoint" if target else "modelled", step_time=step_time.describe())
         overhead = Overhead(stated_s=0.0)  # inside the modelled step time
     elif target is None:
-        from tokprof.models.transformer import Transformer
-        from tokprof.profiler.cpu_load import CpuLoad
-        from tokprof.serving.engine import Server, ThreadCpuClock
-        from tokprof.serving.step_time import measure_step_table
-
-        if opts.threads and opts.device == "cpu":
-            torch.set_num_threads(opts.threads)
-        dev = torch.device(opts.device)
-        model = Transformer.random(config, device=dev, dtype=opts.dtype, seed=opts.seed, backend=opts.backend,
-                                   block_size=opts.block_size)
-        if opts.clock not in ("wall", "cpu"):
-            raise ValueError(f"clock: expected 'wall' or 'cpu', got {opts.clock!r}")
-        if opts.clock == "cpu":
-            if opts.device != "cpu" or opts.threads != 1:
-                raise ValueError("clock: 'cpu' (thread CPU time) needs --device cpu and --threads 1 (all the work "
-                                 "on the calling thread)")
-            cpu_clock = ThreadCpuClock()
-            clock = PausableClock(cpu_clock, cpu_clock.sleep)
-            timer, timer_name = cpu_clock, cpu_clock.name
-        else:
-            clock = PausableClock()
-            timer, timer_name = time.perf_counter, "wall"
-        graphs = opts.graphs if opts.graphs is not None else (dev.type == "cuda" and opts.backend != "torch")
-        server = Server(model, cfg, clock=clock, sleep=clock.sleep, graphs="cuda" if graphs else "off")
-        doc.update(gpu=_device_name(dev), mode="measured", cuda_graphs=graphs)
-        paired = opts.paired if opts.paired is not None else opts.device == "cpu"
-        meter, energy_reason = _open_meter(opts.device, paired)
-        log("warm-up and step table")
-        server.warmup()
-        cpu_meter = CpuLoad.start()
-        # tokens per sequence the pool holds at the full batch
-        longest = cfg.num_blocks // opts.max_num_seqs * cfg.block_size
-        contexts = sorted({c for c in (16, 64, 256, 1024) if c <= longest} | {min(longest, 1024)})
-        # Step time is concave in the batch at small batches: a sparse grid interpolated linearly reads a few % low
-        # between its points, which the server's queueing amplifies in TPOT. So the grid is dense where batches are.
-        batches = sorted({b for b in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if b < opts.max_num_seqs}
-                         | {opts.max_num_seqs})
-        # Attention is quadratic in a chunk's length, so prefill time is convex in it: with chunks of 16, 64 and 256
-        # only, a 85-token chunk interpolated 4-9% over its measured time.
-        chunks = sorted({c for c in (16, 32, 64, 96, 128, 192, 256, 384, 512) if c < opts.max_num_batched_tokens}
-                        | {opts.max_num_batched_tokens})
-
-        def measure() -> MeasuredStepTable:
-            return measure_step_table(server.runner, batches=batches, contexts=contexts, chunks=chunks, repeats=2,
-                                      passes=3, seed=opts.seed, clock=timer, clock_name=timer_name)
-
-        step_time = measure()
-        doc["table"] = step_time.to_dict()
-        wake = _measure_wake(server, opts, timer, clock.sleep, chunks)
-        doc["wake"] = wake.to_dict()
-        doc["step_time"] = step_time.describe()
-        probe = (PairedProbe(model, clock, batches=batches, contexts=contexts, chunks=chunks, seed=opts.seed,
-                             clock_name=timer_name, graphs=graphs) if paired else None)
-        doc["paired"] = ("per rate, the step table timed between the server's steps (one table step after each, "
-                         "off the server's clock): the simulator's step times for that rate"
-                         + (f", each step scaled by the machine's speed then (the probe's samples over their shapes' "
-                            f"means, within {opts.speed_window_s:g} s)" if opts.speed_window_s else "")
-                         if probe is not None else "per rate, the step table measured just before the server's run")
-        if opts.overhead_us is None:
-            from tokprof.serving.loop_overhead import measure_loop_overhead
-
-            loop_s, how = measure_loop_overhead(server, opts, vocab_size=config.vocab_size, seed=opts.seed)
-            overhead = Overhead(loop_s=loop_s)
-            doc["loop_overhead"] = {"per_step_s": loop_s, "how": how}
-        else:
-            overhead = Overhead(stated_s=opts.overhead_us * 1e-6)
+        rig, step_time = _build_rig(opts, config, cfg, doc, log)
+        wake, overhead = rig.wake, rig.overhead
     else:
         doc.update(gpu=None, mode="endpoint", step_time=None)
     vocab = config.vocab_size
@@ -310,20 +325,21 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
         measured = None
         point_table = step_time
         speed = None
-        if server is not None and i and probe is None:  # measured again just before each rate: a CPU that drifts
-            point_table = latest = measure()           # hits both sides
+        if rig is not None and i and rig.probe is None:  # measured again just before each rate: a CPU that drifts
+            point_table = latest = rig.measure()             # hits both sides
         point_capacity = capacity
         if fractions is not None and latest is not step_time:
             point_capacity = capacity_per_s(latest, opts, cfg, overhead, seed=opts.seed)
             rates[i] = round(fractions[i] * point_capacity, 3)
         rate = rates[i]
         wl = workload_for(opts, rate, vocab, opts.seed + i)
-        if server is not None:
+        if rig is not None:
             log(f"rate {rate:g}/s: serving {wl.num_requests} requests")
+            probe = rig.probe
             if probe is not None:
                 probe.reset()
-            measured = server.run(wl, slo, meter=meter, energy_reason=energy_reason,
-                                  between_steps=probe.after_step if probe is not None else None)
+            measured = rig.server.run(wl, slo, meter=rig.meter, energy_reason=rig.energy_reason,
+                                      between_steps=probe.after_step if probe is not None else None)
             if probe is not None:  # the table measured while this rate was served (probe.py)
                 point_table = latest = probe.table()
                 speed = probe.speed_trace(opts.speed_window_s) if opts.speed_window_s else None
@@ -359,15 +375,15 @@ def run_bench(opts: BenchOptions, save: Callable[[dict[str, Any]], None],
                              "cost": cost_at(tps, gpu_key if opts.gpu else None, opts)}
     else:
         doc["slo_search"] = {"max_rate_per_s": None, "reason": f"mode {opts.mode} has no request rate to search"}
-    if server is not None:
-        load = cpu_meter.stop()
+    if rig is not None:
+        load = rig.cpu_load.stop()
         doc["cpu_load"] = {"other_cores": load.other_cores, "cores": load.cores, "note": load.note(),
                            "contended": load.contended}
     errs = [p for p in doc["points"] if "errors" in p]
     if errs:
         doc["validation"] = {"rates": len(errs), "met": len(errs) >= 3 and all(
             all(p["within_goal"].values()) for p in errs), "goal": doc["goal"],
-            "against": "tokprof's server" if server is not None else
+            "against": "tokprof's server" if rig is not None else
             f"the server at {target.base_url} (model {target.model})"}
     save(doc)
     return doc

@@ -11,7 +11,7 @@ Why (docs/serving.md, "Validation"): a step table measured before a rate's run a
 machines, because a CPU's speed drifts by up to ±15% from one second to the next. The simulator's step times then
 miss the server's by the drift, not by anything the simulator leaves out (a run's TPOT errors were +12%, -12%, -6%
 and +16% over four rates). So, after every `every`-th step of the server, one synthetic step of the table is timed:
-the table's shapes in turn, on a KV pool of its own. Its median per shape becomes the table the simulator uses for
+the table's shapes, on a KV pool of its own. Its mean per shape becomes the table the simulator uses for
 that rate. The probe runs with the server's clock paused, so the server's timeline (arrivals, token times) does
 not contain it. Nothing of the server's own step times goes into the table.
 
@@ -34,7 +34,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokprof.serving.metrics import StepRecord
-from tokprof.serving.step_time import MeasuredStepTable, mixed_grid, table_blocks, table_from_samples, table_plans
+from tokprof.serving.step_time import (
+    MeasuredStepTable,
+    brackets,
+    mixed_grid,
+    table_blocks,
+    table_from_samples,
+    table_plans,
+)
 
 MIN_SAMPLES = 3  # a shape the run left with fewer samples is topped up after it
 SPEED_WINDOW_S = 0.25  # the speed trace's half-window: ~25-50 probe samples on the CPU (5-10 ms steps)
@@ -100,18 +107,6 @@ class PausableClock:
             yield
         finally:
             self.paused_s += self.base() - t0
-
-
-def brackets(xs: Sequence[float], x: float) -> list[tuple[int, float]]:
-    """The grid points (index, weight) that linear interpolation at x reads, inside the grid; past an end, that
-    end alone."""
-    if x <= xs[0] or len(xs) == 1:
-        return [(0, 1.0)]
-    if x >= xs[-1]:
-        return [(len(xs) - 1, 1.0)]
-    i = bisect.bisect_right(xs, x) - 1
-    w = (x - xs[i]) / (xs[i + 1] - xs[i])
-    return [(i, 1.0 - w), (i + 1, w)]
 
 
 class PairedProbe:
@@ -210,7 +205,7 @@ class PairedProbe:
             self._probe_one(step)
 
     def table(self) -> MeasuredStepTable:
-        """The median per shape of what was probed during the run; shapes with fewer than MIN_SAMPLES samples are
+        """The mean per shape of what was probed during the run; shapes with fewer than MIN_SAMPLES samples are
         topped up now (noted)."""
         topped = 0
         for key, plan in self.plans:

@@ -71,6 +71,18 @@ def interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 
 
+def brackets(xs: Sequence[float], x: float) -> list[tuple[int, float]]:
+    """The grid points (index, weight) that linear interpolation at x reads, inside the grid; past an end, that
+    end alone (held, not extrapolated)."""
+    if x <= xs[0] or len(xs) == 1:
+        return [(0, 1.0)]
+    if x >= xs[-1]:
+        return [(len(xs) - 1, 1.0)]
+    i = bisect.bisect_right(xs, x) - 1
+    w = (x - xs[i]) / (xs[i + 1] - xs[i])
+    return [(i, 1.0 - w), (i + 1, w)]
+
+
 @dataclass
 class MeasuredStepTable:
     batches: list[int]

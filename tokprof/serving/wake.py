@@ -19,12 +19,13 @@ the rounds; between the measured gaps the factor is linear, from 1.0 at no gap, 
 
 from __future__ import annotations
 
-import bisect
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from tokprof.serving.step_time import brackets
 
 WAKE_GAPS_S = (0.001, 0.005, 0.02, 0.05)
 
@@ -46,13 +47,8 @@ class WakePenalty:
                              f"{self.factors!r}")
 
     def __call__(self, gap_s: float) -> float:
-        if gap_s <= 0:
-            return 1.0
-        xs, ys = [0.0, *self.gaps_s], [1.0, *self.factors]
-        if gap_s >= xs[-1]:
-            return ys[-1]
-        i = bisect.bisect_right(xs, gap_s) - 1
-        return ys[i] + (ys[i + 1] - ys[i]) * (gap_s - xs[i]) / (xs[i + 1] - xs[i])
+        ys = [1.0, *self.factors]
+        return sum(ys[i] * w for i, w in brackets([0.0, *self.gaps_s], gap_s))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
