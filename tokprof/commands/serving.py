@@ -34,7 +34,7 @@ def serve_bench(
     backend: str = typer.Option("torch", "--backend", help="Kernel backend of the server: torch, triton or cuda."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (modelled mode: the datasheet dtype)."),
     rates: str | None = typer.Option(None, "--rates", help="Request rates (req/s), e.g. 5,10,20 (default: 0.25, 0.5, "
-                                     "0.75 and 1.5 x the capacity the simulator estimates, each on the latest "
+                                     "0.75 and 2 x the capacity the simulator estimates, each on the latest "
                                      "table)."),
     num_requests: int = typer.Option(120, "--requests", min=1, help="Requests per rate (120: a p90 over 12 tail "
                                      "requests; fewer make the p90 TTFT comparison noisy)."),
