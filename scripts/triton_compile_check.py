@@ -30,10 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import re
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -58,9 +55,12 @@ from triton_toolchain import (  # noqa: E402 - the sibling module of this script
     GpuProfile,
     Toolchain,
     UsageError,
+    cubin_registers,
+    cubin_sass,
     interpreter_requested,
     load_toolchain,
     ptxas_command,
+    ptxas_resources,
 )
 
 # ------------------------------------------------------------------------------------------------- the calls
@@ -345,54 +345,6 @@ class KernelReport:
         return self.spill_stores_bytes + self.spill_loads_bytes
 
 
-def _ptxas_resources(ptx: str, ptxas: list[str]) -> dict[str, int]:
-    """Registers, stack and spill bytes from ptxas -v on `ptx`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "kernel.ptx"
-        src.write_text(ptx)
-        run = subprocess.run([*ptxas, str(src), "-o", str(Path(tmp) / "kernel.cubin")], capture_output=True,
-                             text=True, check=False)
-    log = run.stdout + run.stderr
-    if run.returncode != 0:
-        raise RuntimeError(f"ptxas -v failed on the PTX Triton produced (exit {run.returncode}): {log[-800:]}")
-    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    regs = re.search(r"Used (\d+) registers", log)
-    if frame is None or regs is None:
-        raise RuntimeError(f"could not read registers and spills from ptxas -v output: {log[-800:]}")
-    return {"regs": int(regs.group(1)), "stack": int(frame.group(1)), "spill_stores": int(frame.group(2)),
-            "spill_loads": int(frame.group(3))}
-
-
-def _cubin_registers(cubin: bytes, cuobjdump: Path) -> int | None:
-    """REG of the kernel in the cubin Triton built (cuobjdump --dump-resource-usage); None without cuobjdump."""
-    if not cuobjdump.is_file():
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "kernel.cubin"
-        path.write_bytes(cubin)
-        run = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True, text=True,
-                             check=False)
-    found = re.search(r"REG:(\d+)", run.stdout)
-    return int(found.group(1)) if run.returncode == 0 and found else None
-
-
-def _cubin_sass(cubin: bytes, cuobjdump: Path) -> Any:
-    """The SASS budget of the kernel in Triton's cubin (tokprof.kernels._nvcc.analyse_sass), None without
-    cuobjdump or when it fails."""
-    from tokprof.kernels import _nvcc
-
-    if not cuobjdump.is_file():
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "kernel.cubin"
-        path.write_bytes(cubin)
-        try:
-            reports = _nvcc.analyse_cubin(path, "", str(cuobjdump))
-        except RuntimeError:
-            return None
-    return reports[0] if len(reports) == 1 else None
-
-
 def compile_one(spec: CompileSpec, tools: Toolchain, target: Any, backend: Any, profile: GpuProfile,
                 ptxas: list[str], max_spill_bytes: int) -> KernelReport:
     options = backend.parse_options(dict(spec.options))
@@ -418,7 +370,7 @@ def compile_one(spec: CompileSpec, tools: Toolchain, target: Any, backend: Any, 
     report.compile_s = time.perf_counter() - start
     report.shared_bytes = int(compiled.metadata.shared)
     try:
-        res = _ptxas_resources(compiled.asm["ptx"], ptxas)
+        res = ptxas_resources(compiled.asm["ptx"], ptxas)
     except RuntimeError as err:  # the kernel built, but its spills cannot be read: not a pass
         report.ok = False
         report.problems.append(str(err))
@@ -426,8 +378,8 @@ def compile_one(spec: CompileSpec, tools: Toolchain, target: Any, backend: Any, 
     report.regs = res["regs"]
     report.stack_bytes = res["stack"]
     report.spill_stores_bytes, report.spill_loads_bytes = res["spill_stores"], res["spill_loads"]
-    cubin_regs = _cubin_registers(compiled.asm["cubin"], Path(ptxas[0]).with_name("cuobjdump"))
-    sass = _cubin_sass(compiled.asm["cubin"], Path(ptxas[0]).with_name("cuobjdump"))
+    cubin_regs = cubin_registers(compiled.asm["cubin"], Path(ptxas[0]).with_name("cuobjdump"))
+    sass = cubin_sass(compiled.asm["cubin"], Path(ptxas[0]).with_name("cuobjdump"))
     if sass is not None:
         report.sass_instructions = sass.instructions
         report.loop_instructions, report.loop_path_instructions = sass.loop_instructions, sass.loop_path_instructions

@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -133,3 +136,54 @@ def ptxas_command(tools: Toolchain, arch: int) -> list[str]:
     if "regAllocOptLevel=2" in inspect.getsource(nv.CUDABackend.make_cubin):
         cmd.append("--regAllocOptLevel=2")
     return cmd
+
+
+# ------------------------------------------------------------------------------------ reading what was built
+
+
+def ptxas_resources(ptx: str, ptxas: list[str]) -> dict[str, int]:
+    """Registers, stack and spill bytes from ptxas -v on `ptx`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        run = subprocess.run([*ptxas, str(src), "-o", str(Path(tmp) / "kernel.cubin")], capture_output=True,
+                             text=True, check=False)
+    log = run.stdout + run.stderr
+    if run.returncode != 0:
+        raise RuntimeError(f"ptxas -v failed on the PTX Triton produced (exit {run.returncode}): {log[-800:]}")
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    regs = re.search(r"Used (\d+) registers", log)
+    if frame is None or regs is None:
+        raise RuntimeError(f"could not read registers and spills from ptxas -v output: {log[-800:]}")
+    return {"regs": int(regs.group(1)), "stack": int(frame.group(1)), "spill_stores": int(frame.group(2)),
+            "spill_loads": int(frame.group(3))}
+
+
+def cubin_registers(cubin: bytes, cuobjdump: Path) -> int | None:
+    """REG of the kernel in the cubin Triton built (cuobjdump --dump-resource-usage); None without cuobjdump."""
+    if not cuobjdump.is_file():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        run = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True, text=True,
+                             check=False)
+    found = re.search(r"REG:(\d+)", run.stdout)
+    return int(found.group(1)) if run.returncode == 0 and found else None
+
+
+def cubin_sass(cubin: bytes, cuobjdump: Path) -> Any:
+    """The SASS budget of the kernel in Triton's cubin (tokprof.kernels._nvcc.analyse_sass), None without
+    cuobjdump or when it fails."""
+    from tokprof.kernels import _nvcc
+
+    if not cuobjdump.is_file():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        try:
+            reports = _nvcc.analyse_cubin(path, "", str(cuobjdump))
+        except RuntimeError:
+            return None
+    return reports[0] if len(reports) == 1 else None
