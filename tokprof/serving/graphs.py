@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from tokprof.kernels import decode_attention, embedding
 from tokprof.kernels._common import skip_value_checks
 
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -75,12 +76,8 @@ class DecodeGraphs:
         cache = self.runner.cache
 
         def attend(index: int, q: torch.Tensor, _k: torch.Tensor, _v: torch.Tensor) -> torch.Tensor:
-            from tokprof.kernels import decode_attention
-
             out = decode_attention(q.contiguous(), cache.k[index], cache.v[index], table, lens, backend=be)
             return out.reshape(b, hq * d)  # (b, Hq * D)
-
-        from tokprof.kernels import embedding
 
         x = embedding(self.ids[:b], model.weights.embed, backend=be)  # (b, H)
         residual = None
