@@ -1,17 +1,17 @@
 """The cost of waking up: a server's first step after it slept waiting for an arrival is slower than the same step
 run back to back, and the simulator's table times steps back to back.
 
-    wake = measure_wake_penalty(server.runner, plan)   # plan: a prefill step (the first step after idle)
-    wake(0.02)                                          # step time after 20 ms asleep / back to back, e.g. 1.6
-    simulate(workload, cfg, table, slo, wake=wake)      # a step that starts after an idle gap is scaled by it
+    wake = measure_wake_penalty(server.runner, plan, before)   # a prefill step (the first after idle), after `before`
+    wake(0.02)                                      # step time after 20 ms asleep / back to back, e.g. 1.3
+    simulate(workload, cfg, table, slo, wake=wake)  # a step that starts after an idle gap is scaled by it
 
 Why: on the 2-core CPU a 64-token prefill step took 1.10x its back-to-back time after a 0.2 ms sleep, 1.23x after
 5 ms and 1.6x after 20-50 ms (a one-row decode step 1.4x after 5 ms, 1.7-1.9x after 20-50 ms): caches, TLBs and
 the core's clock have moved on while the thread slept. Paired in the server loop, its first steps after idle ran
-1.22-1.25x the same steps replayed right after them. The factor is measured after a different step with and without
-the sleep: timed after itself, a step finds its own data hot, and the factor read high (p90 TTFT then 19-23% high
-at 0.5 and 0.75 x capacity). At a low request rate nearly every request arrives at an idle
-server, so its TTFT is one such step: the simulator read p90 TTFT 5-17% low at 0.25 x capacity before this.
+1.22-1.25x the same steps replayed right after them. The factor is measured after a different step, with and
+without the sleep, as in a server (whose step after idle follows another step): only the sleep differs between the
+two timings. At a low request rate nearly every request arrives at an idle server, so its TTFT is one such step:
+the simulator read p90 TTFT 5-17% low at 0.25 x capacity before this.
 
 The factors are measured, interleaved (each round times a back-to-back step, then one after each gap), medians of
 the rounds; between the measured gaps the factor is linear, from 1.0 at no gap, and held past the longest gap.
