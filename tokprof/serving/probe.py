@@ -37,6 +37,8 @@ from tokprof.serving.metrics import StepRecord
 from tokprof.serving.step_time import (
     MeasuredStepTable,
     brackets,
+    context_axis,
+    decode_context,
     mixed_grid,
     table_blocks,
     table_from_samples,
@@ -179,8 +181,7 @@ class PairedProbe:
         if step.num_prefill_tokens and self._rng.random() < 0.5:
             return ("mixed", self._draw(brackets(self._mixed_batches, step.num_decode)),
                     self._draw(brackets(self.chunks, chunk)))
-        by_max = self.model.backend == "torch" and step.decode_context_max  # the table's context axis
-        ctx = step.decode_context_max if by_max else step.decode_context_mean
+        ctx = decode_context(step, context_axis(self.model.backend))  # the table's context axis
         return ("decode", self._draw(brackets(self.batches, step.num_decode)),
                 self._draw(brackets(self.contexts, ctx)))
 

@@ -71,6 +71,19 @@ def interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 
 
+def context_axis(backend: str) -> str:
+    """The context a decode step's cost follows: "max", its longest row (the torch reference pads every row's
+    gather to it), or "mean" (the Triton and CUDA kernels stop at each row's own length)."""
+    return "max" if backend == "torch" else "mean"
+
+
+def decode_context(step: Any, axis: str) -> float:
+    """A step's (StepShape or StepRecord) decode context on `axis`."""
+    if axis == "max" and step.decode_context_max:
+        return step.decode_context_max
+    return step.decode_context_mean
+
+
 def brackets(xs: Sequence[float], x: float) -> list[tuple[int, float]]:
     """The grid points (index, weight) that linear interpolation at x reads, inside the grid; past an end, that
     end alone (held, not extrapolated)."""
@@ -93,9 +106,7 @@ class MeasuredStepTable:
     device: str
     repeats: int
     cpu_load_note: str | None = None
-    # "max": a step's decode cost follows its longest row (the torch reference pads every row's gather to it);
-    # "mean": it follows the mean (the Triton and CUDA kernels stop at each row's own length)
-    context_axis: str = "mean"
+    context_axis: str = "mean"  # "max" or "mean": the context a decode step's cost follows (context_axis())
     provenance: str = "measured"
     notes: list[str] = field(default_factory=list)
     # mixed steps: mixed_batches decode rows at context mixed_context plus one prefill chunk of each of `chunks`
@@ -133,9 +144,7 @@ class MeasuredStepTable:
                 + self.chunk_added_s(shape.num_decode, shape.num_prefill_tokens))
 
     def _context(self, shape: StepShape) -> float:
-        if self.context_axis == "max" and shape.decode_context_max:
-            return shape.decode_context_max
-        return shape.decode_context_mean
+        return decode_context(shape, self.context_axis)
 
     def describe(self) -> str:
         mixed = (f", mixed steps of batch {self.mixed_batches} at context {self.mixed_context} with each chunk"
@@ -229,7 +238,7 @@ def table_from_samples(samples: Mapping[tuple[str, int, int], Sequence[float]], 
     mixed_s = [[typical(("mixed", bi, ni)) for ni in range(len(chunks))] for bi in range(len(mixed_batches))]
     return MeasuredStepTable(list(batches), list(contexts), decode_s, list(chunks), prefill_s,
                              device=str(model.device), repeats=repeats, cpu_load_note=cpu_load_note,
-                             context_axis="max" if model.backend == "torch" else "mean", notes=notes,
+                             context_axis=context_axis(model.backend), notes=notes,
                              mixed_batches=mixed_batches, mixed_context=mixed_context, mixed_s=mixed_s)
 
 
